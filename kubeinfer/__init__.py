@@ -1,0 +1,3 @@
+"""kubeinfer: a Kubernetes-native LLM inference platform."""
+
+__version__ = "0.1.0"

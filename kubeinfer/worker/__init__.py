@@ -1,0 +1,1 @@
+"""The inference engine. Imports neither Ray nor Kubernetes."""

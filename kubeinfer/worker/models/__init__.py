@@ -1,0 +1,1 @@
+"""Model definitions and checkpoint loaders for the engine."""

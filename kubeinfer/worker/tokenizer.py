@@ -1,0 +1,107 @@
+"""Text <-> token ids, and the chat template, over a `tokenizers.Tokenizer` backend."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jinja2
+import jinja2.sandbox
+import tokenizers
+
+from kubeinfer.worker.models.config import CheckpointError
+
+
+class Tokenizer:
+    """Owns a `tokenizers` backend plus the special-token facts the engine needs.
+
+    ``eos_token_ids`` is every id that ends generation (the model's EOS plus, for chat models, the
+    end-of-turn token). ``add_bos`` says whether ``encode`` prepends ``bos_token_id``.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_token_id: int | None,
+                 eos_token_ids: Sequence[int], chat_template: str | None = None, add_bos: bool = False,
+                 bos_token: str | None = None, eos_token: str | None = None) -> None:
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
+        self.chat_template = chat_template
+        self.add_bos = add_bos and bos_token_id is not None
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._template = None
+        if chat_template:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            self._template = env.from_string(chat_template)
+
+    @classmethod
+    def from_hf_dir(cls, path: str) -> "Tokenizer":
+        """Load ``tokenizer.json`` (+ ``tokenizer_config.json`` and ``generation_config.json`` if present)."""
+        tok_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tok_file):
+            raise CheckpointError(f"{path}: no tokenizer.json (a Hugging Face fast tokenizer is required)")
+        backend = tokenizers.Tokenizer.from_file(tok_file)
+        cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
+        model_cfg = _read_json(os.path.join(path, "config.json"))
+        gen_cfg = _read_json(os.path.join(path, "generation_config.json"))
+
+        def token_str(v):
+            return v.get("content") if isinstance(v, dict) else v
+
+        bos_token = token_str(cfg.get("bos_token"))
+        eos_token = token_str(cfg.get("eos_token"))
+        bos_id = backend.token_to_id(bos_token) if bos_token else model_cfg.get("bos_token_id")
+        eos_ids: list[int] = []
+        for source in (gen_cfg.get("eos_token_id"), model_cfg.get("eos_token_id")):
+            eos_ids += source if isinstance(source, list) else ([source] if source is not None else [])
+        if eos_token and backend.token_to_id(eos_token) is not None:
+            eos_ids.append(backend.token_to_id(eos_token))
+        template = cfg.get("chat_template")
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if template is None and os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        # The backend's post-processor decides BOS for HF tokenizers, so we never add one ourselves.
+        return cls(backend, bos_token_id=bos_id, eos_token_ids=eos_ids, chat_template=template,
+                   add_bos=False, bos_token=bos_token, eos_token=eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` ([{role, content}, ...]) with the model's chat template."""
+        if self._template is None:
+            raise ValueError("this model has no chat template; send a plain prompt instead")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError("each chat message needs a 'role' and a 'content'")
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def _raise_template_error(message: str) -> None:
+    raise ValueError(f"chat template: {message}")
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
