@@ -1,0 +1,254 @@
+"""The engine: requests in, tokens out. One ``step()`` = schedule -> execute -> update."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from kubeinfer.worker.config import EngineConfig
+from kubeinfer.worker.detokenizer import IncrementalDetokenizer
+from kubeinfer.worker.kv_cache import KVCacheManager
+from kubeinfer.worker.model_runner import ModelRunner, kv_bytes_per_block
+from kubeinfer.worker.models.loader import LoadedModel, load_model
+from kubeinfer.worker.outputs import RequestOutput
+from kubeinfer.worker.sampling import SamplingBatch, SamplingParams, make_generator
+from kubeinfer.worker.scheduler import Scheduler
+from kubeinfer.worker.sequence import FinishReason, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges for metrics (vLLM's names where the concept is shared)."""
+
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens: int
+    generation_tokens: int
+    num_steps: int
+
+
+class Engine:
+    """Owns the model runner, scheduler, KV-cache manager and the live requests.
+
+    Not thread-safe: call ``add_request``/``abort``/``step`` from one thread (AsyncEngine does).
+    A request's bad input is rejected by ``add_request`` with ValueError and never reaches the
+    scheduler; a failing step finishes the requests in it with ``finish_reason="error"`` and the
+    engine keeps serving the rest.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, *, loaded: LoadedModel | None = None, **overrides) -> None:
+        config = config or EngineConfig(**overrides)
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        if loaded is None:
+            loaded = load_model(config.model, config.torch_dtype, config.max_model_len)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = config.model or "builtin://smollm2-135m"
+        self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
+        if self.max_model_len > loaded.config.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context length "
+                             f"{loaded.config.max_position_embeddings}")
+        block_bytes = kv_bytes_per_block(loaded.config, config.block_size, config.torch_dtype)
+        num_blocks = config.num_kv_blocks or config.kv_cache_memory_bytes // block_bytes
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of "
+                f"{config.block_size}), fewer than max_model_len={self.max_model_len}: give it more memory "
+                "(kv_cache_memory_bytes / num_kv_blocks) or lower max_model_len")
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
+        self.num_kv_blocks = num_blocks
+        self.kv_cache_bytes = num_blocks * block_bytes
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   enable_chunked_prefill=config.enable_chunked_prefill)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.torch_dtype)
+        self.requests: dict[str, _Request] = {}
+        self._eos = frozenset(self.tokenizer.eos_token_ids)
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._num_steps = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str | None = None, prompt: str | None = None,
+                    params: SamplingParams | None = None, *, prompt_token_ids: list[int] | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a request; raises ValueError (naming the problem) for anything that cannot run."""
+        request_id = request_id or uuid.uuid4().hex
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("give a prompt string or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                             f"{self.max_model_len} tokens, which must also leave room for at least one output token")
+        seq = Sequence(request_id, prompt_token_ids, params)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        self.requests[request_id] = _Request(seq, detok, make_generator(params.seed))
+        self.scheduler.add(seq)
+        self._prompt_tokens += len(prompt_token_ids)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is not (or no longer) live."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        req.seq.finish_reason = FinishReason.ABORT
+        self.scheduler.remove(req.seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration and return the requests that produced tokens or finished."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        self._num_steps += 1
+        ready_after = [s.num_computed_tokens + n == len(s) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        sampling_rows = [s for s, r in zip(batch.seqs, ready_after) if r]
+        tables = [self.kv.block_ids(s.request_id) for s in batch.seqs]
+        try:
+            sampling = self._sampling_batch(sampling_rows) if sampling_rows else None
+            result = self.runner.execute(batch, tables, sampling)
+        except Exception as e:  # a bug or resource failure must not take the other requests down
+            log.exception("engine step failed")
+            return [self._finish(s, FinishReason.ERROR, error=f"{type(e).__name__}: {e}") for s in batch.seqs]
+        ready = self.scheduler.update(batch)
+        assert ready == sampling_rows
+        outputs = []
+        if result is None:
+            return outputs
+        token_ids = result.token_ids.tolist()
+        now = time.monotonic()
+        for row, (seq, token) in enumerate(zip(ready, token_ids)):
+            outputs.append(self._append_token(seq, token, row, result, now))
+        return outputs
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        reqs = [self.requests[s.request_id] for s in seqs]
+        return SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                                   [s.output_token_ids for s in seqs], [r.generator for r in reqs],
+                                   self.model_config.vocab_size)
+
+    def _append_token(self, seq: Sequence, token: int, row: int, result, now: float) -> RequestOutput:
+        req = self.requests[seq.request_id]
+        seq.token_ids.append(token)
+        self._generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        params = seq.params
+        logprobs = None
+        if params.logprobs is not None and result.logprobs is not None:
+            entry = {token: float(result.logprobs[row])}
+            if params.logprobs and result.top_logprobs is not None:
+                ids, vals = result.top_logprobs
+                for t, lp in zip(ids[row, :params.logprobs].tolist(), vals[row, :params.logprobs].tolist()):
+                    entry.setdefault(t, lp)
+            logprobs = [entry]
+        reason = stop_reason = None
+        if token in self._eos and not params.ignore_eos:
+            reason, stop_reason = FinishReason.STOP, None
+            delta = ""
+        elif token in params.stop_token_ids:
+            reason, stop_reason = FinishReason.STOP, token
+            delta = ""
+        else:
+            delta = req.detokenizer.add(token)
+            if req.detokenizer.stopped:
+                reason, stop_reason = FinishReason.STOP, req.detokenizer.stop_reason
+        if reason is None and (seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is None:
+            return self._output(seq, [token], delta, logprobs)
+        return self._finish(seq, reason, stop_reason=stop_reason, new=[token], delta=delta, logprobs=logprobs)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, *, stop_reason=None, new: list[int] = (),
+                delta: str = "", logprobs=None, error: str | None = None) -> RequestOutput:
+        req = self.requests.pop(seq.request_id)
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        if reason is not FinishReason.ERROR:
+            delta += req.detokenizer.finish()
+        out = self._output(seq, list(new), delta, logprobs, req)
+        out.finished, out.finish_reason, out.stop_reason, out.error = True, reason.value, stop_reason, error
+        return out
+
+    def _output(self, seq: Sequence, new: list[int], delta: str, logprobs, req: _Request | None = None) -> RequestOutput:
+        req = req or self.requests[seq.request_id]
+        metrics = {"arrival_time": seq.arrival_time}
+        if seq.first_token_time is not None:
+            metrics["first_token_time"] = seq.first_token_time
+        return RequestOutput(seq.request_id, new, delta, req.detokenizer.text, seq.output_token_ids,
+                             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+                             logprobs=logprobs, metrics=metrics)
+
+    # ---- conveniences ---------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; outputs in prompt order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = []
+        for prompt, p in zip(prompts, params_list):
+            if isinstance(prompt, str):
+                ids.append(self.add_request(prompt=prompt, params=p))
+            else:
+                ids.append(self.add_request(prompt_token_ids=list(prompt), params=p))
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_requests_running=len(self.scheduler.running),
+            num_requests_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage(),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_cache_queries,
+            prefix_cache_hits=self.kv.prefix_cache_hits,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            num_steps=self._num_steps,
+        )

@@ -1,0 +1,1 @@
+"""Compute kernels behind one dispatch point: a torch path for CPU (and reference), Triton on CUDA."""

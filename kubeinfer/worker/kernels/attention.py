@@ -1,0 +1,94 @@
+"""Attention over the paged KV cache, torch implementation (CPU, and the reference for other kernels).
+
+Cache layout per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]`` for K and for V; token
+slot ``s`` lives at block ``s // block_size``, offset ``s % block_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's prefill chunk inside the flattened batch: tokens ``[start, end)``.
+
+    ``block_table`` covers the whole context (cached prefix + this chunk); ``mask`` is None when
+    the chunk starts at position 0, so plain causal attention over the chunk's own K/V suffices.
+    """
+
+    start: int
+    end: int
+    context_len: int
+    block_table: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step inputs to attention, built once per step and shared by every layer.
+
+    The first ``num_decode_tokens`` tokens of the batch are decodes (one query per sequence), with
+    ``decode_block_tables`` ``[D, max_blocks]`` and ``decode_mask`` ``[D, 1, 1, max_blocks*block_size]``
+    (True where a key is inside the sequence). The remaining tokens are the ``prefills``.
+    """
+
+    slot_mapping: torch.Tensor
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    prefills: list[PrefillChunk]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys and values ``[T, kv_heads, head_dim]`` at their slots."""
+    kvh, d = k.shape[-2:]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """``[..., nb]`` block ids -> ``[..., nb*block_size, kv_heads, head_dim]`` contiguous K or V."""
+    g = cache[block_table]
+    return g.flatten(-4, -3)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention for a flattened batch; returns ``[T, num_heads, head_dim]``.
+
+    ``q`` is ``[T, heads, d]``; ``k``/``v`` are this step's ``[T, kv_heads, d]`` (already written to
+    the cache). Decodes attend through the block tables in one batched matmul; each prefill chunk is
+    one SDPA call. Grouped-query heads are handled by viewing queries as ``[kv_heads, group]`` so K/V
+    are never repeated.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[-2]
+    group = num_heads // kv_heads
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        keys = _gather(k_cache, meta.decode_block_tables).permute(0, 2, 3, 1)   # [D, kvh, d, L]
+        values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)     # [D, kvh, L, d]
+        qd = q[:nd].view(nd, kv_heads, group, head_dim)
+        scores = torch.matmul(qd, keys).mul_(scale)                              # [D, kvh, g, L]
+        scores.masked_fill_(meta.decode_mask.logical_not(), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[:nd] = torch.matmul(probs, values).view(nd, num_heads, head_dim)
+    for chunk in meta.prefills:
+        qc = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)                # [1, h, n, d]
+        if chunk.mask is None:
+            kc, vc = k[chunk.start:chunk.end], v[chunk.start:chunk.end]
+        else:
+            kc = _gather(k_cache, chunk.block_table)[:chunk.context_len]
+            vc = _gather(v_cache, chunk.block_table)[:chunk.context_len]
+        kc = kc.transpose(0, 1).unsqueeze(0)
+        vc = vc.transpose(0, 1).unsqueeze(0)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qc, kc, vc, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale,
+            enable_gqa=group > 1)
+        out[chunk.start:chunk.end] = o.squeeze(0).transpose(0, 1)
+    return out

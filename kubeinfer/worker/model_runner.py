@@ -1,0 +1,89 @@
+"""Turns a scheduled batch into model inputs, runs the forward pass and samples."""
+
+from __future__ import annotations
+
+import torch
+
+from kubeinfer.worker.kernels.attention import AttentionMetadata, PrefillChunk
+from kubeinfer.worker.models.config import ModelConfig
+from kubeinfer.worker.models.llama import LlamaForCausalLM
+from kubeinfer.worker.sampling import Sampler, SamplerOutput, SamplingBatch
+from kubeinfer.worker.scheduler import ScheduledBatch
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V, every layer, one block."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+
+
+class ModelRunner:
+    """Owns the model, the paged K/V tensors and the sampler.
+
+    The caches are one ``[num_blocks, block_size, kv_heads, head_dim]`` tensor per layer for K and
+    for V, preallocated once; block ids come from the KVCacheManager.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        c = model.config
+        self.model = model
+        self.block_size = block_size
+        self.vocab_size = c.vocab_size
+        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                          for _ in range(c.num_layers)]
+        self.sampler = Sampler()
+
+    def prepare(self, batch: ScheduledBatch, block_tables: list[list[int]]):
+        """Flatten the batch: token ids, positions, slots and attention metadata (decodes first)."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        sample_rows: list[int] = []
+        for seq, n, table in zip(batch.seqs, batch.num_new_tokens, block_tables):
+            start = seq.num_computed_tokens
+            if n == 1:
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                offset = len(input_ids)
+                input_ids.extend(seq.token_ids[start:start + n])
+                pos = torch.arange(start, start + n)
+                table_t = torch.tensor(table, dtype=torch.long)
+                positions.extend(range(start, start + n))
+                slots.extend((table_t[pos // bs] * bs + pos % bs).tolist())
+                ctx = start + n
+                mask = None
+                if start > 0:  # a later chunk, or a prefix-cache hit: attend to the cached keys too
+                    mask = torch.arange(ctx).unsqueeze(0) <= pos.unsqueeze(1)
+                prefills.append(PrefillChunk(offset, offset + n, ctx, table_t[: -(-ctx // bs)], mask))
+            if start + n == len(seq):
+                sample_rows.append(len(input_ids) - 1)
+        nd = len(decode_tables)
+        dec_tables = dec_mask = None
+        if nd:
+            width = max(len(t) for t in decode_tables)
+            dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
+            lens = torch.tensor(decode_lens)
+            dec_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(nd, 1, 1, width * bs)
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), nd, dec_tables, dec_mask, prefills)
+        return (torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                meta, torch.tensor(sample_rows, dtype=torch.long))
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]],
+                sampling: SamplingBatch | None) -> SamplerOutput | None:
+        """Run the forward pass; sample one token for each sequence whose prompt is now complete."""
+        input_ids, positions, meta, sample_rows = self.prepare(batch, block_tables)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if sampling is None or len(sample_rows) == 0:
+            return None
+        logits = self.model.compute_logits(hidden[sample_rows])
+        return self.sampler(logits, sampling)

@@ -1,0 +1,99 @@
+"""Find, read and validate a checkpoint: a Hugging Face folder (safetensors) or a GGUF file."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from kubeinfer.worker.models.config import CheckpointError, ModelConfig
+from kubeinfer.worker.models.llama import LlamaForCausalLM
+from kubeinfer.worker.tokenizer import Tokenizer
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with the tokenizer and config that came with it."""
+
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: str
+
+
+def resolve_model_path(path: str | None) -> str:
+    """None and ``builtin://smollm2-135m`` mean the bundled default model."""
+    if path is None or path == "builtin://smollm2-135m":
+        from kubeinfer.worker.models.gguf import default_model_path
+        return default_model_path()
+    if not os.path.exists(path):
+        raise CheckpointError(f"model path {path!r} does not exist")
+    return path
+
+
+def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None = None) -> LoadedModel:
+    """Build the model on the CPU and fill it tensor by tensor (peak memory: model + one tensor)."""
+    path = resolve_model_path(path)
+    if os.path.isdir(path):
+        config, tensors, tokenizer = _open_hf_dir(path, dtype)
+    elif _is_gguf(path):
+        from kubeinfer.worker.models import gguf
+        reader = gguf.open_gguf(path)
+        config = gguf.read_gguf_config(reader)
+        tokenizer = gguf.read_gguf_tokenizer(reader)
+        tensors = gguf.iter_gguf_tensors(reader, config, dtype)
+    else:
+        raise CheckpointError(
+            f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors + tokenizer.json) "
+            "nor a GGUF file")
+    positions = max_positions or config.max_position_embeddings
+    with torch.device("meta"):  # no memory until to_empty, and no random init we would overwrite
+        model = LlamaForCausalLM(config, positions, dtype).to(dtype)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.load_weights(tensors)
+    model.eval()
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=path)
+
+
+def _is_gguf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path!r}: {e.strerror}") from None
+
+
+def _open_hf_dir(path: str, dtype: torch.dtype) -> tuple[ModelConfig, Iterator, Tokenizer]:
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise CheckpointError(f"{path}: no config.json, so this is not a Hugging Face model folder")
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            config = ModelConfig.from_hf_dict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
+    tokenizer = Tokenizer.from_hf_dir(path)
+    if config.eos_token_ids:
+        tokenizer.eos_token_ids = tuple(dict.fromkeys(tokenizer.eos_token_ids + config.eos_token_ids))
+    return config, _iter_safetensors(files, dtype), tokenizer
+
+
+def _iter_safetensors(files: list[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:  # memory-mapped: one tensor materialised at a time
+                for name in f.keys():
+                    yield name, f.get_tensor(name).to(dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None

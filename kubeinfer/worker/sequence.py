@@ -1,0 +1,72 @@
+"""Per-request state: the tokens so far and how many of them are in the KV cache."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from kubeinfer.worker.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"          # EOS, a stop token id or a stop string
+    LENGTH = "length"      # max_tokens or the model's context length
+    ABORT = "abort"        # cancelled by the caller
+    ERROR = "error"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine.
+
+    Owns ``token_ids`` (prompt followed by generated tokens) and ``num_computed_tokens``, the prefix of
+    ``token_ids`` whose K/V are already in the paged cache. Invariants: ``0 <= num_computed_tokens <=
+    len(token_ids)``; a sequence is ready to sample exactly when ``num_computed_tokens`` reaches
+    ``len(token_ids)`` after a step; preemption resets ``num_computed_tokens`` to 0 (recompute) and keeps
+    the tokens, so no generated token is ever lost.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_prompt_tokens: int = 0
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0      # prompt tokens served from the prefix cache at first scheduling
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def priority(self) -> int:
+        return self.params.priority

