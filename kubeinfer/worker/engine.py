@@ -41,6 +41,7 @@ class EngineStats:
     prefix_cache_hits: int
     prompt_tokens: int
     generation_tokens: int
+    computed_tokens: int       # tokens run through the model (prefix-cache hits are not)
     num_steps: int
 
 
@@ -88,6 +89,7 @@ class Engine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._num_steps = 0
+        self._computed_tokens = 0
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -143,6 +145,7 @@ class Engine:
         if not batch.seqs:
             return []
         self._num_steps += 1
+        self._computed_tokens += batch.num_tokens
         ready_after = [s.num_computed_tokens + n == len(s) for s, n in zip(batch.seqs, batch.num_new_tokens)]
         sampling_rows = [s for s, r in zip(batch.seqs, ready_after) if r]
         tables = [self.kv.block_ids(s.request_id) for s in batch.seqs]
@@ -250,5 +253,6 @@ class Engine:
             prefix_cache_hits=self.kv.prefix_cache_hits,
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
+            computed_tokens=self._computed_tokens,
             num_steps=self._num_steps,
         )

@@ -184,10 +184,13 @@ class KVCacheManager:
         if not table:
             return
         start = self._num_published.get(seq.request_id, 0)
+        # The hash list may run ahead (prefix lookups hash the whole prompt): only blocks whose
+        # every slot has been written may be published.
+        full = seq.num_computed_tokens // self.block_size
         hashes = self._full_block_hashes(seq, seq.num_computed_tokens)
-        for i in range(start, min(len(hashes), len(table))):
+        for i in range(start, full):
             self.pool.register(table[i], hashes[i])
-        self._num_published[seq.request_id] = max(start, min(len(hashes), len(table)))
+        self._num_published[seq.request_id] = max(start, full)
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (finished, aborted or preempted)."""
