@@ -52,6 +52,12 @@ def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None =
         raise CheckpointError(
             f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors + tokenizer.json) "
             "nor a GGUF file")
+    return build_model(config, tensors, tokenizer, dtype, max_positions, source=path)
+
+
+def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], tokenizer: Tokenizer,
+                dtype: torch.dtype, max_positions: int | None = None, source: str = "") -> LoadedModel:
+    """Allocate the model for ``config`` and fill it from Hugging Face-named ``tensors``."""
     positions = max_positions or config.max_position_embeddings
     with torch.device("meta"):  # no memory until to_empty, and no random init we would overwrite
         model = LlamaForCausalLM(config, positions, dtype).to(dtype)
@@ -59,7 +65,7 @@ def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None =
     with torch.no_grad():
         model.load_weights(tensors)
     model.eval()
-    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=path)
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source)
 
 
 def _is_gguf(path: str) -> bool:
