@@ -20,8 +20,9 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
 class ModelRunner:
     """Owns the model, the paged K/V tensors and the sampler.
 
-    The caches are one ``[num_blocks, block_size, kv_heads, head_dim]`` tensor per layer for K and
-    for V, preallocated once; block ids come from the KVCacheManager.
+    The caches are one ``[kv_heads, num_blocks, block_size, head_dim]`` tensor per layer for K and
+    for V (see kernels/attention.py for why heads come first), preallocated once; block ids come from
+    the KVCacheManager.
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
@@ -29,7 +30,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.vocab_size = c.vocab_size
-        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        shape = (c.num_kv_heads, num_blocks, block_size, c.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                           for _ in range(c.num_layers)]
         self.sampler = Sampler()
@@ -72,7 +73,7 @@ class ModelRunner:
             width = max(len(t) for t in decode_tables)
             dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
             lens = torch.tensor(decode_lens)
-            dec_mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(nd, 1, 1, width * bs)
+            dec_mask = (torch.arange(width * bs).unsqueeze(0) >= lens.unsqueeze(1)).view(1, nd, 1, width * bs)
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), nd, dec_tables, dec_mask, prefills)
         return (torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                 meta, torch.tensor(sample_rows, dtype=torch.long))

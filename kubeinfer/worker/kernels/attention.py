@@ -1,7 +1,9 @@
 """Attention over the paged KV cache, torch implementation (CPU, and the reference for other kernels).
 
-Cache layout per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]`` for K and for V; token
-slot ``s`` lives at block ``s // block_size``, offset ``s % block_size``.
+Cache layout per layer (CPU): ``[num_kv_heads, num_blocks, block_size, head_dim]`` for K and for V;
+token slot ``s`` lives at block ``s // block_size``, offset ``s % block_size``. Heads outermost means a
+gather through a block table yields ``[kv_heads, seqs, tokens, head_dim]`` with the (head, seq) batch
+dims collapsible, so the score matmul reads the gathered keys in place instead of copying them again.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ class AttentionMetadata:
     """Per-step inputs to attention, built once per step and shared by every layer.
 
     The first ``num_decode_tokens`` tokens of the batch are decodes (one query per sequence), with
-    ``decode_block_tables`` ``[D, max_blocks]`` and ``decode_mask`` ``[D, 1, 1, max_blocks*block_size]``
-    (True where a key is inside the sequence). The remaining tokens are the ``prefills``.
+    ``decode_block_tables`` ``[D, max_blocks]`` and ``decode_mask`` ``[1, D, 1, max_blocks*block_size]``
+    (True where a key is padding, i.e. past the end of that sequence). The remaining tokens are the
+    ``prefills``.
     """
 
     slot_mapping: torch.Tensor
@@ -45,15 +48,15 @@ class AttentionMetadata:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store this step's keys and values ``[T, kv_heads, head_dim]`` at their slots."""
-    kvh, d = k.shape[-2:]
-    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+    kvh, _, _, d = k_cache.shape
+    k_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """``[..., nb]`` block ids -> ``[..., nb*block_size, kv_heads, head_dim]`` contiguous K or V."""
-    g = cache[block_table]
-    return g.flatten(-4, -3)
+    """Block ids ``[S, nb]`` (or ``[nb]``) -> ``[kv_heads, S, nb*block_size, head_dim]`` (or without S)."""
+    g = cache[:, block_table]              # [kvh, (S,) nb, bs, d], contiguous
+    return g.flatten(-3, -2)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -66,29 +69,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     are never repeated.
     """
     num_tokens, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[-2]
+    kv_heads = k_cache.shape[0]
     group = num_heads // kv_heads
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        keys = _gather(k_cache, meta.decode_block_tables).permute(0, 2, 3, 1)   # [D, kvh, d, L]
-        values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)     # [D, kvh, L, d]
-        qd = q[:nd].view(nd, kv_heads, group, head_dim)
-        scores = torch.matmul(qd, keys).mul_(scale)                              # [D, kvh, g, L]
-        scores.masked_fill_(meta.decode_mask.logical_not(), float("-inf"))
+        keys = _gather(k_cache, meta.decode_block_tables)                       # [kvh, D, L, d]
+        values = _gather(v_cache, meta.decode_block_tables)
+        qd = q[:nd].view(nd, kv_heads, group, head_dim).transpose(0, 1)          # [kvh, D, g, d]
+        scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(scale)            # [kvh, D, g, L]
+        scores.masked_fill_(meta.decode_mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out[:nd] = torch.matmul(probs, values).view(nd, num_heads, head_dim)
+        out[:nd] = torch.matmul(probs, values).transpose(0, 1).reshape(nd, num_heads, head_dim)
     for chunk in meta.prefills:
         qc = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)                # [1, h, n, d]
         if chunk.mask is None:
-            kc, vc = k[chunk.start:chunk.end], v[chunk.start:chunk.end]
+            kc = k[chunk.start:chunk.end].transpose(0, 1)
+            vc = v[chunk.start:chunk.end].transpose(0, 1)
         else:
-            kc = _gather(k_cache, chunk.block_table)[:chunk.context_len]
-            vc = _gather(v_cache, chunk.block_table)[:chunk.context_len]
-        kc = kc.transpose(0, 1).unsqueeze(0)
-        vc = vc.transpose(0, 1).unsqueeze(0)
+            kc = _gather(k_cache, chunk.block_table)[:, :chunk.context_len]       # [kvh, ctx, d]
+            vc = _gather(v_cache, chunk.block_table)[:, :chunk.context_len]
         o = torch.nn.functional.scaled_dot_product_attention(
-            qc, kc, vc, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale,
-            enable_gqa=group > 1)
+            qc, kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=chunk.mask, is_causal=chunk.mask is None,
+            scale=scale, enable_gqa=group > 1)
         out[chunk.start:chunk.end] = o.squeeze(0).transpose(0, 1)
     return out
