@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kubeinfer.worker.kernels.attention import AttentionMetadata, PrefillChunk
+from kubeinfer.worker.kernels.attention import AttentionMetadata, PrefillChunk, gather_workspace_size
 from kubeinfer.worker.models.config import ModelConfig
 from kubeinfer.worker.models.llama import LlamaForCausalLM
 from kubeinfer.worker.sampling import Sampler, SamplerOutput, SamplingBatch
@@ -34,6 +34,16 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                           for _ in range(c.num_layers)]
         self.sampler = Sampler()
+        self._workspaces = (torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype))
+
+    def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grow-only gather buffers for K and V, so steps stop allocating (and faulting in) fresh memory."""
+        need = gather_workspace_size(self.kv_caches[0][0], num_blocks)
+        if self._workspaces[0].numel() < need:
+            need = int(need * 1.25)  # headroom: contexts grow a block at a time
+            self._workspaces = (torch.empty(need, dtype=self._workspaces[0].dtype),
+                                torch.empty(need, dtype=self._workspaces[0].dtype))
+        return self._workspaces
 
     def prepare(self, batch: ScheduledBatch, block_tables: list[list[int]]):
         """Flatten the batch: token ids, positions, slots and attention metadata (decodes first)."""
@@ -74,7 +84,10 @@ class ModelRunner:
             dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
             lens = torch.tensor(decode_lens)
             dec_mask = (torch.arange(width * bs).unsqueeze(0) >= lens.unsqueeze(1)).view(1, nd, 1, width * bs)
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), nd, dec_tables, dec_mask, prefills)
+        gathered = max([dec_tables.numel() if nd else 0] + [c.block_table.numel() for c in prefills if c.mask is not None])
+        k_ws, v_ws = self._workspace(gathered) if gathered else (None, None)
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), nd, dec_tables, dec_mask, prefills,
+                                 k_ws, v_ws)
         return (torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                 meta, torch.tensor(sample_rows, dtype=torch.long))
 

@@ -43,6 +43,8 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: list[PrefillChunk]
+    key_workspace: torch.Tensor | None = None     # flat buffers reused by every layer's gathers
+    value_workspace: torch.Tensor | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -53,10 +55,25 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """Block ids ``[S, nb]`` (or ``[nb]``) -> ``[kv_heads, S, nb*block_size, head_dim]`` (or without S)."""
-    g = cache[:, block_table]              # [kvh, (S,) nb, bs, d], contiguous
-    return g.flatten(-3, -2)
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Block ids ``[S, nb]`` (or ``[nb]``) -> ``[kv_heads, S, nb*block_size, head_dim]`` (or without S).
+
+    ``out``, if given, is a flat buffer with room for the result: reusing it avoids a fresh large
+    allocation per layer, whose page faults cost more than the copy itself on some VMs.
+    """
+    kvh, _, bs, d = cache.shape
+    ids = block_table.reshape(-1)
+    if out is not None:
+        out = out[: kvh * ids.numel() * bs * d].view(kvh, ids.numel(), bs, d)
+    # index_select writes a contiguous result; advanced indexing on dim 1 would need another copy.
+    g = torch.index_select(cache, 1, ids, out=out) if out is not None else cache.index_select(1, ids)
+    return g.view(kvh, *block_table.shape[:-1], block_table.shape[-1] * bs, d)
+
+
+def gather_workspace_size(cache: torch.Tensor, num_blocks: int) -> int:
+    """Elements one ``_gather`` of ``num_blocks`` blocks needs."""
+    kvh, _, bs, d = cache.shape
+    return kvh * num_blocks * bs * d
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -74,21 +91,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        keys = _gather(k_cache, meta.decode_block_tables)                       # [kvh, D, L, d]
-        values = _gather(v_cache, meta.decode_block_tables)
-        qd = q[:nd].view(nd, kv_heads, group, head_dim).transpose(0, 1)          # [kvh, D, g, d]
-        scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(scale)            # [kvh, D, g, L]
+        keys = _gather(k_cache, meta.decode_block_tables, meta.key_workspace)   # [kvh, D, L, d]
+        values = _gather(v_cache, meta.decode_block_tables, meta.value_workspace)
+        length = keys.shape[-2]
+        # bmm on explicit 3-D views: matmul would copy the transposed keys to fold the batch dims.
+        qd = q[:nd].view(nd, kv_heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
+        scores = torch.bmm(qd, keys.view(-1, length, head_dim).transpose(1, 2))  # [kvh*D, g, L]
+        scores = scores.view(kv_heads, nd, group, length).mul_(scale)
         scores.masked_fill_(meta.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[:nd] = torch.matmul(probs, values).transpose(0, 1).reshape(nd, num_heads, head_dim)
+        probs = torch.softmax(scores, dim=-1).view(-1, group, length)
+        o = torch.bmm(probs, values.view(-1, length, head_dim))                  # [kvh*D, g, d]
+        out[:nd] = o.view(kv_heads, nd, group, head_dim).transpose(0, 1).reshape(nd, num_heads, head_dim)
     for chunk in meta.prefills:
         qc = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)                # [1, h, n, d]
         if chunk.mask is None:
             kc = k[chunk.start:chunk.end].transpose(0, 1)
             vc = v[chunk.start:chunk.end].transpose(0, 1)
         else:
-            kc = _gather(k_cache, chunk.block_table)[:, :chunk.context_len]       # [kvh, ctx, d]
-            vc = _gather(v_cache, chunk.block_table)[:, :chunk.context_len]
+            kc = _gather(k_cache, chunk.block_table, meta.key_workspace)[:, :chunk.context_len]  # [kvh, ctx, d]
+            vc = _gather(v_cache, chunk.block_table, meta.value_workspace)[:, :chunk.context_len]
         o = torch.nn.functional.scaled_dot_product_attention(
             qc, kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=chunk.mask, is_causal=chunk.mask is None,
             scale=scale, enable_gqa=group > 1)
