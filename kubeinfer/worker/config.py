@@ -15,11 +15,15 @@ class EngineConfig:
 
     ``model`` is a Hugging Face folder, a GGUF file, or None for the bundled default model.
     The KV pool is ``num_kv_blocks`` blocks if given, else as many as fit in ``kv_cache_memory_bytes``.
-    ``max_model_len`` None means the model's own context length.
+    ``max_model_len`` None means the model's own context length. ``quantization`` ("int8" or
+    "int4") quantizes the linear layers' weights at load time (GGUF Q8_0 / Q4_0 / Q4_1 tensors load
+    straight into those formats); a checkpoint written by ``kubeinfer quantize`` is detected by itself.
     """
 
     model: str | None = None
     dtype: str = "float32"
+    quantization: str | None = None
+    quantization_group_size: int | None = None
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
@@ -34,6 +38,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.quantization is not None:
+            from kubeinfer.worker.quant import get_scheme
+            get_scheme(self.quantization, self.quantization_group_size)  # ValueError naming the problem
+        elif self.quantization_group_size is not None:
+            raise ValueError("quantization_group_size needs quantization='int4'")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):

@@ -60,7 +60,8 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         if loaded is None:
-            loaded = load_model(config.model, config.torch_dtype, config.max_model_len)
+            loaded = load_model(config.model, config.torch_dtype, config.max_model_len,
+                                config.quantization, config.quantization_group_size)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model or "builtin://smollm2-135m"

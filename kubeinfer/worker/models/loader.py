@@ -37,22 +37,57 @@ def resolve_model_path(path: str | None) -> str:
     return path
 
 
-def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None = None) -> LoadedModel:
-    """Build the model on the CPU and fill it tensor by tensor (peak memory: model + one tensor)."""
+def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None = None,
+               quantization: str | None = None, group_size: int | None = None) -> LoadedModel:
+    """Build the model on the CPU and fill it tensor by tensor (peak memory: model + one tensor).
+
+    ``quantization`` swaps the per-layer linears for int8 / int4 modules: GGUF Q8_0 / Q4_x tensors go
+    straight into those formats, float weights are quantized one matrix at a time. A checkpoint saved
+    by ``kubeinfer quantize`` loads in its own scheme.
+    """
+    from kubeinfer.worker import quant
     path = resolve_model_path(path)
+    scheme = quant.get_scheme(quantization, group_size) if quantization else None
     if os.path.isdir(path):
         config, tensors, tokenizer = _open_hf_dir(path, dtype)
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        saved = quant.quant_scheme_of(files[0])
+        if saved is not None:
+            if scheme is not None and scheme != saved:
+                raise CheckpointError(f"{path} holds {saved.describe()} weights; it cannot be loaded as "
+                                      f"{scheme.describe()} (leave quantization unset to use it as saved)")
+            if len(files) != 1:
+                raise CheckpointError(f"{path}: a quantized checkpoint is one safetensors file, found {len(files)}")
+            scheme, items = quant.load_quantized_tensors(files[0], config)
+            return _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, path)
     elif _is_gguf(path):
         from kubeinfer.worker.models import gguf
         reader = gguf.open_gguf(path)
         config = gguf.read_gguf_config(reader)
         tokenizer = gguf.read_gguf_tokenizer(reader)
+        if scheme is not None:
+            from kubeinfer.worker.models.gguf_quant import iter_gguf_quantized
+            items = iter_gguf_quantized(reader, config, scheme, dtype)
+            return _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, path)
         tensors = gguf.iter_gguf_tensors(reader, config, dtype)
     else:
         raise CheckpointError(
             f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors + tokenizer.json) "
             "nor a GGUF file")
-    return build_model(config, tensors, tokenizer, dtype, max_positions, source=path)
+    loaded = build_model(config, tensors, tokenizer, dtype, max_positions, source=path)
+    if scheme is not None:
+        quant.quantize_model(loaded.model, scheme)
+    return loaded
+
+
+def _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, source) -> LoadedModel:
+    """Install already-quantized modules into a meta-device model: no float copy of those weights."""
+    from kubeinfer.worker import quant
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_positions or config.max_position_embeddings, dtype).to(dtype)
+    quant.install_quantized(model, scheme, items)
+    model.eval()
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source)
 
 
 def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], tokenizer: Tokenizer,
