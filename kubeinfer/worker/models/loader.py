@@ -77,6 +77,7 @@ def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None =
     loaded = build_model(config, tensors, tokenizer, dtype, max_positions, source=path)
     if scheme is not None:
         quant.quantize_model(loaded.model, scheme)
+        loaded.model.quantize_head()
     return loaded
 
 
@@ -86,6 +87,7 @@ def _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, sou
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions or config.max_position_embeddings, dtype).to(dtype)
     quant.install_quantized(model, scheme, items)
+    model.quantize_head()
     model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source)
 
