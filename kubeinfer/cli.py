@@ -13,6 +13,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="Hugging Face folder or GGUF file (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization at load time (GGUF Q8_0/Q4_x load directly)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 32)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="memory for the paged KV cache")
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -37,7 +41,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace):
     from kubeinfer.worker import EngineConfig
-    return EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+    return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                        quantization_group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype,
+                        max_model_len=args.max_model_len,
                         kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads)
@@ -71,6 +77,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """SRC (HF folder or GGUF) -> DST folder: config.json, tokenizer files, one quantized safetensors."""
+    import json
+    import os
+
+    import torch
+
+    from kubeinfer.worker import quant
+    from kubeinfer.worker.models.loader import load_model
+    scheme = quant.get_scheme(args.scheme, args.group_size)
+    if os.path.exists(args.dst) and os.listdir(args.dst):
+        raise ValueError(f"{args.dst} exists and is not empty")
+    loaded = load_model(args.src, torch.float32)
+    quant.quantize_model(loaded.model, scheme)
+    os.makedirs(args.dst, exist_ok=True)
+    quant.save_quantized(loaded.model, os.path.join(args.dst, "model.safetensors"), scheme)
+    with open(os.path.join(args.dst, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(loaded.config.to_hf_dict(), f, indent=2)
+    loaded.tokenizer.save(args.dst)
+    size = os.path.getsize(os.path.join(args.dst, "model.safetensors"))
+    print(f"wrote {args.dst} ({scheme.describe()}, {size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kubeinfer.worker import Engine
+    from kubeinfer.worker.evaluation import builtin_corpus, perplexity
+    engine = Engine(engine_config_from_args(args))
+    text = open(args.corpus, encoding="utf-8").read() if args.corpus else builtin_corpus()
+    ids = engine.tokenizer.encode(text)[: args.max_eval_tokens]
+    ppl, n = perplexity(engine, ids, window=args.window, chunk=args.chunk)
+    print(f"perplexity {ppl:.4f} over {n} tokens (window {args.window}; model {engine.model_name}, "
+          f"dtype {args.dtype}, quantization {args.quantization or 'none'}, kv cache {args.kv_cache_dtype})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubeinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    qz = sub.add_parser("quantize", help="write a quantized checkpoint that loads without re-quantizing")
+    qz.add_argument("src", help="Hugging Face folder or GGUF file")
+    qz.add_argument("dst", help="output folder (created)")
+    qz.add_argument("--scheme", required=True, choices=["int8", "int4"])
+    qz.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128")
+    qz.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("eval", help="measure quality")
+    ev_sub = ev.add_subparsers(dest="metric", required=True)
+    ppl = ev_sub.add_parser("ppl", help="perplexity on a text corpus (default: Python's own docstrings)")
+    ppl.add_argument("--corpus", default=None, help="a UTF-8 text file instead of the built-in corpus")
+    ppl.add_argument("--max-eval-tokens", type=int, default=8192)
+    ppl.add_argument("--window", type=int, default=512)
+    ppl.add_argument("--chunk", type=int, default=32, help="tokens per prefill step (keys come from the cache)")
+    _add_engine_args(ppl)
+    ppl.set_defaults(func=cmd_eval)
     return parser
 
 

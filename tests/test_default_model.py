@@ -53,7 +53,7 @@ def test_greedy_matches_transformers(models):
 
 def test_prefill_logits_match(models):
     engine, hf = models
-    from tests.test_engine_reference import prefill_logits
+    from kubeinfer.worker.evaluation import prompt_logits as prefill_logits
     ids = engine.tokenizer.encode(PROMPTS[1])
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()

@@ -6,26 +6,12 @@ import pytest
 import torch
 
 from kubeinfer.worker import Engine, SamplingParams
-from kubeinfer.worker.scheduler import ScheduledBatch
-from kubeinfer.worker.sequence import Sequence
+from kubeinfer.worker.evaluation import prompt_logits as prefill_logits
 from tests.conftest import TINY_VOCAB, build_tiny_model
 
 PROMPTS = [[5, 17, 99, 3, 250, 7],
            list(range(10, 50)),
            [(i * 37 + 11) % TINY_VOCAB for i in range(97)]]
-
-
-def prefill_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-    """Logits at every prompt position, through the same runner path a step uses."""
-    seq = Sequence("probe", list(ids), SamplingParams())
-    assert engine.kv.allocate_slots(seq, len(ids))
-    batch = ScheduledBatch([seq], [len(ids)])
-    input_ids, positions, meta, _ = engine.runner.prepare(batch, [engine.kv.block_ids("probe")])
-    with torch.inference_mode():
-        hidden = engine.runner.model(input_ids, positions, engine.runner.kv_caches, meta)
-        logits = engine.runner.model.compute_logits(hidden)
-    engine.kv.forget(seq)
-    return logits
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:

@@ -62,7 +62,7 @@ if not (_is_interpreted(_triton) and ta._INTERPRET and tm._INTERPRET):
                 allow_module_level=True)
 
 from kubeinfer.worker.kernels.attention import (  # noqa: E402
-    AttentionMetadata, PrefillChunk, paged_attention, write_kv)
+    AttentionMetadata, LayerKVCache, PrefillChunk, paged_attention, write_kv)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -299,7 +299,7 @@ def test_mixed_batch_matches_paged_attention():
     q, k, v, kc, vc, slots, cu, ctx, tables = prefill_case(torch.float32, specs, seed=5)
     k_cache, v_cache = to_layout(kc, True), to_layout(vc, True)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    write_kv(ref_k, ref_v, k, v, slots)
+    write_kv(LayerKVCache(ref_k, ref_v), k, v, slots)
     nd, scale = len(decode_lens), D ** -0.5
     dec_tables = padded(tables[:nd], torch.long)
     lens = torch.tensor(decode_lens)
@@ -311,7 +311,7 @@ def test_mixed_batch_matches_paged_attention():
         mask = None if prefix == 0 else torch.arange(prefix + n)[None] <= pos[:, None]
         chunks.append(PrefillChunk(int(cu[i]), int(cu[i + 1]), prefix + n, torch.tensor(tables[i]), mask))
     meta = AttentionMetadata(slots, nd, dec_tables, dec_mask, chunks)
-    ref = paged_attention(q, k, v, ref_k, ref_v, meta, scale)
+    ref = paged_attention(q, k, v, LayerKVCache(ref_k, ref_v), meta, scale)
 
     out = ta.prefill_attention(q, k, v, k_cache, v_cache, slots, cu, ctx, padded(tables), scale,
                                heads_first=True)

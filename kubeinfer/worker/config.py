@@ -24,6 +24,7 @@ class EngineConfig:
     dtype: str = "float32"
     quantization: str | None = None
     quantization_group_size: int | None = None
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
@@ -43,6 +44,8 @@ class EngineConfig:
             get_scheme(self.quantization, self.quantization_group_size)  # ValueError naming the problem
         elif self.quantization_group_size is not None:
             raise ValueError("quantization_group_size needs quantization='int4'")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' (the model dtype) or 'int8', got {self.kv_cache_dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):

@@ -69,7 +69,8 @@ class Engine:
         if self.max_model_len > loaded.config.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context length "
                              f"{loaded.config.max_position_embeddings}")
-        block_bytes = kv_bytes_per_block(loaded.config, config.block_size, config.torch_dtype)
+        kv_int8 = config.kv_cache_dtype == "int8"
+        block_bytes = kv_bytes_per_block(loaded.config, config.block_size, config.torch_dtype, kv_int8)
         num_blocks = config.num_kv_blocks or config.kv_cache_memory_bytes // block_bytes
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
@@ -84,7 +85,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.torch_dtype)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.torch_dtype, kv_int8)
         self.requests: dict[str, _Request] = {}
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._prompt_tokens = 0

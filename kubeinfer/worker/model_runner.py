@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from kubeinfer.worker.kernels.attention import AttentionMetadata, PrefillChunk, gather_workspace_size
+from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, PrefillChunk, gather_workspace_size
 from kubeinfer.worker.models.config import ModelConfig
 from kubeinfer.worker.models.llama import LlamaForCausalLM
 from kubeinfer.worker.sampling import Sampler, SamplerOutput, SamplingBatch
 from kubeinfer.worker.scheduler import ScheduledBatch
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V, every layer, one block."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_int8: bool = False) -> int:
+    """K and V, every layer, one block (an int8 cache adds one fp32 scale per token and kv head)."""
+    per_head_token = config.head_dim + 4 if kv_int8 else config.head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * per_head_token
 
 
 class ModelRunner:
@@ -25,20 +25,26 @@ class ModelRunner:
     the KVCacheManager.
     """
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 kv_int8: bool = False) -> None:
         c = model.config
         self.model = model
         self.block_size = block_size
         self.vocab_size = c.vocab_size
         shape = (c.num_kv_heads, num_blocks, block_size, c.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                          for _ in range(c.num_layers)]
+        if kv_int8:
+            self.kv_caches = [LayerKVCache(torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8),
+                                           torch.zeros(shape[:-1]), torch.zeros(shape[:-1]))
+                              for _ in range(c.num_layers)]
+        else:
+            self.kv_caches = [LayerKVCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                              for _ in range(c.num_layers)]
         self.sampler = Sampler()
         self._workspaces = (torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype))
 
     def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Grow-only gather buffers for K and V, so steps stop allocating (and faulting in) fresh memory."""
-        need = gather_workspace_size(self.kv_caches[0][0], num_blocks)
+        need = gather_workspace_size(self.kv_caches[0].k, num_blocks)
         if self._workspaces[0].numel() < need:
             need = int(need * 1.25)  # headroom: contexts grow a block at a time
             self._workspaces = (torch.empty(need, dtype=self._workspaces[0].dtype),

@@ -31,6 +31,11 @@ result back (bf16-level error, like a bf16 model; int4 also rounds its fp16 scal
 * ``torch.ops.aten._weight_int8pack_mm(x bf16 [M, K] contiguous, qweight int8 [N, K], scales bf16 [N])
   -> bf16 [M, N] = x @ (qweight * scales[:, None]).T``. The scales must have x's dtype. In torch 2.13 it
   needs K % 16 == 0 (other K crash or return NaN); other shapes use the fallback below.
+  Its cost grows linearly with M (no reuse across rows), so from ``INT8_GEMM_MIN_ROWS`` (32) rows on
+  Int8Linear instead runs a bf16 GEMM on the integer weights (exact in bf16) and scales the output:
+  2-4x faster at prefill sizes. The int4 kernel scales the same way and has no such path yet (its
+  canonical nibbles are not kept, and dequantizing int4 on the CPU is slow): int4 prefill is
+  ~2-4x slower than fp32 at M >= 128.
 * ``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q int32 [N, K] values 0..15, innerKTiles)
   -> uint8 [N, K // 2]`` in an opaque blocked layout (innerKTiles is ignored on the CPU; N % 16 == 0,
   K even). Packing row blocks that start at multiples of 64 gives the same bytes as packing the
@@ -96,6 +101,9 @@ QUANTIZED_LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.do
 _QUANT_MODULE_RE = re.compile(r"layers\.(\d+)\.(attn\.qkv_proj|attn\.o_proj|mlp\.gate_up_proj|mlp\.down_proj)")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP16_MAX = 65504.0
+# Int8Linear on the CPU: from this many activation rows on, a bf16 GEMM on the integer weights beats
+# the aten weight-only kernel, whose cost grows linearly with the rows (measured: benchmarks/quant.py).
+INT8_GEMM_MIN_ROWS = 32
 # Rows quantized / packed per step: bounds the float and int32 temporaries for big matrices. A
 # multiple of 64 (the aten int4 packing is row-block-local in 64-row blocks).
 _CHUNK_ROWS = 1024
@@ -421,7 +429,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and self._fast_cpu:
+        if x.device.type == "cpu" and x2.shape[0] >= INT8_GEMM_MIN_ROWS:
+            # Many rows (prefill): the aten kernel costs ~linear in M; a bf16 GEMM on the integer
+            # weights (exact in bf16) with the per-channel scale applied to the output is faster.
+            y = F.linear(x2.to(torch.bfloat16), self.qweight.to(torch.bfloat16))
+            y = (y.float() * self.scales).to(x.dtype)
+        elif x.device.type == "cpu" and self._fast_cpu:
             xb = x2.to(torch.bfloat16)
             if not xb.is_contiguous():
                 xb = xb.contiguous()

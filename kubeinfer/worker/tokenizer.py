@@ -66,9 +66,18 @@ class Tokenizer:
                 template = f.read()
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        # The backend's post-processor decides BOS for HF tokenizers, so we never add one ourselves.
+        # Usually the backend's post-processor adds BOS; `add_bos_token` covers tokenizers without one
+        # (encode never doubles a BOS that is already there).
         return cls(backend, bos_token_id=bos_id, eos_token_ids=eos_ids, chat_template=template,
-                   add_bos=False, bos_token=bos_token, eos_token=eos_token)
+                   add_bos=bool(cfg.get("add_bos_token", False)), bos_token=bos_token, eos_token=eos_token)
+
+    def save(self, path: str) -> None:
+        """Write tokenizer.json + tokenizer_config.json so ``from_hf_dir`` rebuilds this tokenizer."""
+        self.backend.save(os.path.join(path, "tokenizer.json"))
+        cfg = {"bos_token": self.bos_token, "eos_token": self.eos_token, "add_bos_token": self.add_bos,
+               "chat_template": self.chat_template}
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in cfg.items() if v is not None}, f, indent=2)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids

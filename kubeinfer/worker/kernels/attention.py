@@ -9,8 +9,30 @@ dims collapsible, so the score matmul reads the gathered keys in place instead o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class LayerKVCache(NamedTuple):
+    """One layer's paged K and V. With an int8 cache, ``k``/``v`` are int8 and ``k_scale``/``v_scale``
+    hold one fp32 scale per (kv head, block, slot), ``[kv_heads, num_blocks, block_size]``: a token is
+    quantized once, when written, so a filling block never needs requantizing."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+
+def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim: ``x [..., d]`` -> ``(int8 [..., d], fp32 scales [...])``.
+
+    The Triton int8-KV kernels read the same format.
+    """
+    scales = x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0
+    q = torch.round(x.float() / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
 
 
 @dataclass
@@ -47,27 +69,40 @@ class AttentionMetadata:
     value_workspace: torch.Tensor | None = None
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(cache: LayerKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store this step's keys and values ``[T, kv_heads, head_dim]`` at their slots."""
-    kvh, _, _, d = k_cache.shape
-    k_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
+    kvh, _, _, d = cache.k.shape
+    if cache.k_scale is None:
+        cache.k.view(kvh, -1, d).index_copy_(1, slot_mapping, k.transpose(0, 1))
+        cache.v.view(kvh, -1, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
+        return
+    for dst, scale_dst, x in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
+        q, scales = quantize_kv_int8(x)
+        dst.view(kvh, -1, d).index_copy_(1, slot_mapping, q.transpose(0, 1))
+        scale_dst.view(kvh, -1).index_copy_(1, slot_mapping, scales.t())
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor | None = None,
+            scales: torch.Tensor | None = None) -> torch.Tensor:
     """Block ids ``[S, nb]`` (or ``[nb]``) -> ``[kv_heads, S, nb*block_size, head_dim]`` (or without S).
 
-    ``out``, if given, is a flat buffer with room for the result: reusing it avoids a fresh large
-    allocation per layer, whose page faults cost more than the copy itself on some VMs.
+    ``out``, if given, is a flat float buffer with room for the result: reusing it avoids a fresh
+    large allocation per layer, whose page faults cost more than the copy itself on some VMs. With
+    ``scales`` (an int8 cache) the gathered blocks are dequantized into it.
     """
     kvh, _, bs, d = cache.shape
     ids = block_table.reshape(-1)
+    shape = (kvh, *block_table.shape[:-1], block_table.shape[-1] * bs, d)
     if out is not None:
         out = out[: kvh * ids.numel() * bs * d].view(kvh, ids.numel(), bs, d)
+    if scales is not None:
+        q = cache.index_select(1, ids)
+        s = scales.index_select(1, ids).unsqueeze(-1)
+        g = torch.mul(q, s, out=out) if out is not None else q * s
+        return g.view(shape)
     # index_select writes a contiguous result; advanced indexing on dim 1 would need another copy.
     g = torch.index_select(cache, 1, ids, out=out) if out is not None else cache.index_select(1, ids)
-    return g.view(kvh, *block_table.shape[:-1], block_table.shape[-1] * bs, d)
+    return g.view(shape)
 
 
 def gather_workspace_size(cache: torch.Tensor, num_blocks: int) -> int:
@@ -76,8 +111,8 @@ def gather_workspace_size(cache: torch.Tensor, num_blocks: int) -> int:
     return kvh * num_blocks * bs * d
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention for a flattened batch; returns ``[T, num_heads, head_dim]``.
 
     ``q`` is ``[T, heads, d]``; ``k``/``v`` are this step's ``[T, kv_heads, d]`` (already written to
@@ -86,13 +121,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     are never repeated.
     """
     num_tokens, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[0]
+    kv_heads = cache.k.shape[0]
     group = num_heads // kv_heads
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        keys = _gather(k_cache, meta.decode_block_tables, meta.key_workspace)   # [kvh, D, L, d]
-        values = _gather(v_cache, meta.decode_block_tables, meta.value_workspace)
+        keys = _gather(cache.k, meta.decode_block_tables, meta.key_workspace, cache.k_scale)  # [kvh, D, L, d]
+        values = _gather(cache.v, meta.decode_block_tables, meta.value_workspace, cache.v_scale)
         length = keys.shape[-2]
         # bmm on explicit 3-D views: matmul would copy the transposed keys to fold the batch dims.
         qd = q[:nd].view(nd, kv_heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
@@ -108,8 +143,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             kc = k[chunk.start:chunk.end].transpose(0, 1)
             vc = v[chunk.start:chunk.end].transpose(0, 1)
         else:
-            kc = _gather(k_cache, chunk.block_table, meta.key_workspace)[:, :chunk.context_len]  # [kvh, ctx, d]
-            vc = _gather(v_cache, chunk.block_table, meta.value_workspace)[:, :chunk.context_len]
+            kc = _gather(cache.k, chunk.block_table, meta.key_workspace, cache.k_scale)[:, :chunk.context_len]
+            vc = _gather(cache.v, chunk.block_table, meta.value_workspace, cache.v_scale)[:, :chunk.context_len]
         o = torch.nn.functional.scaled_dot_product_attention(
             qc, kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=chunk.mask, is_causal=chunk.mask is None,
             scale=scale, enable_gqa=group > 1)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from kubeinfer.worker.kernels.attention import quantize_kv_int8  # noqa: F401 (the shared format)
+
 try:
     import triton
     import triton.language as tl
@@ -36,16 +38,6 @@ def triton_available(device: torch.device | str | torch.Tensor) -> bool:
     if isinstance(device, torch.Tensor):
         device = device.device
     return triton is not None and torch.device(device).type == "cuda"
-
-
-def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 over the last dim: ``x [..., d]`` -> ``(int8 [..., d], fp32 scales [...])``.
-
-    For keys/values ``[T, kv_heads, d]`` this gives the per-(token, kv head) scales of the cache.
-    """
-    scales = x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127.0
-    q = torch.round(x.float() / scales[..., None]).clamp_(-127, 127).to(torch.int8)
-    return q, scales
 
 
 def dequantize_kv_int8(q: torch.Tensor, scales: torch.Tensor,

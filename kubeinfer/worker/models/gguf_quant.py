@@ -37,8 +37,7 @@ import torch
 
 from kubeinfer.worker.models import gguf as gguf_loader
 from kubeinfer.worker.models.config import CheckpointError, ModelConfig
-from kubeinfer.worker.quant import (Int4WeightOnly, Int8WeightOnly, QuantScheme, _round_up, get_scheme,
-                                    QUANTIZED_LINEARS)
+from kubeinfer.worker.quant import Int4WeightOnly, Int8WeightOnly, QuantScheme, _round_up, get_scheme
 
 QK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -222,4 +221,4 @@ def _linear_state(t: Any, scheme: QuantScheme, unpermute: int | None) -> dict[st
         raise CheckpointError(f"tensor {t.name}: {e}") from None
 
 
-__all__ = ["gguf_quantized_state", "iter_gguf_quantized", "QUANTIZED_LINEARS"]
+__all__ = ["gguf_quantized_state", "iter_gguf_quantized"]
