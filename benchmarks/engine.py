@@ -3,9 +3,10 @@
     python benchmarks/engine.py            # the full run (`make bench`)
     python benchmarks/engine.py --quick    # fewer requests and tokens, for a smoke check
 
-Prints batch-1 decode tokens/s, offline throughput (continuous batching vs static batches of 16),
-TTFT / inter-token latency percentiles, achieved bandwidth and KV-cache waste. Both sides run fp32
-on the same weights (the bundled GGUF, dequantized), with the same torch thread count.
+Prints batch-1 decode tokens/s (fp32, int8, int4), offline throughput (continuous batching vs static
+batches of 16), TTFT / inter-token latency percentiles, achieved bandwidth, KV-cache waste and
+perplexity per scheme. transformers runs the same GGUF dequantized to fp32 (the only way it can run
+it), with the same torch thread count.
 """
 
 from __future__ import annotations
@@ -34,9 +35,25 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def weight_bytes(engine: Engine) -> int:
-    """Bytes a decode step reads from weights: every matrix once (the embedding table only via the head)."""
+    """Bytes a decode step reads from weights: what each module's kernel actually reads, once.
+
+    With a quantized head the float embedding is only used for one-row lookups, so it is not counted.
+    """
+    from kubeinfer.worker.quant import Int4Linear, Int8Linear
     model = engine.runner.model
-    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters())
+    total = 0
+    for _, mod in model.named_modules():
+        if isinstance(mod, Int4Linear) and mod.cpu_packed:
+            read = [mod.packed, mod.scales_and_zeros, mod.bias]
+        elif isinstance(mod, Int8Linear):
+            read = [mod.qweight, mod.scales_bf16, mod.bias]
+        elif mod is model.embed_tokens and model.quantized_head is not None:
+            read = []
+        elif isinstance(mod, (Int4Linear, Int8Linear)):
+            read = list(mod.buffers(recurse=False))
+        else:
+            read = list(mod.parameters(recurse=False))
+        total += sum(t.numel() * t.element_size() for t in read if t is not None)
     return total
 
 
@@ -136,49 +153,90 @@ def hf_throughput(hf, reqs, batch: int = 16) -> dict:
     return dict(wall=wall, out_tokens=out_tokens, tps=out_tokens / wall)
 
 
+def decode_row(name: str, engine: Engine, prompt_ids: list[int], n: int, hf_tps: float, base_tps: float | None):
+    tps, step_s = ours_decode(engine, prompt_ids, n)
+    w = weight_bytes(engine)
+    ctx = len(prompt_ids) + n // 2
+    kv_per_token = engine.kv_cache_bytes / (engine.num_kv_blocks * engine.kv.block_size)
+    gbps = (w + ctx * kv_per_token) / step_s / 1e9
+    vs_base = f"{tps / base_tps:5.2f}x" if base_tps else "  1.00x"
+    print(f"kubeinfer {name:<6} {tps:7.1f} tok/s  step {step_s * 1e3:5.1f} ms  weights {w / 1e6:6.1f} MB  "
+          f"{gbps:5.1f} GB/s  vs transformers {tps / hf_tps:5.2f}x  vs fp32 {vs_base}")
+    return tps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer requests and tokens: a smoke run")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-hf", action="store_true", help="kubeinfer figures only")
     args = ap.parse_args()
     max_prompt, max_out = (128, 32) if args.quick else (512, 256)
     n_req = 16 if args.quick else args.requests
+    ppl_tokens = 512 if args.quick else args.ppl_tokens
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-          f"torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()}")
     path = default_model_path()
-    engine = Engine(max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=512)
+    print(f"model: {os.path.basename(path)} (SmolLM2-135M-Instruct; transformers runs it dequantized to fp32)")
+    hf = load_hf(path)
+
+    # -- batch-1 decode ------------------------------------------------------------------------
+    engine = Engine(max_model_len=2048, num_kv_blocks=256)
     prompt_ids = engine.tokenizer.encode(PROMPT)
-    w_bytes = weight_bytes(engine)
-    print(f"model: {path} (fp32, {w_bytes / 1e6:.0f} MB of weights); KV pool {engine.num_kv_blocks} blocks "
-          f"({engine.kv_cache_bytes / 2**20:.0f} MiB)")
+    hf_tps = hf_decode_tps(hf, prompt_ids, args.decode_tokens)
+    print(f"\n== batch-1 decode (greedy, {args.decode_tokens} tokens after a {len(prompt_ids)}-token prompt)")
+    print(f"transformers fp32 {hf_tps:7.1f} tok/s")
+    base = decode_row("fp32", engine, prompt_ids, args.decode_tokens, hf_tps, None)
+    del engine
+    rows = {}
+    for scheme in ("int8", "int4"):
+        engine = Engine(max_model_len=2048, num_kv_blocks=256, quantization=scheme)
+        rows[scheme] = decode_row(scheme, engine, prompt_ids, args.decode_tokens, hf_tps, base)
+        del engine
+    best = max(rows, key=rows.get)
+    print(f"targets: kubeinfer (default model as shipped, {best}) / transformers >= 3x: {rows[best] / hf_tps:.2f}x; "
+          f"int8 >= 1.8x fp32: {rows['int8'] / base:.2f}x; int4 >= 2.5x fp32: {rows['int4'] / base:.2f}x")
 
-    tps, step_s = ours_decode(engine, prompt_ids, args.decode_tokens)
-    ctx = len(prompt_ids) + args.decode_tokens // 2
-    kv_per_token = engine.kv_cache_bytes / (engine.num_kv_blocks * engine.kv.block_size)
-    gbps = (w_bytes + ctx * kv_per_token) / step_s / 1e9
-    hf = None if args.skip_hf else load_hf(path)
-    hf_tps = hf_decode_tps(hf, prompt_ids, args.decode_tokens) if hf is not None else float("nan")
-    print("\n== batch-1 decode (greedy, %d tokens)" % args.decode_tokens)
-    print(f"kubeinfer     {tps:8.1f} tok/s   step {step_s * 1e3:.1f} ms   achieved {gbps:.1f} GB/s (weights+KV)")
-    print(f"transformers  {hf_tps:8.1f} tok/s")
-    print(f"ratio         {tps / hf_tps:8.2f}x   (target >= 3x)")
-
-    reqs = make_workload(n_req, engine.model_config.vocab_size, args.seed, max_prompt, max_out)
-    ours = ours_throughput(engine, reqs)
-    theirs = hf_throughput(hf, reqs) if hf is not None else dict(tps=float("nan"), wall=float("nan"))
+    # -- offline throughput --------------------------------------------------------------------
+    reqs = make_workload(n_req, hf.config.vocab_size, args.seed, max_prompt, max_out)
     print(f"\n== offline throughput: {n_req} requests, prompts 16-{max_prompt}, outputs 16-{max_out} "
-          f"(seed {args.seed}), {ours['out_tokens']} output tokens")
-    print(f"kubeinfer     {ours['tps']:8.1f} output tok/s ({ours['total_tps']:.1f} incl. prompt)  wall {ours['wall']:.1f} s"
-          f"  continuous batching, max_num_seqs 64, preemptions {ours['preemptions']}")
-    print(f"transformers  {theirs['tps']:8.1f} output tok/s  wall {theirs['wall']:.1f} s  static batches of 16, padded")
-    print(f"ratio         {ours['tps'] / theirs['tps']:8.2f}x   (target >= 5x)")
-    print(f"TTFT p50 {ours['ttft_p50'] * 1e3:.0f} ms  p99 {ours['ttft_p99'] * 1e3:.0f} ms (all requests arrive at t=0)")
-    print(f"ITL  p50 {ours['itl_p50'] * 1e3:.1f} ms  p99 {ours['itl_p99'] * 1e3:.1f} ms")
-    print(f"KV-cache waste at peak ({ours['peak_blocks']} blocks): {ours['waste'] * 100:.2f}%   (target <= 4%)")
+          f"(seed {args.seed}), {sum(o for _, o in reqs)} output tokens")
+    theirs = hf_throughput(hf, reqs)
+    print(f"transformers fp32   {theirs['tps']:7.1f} output tok/s  wall {theirs['wall']:.1f} s  "
+          "static batches of 16, left-padded, each run to its longest output")
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine(max_model_len=2048, dtype=dtype, kv_cache_memory_bytes=3 << 30, max_num_seqs=64,
+                        max_num_batched_tokens=512)
+        results[dtype] = ours = ours_throughput(engine, reqs)
+        del engine
+        print(f"kubeinfer {dtype:<9} {ours['tps']:7.1f} output tok/s  wall {ours['wall']:.1f} s  "
+              f"({ours['total_tps']:.1f} tok/s incl. prompts)  vs transformers {ours['tps'] / theirs['tps']:.2f}x  "
+              f"preemptions {ours['preemptions']}")
+        print(f"    TTFT p50 {ours['ttft_p50'] * 1e3:.0f} ms p99 {ours['ttft_p99'] * 1e3:.0f} ms (all arrive at t=0)  "
+              f"ITL p50 {ours['itl_p50'] * 1e3:.1f} ms p99 {ours['itl_p99'] * 1e3:.1f} ms  "
+              f"KV waste at peak ({ours['peak_blocks']} blocks) {ours['waste'] * 100:.2f}%")
+    best = max(results, key=lambda k: results[k]["tps"])
+    print(f"targets: continuous batching / static >= 5x: {results[best]['tps'] / theirs['tps']:.2f}x ({best}); "
+          f"KV waste <= 4%: {results[best]['waste'] * 100:.2f}%")
+    del hf
+
+    # -- quality ---------------------------------------------------------------------------------
+    from kubeinfer.worker.evaluation import builtin_corpus, perplexity
+    print(f"\n== perplexity on the built-in corpus (Python docstrings, first {ppl_tokens} tokens, windows of 512)")
+    ppl = {}
+    for name, kw in (("fp32", {}), ("int8", dict(quantization="int8")), ("int4", dict(quantization="int4")),
+                     ("int8-KV", dict(kv_cache_dtype="int8"))):
+        engine = Engine(max_model_len=512, num_kv_blocks=64, **kw)
+        ids = engine.tokenizer.encode(builtin_corpus())[:ppl_tokens]
+        ppl[name], n = perplexity(engine, ids)
+        del engine
+        delta = "" if name == "fp32" else f"  ({(ppl[name] / ppl['fp32'] - 1) * 100:+.2f}% vs fp32)"
+        print(f"{name:<8} {ppl[name]:8.4f}{delta}")
+    print("targets: int8 within +1%, int4 within +8%, int8-KV within +1% of fp32")
 
 
 if __name__ == "__main__":
