@@ -85,7 +85,12 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.torch_dtype, kv_int8)
+        from kubeinfer.worker.kernels import resolve_attention_backend
+        backend = resolve_attention_backend(config.attention_backend, next(loaded.model.parameters()).device)
+        if backend == "triton" and kv_int8:
+            raise ValueError("kv_cache_dtype='int8' needs the torch attention backend for now")
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.torch_dtype, kv_int8,
+                                  backend)
         self.requests: dict[str, _Request] = {}
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._prompt_tokens = 0

@@ -26,7 +26,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 kv_int8: bool = False) -> None:
+                 kv_int8: bool = False, attention_backend: str = "torch") -> None:
         c = model.config
         self.model = model
         self.block_size = block_size
@@ -40,6 +40,7 @@ class ModelRunner:
             self.kv_caches = [LayerKVCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                               for _ in range(c.num_layers)]
         self.sampler = Sampler()
+        self.attention_backend = attention_backend
         self._workspaces = (torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype))
 
     def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +94,22 @@ class ModelRunner:
         gathered = max([dec_tables.numel() if nd else 0] + [c.block_table.numel() for c in prefills if c.mask is not None])
         k_ws, v_ws = self._workspace(gathered) if gathered else (None, None)
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), nd, dec_tables, dec_mask, prefills,
-                                 k_ws, v_ws)
+                                 k_ws, v_ws, backend=self.attention_backend)
+        if self.attention_backend == "triton":
+            self._add_chunk_metadata(meta, batch, block_tables)
         return (torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                 meta, torch.tensor(sample_rows, dtype=torch.long))
+
+    @staticmethod
+    def _add_chunk_metadata(meta: AttentionMetadata, batch: ScheduledBatch, block_tables: list[list[int]]) -> None:
+        """The Triton kernels' view of the batch: every sequence is one query chunk, decodes included."""
+        lens = batch.num_new_tokens
+        width = max(len(t) for t in block_tables)
+        meta.cu_seqlens_q = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        meta.context_lens = torch.tensor([s.num_computed_tokens + n for s, n in zip(batch.seqs, lens)],
+                                         dtype=torch.int32)
+        meta.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        meta.max_query_len = max(lens)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]],

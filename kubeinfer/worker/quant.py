@@ -403,6 +403,12 @@ def _cpu_int8_ok(k: int) -> bool:
     return k % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+def _triton_ok() -> bool:
+    """CUDA tensors go to the Triton W8A16 / W4A16 kernels when triton imports."""
+    from kubeinfer.worker.kernels.triton_attention import triton
+    return triton is not None
+
+
 def _cpu_int4_ok(n: int, k: int, group_size: int) -> bool:
     return (n % 16 == 0 and k % group_size == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
@@ -439,6 +445,9 @@ class Int8Linear(nn.Module):
             if not xb.is_contiguous():
                 xb = xb.contiguous()
             y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scales_bf16).to(x.dtype)
+        elif x.is_cuda and _triton_ok():
+            from kubeinfer.worker.kernels.triton_matmul import w8a16_matmul
+            y = w8a16_matmul(x2, self.qweight, self.scales)
         else:
             dtype = x.dtype if x.dtype in _FLOAT_DTYPES else torch.float32
             y = _linear_fallback(x2, self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).to(x.dtype)
@@ -502,6 +511,9 @@ class Int4Linear(nn.Module):
                 xb = xb.contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size,
                                                            self.scales_and_zeros).to(x.dtype)
+        elif x.is_cuda and _triton_ok():
+            from kubeinfer.worker.kernels.triton_matmul import w4a16_matmul_mins
+            y = w4a16_matmul_mins(x2, self.qweight, self.scales, self.mins, self.group_size)
         else:
             dtype = x.dtype if x.dtype in _FLOAT_DTYPES else torch.float32
             y = _linear_fallback(x2, self.scheme.dequantize(self.quant_state()).to(dtype)).to(x.dtype)

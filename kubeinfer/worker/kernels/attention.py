@@ -67,6 +67,12 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     key_workspace: torch.Tensor | None = None     # flat buffers reused by every layer's gathers
     value_workspace: torch.Tensor | None = None
+    backend: str = "torch"                        # "torch" or "triton" (see kernels.attention_forward)
+    # The Triton path takes the whole batch as query chunks (a decode is a chunk of one):
+    cu_seqlens_q: torch.Tensor | None = None      # [S+1] chunk boundaries in the flattened batch
+    context_lens: torch.Tensor | None = None      # [S] cached prefix + this chunk
+    block_tables: torch.Tensor | None = None      # [S, max_blocks]
+    max_query_len: int = 0
 
 
 def write_kv(cache: LayerKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, paged_attention, write_kv
+from kubeinfer.worker.kernels import attention_forward
+from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache
 from kubeinfer.worker.models.config import CheckpointError, ModelConfig
 from kubeinfer.worker.models.rope import RotaryEmbedding, apply_rotary
 
@@ -46,8 +47,7 @@ class Attention(nn.Module):
         qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads:]
-        write_kv(kv_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        o = attention_forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.view(t, self.q_size))
 
 
