@@ -123,11 +123,26 @@ def test_fast_path_matches_reference(scheme):
     lin = scheme.make_linear(state)
     assert (lin._fast_cpu if scheme.name == "int8" else lin.cpu_packed), "expected the aten CPU kernel"
     deq = scheme.dequantize(state)
-    for m in (1, 7, 33):
+    for m in (1, 7, 33, 64):  # int8 takes the bf16-GEMM path from INT8_GEMM_MIN_ROWS (32) rows
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
         ref = x.float() @ deq.T
         y = lin(x).float()
         assert bool(((y - ref).abs() <= _bf16_tol(x, deq, ref)).all()), float((y - ref).abs().max())
+
+
+def test_int8_gemm_path_blocks(monkeypatch):
+    """Many rows: Int8Linear runs a bf16 GEMM on the integer weights, a block of weight rows at a time."""
+    import kubeinfer.worker.quant as quant
+    monkeypatch.setattr(quant, "_GEMM_BLOCK_ELEMS", 64 * 96)  # 64-row blocks: 3 blocks and a partial one
+    w = _weight(200, 96, seed=5)
+    state = Int8WeightOnly().quantize(w)
+    lin = Int8WeightOnly().make_linear(state, torch.randn(200))
+    deq = Int8WeightOnly().dequantize(state)
+    x = torch.randn(quant.INT8_GEMM_MIN_ROWS + 3, 96)
+    ref = F.linear(x.bfloat16().float(), deq, lin.bias)
+    y = lin(x)
+    assert y.dtype == torch.float32
+    assert bool(((y - ref).abs() <= _bf16_tol(x, deq, ref) + 1e-5).all())
 
 
 def test_fallback_shapes():

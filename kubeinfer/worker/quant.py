@@ -104,6 +104,7 @@ _FP16_MAX = 65504.0
 # Int8Linear on the CPU: from this many activation rows on, a bf16 GEMM on the integer weights beats
 # the aten weight-only kernel, whose cost grows linearly with the rows (measured: benchmarks/quant.py).
 INT8_GEMM_MIN_ROWS = 32
+_GEMM_BLOCK_ELEMS = 1 << 21  # weights converted to bf16 per block on that path (4 MiB)
 # Rows quantized / packed per step: bounds the float and int32 temporaries for big matrices. A
 # multiple of 64 (the aten int4 packing is row-block-local in 64-row blocks).
 _CHUNK_ROWS = 1024
@@ -436,10 +437,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and x2.shape[0] >= INT8_GEMM_MIN_ROWS:
-            # Many rows (prefill): the aten kernel costs ~linear in M; a bf16 GEMM on the integer
-            # weights (exact in bf16) with the per-channel scale applied to the output is faster.
-            y = F.linear(x2.to(torch.bfloat16), self.qweight.to(torch.bfloat16))
-            y = (y.float() * self.scales).to(x.dtype)
+            y = self._gemm(x2).to(x.dtype)
         elif x.device.type == "cpu" and self._fast_cpu:
             xb = x2.to(torch.bfloat16)
             if not xb.is_contiguous():
@@ -454,6 +452,22 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """Many rows (prefill, big decode batches): the aten kernel's cost is ~linear in M, a bf16 GEMM
+        on the integer weights (exact in bf16) with the per-channel scale applied to the fp32 output
+        is faster. Weight rows are converted a cache-sized block at a time (a whole LM head at once
+        would be a 56 MB temporary per call)."""
+        xb = x2.to(torch.bfloat16)
+        n = self.out_features
+        rows = max(64, _GEMM_BLOCK_ELEMS // self.in_features)
+        if rows >= n:
+            y = F.linear(xb, self.qweight.to(torch.bfloat16)).float()
+        else:
+            y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
+            for r0 in range(0, n, rows):
+                y[:, r0:r0 + rows] = F.linear(xb, self.qweight[r0:r0 + rows].to(torch.bfloat16))
+        return y.mul_(self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
