@@ -133,6 +133,8 @@ def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8/int ``[N, K]`` values 0..15 -> uint8 ``[N, K // 2]``; low nibble = even k."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even K (two values per byte), got K={q.shape[-1]}")
     q = q.to(torch.uint8)
     return q[:, 0::2] | (q[:, 1::2] << 4)
 

@@ -26,20 +26,9 @@ try:
 except ImportError:  # CPU-only installs: the torch references still work
     triton = None
 
+from kubeinfer.worker.quant import pack_int4, unpack_int4  # noqa: E402,F401 (one packing, shared)
+
 _INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N, K]`` with values 0..15 (K even) -> uint8 ``[N, K // 2]``; low nibble = even k."""
-    assert q.shape[-1] % 2 == 0, "K must be even to pack two int4 values per byte"
-    q = q.to(torch.uint8)
-    return (q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N, K // 2]`` -> uint8 ``[N, K]`` values 0..15; inverse of :func:`pack_int4`."""
-    low, high = packed & 0xF, packed >> 4
-    return torch.stack((low, high), dim=-1).flatten(-2)
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
