@@ -135,3 +135,24 @@ def test_bad_engine_config():
 def test_kv_pool_smaller_than_context(tiny_llama_dir):
     with pytest.raises(ValueError, match="fewer than max_model_len"):
         Engine(model=tiny_llama_dir, max_model_len=512, num_kv_blocks=4)
+
+
+def test_failed_step_errors_its_requests_and_engine_recovers(tiny_llama_dir):
+    """Fault injection: one forward pass raises. Its requests finish with an error; later ones run."""
+    engine = Engine(model=tiny_llama_dir, max_model_len=128, num_kv_blocks=32)
+    execute = engine.runner.execute
+    calls = {"n": 0}
+
+    def failing_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel failure")
+        return execute(*args, **kwargs)
+
+    engine.runner.execute = failing_once
+    engine.add_request("doomed", prompt_token_ids=[5, 6, 7], params=GREEDY)
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("doomed", "error")]
+    assert "simulated kernel failure" in outs[0].error
+    assert engine.kv.usage() == 0.0 and not engine.has_unfinished_requests()
+    assert engine.generate([[5, 6, 7]], GREEDY)[0].num_output_tokens == 8

@@ -153,8 +153,9 @@ class Engine:
             return []
         self._num_steps += 1
         self._computed_tokens += batch.num_tokens
-        ready_after = [s.num_computed_tokens + n == len(s) for s, n in zip(batch.seqs, batch.num_new_tokens)]
-        sampling_rows = [s for s, r in zip(batch.seqs, ready_after) if r]
+        # Sequences whose prompt (or recompute) completes this step sample a token; the runner emits
+        # their logits in batch order, the same order Scheduler.update returns them in.
+        sampling_rows = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         tables = [self.kv.block_ids(s.request_id) for s in batch.seqs]
         try:
             sampling = self._sampling_batch(sampling_rows) if sampling_rows else None
@@ -163,7 +164,6 @@ class Engine:
             log.exception("engine step failed")
             return [self._finish(s, FinishReason.ERROR, error=f"{type(e).__name__}: {e}") for s in batch.seqs]
         ready = self.scheduler.update(batch)
-        assert ready == sampling_rows
         outputs = []
         if result is None:
             return outputs
