@@ -96,11 +96,6 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached.setdefault(block_hash, block)
 
-    def reset_prefix_cache(self) -> None:
-        for b in self.blocks:
-            b.block_hash = None
-        self._cached.clear()
-
 
 class KVCacheManager:
     """Maps each sequence to its block table and shares full prompt blocks through the prefix cache.
