@@ -54,3 +54,12 @@ def test_allocation_failure_changes_nothing():
     s = seq("a", list(range(12)))
     assert not kv.allocate_slots(s, 12)
     assert kv.pool.num_free == 2 and "a" not in kv.tables
+
+
+def test_router_prefix_keys_match_the_cache_hashes():
+    """The router (which may not import torch) re-implements the chained block hash: keep them equal,
+    or prefix-affinity routing would send prompts away from the replica that caches them."""
+    from kubeinfer.router.policies import prefix_block_hashes
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    tokens = list(range(3, 40))
+    assert prefix_block_hashes(tokens, 4, 100) == kv._full_block_hashes(seq("x", tokens), len(tokens))
