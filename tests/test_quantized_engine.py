@@ -19,10 +19,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 def test_int8_kv_attention_close_to_float():
     torch.manual_seed(0)
-    kvh, heads, d, bs, nb = 2, 4, 32, 16, 12
+    kvh, heads, d, bs, nb = 2, 4, 32, 16, 16
     lens = [5, 40, 77]
-    tables = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 2, 3, 4]])[:, :5]
-    tables = torch.stack([torch.randperm(nb)[:5] for _ in lens])
+    tables = torch.randperm(nb)[:15].view(3, 5)  # shuffled, and no block shared between sequences
     fcache = LayerKVCache(torch.zeros(kvh, nb, bs, d), torch.zeros(kvh, nb, bs, d))
     qcache = LayerKVCache(torch.zeros(kvh, nb, bs, d, dtype=torch.int8), torch.zeros(kvh, nb, bs, d, dtype=torch.int8),
                           torch.zeros(kvh, nb, bs), torch.zeros(kvh, nb, bs))
