@@ -68,6 +68,17 @@ def write_kv_int8(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.
 if triton is not None:
 
     @triton.jit
+    def _load_kv_tile(k_ptr, v_ptr, bt_ptr, seq, stride_bt, kvh, stride_kb, stride_ks, stride_kh, block_size,
+                      pos, nmask, offs_d, dmask):
+        # Each key position finds its block through the block table: block_size need not match the tile.
+        blk = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=nmask, other=0).to(tl.int64)
+        row = blk * stride_kb + (pos % block_size) * stride_ks + kvh * stride_kh
+        kvmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kvmask, other=0)
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kvmask, other=0)
+        return blk, k, v
+
+    @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, scale,
                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                        stride_sb, stride_ss, stride_sh, stride_bt, stride_ot, stride_oh, block_size,
@@ -96,11 +107,8 @@ if triton is not None:
         for start in range(0, seq_len, BLOCK_N):
             pos = start + offs_n
             nmask = pos < seq_len
-            blk = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=nmask, other=0).to(tl.int64)
-            row = blk * stride_kb + (pos % block_size) * stride_ks + kvh * stride_kh
-            kvmask = nmask[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kvmask, other=0)
-            v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kvmask, other=0)
+            blk, k, v = _load_kv_tile(k_ptr, v_ptr, bt_ptr, seq, stride_bt, kvh, stride_kb, stride_ks, stride_kh,
+                                      block_size, pos, nmask, offs_d, dmask)
             if KV_INT8:
                 # Per-token scales factor out of the d sum: apply them to score columns / prob columns.
                 srow = blk * stride_sb + (pos % block_size) * stride_ss + kvh * stride_sh
@@ -186,11 +194,8 @@ if triton is not None:
         for start in range(0, kv_end, BLOCK_N):
             pos = start + offs_n
             nmask = pos < kv_end
-            blk = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=nmask, other=0).to(tl.int64)
-            row = blk * stride_kb + (pos % block_size) * stride_ks + kvh * stride_kh
-            kvmask = nmask[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
-            v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
+            blk, k, v = _load_kv_tile(k_ptr, v_ptr, bt_ptr, seq, stride_bt, kvh, stride_kb, stride_ks, stride_kh,
+                                      block_size, pos, nmask, offs_d, dmask)
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
