@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import random
-import statistics
 import time
 
 import torch
