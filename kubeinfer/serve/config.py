@@ -1,0 +1,166 @@
+"""The serving application's settings: what `kubeinfer serve` and the operator hand to Ray Serve.
+
+Pure dataclasses (no Ray import) so the operator can render them without Ray installed. The
+application builder (`kubeinfer.serve.app:build_app`) takes ``AppConfig.to_dict()`` as its Serve
+``args``; one worker deployment per model, one router ingress in front.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+POLICY_NAMES = ("power_of_two", "least_loaded", "prefix_affinity", "round_robin")
+QUANTIZATIONS = (None, "int8", "int4")
+# Ray Serve's AutoscalingConfig field names, passed through unchanged.
+AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
+                    "upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s",
+                    "metrics_interval_s", "look_back_period_s", "upscaling_factor", "downscaling_factor")
+# The EngineConfig fields a deployment may set (the rest are fixed by the model entry itself).
+ENGINE_KEYS = ("dtype", "kv_cache_dtype", "block_size", "kv_cache_memory_bytes", "num_kv_blocks",
+               "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill",
+               "num_threads", "attention_backend", "quantization_group_size", "seed")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass
+class ModelSpec:
+    """One served model: the name clients put in a request's ``model`` field, where the weights are,
+    how the engine runs them, and how many worker replicas serve them.
+
+    Invariants: exactly one of ``num_replicas`` / ``autoscaling`` is set (``num_replicas`` defaults
+    to 1 when neither is given); ``engine`` and ``autoscaling`` only carry known keys.
+    ``ray_actor_options`` is Ray's (``num_cpus``, ``num_gpus``, ``memory``, ``resources``).
+    """
+
+    name: str = "smollm2-135m"
+    uri: str = "builtin://smollm2-135m"
+    quantization: str | None = None
+    max_model_len: int | None = None
+    engine: dict[str, Any] = field(default_factory=dict)
+    num_replicas: int | None = None
+    autoscaling: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"model name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-'")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be int8, int4 or unset, got {self.quantization!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        unknown = set(self.engine) - set(ENGINE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown engine settings {sorted(unknown)}; known: {', '.join(ENGINE_KEYS)}")
+        if self.autoscaling is not None:
+            if self.num_replicas is not None:
+                raise ValueError("set num_replicas or autoscaling, not both")
+            unknown = set(self.autoscaling) - set(AUTOSCALING_KEYS)
+            if unknown:
+                raise ValueError(f"unknown autoscaling settings {sorted(unknown)}")
+            lo, hi = self.autoscaling.get("min_replicas", 1), self.autoscaling.get("max_replicas", 1)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"need 0 <= min_replicas <= max_replicas, got {lo} and {hi}")
+        elif self.num_replicas is None:
+            self.num_replicas = 1
+        elif self.num_replicas < 0:
+            raise ValueError(f"num_replicas must be >= 0, got {self.num_replicas}")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``EngineConfig`` (validated there)."""
+        return {"model": self.uri, "quantization": self.quantization,
+                "max_model_len": self.max_model_len, **self.engine}
+
+
+@dataclass
+class RouterSettings:
+    """The router's behaviour: replica policy, admission bounds, micro-batching and deadlines.
+
+    ``batch_window_ms`` 0 turns micro-batching off (each request goes to a replica on its own);
+    ``max_queued`` requests may wait beyond ``max_in_flight`` before new ones get RESOURCE_EXHAUSTED
+    / HTTP 429. ``request_timeout_s`` is the deadline applied when a client sends none.
+    """
+
+    policy: str = "power_of_two"
+    max_in_flight: int = 256
+    max_queued: int = 1024
+    batch_window_ms: float = 0.0
+    max_batch_size: int = 8
+    request_timeout_s: float = 600.0
+    num_replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"router policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
+        if self.max_in_flight < 1 or self.max_queued < 0:
+            raise ValueError("need max_in_flight >= 1 and max_queued >= 0")
+        if self.batch_window_ms < 0 or self.max_batch_size < 1:
+            raise ValueError("need batch_window_ms >= 0 and max_batch_size >= 1")
+        if self.request_timeout_s <= 0 or self.num_replicas < 1:
+            raise ValueError("need request_timeout_s > 0 and num_replicas >= 1")
+
+
+@dataclass
+class AppConfig:
+    """A whole serving application: the models (at least one, unique names) and the router.
+
+    ``to_dict()`` / ``from_dict()`` round-trip through plain JSON-able data: that dict is the
+    ``args`` of the Serve application ``kubeinfer.serve.app:build_app``.
+    """
+
+    models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
+    router: RouterSettings = field(default_factory=RouterSettings)
+
+    def __post_init__(self) -> None:
+        self.models = [m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in self.models]
+        if isinstance(self.router, dict):
+            self.router = RouterSettings(**self.router)
+        if not self.models:
+            raise ValueError("an application needs at least one model")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AppConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown application settings {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as e:  # an unknown key inside a model or the router
+            raise ValueError(str(e)) from None
+
+
+APP_IMPORT_PATH = "kubeinfer.serve.app:build_app"
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 9000
+# Serve's gRPC proxy serves these services and forwards each method to the ingress deployment's
+# method of the same name.
+GRPC_SERVICER_FUNCTIONS = (
+    "kubeinfer.proto.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+)
+
+
+def serve_config(app_name: str, app: AppConfig, *, http_host: str = "0.0.0.0",
+                 http_port: int = DEFAULT_HTTP_PORT, grpc_port: int = DEFAULT_GRPC_PORT) -> dict[str, Any]:
+    """The Ray Serve config (the schema of ``serve deploy``, the Serve REST API's PUT body and
+    KubeRay's ``serveConfigV2``) that runs ``app`` as application ``app_name`` at route ``/``."""
+    if not _NAME.match(app_name):
+        raise ValueError(f"application name {app_name!r}: use 1-63 letters, digits, '.', '_' or '-'")
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": http_host, "port": http_port},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)},
+        "applications": [{
+            "name": app_name,
+            "route_prefix": "/",
+            "import_path": APP_IMPORT_PATH,
+            "args": app.to_dict(),
+        }],
+    }
