@@ -37,6 +37,21 @@ def resolve_model_path(path: str | None) -> str:
     return path
 
 
+def load_model_info(path: str | None) -> tuple[ModelConfig, Tokenizer]:
+    """The config and tokenizer of a checkpoint without its weights (for a router that tokenizes)."""
+    path = resolve_model_path(path)
+    if os.path.isdir(path):
+        config, _, tokenizer = _open_hf_dir(path, torch.float32)  # the tensor iterator is lazy
+        return config, tokenizer
+    if _is_gguf(path):
+        from kubeinfer.worker.models import gguf
+        reader = gguf.open_gguf(path)
+        return gguf.read_gguf_config(reader), gguf.read_gguf_tokenizer(reader)
+    raise CheckpointError(
+        f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors + tokenizer.json) "
+        "nor a GGUF file")
+
+
 def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None = None,
                quantization: str | None = None, group_size: int | None = None) -> LoadedModel:
     """Build the model on the CPU and fill it tensor by tensor (peak memory: model + one tensor).

@@ -1,0 +1,164 @@
+"""Worker pools: how the router reaches the replicas of one model.
+
+A pool sends a batch of jobs to one replica as one call and splits the replica's merged stream back
+into one stream per job. :class:`LocalPool` picks the replica itself with a routing policy (in
+process, no Ray); the Ray Serve pool (``kubeinfer.serve``) leaves the pick to Serve's request
+router, which runs the same policies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from typing import AsyncIterator, Sequence
+
+from kubeinfer.router.policies import ReplicaStats, RoutingPolicy
+from kubeinfer.router.replica import EngineReplica, StreamItem
+from kubeinfer.router.types import Chunk, GenerateJob, ReplicaFailed, ReplicaReport
+
+_DONE = object()
+
+
+class JobStream:
+    """The chunks of one job of a batch call. Iterate it; ``aclose()`` before the end aborts the job.
+
+    Raises :class:`ReplicaFailed` if the call broke; ``started`` says whether any chunk arrived
+    first (a job that never started is safe to retry elsewhere).
+    """
+
+    def __init__(self, call: _BatchCall, index: int, job: GenerateJob) -> None:
+        self._call = call
+        self.index = index
+        self.job = job
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.started = False
+        self.finished = False
+        self.closed = False
+
+    def __aiter__(self) -> JobStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self.finished or self.closed:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is _DONE:  # the call ended without finishing this job: the replica broke its contract
+            raise ReplicaFailed("the replica's stream ended early", self._call.replica_id)
+        self.started = True
+        self.finished = item.finished
+        return item
+
+    @property
+    def replica_id(self) -> str | None:
+        return self._call.replica_id
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self._call.release(self)
+
+
+class _BatchCall:
+    """Owns one call to one replica and the task that splits its stream into the job streams.
+
+    Invariant: each job stream gets its chunks in order, then either a finished chunk, or an
+    exception, or ``_DONE``; when every job stream is closed the call is cancelled.
+    """
+
+    def __init__(self, pool: WorkerPool, jobs: list[GenerateJob], exclude: str | None) -> None:
+        self.pool = pool
+        self.streams = [JobStream(self, i, job) for i, job in enumerate(jobs)]
+        self.replica_id: str | None = None
+        self._task = asyncio.create_task(self._pump(jobs, exclude))
+
+    async def _pump(self, jobs: list[GenerateJob], exclude: str | None) -> None:
+        try:
+            async for index, item in self.pool._call(jobs, exclude):
+                if isinstance(item, ReplicaReport):
+                    self.replica_id = item.replica_id
+                    self.pool.on_report(item)
+                else:
+                    self.streams[index].queue.put_nowait(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            failure = e if isinstance(e, ReplicaFailed) else ReplicaFailed(
+                f"replica {self.replica_id or '?'} failed: {type(e).__name__}: {e}", self.replica_id)
+            for s in self.streams:
+                s.queue.put_nowait(failure)
+        else:
+            for s in self.streams:
+                s.queue.put_nowait(_DONE)
+
+    async def release(self, stream: JobStream) -> None:
+        if not stream.finished and self.replica_id is not None and not self._task.done():
+            await self.pool.abort(self.replica_id, stream.job.request_id)
+        if all(s.closed for s in self.streams) and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class WorkerPool(ABC):
+    """The replicas of one model, as the router sees them: sends batch calls, keeps each replica's
+    last report (for routing and metrics), aborts single jobs."""
+
+    def __init__(self) -> None:
+        self.reports: dict[str, tuple[float, ReplicaReport]] = {}
+
+    def open(self, jobs: list[GenerateJob], *, exclude: str | None = None) -> list[JobStream]:
+        """Start one call carrying ``jobs``; ``exclude`` names a replica to avoid (a retry)."""
+        return _BatchCall(self, jobs, exclude).streams
+
+    def on_report(self, report: ReplicaReport) -> None:
+        self.reports[report.replica_id] = (time.monotonic(), report)
+
+    def fresh_reports(self, max_age_s: float = 60.0) -> list[ReplicaReport]:
+        now = time.monotonic()
+        return [r for t, r in self.reports.values() if now - t <= max_age_s]
+
+    @abstractmethod
+    def _call(self, jobs: list[GenerateJob], exclude: str | None) -> AsyncIterator[StreamItem]:
+        """Send the jobs to one replica; yield its stream items."""
+
+    @abstractmethod
+    async def abort(self, replica_id: str, request_id: str) -> None:
+        """Abort one job on the replica running it."""
+
+
+class LocalPool(WorkerPool):
+    """In-process replicas, picked by a routing policy on this pool's outstanding counts and the
+    replicas' live reports. Owns the replicas (and shuts their engines down)."""
+
+    def __init__(self, replicas: Sequence[EngineReplica], policy: RoutingPolicy) -> None:
+        super().__init__()
+        self.replicas = {r.replica_id: r for r in replicas}
+        self.policy = policy
+        self.outstanding = {r.replica_id: 0 for r in replicas}
+
+    def _choose(self, job: GenerateJob, exclude: str | None) -> EngineReplica:
+        stats = []
+        for rid, replica in self.replicas.items():
+            report = replica.report()
+            stats.append(ReplicaStats(rid, self.outstanding[rid], report.num_requests_waiting,
+                                      report.kv_cache_usage, healthy=rid != exclude or len(self.replicas) == 1))
+        return self.replicas[self.policy.choose(stats, job.prompt_token_ids).replica_id]
+
+    async def _call(self, jobs: list[GenerateJob], exclude: str | None) -> AsyncIterator[StreamItem]:
+        replica = self._choose(jobs[0], exclude)
+        self.outstanding[replica.replica_id] += len(jobs)
+        try:
+            async for item in replica.generate_batch(jobs):
+                yield item
+        finally:
+            self.outstanding[replica.replica_id] -= len(jobs)
+
+    async def abort(self, replica_id: str, request_id: str) -> None:
+        self.replicas[replica_id].abort(request_id)
+
+    def shutdown(self) -> None:
+        for replica in self.replicas.values():
+            replica.engine.shutdown()
