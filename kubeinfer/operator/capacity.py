@@ -1,0 +1,126 @@
+"""Pre-flight capacity check: will one replica's weights, KV cache and runtime fit its memory?
+
+Pure arithmetic on the parsed spec; nothing is loaded. The KV pool is what the engine will
+allocate: ``spec.engine.kvCacheMemory`` when set, else room for ``maxModelLen x maxNumSeqs`` tokens
+(``to_app_config`` passes that size to the engine, so the estimate and the allocation agree).
+A model whose size the operator cannot know (no builtin, no hints) gets ``fits=None``: unknown,
+which must not block deployment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kubeinfer.operator.spec import DTYPE_BYTES, ModelDims
+
+if TYPE_CHECKING:
+    from kubeinfer.operator.spec import ModelDeploymentSpec
+
+GIB = 1 << 30
+# Python, torch, Ray's worker process and the engine's activations: an allowance (not measured per
+# model), on the side of caution.
+RUNTIME_OVERHEAD_BYTES = 512 << 20
+# int8: one fp32 scale per output row, i.e. 4 / in_features bytes per weight (in_features taken as
+# 512 when the model's hidden size is unknown, which over-counts for larger models).
+_INT8_SCALE_IN_FEATURES = 512
+# int4: 4 bits per weight plus an fp16 scale and an fp16 min per group of 32 (the default group size).
+_INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 32
+
+
+def kv_bytes_per_token(dims: ModelDims, dtype: str, kv_cache_dtype: str) -> int | None:
+    """K and V for one token across all layers (an int8 cache keeps one fp32 scale per head and token,
+    as ``kubeinfer.worker.model_runner.kv_bytes_per_block`` allocates)."""
+    if not dims.knows_kv:
+        return None
+    per_head = dims.head_dim + 4 if kv_cache_dtype == "int8" else dims.head_dim * DTYPE_BYTES[dtype]
+    return 2 * dims.num_layers * dims.num_kv_heads * per_head
+
+
+def kv_pool_bytes(spec: ModelDeploymentSpec) -> int | None:
+    """The KV pool the engine will allocate; None when neither set nor computable (the engine's
+    own default then applies)."""
+    if spec.engine.kv_cache_memory_bytes is not None:
+        return spec.engine.kv_cache_memory_bytes
+    per_token = kv_bytes_per_token(spec.model.dims, spec.engine.dtype, spec.engine.kv_cache_dtype)
+    if per_token is None:
+        return None
+    block = spec.engine.kv_block_size
+    blocks_per_seq = -(-spec.model.max_model_len // block)  # whole blocks: the engine allocates blocks
+    return blocks_per_seq * block * per_token * spec.engine.max_num_seqs
+
+
+def weight_bytes(dims: ModelDims, dtype: str, quantization: str | None) -> int | None:
+    """Weights at the chosen quantization: only the layers' linear weights are quantized, the
+    ``float_params`` (embedding, norms) stay in ``dtype``."""
+    if dims.parameter_count is None:
+        return None
+    float_bytes = DTYPE_BYTES[dtype]
+    linear = max(dims.parameter_count - dims.float_params, 0)
+    if quantization == "int8":
+        per_weight = 1 + 4 / (dims.hidden_size or _INT8_SCALE_IN_FEATURES)
+    elif quantization == "int4":
+        per_weight = _INT4_BYTES_PER_WEIGHT
+    else:
+        per_weight = float_bytes
+    return int(linear * per_weight) + dims.float_params * float_bytes
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):.0f} MiB"
+
+
+@dataclass(frozen=True)
+class CapacityEstimate:
+    """The pre-flight verdict for one replica. ``fits`` is True, False, or None (unknown: the model's
+    size or the memory to compare with is not known). ``required_bytes`` is weights + KV + overhead
+    when both parts are known; ``message`` states the numbers in GiB for a condition or an Event.
+    """
+
+    fits: bool | None
+    message: str
+    weight_bytes: int | None
+    kv_bytes: int | None
+    overhead_bytes: int
+    available_bytes: int | None
+    memory_field: str
+
+    @property
+    def required_bytes(self) -> int | None:
+        if self.weight_bytes is None or self.kv_bytes is None:
+            return None
+        return self.weight_bytes + self.kv_bytes + self.overhead_bytes
+
+
+def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
+    """Weights + KV pool + runtime overhead against the replica's memory: ``resources.memory`` on a
+    CPU, ``resources.gpuMemory`` with a GPU (where weights and the KV pool live)."""
+    res, dims = spec.resources, spec.model.dims
+    weights = weight_bytes(dims, spec.engine.dtype, spec.model.quantization)
+    kv = kv_pool_bytes(spec)
+    field_name = "resources.gpuMemory" if res.gpus else "resources.memory"
+    available = res.gpu_memory_bytes if res.gpus else res.memory_bytes
+    estimate = dict(weight_bytes=weights, kv_bytes=kv, overhead_bytes=RUNTIME_OVERHEAD_BYTES,
+                    available_bytes=available, memory_field=field_name)
+    if weights is None or kv is None:
+        missing = "spec.model.parameterCount" if weights is None else "spec.model.architecture"
+        return CapacityEstimate(fits=None, message=f"memory need unknown: set {missing} to check it", **estimate)
+    per_token = kv_bytes_per_token(dims, spec.engine.dtype, spec.engine.kv_cache_dtype)
+    if per_token is not None:
+        # The engine refuses to start when one maxModelLen sequence does not fit the pool.
+        tokens = kv // (per_token * spec.engine.kv_block_size) * spec.engine.kv_block_size
+        if tokens < spec.model.max_model_len:
+            return CapacityEstimate(
+                fits=False, message=f"the KV cache ({_gib(kv)}) holds {tokens} tokens, fewer than "
+                f"maxModelLen {spec.model.max_model_len}: raise engine.kvCacheMemory or lower maxModelLen",
+                **estimate)
+    need = weights + kv + RUNTIME_OVERHEAD_BYTES
+    parts = (f"weights {_gib(weights)} + KV {_gib(kv)} + overhead {_gib(RUNTIME_OVERHEAD_BYTES)}")
+    if available is None:
+        return CapacityEstimate(fits=None, message=f"needs {_gib(need)} ({parts}); set {field_name} to check it",
+                                **estimate)
+    if need > available:
+        return CapacityEstimate(fits=False, message=f"needs {_gib(need)} ({parts}) but the replica has "
+                                f"{_gib(available)} ({field_name})", **estimate)
+    return CapacityEstimate(fits=True, message=f"needs {_gib(need)} ({parts}) of {_gib(available)} "
+                            f"({field_name})", **estimate)

@@ -1,0 +1,413 @@
+"""A ModelDeployment's spec as typed, validated dataclasses, and its mapping onto the serving
+application's settings (``kubeinfer.serve.config.AppConfig``).
+
+The CRD's schema (manifests/crd.yaml) applies the same defaults and most of the same bounds, but the
+operator cannot rely on it: an API server without the CRD's defaulting (or an older CRD) hands over
+partial objects, and some checks (what a model uri points at, which builtin models exist) need code.
+Everything wrong ends in one ``SpecError`` whose message names the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from kubernetes.utils.quantity import parse_quantity
+
+from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
+
+
+class SpecError(ValueError):
+    """A ModelDeployment spec that cannot be deployed; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the capacity check needs to know about a model's size. Any field may be None (unknown).
+
+    ``float_params`` are the parameters that stay in the engine dtype under weight quantization
+    (embeddings, norms): only the transformer layers' linear weights are quantized.
+    """
+
+    parameter_count: int | None = None
+    float_params: int = 0
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_size: int | None = None
+    max_context: int | None = None
+
+    @property
+    def knows_kv(self) -> bool:
+        return None not in (self.num_layers, self.num_kv_heads, self.head_dim)
+
+
+# SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 KV heads of 64, vocab 49152 (tied embedding).
+# 134,515,008 parameters, of which the embedding (49152 x 576) and 61 norms (x 576) stay float.
+BUILTIN_MODELS: Mapping[str, ModelDims] = MappingProxyType({
+    "smollm2-135m": ModelDims(parameter_count=134_515_008, float_params=49152 * 576 + 61 * 576,
+                              num_layers=30, num_kv_heads=3, head_dim=64, hidden_size=576,
+                              max_context=8192),
+})
+DEFAULT_MODEL_URI = "builtin://smollm2-135m"
+# Where the worker pods mount a PersistentVolumeClaim named in a pvc:// uri (see render.py).
+PVC_MOUNT_ROOT = "/models"
+# The Ray custom resource each KubeRay worker pod advertises once, so that exactly one model replica
+# lands on each worker pod and none on the head (which hosts the router).
+REPLICA_RESOURCE = "kubeinfer_replica"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# The ModelDeployment's name becomes a Service name (a DNS-1035 label) and KubeRay derives longer
+# names from the RayService's (``<name>-<suffix>-head-svc`` must stay within 63 characters).
+_DEPLOYMENT_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME_LENGTH = 40
+_RAY_ADDRESS = re.compile(r"^https?://[^\s/]+/?$")
+DTYPE_BYTES = MappingProxyType({"float32": 4, "bfloat16": 2, "float16": 2})
+
+
+def parse_bytes(value: Any, where: str) -> int:
+    """A Kubernetes quantity (``4Gi``, ``512M``, 1000) as a whole number of bytes."""
+    try:
+        return int(math.ceil(parse_quantity(value)))
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"{where}: {value!r} is not a Kubernetes quantity such as 4Gi ({e})") from None
+
+
+def parse_cores(value: Any, where: str) -> float:
+    """A Kubernetes CPU quantity (``2``, ``500m``) as a number of cores."""
+    try:
+        return float(parse_quantity(value))
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"{where}: {value!r} is not a CPU quantity such as 2 or 500m ({e})") from None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights are: ``builtin://NAME``, ``pvc://CLAIM/PATH`` or ``file:///PATH``.
+
+    Invariants: ``scheme`` is one of the three; a builtin names a known model; a pvc source has a
+    DNS-label claim and a non-empty relative path; a file source has an absolute path.
+    """
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        scheme, sep, rest = self.uri.partition("://")
+        if not sep or scheme not in ("builtin", "pvc", "file"):
+            raise SpecError(f"spec.model.uri {self.uri!r}: unsupported scheme; use {DEFAULT_MODEL_URI}, "
+                            "pvc://CLAIM/PATH/IN/CLAIM or file:///PATH/IN/IMAGE")
+        if scheme == "builtin" and rest not in BUILTIN_MODELS:
+            raise SpecError(f"spec.model.uri {self.uri!r}: no builtin model {rest!r}; "
+                            f"builtin models: {', '.join(BUILTIN_MODELS)}")
+        if scheme == "pvc":
+            claim, _, path = rest.partition("/")
+            if not _DNS_LABEL.match(claim) or len(claim) > 63:
+                raise SpecError(f"spec.model.uri {self.uri!r}: {claim!r} is not a PersistentVolumeClaim name")
+            if not path.strip("/") or ".." in path.split("/"):
+                raise SpecError(f"spec.model.uri {self.uri!r}: name the model's folder or file inside the "
+                                f"claim, e.g. pvc://{claim}/models/my-model")
+        if scheme == "file" and (not rest.startswith("/") or rest == "/"):
+            raise SpecError(f"spec.model.uri {self.uri!r}: a file uri needs an absolute path, "
+                            "e.g. file:///opt/models/my-model (three slashes)")
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.partition("://")[0]
+
+    @property
+    def claim(self) -> str | None:
+        return self.uri[len("pvc://"):].partition("/")[0] if self.scheme == "pvc" else None
+
+    @property
+    def local_path(self) -> str:
+        """What the engine loads: the builtin uri itself, or a path inside the worker container."""
+        rest = self.uri.partition("://")[2]
+        if self.scheme == "pvc":
+            claim, _, path = rest.partition("/")
+            return f"{PVC_MOUNT_ROOT}/{claim}/{path.strip('/')}"
+        return rest if self.scheme == "file" else self.uri
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """``spec.model``: the weights, the name clients request, quantization and context length,
+    and the model's dimensions (builtin, from the spec's hints, or unknown).
+
+    Invariant: ``max_model_len`` does not exceed the model's known context length.
+    """
+
+    source: ModelSource
+    name: str
+    quantization: str | None = None
+    max_model_len: int = 2048
+    dims: ModelDims = field(default_factory=ModelDims)
+
+    def __post_init__(self) -> None:
+        try:
+            ModelSpec(name=self.name)  # the serving contract's own rule for model names
+        except ValueError as e:
+            raise SpecError(f"spec.model.name: {e}") from None
+        if self.quantization not in (None, "int8", "int4"):
+            raise SpecError(f"spec.model.quantization must be none, int8 or int4, got {self.quantization!r}")
+        if self.max_model_len < 1:
+            raise SpecError(f"spec.model.maxModelLen must be >= 1, got {self.max_model_len}")
+        if self.dims.max_context is not None and self.max_model_len > self.dims.max_context:
+            raise SpecError(f"spec.model.maxModelLen {self.max_model_len} exceeds the model's context "
+                            f"length {self.dims.max_context}")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """``spec.engine``: the engine's batching and KV-cache knobs (``EngineConfig``'s, renamed).
+
+    ``kv_cache_memory_bytes`` None sizes the KV pool for ``max_model_len x max_num_seqs`` tokens
+    when the model's dimensions are known (see capacity.kv_pool_bytes).
+    """
+
+    dtype: str = "float32"
+    kv_block_size: int = 16
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    prefix_caching: bool = True
+    chunked_prefill: bool = True
+    kv_cache_dtype: str = "auto"
+    kv_cache_memory_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise SpecError(f"spec.engine.dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.kv_block_size not in (8, 16, 32, 64, 128):
+            raise SpecError(f"spec.engine.kvBlockSize must be 8, 16, 32, 64 or 128, got {self.kv_block_size}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise SpecError(f"spec.engine.kvCacheDtype must be auto or int8, got {self.kv_cache_dtype!r}")
+        for label, value in (("maxNumSeqs", self.max_num_seqs), ("maxNumBatchedTokens", self.max_num_batched_tokens),
+                             ("kvCacheMemory", self.kv_cache_memory_bytes or 1)):
+            if value < 1:
+                raise SpecError(f"spec.engine.{label} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """``spec.autoscaling``: Ray Serve's autoscaling_config for the model's worker replicas.
+
+    Invariants: ``0 <= min_replicas <= max_replicas``, ``max_replicas >= 1``, ``initial_replicas``
+    within them, delays >= 0, ``downscale_to_zero_delay_s`` only with ``min_replicas == 0``.
+    """
+
+    max_replicas: int
+    min_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    downscale_to_zero_delay_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise SpecError("spec.autoscaling: need 0 <= minReplicas <= maxReplicas and maxReplicas >= 1, "
+                            f"got {self.min_replicas} and {self.max_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise SpecError(f"spec.autoscaling.initialReplicas {self.initial_replicas} is outside "
+                            f"[minReplicas {self.min_replicas}, maxReplicas {self.max_replicas}]")
+        if self.target_ongoing_requests <= 0:
+            raise SpecError("spec.autoscaling.targetOngoingRequests must be > 0")
+        if min(self.upscale_delay_s, self.downscale_delay_s, self.downscale_to_zero_delay_s or 0) < 0:
+            raise SpecError("spec.autoscaling: delays must be >= 0 seconds")
+        if self.downscale_to_zero_delay_s is not None and self.min_replicas != 0:
+            raise SpecError("spec.autoscaling.downscaleToZeroDelaySeconds needs minReplicas: 0")
+
+    def to_ray(self) -> dict[str, Any]:
+        """Ray Serve's ``autoscaling_config`` (keys from ``kubeinfer.serve.config.AUTOSCALING_KEYS``)."""
+        ray = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+               "initial_replicas": self.initial_replicas, "target_ongoing_requests": self.target_ongoing_requests,
+               "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+               "downscale_to_zero_delay_s": self.downscale_to_zero_delay_s}
+        return {k: v for k, v in ray.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """``spec.resources``: what one model replica gets. ``cpu`` / ``memory`` / ``gpu_memory`` keep
+    the quantities as written (for pod specs); the ``*_bytes`` / ``cpu_cores`` views are numbers.
+
+    Invariants: cpu > 0, memory > 0, gpus in {0, 1} (the engine runs a model on one device),
+    ``gpu_memory`` only with a GPU.
+    """
+
+    cpu: str = "1"
+    memory: str = "4Gi"
+    gpus: int = 0
+    gpu_memory: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpu_cores <= 0 or self.memory_bytes <= 0:
+            raise SpecError(f"spec.resources: cpu and memory must be > 0, got {self.cpu} and {self.memory}")
+        if self.gpus not in (0, 1):
+            raise SpecError(f"spec.resources.gpus must be 0 or 1 (one device per replica), got {self.gpus}")
+        if self.gpu_memory is not None and (self.gpus == 0 or self.gpu_memory_bytes <= 0):
+            raise SpecError("spec.resources.gpuMemory needs gpus: 1 and a positive quantity")
+
+    @property
+    def cpu_cores(self) -> float:
+        return parse_cores(self.cpu, "spec.resources.cpu")
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_bytes(self.memory, "spec.resources.memory")
+
+    @property
+    def gpu_memory_bytes(self) -> int | None:
+        return None if self.gpu_memory is None else parse_bytes(self.gpu_memory, "spec.resources.gpuMemory")
+
+
+@dataclass(frozen=True)
+class ModelDeploymentSpec:
+    """One ModelDeployment, parsed: its identity, model, engine, scaling, resources, router and
+    placement. Invariants: the name is a DNS-1035 label of at most 40 characters; ``replicas`` and
+    ``autoscaling`` are never both set (``replicas`` is 1 when neither was); the combination is
+    one the engine can run (e.g. no int8 KV cache on a GPU, whose Triton attention reads a float cache).
+    """
+
+    name: str
+    namespace: str
+    model: ModelSettings
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    replicas: int | None = 1
+    autoscaling: Autoscaling | None = None
+    resources: Resources = field(default_factory=Resources)
+    router: RouterSettings = field(default_factory=RouterSettings)
+    image: str | None = None
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _DEPLOYMENT_NAME.match(self.name) or len(self.name) > MAX_NAME_LENGTH:
+            raise SpecError(f"metadata.name {self.name!r}: use at most {MAX_NAME_LENGTH} lowercase letters, "
+                            "digits and '-', starting with a letter (it names a Service and a RayService)")
+        if (self.replicas is None) == (self.autoscaling is None):
+            raise SpecError("set spec.replicas or spec.autoscaling, not both")
+        if self.replicas is not None and self.replicas < 0:
+            raise SpecError(f"spec.replicas must be >= 0, got {self.replicas}")
+        if not self.engine.chunked_prefill and self.engine.max_num_batched_tokens < self.model.max_model_len:
+            raise SpecError(f"spec.engine.chunkedPrefill: false needs maxNumBatchedTokens "
+                            f"({self.engine.max_num_batched_tokens}) >= spec.model.maxModelLen ({self.model.max_model_len})")
+        if self.resources.gpus and self.engine.kv_cache_dtype == "int8":
+            raise SpecError("spec.engine.kvCacheDtype int8 is not supported on GPUs yet (the Triton attention "
+                            "kernels read a float cache); use kvCacheDtype: auto")
+        if self.ray_address is not None and not _RAY_ADDRESS.match(self.ray_address):
+            raise SpecError(f"spec.rayAddress {self.ray_address!r}: use the Ray dashboard's http(s)://HOST:PORT")
+
+
+def _section(spec: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = spec.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"spec.{key} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _pick(section: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """The CR's camelCase fields that are present, under the dataclass's snake_case names."""
+    return {attr: section[key] for key, attr in names.items() if section.get(key) is not None}
+
+
+def _model_dims(source: ModelSource, model: Mapping[str, Any]) -> ModelDims:
+    if source.scheme == "builtin":
+        return BUILTIN_MODELS[source.uri.partition("://")[2]]
+    arch = model.get("architecture") or {}
+    vocab, hidden = arch.get("vocabSize"), arch.get("hiddenSize")
+    return ModelDims(parameter_count=model.get("parameterCount"),
+                     float_params=vocab * hidden if vocab and hidden else 0,
+                     num_layers=arch.get("numLayers"), num_kv_heads=arch.get("numKvHeads"),
+                     head_dim=arch.get("headDim"), hidden_size=hidden, max_context=arch.get("maxContext"))
+
+
+def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
+    """The ModelDeployment object (``metadata`` + ``spec``) as a validated ModelDeploymentSpec.
+    Missing fields take the CRD's defaults. Raises SpecError naming the first problem."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise SpecError("spec must be an object")
+    try:
+        model = _section(spec, "model")
+        source = ModelSource(str(model.get("uri") or DEFAULT_MODEL_URI))
+        quantization = model.get("quantization", "none")
+        model_settings = ModelSettings(
+            source=source,
+            name=model.get("name") or (source.uri.partition("://")[2] if source.scheme == "builtin"
+                                       else str(meta.get("name", ""))),
+            quantization=None if quantization in (None, "none") else quantization,
+            dims=_model_dims(source, model), **_pick(model, {"maxModelLen": "max_model_len"}))
+        engine = _section(spec, "engine")
+        engine_settings = EngineSettings(
+            **_pick(engine, {"dtype": "dtype", "kvBlockSize": "kv_block_size", "maxNumSeqs": "max_num_seqs",
+                             "maxNumBatchedTokens": "max_num_batched_tokens", "prefixCaching": "prefix_caching",
+                             "chunkedPrefill": "chunked_prefill", "kvCacheDtype": "kv_cache_dtype"}),
+            kv_cache_memory_bytes=None if engine.get("kvCacheMemory") is None
+            else parse_bytes(engine["kvCacheMemory"], "spec.engine.kvCacheMemory"))
+        autoscaling = None
+        if spec.get("autoscaling") is not None:
+            auto = _section(spec, "autoscaling")
+            if auto.get("maxReplicas") is None:
+                raise SpecError("spec.autoscaling.maxReplicas is required")
+            autoscaling = Autoscaling(**_pick(auto, {
+                "minReplicas": "min_replicas", "maxReplicas": "max_replicas", "initialReplicas": "initial_replicas",
+                "targetOngoingRequests": "target_ongoing_requests", "upscaleDelaySeconds": "upscale_delay_s",
+                "downscaleDelaySeconds": "downscale_delay_s",
+                "downscaleToZeroDelaySeconds": "downscale_to_zero_delay_s"}))
+        resources = Resources(**{k: str(v) if k != "gpus" else v for k, v in _pick(_section(spec, "resources"), {
+            "cpu": "cpu", "memory": "memory", "gpus": "gpus", "gpuMemory": "gpu_memory"}).items()})
+        try:
+            router = RouterSettings(**_pick(_section(spec, "router"), {
+                "policy": "policy", "maxInFlight": "max_in_flight", "maxQueued": "max_queued",
+                "batchWindowMs": "batch_window_ms", "maxBatchSize": "max_batch_size",
+                "requestTimeoutSeconds": "request_timeout_s", "replicas": "num_replicas"}))
+        except ValueError as e:
+            raise SpecError(f"spec.router: {e}") from None
+        replicas = spec.get("replicas")
+        return ModelDeploymentSpec(
+            name=str(meta.get("name", "")), namespace=str(meta.get("namespace") or "default"),
+            model=model_settings, engine=engine_settings,
+            replicas=replicas if replicas is not None or autoscaling is not None else 1,
+            autoscaling=autoscaling, resources=resources, router=router, image=spec.get("image") or None,
+            node_selector=dict(spec.get("nodeSelector") or {}),
+            tolerations=tuple(spec.get("tolerations") or ()), ray_address=spec.get("rayAddress") or None)
+    except TypeError as e:  # a field of the wrong type, e.g. a string where a number belongs
+        raise SpecError(f"spec: {e}") from None
+
+
+def to_app_config(spec: ModelDeploymentSpec, *, pin_to_worker_pods: bool = False) -> AppConfig:
+    """The serving application for ``spec``: one model (the worker deployment) behind the router.
+
+    ``pin_to_worker_pods`` (KubeRay mode) makes each replica need the custom resource that only the
+    rendered worker pods advertise, one per pod; a plain Ray cluster (Serve-API mode) has no such
+    resource, so it is off there.
+    """
+    from kubeinfer.operator.capacity import kv_pool_bytes  # capacity imports this module's types
+
+    res = spec.resources
+    actor: dict[str, Any] = {"num_cpus": res.cpu_cores, "memory": res.memory_bytes}
+    if res.gpus:
+        actor["num_gpus"] = res.gpus
+    if pin_to_worker_pods:
+        actor["resources"] = {REPLICA_RESOURCE: 1}
+    engine: dict[str, Any] = {
+        "dtype": spec.engine.dtype, "kv_cache_dtype": spec.engine.kv_cache_dtype,
+        "block_size": spec.engine.kv_block_size, "max_num_seqs": spec.engine.max_num_seqs,
+        "max_num_batched_tokens": spec.engine.max_num_batched_tokens,
+        "enable_prefix_caching": spec.engine.prefix_caching, "enable_chunked_prefill": spec.engine.chunked_prefill}
+    pool = kv_pool_bytes(spec)
+    if pool is not None:
+        engine["kv_cache_memory_bytes"] = pool
+    if not res.gpus:
+        # torch sizes its thread pool from the host's cores, not the pod's CPU limit: oversubscribed.
+        engine["num_threads"] = max(1, int(res.cpu_cores))
+    model = ModelSpec(
+        name=spec.model.name, uri=spec.model.source.local_path, quantization=spec.model.quantization,
+        max_model_len=spec.model.max_model_len, engine=engine, num_replicas=spec.replicas,
+        autoscaling=spec.autoscaling.to_ray() if spec.autoscaling else None, ray_actor_options=actor)
+    return AppConfig(models=[model], router=spec.router)
