@@ -82,6 +82,10 @@ class AsyncEngine:
     def stats(self):
         return self.engine.stats()
 
+    def alive(self) -> bool:
+        """Whether the step thread is running (it only stops on shutdown or a bug)."""
+        return self._thread.is_alive() and not self._stopped
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the step loop; requests still live are aborted (their callers get a finished output)."""
         def abort_all() -> None:

@@ -1,0 +1,107 @@
+"""The Router ingress deployment: our gRPC service (through Serve's gRPC proxy) and the OpenAI
+HTTP surface (through Serve's HTTP proxy) over one Router whose pools call the Worker deployments."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from kubeinfer.proto import inference_pb2 as pb
+from kubeinfer.router.grpc_service import (GRPC_CODES, RETRY_AFTER_KEY, list_models_response, prepare_kwargs,
+                                           stream_response, unary_response)
+from kubeinfer.router.pool import WorkerPool
+from kubeinfer.router.replica import StreamItem
+from kubeinfer.router.router import Router, ServedModel
+from kubeinfer.router.types import GenerateJob, RouterError
+from kubeinfer.serve.config import AppConfig
+
+log = logging.getLogger(__name__)
+
+
+class ServePool(WorkerPool):
+    """A model's Worker deployment behind a Serve handle. The replica for each call is picked by
+    Serve's request router (``PolicyRequestRouter``), so this pool only sends and aborts."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        super().__init__()
+        self.stream_handle = handle.options(stream=True)
+        self.handle = handle
+
+    async def _call(self, jobs: list[GenerateJob], exclude: str | None) -> AsyncIterator[StreamItem]:
+        async for item in self.stream_handle.generate_batch.remote(jobs, exclude_replica=exclude):
+            yield item
+
+    async def abort(self, replica_id: str, request_id: str) -> None:
+        try:
+            await self.handle.abort.remote(request_id, pin_replica=replica_id)
+        except Exception as e:  # the replica is gone, and the request with it
+            log.info("abort of %s on %s failed: %s", request_id, replica_id, e)
+
+
+@serve.deployment(max_ongoing_requests=4096, graceful_shutdown_timeout_s=60)
+@serve.ingress()
+class RouterIngress:
+    """Owns the Router (admission, batching, metrics) of one application replica; every served
+    model's tokenizer is loaded here so the workers never tokenize. gRPC methods have the proto's
+    names because Serve's gRPC proxy calls the ingress method of the same name."""
+
+    def __init__(self, args: dict[str, Any], workers: dict[str, DeploymentHandle]) -> None:
+        from kubeinfer.worker.models.loader import load_model_info
+        app = AppConfig.from_dict(args)
+        models = []
+        for spec in app.models:
+            config, tokenizer = load_model_info(spec.uri)
+            max_len = spec.max_model_len or config.max_position_embeddings
+            models.append(ServedModel(spec.name, tokenizer, max_len, config.vocab_size,
+                                      ServePool(workers[spec.name]), uri=spec.uri, quantization=spec.quantization))
+        self.router = Router(models, app.router)
+
+    def __serve_build_asgi_app__(self):
+        from kubeinfer.router.http_api import build_http_app
+        return build_http_app(self.router)
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        try:
+            job = self.router.prepare(**prepare_kwargs(request))
+            chunks = [c async for c in self.router.stream(job)]
+        except RouterError as e:
+            _fail(grpc_context, e)
+        return unary_response(chunks, job.model)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        try:
+            job = self.router.prepare(**prepare_kwargs(request))
+            async for chunk in self.router.stream(job):
+                yield stream_response(chunk, job.model)
+        except RouterError as e:
+            _fail(grpc_context, e)
+
+    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
+        return list_models_response(self.router)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if self.router.draining else \
+            health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def __del__(self) -> None:
+        # Serve stops routing to a replica before deleting it; finish what is in flight.
+        await self.router.drain(timeout_s=30.0)
+        await self.router.aclose()
+
+
+class _StatusError(Exception):
+    pass
+
+
+def _fail(grpc_context, e: RouterError):
+    grpc_context.set_code(GRPC_CODES[e.code])
+    grpc_context.set_details(e.message)
+    if e.retry_after_s is not None:
+        grpc_context.set_trailing_metadata([(RETRY_AFTER_KEY, f"{e.retry_after_s:.3f}")])
+    raise _StatusError(e.message)

@@ -1,0 +1,56 @@
+"""The Worker deployment: one engine per Ray Serve replica, streaming batch calls."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from kubeinfer.router.replica import EngineReplica, StreamItem
+from kubeinfer.router.types import GenerateJob
+from kubeinfer.serve.config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=10, graceful_shutdown_timeout_s=30)
+class Worker:
+    """Owns one Engine (stepped by an AsyncEngine thread, so the replica's event loop never blocks
+    on a forward pass) and its EngineReplica adapter. Reports its load to Serve's request router
+    through ``record_routing_stats``; fails its health check if the engine thread has died."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from kubeinfer.worker import Engine, EngineConfig
+        from kubeinfer.worker.async_engine import AsyncEngine
+        model = ModelSpec(**spec)
+        kwargs = model.engine_kwargs()
+        if kwargs.get("num_threads") is None:
+            cpus = model.ray_actor_options.get("num_cpus")
+            kwargs["num_threads"] = max(1, int(cpus)) if cpus else None
+        engine = AsyncEngine(Engine(EngineConfig(**kwargs)))
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self.replica = EngineReplica(engine, replica_id)
+        log.info("worker %s serves %s from %s", replica_id, model.name, model.uri)
+
+    async def generate_batch(self, jobs: list[GenerateJob], exclude_replica: str | None = None
+                             ) -> AsyncIterator[StreamItem]:
+        async for item in self.replica.generate_batch(jobs):
+            yield item
+
+    async def abort(self, request_id: str, pin_replica: str | None = None) -> None:
+        self.replica.abort(request_id)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        r = self.replica.report()
+        return {"num_requests_waiting": r.num_requests_waiting, "num_requests_running": r.num_requests_running,
+                "kv_cache_usage": r.kv_cache_usage}
+
+    def check_health(self) -> None:
+        if not self.replica.engine.alive():
+            raise RuntimeError("the engine's step thread has stopped")
+
+    def __del__(self) -> None:
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            replica.engine.shutdown(timeout=5.0)
