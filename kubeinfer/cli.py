@@ -57,7 +57,30 @@ def sampling_params_from_args(args: argparse.Namespace):
                           seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
+def generate_from_server(args: argparse.Namespace) -> int:
+    """`generate --server`: stream from a running server; --model names a served model there."""
+    from kubeinfer.client import Client, ServerError
+    prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                    seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    with Client(args.server) as client:
+        try:
+            for delta in client.stream(**prompt, model=args.model or "", **sampling):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        except ServerError as e:
+            sys.stdout.write("\n")
+            print(f"kubeinfer: error: {e}", file=sys.stderr)
+            return 1
+    sys.stdout.write("\n")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        return generate_from_server(args)
     from kubeinfer.worker import Engine
     params = sampling_params_from_args(args)  # bad flags fail before the model loads
     engine = Engine(engine_config_from_args(args))
@@ -119,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt, streaming tokens as they come")
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--server", default=None, metavar="HOST:PORT",
+                     help="stream from a running server instead of loading the model here")
     _add_engine_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -139,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--chunk", type=int, default=32, help="tokens per prefill step (keys come from the cache)")
     _add_engine_args(ppl)
     ppl.set_defaults(func=cmd_eval)
+
+    from kubeinfer.bench.command import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 

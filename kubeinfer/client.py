@@ -1,0 +1,261 @@
+"""A small client for programs: the kubeinfer.v1.Inference gRPC service, sync and asyncio.
+
+    from kubeinfer.client import Client
+    with Client("127.0.0.1:9000") as c:
+        print(c.generate("The capital of France is", max_tokens=16, temperature=0).text)
+        for delta in c.stream(messages=[{"role": "user", "content": "Hi"}]):
+            print(delta.text, end="", flush=True)
+
+Errors: every failed call raises :class:`ServerError` (never a raw ``grpc.RpcError``), carrying the
+gRPC status code, the server's message and, for RESOURCE_EXHAUSTED, the ``retry-after-s`` hint.
+A sampling argument left as None is not sent, so the server's default applies (vLLM's defaults:
+max_tokens 16, temperature 1.0, top_p 1.0, top_k off).
+
+Imports neither torch nor the router, so a program that only talks to a server stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kubeinfer.proto import inference_pb2 as pb
+from kubeinfer.proto import inference_pb2_grpc as pb_grpc
+
+# The trailer name of the proto contract (kubeinfer.router.grpc_service sets it); repeated here so
+# the client does not import the router and, through it, torch.
+RETRY_AFTER_KEY = "retry-after-s"
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                      "presence_penalty", "frequency_penalty", "seed", "logprobs")
+
+
+class ServerError(Exception):
+    """A call that failed: ``code`` is the ``grpc.StatusCode``, ``message`` the server's text and
+    ``retry_after_s`` the server's retry hint (RESOURCE_EXHAUSTED), else None."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def from_rpc_error(cls, e: grpc.RpcError) -> ServerError:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        message = (e.details() if hasattr(e, "details") else None) or str(e)
+        retry_after = None
+        trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+        for key, value in trailers or ():
+            if key == RETRY_AFTER_KEY:
+                try:
+                    retry_after = float(value)
+                except ValueError:  # a malformed hint is no hint
+                    pass
+        return cls(code, message, retry_after)
+
+
+@dataclass
+class Usage:
+    """Token counts of one request; ``cached_prompt_tokens`` came from the server's prefix cache."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    @classmethod
+    def from_pb(cls, u: pb.Usage) -> Usage:
+        return cls(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+
+
+@dataclass
+class Completion:
+    """A whole completion: the text, its token ids, why it ended (stop | length | abort) and usage."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    request_id: str = ""
+    model: str = ""
+
+
+@dataclass
+class StreamDelta:
+    """What one streamed message added. ``finish_reason`` and ``usage`` are set on the last one only."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    request_id: str = ""
+    model: str = ""
+
+    @classmethod
+    def from_pb(cls, m: pb.GenerateStreamResponse) -> StreamDelta:
+        last = bool(m.finish_reason)
+        return cls(m.text, list(m.token_ids), m.finish_reason or None,
+                   Usage.from_pb(m.usage) if last else None, m.request_id, m.model)
+
+
+@dataclass
+class ModelInfo:
+    """A served model as ListModels describes it (``quantization`` empty when unquantized)."""
+
+    id: str
+    uri: str
+    quantization: str
+    max_model_len: int
+
+
+def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
+                  prompt_token_ids: Sequence[int] | None = None, model: str = "",
+                  max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, min_p: float | None = None,
+                  repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                  frequency_penalty: float | None = None, seed: int | None = None,
+                  stop: Sequence[str] | str = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                  logprobs: int | None = None, include_stop_str_in_output: bool = False,
+                  request_id: str = "", priority: int = 0) -> pb.GenerateRequest:
+    """A GenerateRequest from plain arguments; exactly one of prompt, messages, prompt_token_ids."""
+    if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
+        raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+    values = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                  frequency_penalty=frequency_penalty, seed=seed, logprobs=logprobs)
+    sampling = pb.SamplingParams(**{k: v for k, v in values.items() if v is not None},
+                                 stop=[stop] if isinstance(stop, str) else list(stop),
+                                 stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
+                                 include_stop_str_in_output=include_stop_str_in_output)
+    req = pb.GenerateRequest(model=model, sampling=sampling, request_id=request_id, priority=priority)
+    if prompt is not None:
+        req.prompt = prompt
+    elif messages is not None:
+        req.chat.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"])
+                                                    for m in messages]))
+    else:
+        req.prompt_token_ids.CopyFrom(pb.TokenIds(ids=list(prompt_token_ids)))
+    return req
+
+
+def _completion(r: pb.GenerateResponse) -> Completion:
+    return Completion(r.text, list(r.token_ids), r.finish_reason, Usage.from_pb(r.usage), r.request_id, r.model)
+
+
+def _models(r: pb.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.id, m.uri, m.quantization, m.max_model_len) for m in r.models]
+
+
+_HEALTH_NAMES = health_pb2.HealthCheckResponse.ServingStatus.Name
+
+
+class Client:
+    """A blocking client over one insecure gRPC channel, which it owns (``close()`` or ``with``).
+
+    Thread-safe as gRPC channels are. ``generate`` / ``stream`` take :func:`build_request`'s
+    arguments plus ``timeout`` (seconds, sent as the call's deadline).
+    """
+
+    def __init__(self, address: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=list(options))
+        self._stub = pb_grpc.InferenceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Completion:
+        req = build_request(prompt, **kwargs)
+        try:
+            return _completion(self._stub.Generate(req, timeout=timeout))
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from None
+
+    def stream(self, prompt: str | None = None, *, timeout: float | None = None,
+               **kwargs: Any) -> Iterator[StreamDelta]:
+        """Yield deltas as the server produces them; leaving the loop early cancels the request."""
+        req = build_request(prompt, **kwargs)
+        call = self._stub.GenerateStream(req, timeout=timeout)
+        try:
+            for msg in call:
+                yield StreamDelta.from_pb(msg)
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from None
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        try:
+            return _models(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout))
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from None
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard health check's status name: SERVING, NOT_SERVING, ..."""
+        try:
+            r = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from None
+        return _HEALTH_NAMES(r.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of :class:`Client`, over one ``grpc.aio`` channel it owns (``await close()``
+    or ``async with``). Use it from the event loop that created it."""
+
+    def __init__(self, address: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=list(options))
+        self._stub = pb_grpc.InferenceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Completion:
+        req = build_request(prompt, **kwargs)
+        try:
+            return _completion(await self._stub.Generate(req, timeout=timeout))
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from None
+
+    async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
+                     **kwargs: Any) -> AsyncIterator[StreamDelta]:
+        """Yield deltas as the server produces them; closing the iterator early cancels the request."""
+        req = build_request(prompt, **kwargs)
+        call = self._stub.GenerateStream(req, timeout=timeout)
+        try:
+            async for msg in call:
+                yield StreamDelta.from_pb(msg)
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        try:
+            return _models(await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout))
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from None
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        try:
+            r = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as e:
+            raise ServerError.from_rpc_error(e) from None
+        return _HEALTH_NAMES(r.status)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
