@@ -1,0 +1,124 @@
+"""The ModelDeployment CRD: a valid Kubernetes object whose schema and CEL rules accept the examples
+and reject each invalid spec by the constraint meant for it; its defaults agree with parse_spec's."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+from kubeinfer.operator.spec import parse_spec
+from tests.k8s_schema import ROOT, apply_defaults, cel_failures, crd_schema, k8s_errors, load_yaml_docs, schema_errors
+
+CRD_PATH = os.path.join(ROOT, "manifests", "crd.yaml")
+EXAMPLES = os.path.join(ROOT, "manifests", "examples")
+SCHEMA = crd_schema(CRD_PATH, "v1alpha1")
+
+
+def _md(spec: dict, name: str = "demo") -> dict:
+    return {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": "default"}, "spec": spec}
+
+
+def _judge(obj: dict) -> tuple[list, list]:
+    """What the API server would say: schema errors, then CEL failures on the defaulted object."""
+    defaulted = apply_defaults(SCHEMA, obj)
+    errors = schema_errors(SCHEMA, defaulted)
+    return errors, ([] if errors else cel_failures(SCHEMA, defaulted))
+
+
+def test_crd_is_a_valid_kubernetes_object_with_the_agreed_names():
+    (crd,) = load_yaml_docs(CRD_PATH)
+    assert k8s_errors(crd) is None
+    names = crd["spec"]["names"]
+    assert (crd["spec"]["group"], names["kind"], names["plural"], names["shortNames"]) == \
+        ("kubeinfer.io", "ModelDeployment", "modeldeployments", ["md"])
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"]["scale"] == {"specReplicasPath": ".spec.replicas",
+                                                "statusReplicasPath": ".status.replicas"}
+    assert "status" in version["subresources"]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns == {"Phase": ".status.phase", "Ready": ".status.readyReplicas", "Desired": ".status.replicas",
+                       "Model": ".spec.model.uri", "Endpoint": ".status.endpoint",
+                       "Age": ".metadata.creationTimestamp"}
+
+
+def test_chart_crd_is_the_same_file():
+    chart_crd = os.path.join(ROOT, "helm", "kubeinfer", "crds", "modeldeployments.kubeinfer.io.yaml")
+    with open(CRD_PATH, "rb") as a, open(chart_crd, "rb") as b:
+        assert a.read() == b.read(), "helm/kubeinfer/crds/ must be a copy of manifests/crd.yaml"
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(EXAMPLES)))
+def test_examples_are_accepted_and_parse(name):
+    (doc,) = load_yaml_docs(os.path.join(EXAMPLES, name))
+    assert _judge(doc) == ([], [])
+    assert parse_spec(apply_defaults(SCHEMA, doc)) == parse_spec(doc)
+
+
+@pytest.mark.parametrize("spec", [{}, {"autoscaling": {"maxReplicas": 3}}, {"resources": {"gpus": 1}}])
+def test_crd_defaults_equal_parse_spec_defaults(spec):
+    """The operator fills in the same defaults as the API server (kmock and old CRDs apply none)."""
+    obj = _md(spec)
+    assert _judge(obj) == ([], [])
+    assert parse_spec(apply_defaults(SCHEMA, obj)) == parse_spec(obj)
+
+
+def test_status_as_the_operator_writes_it_is_accepted():
+    obj = _md({})
+    obj["status"] = {"observedGeneration": 2, "phase": "Ready", "replicas": 1, "readyReplicas": 1,
+                     "endpoint": "demo.default.svc:9000",
+                     "conditions": [{"type": "Ready", "status": "True", "reason": "ReplicasReady",
+                                     "message": "1/1 replicas ready", "lastTransitionTime": "2026-01-01T00:00:00Z",
+                                     "observedGeneration": 2}],
+                     "kopf": {"progress": {}}}
+    assert _judge(obj) == ([], [])
+
+
+# Each invalid spec and the one constraint that must reject it: ("schema", path, keyword) or
+# ("cel", path, message fragment).
+INVALID = {
+    "unknown quantization": ({"model": {"quantization": "fp8"}}, ("schema", "spec.model.quantization", "enum")),
+    "unknown router policy": ({"router": {"policy": "random"}}, ("schema", "spec.router.policy", "enum")),
+    "negative replicas": ({"replicas": -1}, ("schema", "spec.replicas", "minimum")),
+    "unknown field": ({"modle": {}}, ("schema", "spec", "additionalProperties")),
+    "unknown engine field": ({"engine": {"blockSize": 16}}, ("schema", "spec.engine", "additionalProperties")),
+    "odd block size": ({"engine": {"kvBlockSize": 12}}, ("schema", "spec.engine.kvBlockSize", "enum")),
+    "two GPUs": ({"resources": {"gpus": 2}}, ("schema", "spec.resources.gpus", "maximum")),
+    "memory not a quantity": ({"resources": {"memory": "lots"}}, ("schema", "spec.resources.memory", "pattern")),
+    "zero target": ({"autoscaling": {"maxReplicas": 2, "targetOngoingRequests": 0}},
+                    ("schema", "spec.autoscaling.targetOngoingRequests", "minimum")),
+    "autoscaling without max": ({"autoscaling": {"minReplicas": 1}}, ("schema", "spec.autoscaling", "required")),
+    "rayAddress not a url": ({"rayAddress": "ray-head:8265"}, ("schema", "spec.rayAddress", "pattern")),
+    "replicas and autoscaling": ({"replicas": 2, "autoscaling": {"maxReplicas": 3}},
+                                 ("cel", "spec", "not both")),
+    "min above max": ({"autoscaling": {"minReplicas": 4, "maxReplicas": 2}},
+                      ("cel", "spec.autoscaling", "minReplicas must be <= maxReplicas")),
+    "initial above max": ({"autoscaling": {"maxReplicas": 2, "initialReplicas": 3}},
+                          ("cel", "spec.autoscaling", "initialReplicas")),
+    "zero delay without zero min": ({"autoscaling": {"maxReplicas": 2, "downscaleToZeroDelaySeconds": 60}},
+                                    ("cel", "spec.autoscaling", "needs minReplicas: 0")),
+    "unknown uri scheme": ({"model": {"uri": "s3://bucket/model"}}, ("cel", "spec.model", "builtin://NAME")),
+    "no chunked prefill, small batch": ({"engine": {"chunkedPrefill": False, "maxNumBatchedTokens": 512}},
+                                        ("cel", "spec", "maxNumBatchedTokens >= model.maxModelLen")),
+    "int8 KV on a GPU": ({"engine": {"kvCacheDtype": "int8"}, "resources": {"gpus": 1}},
+                         ("cel", "spec", "not supported on GPUs")),
+    "gpuMemory without GPU": ({"resources": {"gpuMemory": "16Gi"}}, ("cel", "spec.resources", "needs gpus: 1")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_spec_is_rejected_by_its_constraint(case):
+    spec, (kind, path, what) = INVALID[case]
+    errors, failures = _judge(_md(copy.deepcopy(spec)))
+    if kind == "schema":
+        assert errors == [(path, what)]
+    else:
+        assert errors == []
+        assert len(failures) == 1 and failures[0][0] == path and what in failures[0][1], failures
+
+
+def test_long_name_is_rejected_by_the_root_rule():
+    errors, failures = _judge(_md({}, name="a" * 41))
+    assert errors == [] and failures == [("", failures[0][1])] and "40" in failures[0][1]
