@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kubeinfer.bench.command import add_bench_parser
     add_bench_parser(sub)
+    from kubeinfer.serve.command import add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,102 @@
+"""`kubeinfer serve`: run the application on a local Ray (started on demand) or an existing cluster."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from kubeinfer.serve.config import (DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, GRPC_SERVICER_FUNCTIONS, POLICY_NAMES,
+                                    AppConfig, ModelSpec, RouterSettings)
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over gRPC and OpenAI-compatible HTTP with Ray Serve")
+    p.add_argument("--model", default="builtin://smollm2-135m",
+                   help="Hugging Face folder, GGUF file or builtin://smollm2-135m (the default)")
+    p.add_argument("--name", default=None, help="the model name clients send (default: from the model)")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--replicas", type=int, default=None, help="fixed number of worker replicas (default 1)")
+    p.add_argument("--min-replicas", type=int, default=None, help="autoscaling: lower bound (0 scales to zero)")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscaling: upper bound")
+    p.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--policy", default="power_of_two", choices=POLICY_NAMES)
+    p.add_argument("--batch-window-ms", type=float, default=0.0, help="router micro-batching window (0: off)")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queued", type=int, default=1024, help="requests waiting beyond which the router says 429")
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster (ray://host:10001 or auto); default: start a local Ray")
+    p.add_argument("--host", default="127.0.0.1", help="where the HTTP proxy listens")
+    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    p.add_argument("--app-name", default="kubeinfer")
+    p.set_defaults(func=cmd_serve)
+
+
+def app_config_from_args(args: argparse.Namespace) -> AppConfig:
+    autoscaling = None
+    if any(v is not None for v in (args.min_replicas, args.max_replicas, args.target_ongoing_requests)):
+        if args.replicas is not None:
+            raise ValueError("give --replicas or the autoscaling flags, not both")
+        autoscaling = {"min_replicas": 1 if args.min_replicas is None else args.min_replicas,
+                       "max_replicas": args.max_replicas or max(1, args.min_replicas or 1)}
+        if args.target_ongoing_requests is not None:
+            autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
+    name = args.name or _default_name(args.model)
+    actor = {"num_cpus": args.cpus_per_replica}
+    if args.gpus_per_replica:
+        actor["num_gpus"] = args.gpus_per_replica
+    model = ModelSpec(name=name, uri=args.model, quantization=args.quantization, max_model_len=args.max_model_len,
+                      engine={"max_num_seqs": args.max_num_seqs,
+                              "kv_cache_memory_bytes": int(args.kv_cache_memory_gb * (1 << 30))},
+                      num_replicas=args.replicas, autoscaling=autoscaling, ray_actor_options=actor)
+    router = RouterSettings(policy=args.policy, batch_window_ms=args.batch_window_ms,
+                            max_batch_size=args.max_batch_size, max_queued=args.max_queued)
+    return AppConfig(models=[model], router=router)
+
+
+def _default_name(uri: str) -> str:
+    if uri.startswith("builtin://"):
+        return uri.removeprefix("builtin://")
+    base = os.path.basename(os.path.normpath(uri))
+    return os.path.splitext(base)[0][:63] or "model"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    app = app_config_from_args(args)  # bad flags fail before Ray starts
+    # Local runs need no token auth (Ray 2.60 turns it on by default); a cluster keeps its own setting.
+    if args.address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from kubeinfer.serve.app import build_app
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.http_port},
+                    grpc_options=gRPCOptions(port=args.grpc_port,
+                                             grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
+        serve.run(build_app(app.to_dict()), name=args.app_name, route_prefix="/", blocking=False)
+        model = app.models[0].name
+        print(f"kubeinfer: serving {model!r}\n"
+              f"  gRPC  {args.host}:{args.grpc_port}   (kubeinfer generate --server {args.host}:{args.grpc_port} "
+              f"\"Hello\")\n"
+              f"  HTTP  http://{args.host}:{args.http_port}/v1   (OpenAI-compatible; /health, /metrics)\n"
+              "Ctrl-C stops it.", flush=True)
+        stop.wait()
+        print("kubeinfer: shutting down (finishing requests in flight)", file=sys.stderr, flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
