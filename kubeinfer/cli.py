@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from kubeinfer.serve.command import add_serve_parser
     add_serve_parser(sub)
+    from kubeinfer.operator.render_command import add_render_parser
+    add_render_parser(sub)
     return parser
 
 
