@@ -1,0 +1,237 @@
+"""The OpenAI-compatible HTTP surface over a Router: completions and chat (streaming as server-sent
+events), the model list, health and Prometheus metrics. Request and response shapes live in
+``openai_schema``; this module only moves them between HTTP and the Router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from typing import Any, AsyncIterator, Awaitable, Literal, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kubeinfer.router.metrics import CONTENT_TYPE
+from kubeinfer.router.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseWriter,
+    UnsupportedField,
+    error_body,
+)
+from kubeinfer.router.router import Router
+from kubeinfer.router.types import Chunk, Code, RouterError
+
+T = TypeVar("T")
+_END = object()
+
+
+def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                   retry_after_s: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return JSONResponse(error_body(message, status, param=param, code=code), status_code=status, headers=headers)
+
+
+def router_error_response(e: RouterError) -> JSONResponse:
+    return error_response(e.code.http_status, e.message, code=e.code.name.lower(), retry_after_s=e.retry_after_s)
+
+
+def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
+    errors = e.errors()
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return "the request body is not valid JSON", None
+    # Error locations start with "body"; a union's member names make the rest long, so the field
+    # itself leads the message.
+    parts = [f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}" for err in errors[:3]]
+    first = errors[0]["loc"][1:] if errors else ()
+    return "; ".join(parts), (str(first[0]) if first else None)
+
+
+class _DetachedStream:
+    """Runs one ``Router.stream`` in a task of its own and hands its chunks to one reader.
+
+    Starlette cancels a streaming response's task again at every await once its client has gone;
+    iterated there, the router's cleanup (abort the job, free the admission slot) could be cut
+    short. Here the reader may be cancelled freely and ``close()`` cancels the router's stream
+    exactly once. Invariant: the reader gets chunks in order, then None or the stream's error.
+    """
+
+    def __init__(self, chunks: AsyncIterator[Chunk], tasks: set[asyncio.Task]) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._pump(chunks))
+        tasks.add(self._task)  # the loop keeps only weak references to tasks
+        self._task.add_done_callback(tasks.discard)
+
+    async def _pump(self, chunks: AsyncIterator[Chunk]) -> None:
+        try:
+            async for chunk in chunks:
+                self._queue.put_nowait(chunk)
+        except Exception as e:
+            self._queue.put_nowait(e)
+        else:
+            self._queue.put_nowait(_END)
+
+    async def next(self) -> Chunk | None:
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def collect(self) -> list[Chunk]:
+        chunks = []
+        while (chunk := await self.next()) is not None:
+            chunks.append(chunk)
+        return chunks
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_client_gone(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it and raise _ClientGone.
+
+    Only before a response starts: once streaming, Starlette watches for the disconnect itself.
+    """
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work_task, gone = asyncio.ensure_future(work), asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait({work_task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work_task.done():
+            return work_task.result()
+        raise _ClientGone
+    finally:
+        work_task.cancel()
+        gone.cancel()
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events whose generator is closed as soon as the response ends, however it ends
+    (a client disconnect included), so the request it streams is aborted at once rather than when
+    the generator happens to be garbage-collected."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _events(writer: ResponseWriter, first: Chunk, stream: _DetachedStream) -> AsyncIterator[str]:
+    try:
+        chunk, is_first = first, True
+        while True:
+            for data in writer.stream_chunks(chunk, is_first):
+                yield _sse(data)
+            is_first = False
+            if chunk.finished:
+                break
+            chunk = await stream.next()
+            if chunk is None:  # the router's invariant says this cannot happen
+                raise RouterError(Code.INTERNAL, "the stream ended without a finish reason")
+        if writer.include_usage:
+            yield _sse(writer.usage_chunk(chunk))
+    except RouterError as e:  # the status line is gone: report it in the stream, as vLLM does
+        yield _sse(error_body(e.message, e.code.http_status, code=e.code.name.lower()))
+    finally:
+        stream.close()
+    yield _sse("[DONE]")
+
+
+def build_http_app(router: Router) -> FastAPI:
+    """The OpenAI-compatible app over ``router``; the app owns nothing but the tasks streaming its
+    requests (see _DetachedStream)."""
+    app = FastAPI(title="kubeinfer", docs_url=None, redoc_url=None)
+    streaming_tasks: set[asyncio.Task] = set()
+
+    @app.exception_handler(RouterError)
+    async def on_router_error(request: Request, e: RouterError) -> JSONResponse:
+        return router_error_response(e)
+
+    @app.exception_handler(UnsupportedField)
+    async def on_unsupported(request: Request, e: UnsupportedField) -> JSONResponse:
+        return error_response(400, e.message, param=e.param, code="unsupported_value")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(e)
+        return error_response(400, message, param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+
+    @app.exception_handler(_ClientGone)
+    async def on_client_gone(request: Request, e: _ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; uvicorn logs it
+
+    async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest,
+                       kind: Literal["completion", "chat"]) -> Response:
+        job = router.prepare(**body.prepare_kwargs())
+        served = router.models[job.model]
+        if kind == "chat" and "max_tokens" not in job.sampling:
+            job.sampling["max_tokens"] = served.max_model_len - len(job.prompt_token_ids)
+        writer = ResponseWriter(kind, job.request_id, job.model, int(time.time()), served.tokenizer, body)
+        stream = _DetachedStream(router.stream(job), streaming_tasks)
+        try:
+            if not body.stream:
+                return JSONResponse(writer.response(await _unless_client_gone(request, stream.collect())))
+            # The first chunk is awaited here so that overload and bad input still get their status code.
+            first = await _unless_client_gone(request, stream.next())
+        except BaseException:
+            stream.close()
+            raise
+        if first is None:
+            raise RouterError(Code.INTERNAL, "the stream ended without a chunk")
+        return _EventStream(_events(writer, first, stream))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await generate(request, body, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await generate(request, body, "chat")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "kubeinfer", "root": m.uri,
+             "max_model_len": m.max_model_len, "quantization": m.quantization}
+            for m in router.models.values()]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if router.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
