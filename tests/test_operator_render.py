@@ -1,0 +1,358 @@
+"""The operator's pure renderers, spec parsing and capacity check: CR fields land in the right Serve,
+KubeRay and Kubernetes fields; what they render is valid for KubeRay's CRD and for Kubernetes; bad
+specs fail with a message naming the field."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+from contextlib import redirect_stdout
+from functools import lru_cache
+
+import pytest
+import yaml
+
+from kubeinfer.cli import main
+from kubeinfer.operator.capacity import RUNTIME_OVERHEAD_BYTES, estimate_capacity
+from kubeinfer.operator.render import (OBJECT_STORE_BYTES, WORKER_IMAGE, WORKER_IMAGE_CUDA, build_rayservice,
+                                       build_serve_config, build_service, render_objects, service_endpoint)
+from kubeinfer.operator.spec import SpecError, parse_spec, to_app_config
+from kubeinfer.serve.config import AppConfig
+from tests.k8s_schema import KUBERAY_CRD, ROOT, crd_schema, k8s_errors, load_yaml_docs, schema_errors
+
+EXAMPLES = os.path.join(ROOT, "manifests", "examples")
+GIB = 1 << 30
+
+
+def md(spec: dict | None = None, name: str = "demo", namespace: str = "ml") -> dict:
+    return {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": namespace, "uid": "u-1", "generation": 1}, "spec": spec or {}}
+
+
+def example_bodies() -> list[dict]:
+    return [load_yaml_docs(os.path.join(EXAMPLES, n))[0] for n in sorted(os.listdir(EXAMPLES))]
+
+
+VARIANTS = {
+    "default": {},
+    "fixed": {"replicas": 3, "resources": {"cpu": "500m", "memory": "3Gi"}},
+    "zero": {"autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
+    "gpu-pvc": {"model": {"uri": "pvc://weights/llama/1b"}, "resources": {"gpus": 1, "gpuMemory": "24Gi"},
+                "nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]},
+}
+
+
+def _model(serve: dict) -> dict:
+    (app,) = serve["applications"]
+    (model,) = app["args"]["models"]
+    return model
+
+
+def _worker_group(rs: dict) -> dict:
+    (group,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return group
+
+
+def _containers(rs: dict) -> list[dict]:
+    cluster = rs["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
+            _worker_group(rs)["template"]["spec"]["containers"][0]]
+
+
+# --- Serve config -----------------------------------------------------------------------------
+
+
+def test_fixed_replicas_map_to_num_replicas_and_a_fixed_worker_group():
+    body = md({"replicas": 3})
+    model = _model(build_serve_config(body))
+    assert (model["num_replicas"], model["autoscaling"]) == (3, None)
+    rs = build_rayservice(body)
+    group = _worker_group(rs)
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (3, 3, 3)
+    assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is False
+
+
+def test_autoscaling_maps_one_to_one_onto_ray_serve_names():
+    body = md({"autoscaling": {"minReplicas": 0, "maxReplicas": 5, "initialReplicas": 2, "targetOngoingRequests": 4,
+                               "upscaleDelaySeconds": 7, "downscaleDelaySeconds": 90,
+                               "downscaleToZeroDelaySeconds": 300}})
+    model = _model(build_serve_config(body))
+    assert model["num_replicas"] is None
+    assert model["autoscaling"] == {"min_replicas": 0, "max_replicas": 5, "initial_replicas": 2,
+                                    "target_ongoing_requests": 4, "upscale_delay_s": 7, "downscale_delay_s": 90,
+                                    "downscale_to_zero_delay_s": 300}
+    rs = build_rayservice(body)
+    group = _worker_group(rs)
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 0, 5)
+    assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+def test_autoscaling_defaults_and_scale_to_zero_start_at_min():
+    model = _model(build_serve_config(md({"autoscaling": {"minReplicas": 0, "maxReplicas": 2}})))
+    assert model["autoscaling"] == {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 2.0,
+                                    "upscale_delay_s": 30.0, "downscale_delay_s": 600.0}
+    group = _worker_group(build_rayservice(md({"autoscaling": {"minReplicas": 0, "maxReplicas": 2}})))
+    assert (group["replicas"], group["minReplicas"]) == (0, 0)
+
+
+def test_engine_router_and_model_fields_reach_the_application():
+    body = md({"model": {"quantization": "int4", "maxModelLen": 1024, "name": "chat"},
+               "engine": {"dtype": "bfloat16", "kvBlockSize": 32, "maxNumSeqs": 8, "maxNumBatchedTokens": 256,
+                          "prefixCaching": False, "kvCacheDtype": "int8", "kvCacheMemory": "512Mi"},
+               "router": {"policy": "prefix_affinity", "batchWindowMs": 2.5, "maxBatchSize": 4, "maxQueued": 10,
+                          "maxInFlight": 20, "requestTimeoutSeconds": 30, "replicas": 2}})
+    serve = build_serve_config(body)
+    model = _model(serve)
+    assert (model["name"], model["uri"], model["quantization"], model["max_model_len"]) == \
+        ("chat", "builtin://smollm2-135m", "int4", 1024)
+    assert model["engine"] == {"dtype": "bfloat16", "kv_cache_dtype": "int8", "block_size": 32, "max_num_seqs": 8,
+                               "max_num_batched_tokens": 256, "enable_prefix_caching": False,
+                               "enable_chunked_prefill": True, "kv_cache_memory_bytes": 512 << 20, "num_threads": 1}
+    assert serve["applications"][0]["args"]["router"] == {
+        "policy": "prefix_affinity", "max_in_flight": 20, "max_queued": 10, "batch_window_ms": 2.5,
+        "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2}
+    assert serve["applications"][0]["name"] == "demo"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_serve_config_round_trips_through_app_config(variant):
+    args = build_serve_config(md(VARIANTS[variant]))["applications"][0]["args"]
+    assert AppConfig.from_dict(copy.deepcopy(args)).to_dict() == args
+
+
+def test_serve_api_mode_does_not_pin_replicas_to_worker_pods():
+    """A plain Ray cluster has no kubeinfer_replica resource: requiring it would never schedule."""
+    assert "resources" not in _model(build_serve_config(md()))["ray_actor_options"]
+    rs_config = yaml.safe_load(build_rayservice(md())["spec"]["serveConfigV2"])
+    assert _model(rs_config)["ray_actor_options"]["resources"] == {"kubeinfer_replica": 1}
+
+
+# --- resources, images, volumes, placement ------------------------------------------------------
+
+
+def test_cpu_resources_size_the_replica_and_its_worker_pod():
+    body = md({"resources": {"cpu": "500m", "memory": "3Gi"}})
+    actor = _model(build_serve_config(body))["ray_actor_options"]
+    assert actor == {"num_cpus": 0.5, "memory": 3 * GIB}
+    rs = build_rayservice(body)
+    group = _worker_group(rs)
+    container = group["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"cpu": "500m", "memory": f"{(3 * GIB + OBJECT_STORE_BYTES) >> 20}Mi"}
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    params = group["rayStartParams"]
+    assert (params["num-cpus"], params["num-gpus"], params["memory"]) == ("1", "0", str(3 * GIB))
+    assert params["resources"] == '"{\\"kubeinfer_replica\\": 1}"'
+    assert container["image"] == WORKER_IMAGE
+
+
+def test_a_gpu_is_requested_from_kubernetes_and_ray_alike():
+    body = md({"resources": {"gpus": 1, "gpuMemory": "16Gi"}})
+    assert _model(build_serve_config(body))["ray_actor_options"]["num_gpus"] == 1
+    rs = build_rayservice(body)
+    group = _worker_group(rs)
+    container = group["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert group["rayStartParams"]["num-gpus"] == "1"
+    assert "num_threads" not in _model(build_serve_config(body))["engine"]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert {c["image"] for c in _containers(rs)} == {WORKER_IMAGE_CUDA}
+    assert {c["image"] for c in _containers(build_rayservice(md({"image": "me/worker:1"})))} == {"me/worker:1"}
+
+
+def test_a_pvc_model_is_mounted_read_only_where_the_engine_loads_it():
+    body = md({"model": {"uri": "pvc://weights/llama/1b/"}})
+    assert _model(build_serve_config(body))["uri"] == "/models/weights/llama/1b"
+    assert _model(build_serve_config(body))["name"] == "demo"
+    pod = _worker_group(build_rayservice(body))["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["volumes"]
+    assert {"name": "model", "mountPath": "/models/weights", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert _model(build_serve_config(md({"model": {"uri": "file:///opt/m.gguf"}})))["uri"] == "/opt/m.gguf"
+
+
+def test_placement_labels_and_hardening_apply_to_every_ray_pod():
+    rs = build_rayservice(md(VARIANTS["gpu-pvc"]))
+    cluster = rs["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]
+        assert pod["metadata"]["labels"]["kubeinfer.io/model-deployment"] == "demo"
+        assert pod["spec"]["nodeSelector"] == {"pool": "gpu"}
+        assert pod["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+        sc = pod["spec"]["containers"][0]["securityContext"]
+        assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"]
+        assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert rs["metadata"] == {"name": "demo", "namespace": "ml", "labels": rs["metadata"]["labels"]}
+    assert rs["metadata"]["labels"]["app.kubernetes.io/instance"] == "demo"
+
+
+def test_a_spec_change_changes_the_rendered_objects_and_nothing_else_does():
+    before = build_rayservice(md({"replicas": 1}))
+    assert build_rayservice(md({"replicas": 1})) == before
+    after = build_rayservice(md({"replicas": 1, "engine": {"maxNumSeqs": 32}}))
+    assert after["metadata"] == before["metadata"]
+    assert after["spec"]["serveConfigV2"] != before["spec"]["serveConfigV2"]
+    assert "max_num_seqs: 32" in after["spec"]["serveConfigV2"]
+    scaled = build_rayservice(md({"replicas": 4}))
+    assert _worker_group(scaled)["replicas"] == 4
+
+
+# --- Service --------------------------------------------------------------------------------------
+
+
+def test_service_selects_the_healthy_serve_pods_and_exposes_grpc_and_http():
+    svc = build_service(md())
+    assert svc["metadata"]["name"] == "demo" and svc["metadata"]["namespace"] == "ml"
+    assert svc["spec"]["selector"] == {"kubeinfer.io/model-deployment": "demo", "ray.io/serve": "true"}
+    assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == \
+        {("grpc", 9000, "grpc"), ("http", 8000, "serve")}
+    ports = {p["name"] for c in _containers(build_rayservice(md())) for p in c["ports"]}
+    assert {"grpc", "serve"} <= ports  # the Service's named target ports exist on the pods
+    assert service_endpoint(md()) == "demo.ml.svc:9000"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rendered_service_is_valid_kubernetes(variant):
+    assert k8s_errors(build_service(md(VARIANTS[variant]))) is None
+
+
+# --- validity against KubeRay's CRD ------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _kuberay_schema() -> dict:
+    return crd_schema(KUBERAY_CRD, "v1")
+
+
+def _bodies() -> list[tuple[str, dict]]:
+    return [(f"variant-{k}", md(v)) for k, v in sorted(VARIANTS.items())] + \
+        [(f"example-{b['metadata']['name']}", b) for b in example_bodies()]
+
+
+@pytest.mark.parametrize("label,body", _bodies(), ids=[label for label, _ in _bodies()])
+def test_rayservice_is_valid_for_kuberay(label, body):
+    if not os.path.exists(KUBERAY_CRD):
+        pytest.skip(f"KubeRay's RayService CRD is not at {KUBERAY_CRD} (../shared missing)")
+    rs = build_rayservice(body)
+    assert yaml.safe_load(rs["spec"]["serveConfigV2"]) == build_serve_config(body, pin_to_worker_pods=True)
+    assert schema_errors(_kuberay_schema(), rs) == []
+
+
+def test_kuberay_schema_check_can_fail():
+    if not os.path.exists(KUBERAY_CRD):
+        pytest.skip(f"KubeRay's RayService CRD is not at {KUBERAY_CRD} (../shared missing)")
+    rs = build_rayservice(md())
+    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "three"
+    rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 1
+    assert len(schema_errors(_kuberay_schema(), rs)) == 2
+
+
+# --- bad specs ---------------------------------------------------------------------------------------
+
+BAD_SPECS = {
+    "s3 uri": ({"model": {"uri": "s3://bucket/m"}}, "unsupported scheme"),
+    "unknown builtin": ({"model": {"uri": "builtin://llama-70b"}}, "no builtin model 'llama-70b'"),
+    "pvc without path": ({"model": {"uri": "pvc://weights"}}, "name the model's folder or file inside the claim"),
+    "relative file uri": ({"model": {"uri": "file://models/m"}}, "absolute path"),
+    "context too long": ({"model": {"maxModelLen": 9000}}, "exceeds the model's context length 8192"),
+    "both scalings": ({"replicas": 1, "autoscaling": {"maxReplicas": 2}}, "not both"),
+    "min above max": ({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas <= maxReplicas"),
+    "int8 KV on GPU": ({"engine": {"kvCacheDtype": "int8"}, "resources": {"gpus": 1}}, "not supported on GPUs"),
+    "no chunked prefill": ({"engine": {"chunkedPrefill": False}}, "maxNumBatchedTokens (512) >= spec.model.maxModelLen"),
+    "bad memory": ({"resources": {"memory": "lots"}}, "spec.resources.memory: 'lots' is not a Kubernetes quantity"),
+    "bad policy": ({"router": {"policy": "random"}}, "spec.router: router policy must be one of"),
+    "bad model name": ({"model": {"name": "no spaces"}}, "spec.model.name"),
+    "two gpus": ({"resources": {"gpus": 2}}, "gpus must be 0 or 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_raises_a_readable_spec_error(case):
+    spec, fragment = BAD_SPECS[case]
+    with pytest.raises(SpecError) as info:
+        build_rayservice(md(spec))
+    assert fragment in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_a_name_that_cannot_name_a_service_is_a_spec_error():
+    with pytest.raises(SpecError, match="metadata.name"):
+        parse_spec(md(name="7up"))
+
+
+# --- capacity ----------------------------------------------------------------------------------------
+
+
+def test_capacity_of_the_default_spec_in_numbers():
+    est = estimate_capacity(parse_spec(md()))
+    # fp32: 134,515,008 parameters x 4 bytes; KV: 2 x 30 layers x 3 kv heads x 64 x 4 bytes per token,
+    # for 2048 tokens x 16 sequences.
+    assert est.weight_bytes == 134_515_008 * 4
+    assert est.kv_bytes == 2 * 30 * 3 * 64 * 4 * 2048 * 16
+    assert est.required_bytes == est.weight_bytes + est.kv_bytes + RUNTIME_OVERHEAD_BYTES
+    assert est.available_bytes == 4 * GIB and est.fits is True
+    assert est.kv_bytes == _model(build_serve_config(md()))["engine"]["kv_cache_memory_bytes"]
+
+
+def test_capacity_counts_quantized_weights_and_int8_kv():
+    est = estimate_capacity(parse_spec(md({"model": {"quantization": "int4"}, "engine": {"kvCacheDtype": "int8"}})))
+    float_params = 49152 * 576 + 61 * 576
+    assert est.weight_bytes == int((134_515_008 - float_params) * 0.625) + float_params * 4
+    assert est.kv_bytes == 2 * 30 * 3 * (64 + 4) * 2048 * 16
+    int8 = estimate_capacity(parse_spec(md({"model": {"quantization": "int8"}})))
+    assert est.weight_bytes < int8.weight_bytes < estimate_capacity(parse_spec(md())).weight_bytes
+
+
+def test_a_replica_that_cannot_fit_says_by_how_much():
+    est = estimate_capacity(parse_spec(md({"resources": {"memory": "1Gi"}})))
+    assert est.fits is False
+    assert est.message == ("needs 2.4 GiB (weights 0.5 GiB + KV 1.4 GiB + overhead 0.5 GiB) "
+                           "but the replica has 1.0 GiB (resources.memory)")
+
+
+def test_gpu_replicas_are_checked_against_gpu_memory():
+    small = estimate_capacity(parse_spec(md({"resources": {"gpus": 1, "gpuMemory": "2Gi"}, "engine": {"maxNumSeqs": 64}})))
+    assert small.fits is False and "(resources.gpuMemory)" in small.message
+    unknown = estimate_capacity(parse_spec(md({"resources": {"gpus": 1}})))
+    assert unknown.fits is None and "gpuMemory" in unknown.message
+
+
+def test_a_kv_pool_smaller_than_one_sequence_does_not_fit():
+    est = estimate_capacity(parse_spec(md({"engine": {"kvCacheMemory": "32Mi"}})))
+    assert est.fits is False and "fewer than maxModelLen 2048" in est.message
+
+
+def test_an_unknown_model_is_unknown_not_blocked_and_hints_make_it_known():
+    spec = parse_spec(md({"model": {"uri": "pvc://weights/m"}}))
+    est = estimate_capacity(spec)
+    assert est.fits is None and est.required_bytes is None
+    assert "kv_cache_memory_bytes" not in to_app_config(spec).models[0].engine  # the engine's default then
+    hinted = estimate_capacity(parse_spec(md({"model": {
+        "uri": "pvc://weights/m", "parameterCount": 10**9,
+        "architecture": {"numLayers": 16, "numKvHeads": 8, "headDim": 64}}})))
+    assert hinted.weight_bytes == 4 * 10**9 and hinted.kv_bytes == 2 * 16 * 8 * 64 * 4 * 2048 * 16
+    assert hinted.fits is False
+
+
+# --- kubeinfer render ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(EXAMPLES)))
+def test_kubeinfer_render_prints_what_the_operator_creates(name):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["render", os.path.join(EXAMPLES, name)]) == 0
+    docs = list(yaml.safe_load_all(out.getvalue()))
+    (body,) = load_yaml_docs(os.path.join(EXAMPLES, name))
+    assert docs == render_objects([body]) == [build_rayservice(body), build_service(body)]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["render", "--mode", "serve-api", os.path.join(EXAMPLES, name)]) == 0
+    assert list(yaml.safe_load_all(out.getvalue())) == [build_serve_config(body)]
+
+
+def test_kubeinfer_render_of_a_bad_spec_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(md({"model": {"uri": "s3://x/y"}})))
+    assert main(["render", str(path)]) == 2
+    assert "unsupported scheme" in capsys.readouterr().err
