@@ -91,15 +91,19 @@ class SimpleWorkload(Workload):
 
 
 class SharedPrefixWorkload(Workload):
-    """Each request: one of ``num_prefixes`` system prompts (chosen uniformly at random) + a question."""
+    """Each request: one of ``num_prefixes`` system prompts (chosen uniformly at random) + a question.
+
+    ``first_prefix`` picks a different set of system prompts (indices from it on): two runs on the
+    same server with disjoint sets cannot hit each other's prefix cache.
+    """
 
     name = "shared-prefix"
 
-    def __init__(self, num_prefixes: int = 8, prefix_words: int = 250, seed: int = 0) -> None:
+    def __init__(self, num_prefixes: int = 8, prefix_words: int = 250, seed: int = 0, first_prefix: int = 0) -> None:
         if num_prefixes < 1 or prefix_words < 1:
             raise ValueError("need num_prefixes >= 1 and prefix_words >= 1")
         super().__init__(seed)
-        self.prefixes = [system_prompt(i, prefix_words) for i in range(num_prefixes)]
+        self.prefixes = [system_prompt(first_prefix + i, prefix_words) for i in range(num_prefixes)]
 
     def next(self) -> WorkItem:
         k = self.rng.randrange(len(self.prefixes))
