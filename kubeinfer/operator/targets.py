@@ -1,0 +1,95 @@
+"""Where a ModelDeployment's replicas run, behind one interface: a KubeRay ``RayService`` (+ its
+Service) owned by the CR, or an application on an existing Ray cluster through its Serve REST API.
+
+Each target deploys (create or update in place), observes (an ``Observation`` for the status) and
+removes what one ModelDeployment put there. Objects come from the pure renderers in ``render``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol
+
+import kopf
+
+from kubeinfer.operator import render
+from kubeinfer.operator.kube import KubeClient
+from kubeinfer.operator.serve_api import ServeApiClient, grpc_endpoint
+from kubeinfer.operator.spec import ModelDeploymentSpec
+from kubeinfer.operator.status import Observation, observe_rayservice, observe_serve_application
+from kubeinfer.serve.config import DEFAULT_GRPC_PORT
+
+RAYSERVICE_API = ("ray.io", "v1", "rayservices")
+
+
+def desired_replicas(spec: ModelDeploymentSpec) -> int:
+    """How many model replicas the deployment starts with (autoscaling: initial, else minimum)."""
+    if spec.autoscaling is None:
+        return spec.replicas or 0
+    auto = spec.autoscaling
+    return auto.initial_replicas if auto.initial_replicas is not None else auto.min_replicas
+
+
+def worker_deployment(spec: ModelDeploymentSpec) -> str:
+    """The Serve deployment holding the model replicas (``kubeinfer.serve.app.worker_options``)."""
+    return f"worker-{spec.model.name}"
+
+
+class Target(Protocol):
+    """Runs one ModelDeployment's application somewhere; every method is idempotent."""
+
+    def endpoint(self, spec: ModelDeploymentSpec) -> str: ...
+
+    async def deploy(self, body: Mapping[str, Any], spec: ModelDeploymentSpec) -> None: ...
+
+    async def observe(self, spec: ModelDeploymentSpec) -> Observation: ...
+
+    async def remove(self, namespace: str, name: str) -> None: ...
+
+
+class KubeRayTarget:
+    """A RayService and a Service per ModelDeployment, both named after it and owned by it
+    (ownerReferences via ``kopf.adopt``). Removal deletes both explicitly rather than relying on
+    the garbage collector, so the finalizer only lets go once they are gone."""
+
+    def __init__(self, kube: KubeClient) -> None:
+        self._kube = kube
+
+    def endpoint(self, spec: ModelDeploymentSpec) -> str:
+        return f"{spec.name}.{spec.namespace}.svc:{DEFAULT_GRPC_PORT}"
+
+    async def deploy(self, body: Mapping[str, Any], spec: ModelDeploymentSpec) -> None:
+        rayservice, service = render.build_rayservice(body), render.build_service(body)
+        kopf.adopt([rayservice, service], owner=body)  # type: ignore[arg-type]
+        await self._kube.apply(rayservice, RAYSERVICE_API[2])
+        await self._kube.apply(service, "services")
+
+    async def observe(self, spec: ModelDeploymentSpec) -> Observation:
+        group, version, plural = RAYSERVICE_API
+        rayservice = await self._kube.get(f"{group}/{version}", plural, spec.namespace, spec.name)
+        return observe_rayservice(rayservice, spec.name, desired_replicas(spec))
+
+    async def remove(self, namespace: str, name: str) -> None:
+        group, version, plural = RAYSERVICE_API
+        await self._kube.delete(f"{group}/{version}", plural, namespace, name)
+        await self._kube.delete("v1", "services", namespace, name)
+
+
+class ServeApiTarget:
+    """One Serve application per ModelDeployment (named after it) on the Ray cluster behind
+    ``client``; other applications on that cluster are left as they are."""
+
+    def __init__(self, client: ServeApiClient) -> None:
+        self._client = client
+
+    def endpoint(self, spec: ModelDeploymentSpec) -> str:
+        return grpc_endpoint(self._client.address, DEFAULT_GRPC_PORT)
+
+    async def deploy(self, body: Mapping[str, Any], spec: ModelDeploymentSpec) -> None:
+        await self._client.deploy(render.build_serve_config(body))
+
+    async def observe(self, spec: ModelDeploymentSpec) -> Observation:
+        details = await self._client.details()
+        return observe_serve_application(details, spec.name, [worker_deployment(spec)])
+
+    async def remove(self, namespace: str, name: str) -> None:
+        await self._client.remove(name)
