@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     from kubeinfer.operator.render_command import add_render_parser
     add_render_parser(sub)
+    from kubeinfer.operator.operator_command import add_operator_parser
+    add_operator_parser(sub)
     return parser
 
 
