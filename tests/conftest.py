@@ -86,3 +86,33 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny-llama"))
     build_tiny_model(path, "llama")
     return path
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One local Ray head for the whole session (starting Ray costs seconds), with its dashboard on
+    loopback so the Serve REST API answers; yields ``{"address", "dashboard"}``. Token auth is off
+    (Ray 2.60 turns it on by default), as for any local run."""
+    import shutil
+    import subprocess
+    import sys
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    if ray_bin is None:
+        pytest.skip("the ray command is not installed in this environment")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    port, dash = free_port(), free_port()
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", f"--port={port}",
+                    "--dashboard-host", "127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                    "--disable-usage-stats"],
+                   check=True, capture_output=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True)

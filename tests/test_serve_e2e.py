@@ -1,0 +1,131 @@
+"""The Ray Serve application end to end on a real local Ray: 2 worker replicas of a tiny model,
+streams over gRPC (Serve's gRPC proxy) and HTTP (the openai client), and a replica killed mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from kubeinfer.proto import inference_pb2 as pb
+from kubeinfer.proto import inference_pb2_grpc as pb_grpc
+from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
+from kubeinfer.worker import Engine, SamplingParams
+from tests.conftest import free_port
+
+MAX_TOKENS = 24
+PROMPTS = [f"{word} number {i}" for i, word in enumerate(
+    ["The quick brown fox", "Kubernetes schedules pods", "def f(x):", "héllo wörld",
+     "Ray Serve runs replicas", "naïve café", "return x * 2", "emoji 🙂"] * 4)]
+APP = "kubeinfer-e2e"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    engine = Engine(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=64)
+    outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    return {p: (o.output_token_ids, o.text) for p, o in zip(PROMPTS, outs)}
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_head, tiny_llama_dir):
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from kubeinfer.serve.app import build_app
+    ray.init(address=ray_head["address"], log_to_driver=False)
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
+    app = AppConfig(models=[ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=256,
+                                      engine={"num_kv_blocks": 64}, num_replicas=2)])
+    serve.run(build_app(app.to_dict()), name=APP, route_prefix="/")
+    try:
+        yield {"http": f"http://127.0.0.1:{http_port}/v1", "grpc": f"127.0.0.1:{grpc_port}"}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+async def grpc_stream(stub, prompt: str, started: asyncio.Event | None = None) -> dict:
+    """Tokens and text of one streamed request; ``error`` is the status code if it failed."""
+    result = {"tokens": [], "text": "", "error": None}
+    request = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+    try:
+        async for msg in stub.GenerateStream(request):
+            result["tokens"] += msg.token_ids
+            result["text"] += msg.text
+            if started is not None:
+                started.set()
+    except grpc.aio.AioRpcError as e:
+        result["error"] = e.code()
+    return result
+
+
+async def http_stream(client, prompt: str) -> str:
+    stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                             stream=True, extra_body={"ignore_eos": True})
+    return "".join([c.choices[0].text async for c in stream if c.choices])
+
+
+def test_32_concurrent_streams_over_grpc_and_http_match_the_engine(serve_app, reference):
+    import openai
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=serve_app["http"], api_key="unused", max_retries=0)
+        async with grpc.aio.insecure_channel(serve_app["grpc"]) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            over_grpc = [grpc_stream(stub, p) for p in PROMPTS[:16]]
+            over_http = [http_stream(client, p) for p in PROMPTS[16:]]
+            return await asyncio.gather(*over_grpc, *over_http)
+
+    results = asyncio.run(main())
+    for prompt, result in zip(PROMPTS[:16], results[:16]):
+        assert result["error"] is None
+        assert result["tokens"] == reference[prompt][0]
+    for prompt, text in zip(PROMPTS[16:], results[16:]):
+        assert text == reference[prompt][1]
+
+
+def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_app, reference):
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "worker-tiny" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    assert len(replicas) == 2, replicas
+    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+
+    async def main():
+        async with grpc.aio.insecure_channel(serve_app["grpc"]) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            started = asyncio.Event()
+            first_wave = [asyncio.create_task(grpc_stream(stub, p, started)) for p in PROMPTS[:16]]
+            await started.wait()
+            ray.kill(victim, no_restart=True)
+            # Sent after the kill, before Serve has noticed it: some go to the dead replica first.
+            second_wave = [asyncio.create_task(grpc_stream(stub, p)) for p in PROMPTS[16:]]
+            return await asyncio.gather(*first_wave, *second_wave)
+
+    results = asyncio.run(main())
+    lost = [p for p, r in zip(PROMPTS, results) if r["error"] is not None and not r["tokens"]]
+    assert lost == []  # a request that had not streamed a token was retried on the other replica
+    assert sum(r["error"] is None for r in results[16:]) == 16
+    for prompt, result in zip(PROMPTS, results):
+        if result["error"] is None:
+            assert result["tokens"] == reference[prompt][0]
+        else:  # it was streaming from the killed replica: the stream ends with UNAVAILABLE
+            assert result["error"] == grpc.StatusCode.UNAVAILABLE
+    # The kill hit work in flight: requests were retried elsewhere or cut mid-stream (else this
+    # test would prove nothing).
+    failed = sum(r["error"] is not None for r in results)
+    assert retries_total(serve_app["http"]) + failed >= 1
+
+
+def retries_total(base_url: str) -> float:
+    import urllib.request
+    text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
+    line = next(l for l in text.splitlines() if l.startswith("kubeinfer:router_retries_total"))
+    return float(line.split()[-1])
