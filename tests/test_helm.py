@@ -134,3 +134,10 @@ def test_every_value_is_documented():
         elif key.group(3).strip():  # a leaf with no comment
             undocumented.append(line.strip())
     assert undocumented == []
+
+
+def test_manifests_grant_what_the_chart_grants():
+    (chart_role,) = _by_kind(_template())["ClusterRole"]
+    (manifest_role,) = [d for d in load_yaml_docs(os.path.join(ROOT, "manifests", "rbac.yaml"))
+                        if d["kind"] == "ClusterRole"]
+    assert manifest_role["rules"] == chart_role["rules"]

@@ -356,3 +356,36 @@ def test_kubeinfer_render_of_a_bad_spec_is_one_line_and_exit_2(tmp_path, capsys)
     path.write_text(yaml.safe_dump(md({"model": {"uri": "s3://x/y"}})))
     assert main(["render", str(path)]) == 2
     assert "unsupported scheme" in capsys.readouterr().err
+
+
+# --- manifests/ ------------------------------------------------------------------------------------
+
+MANIFESTS = os.path.join(ROOT, "manifests")
+
+
+def _manifest_files() -> list[str]:
+    """In the order `kubectl apply -f manifests/` applies them (file names, sorted; not recursive)."""
+    return sorted(n for n in os.listdir(MANIFESTS) if n.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", _manifest_files())
+def test_manifest_is_valid_kubernetes(name):
+    docs = load_yaml_docs(os.path.join(MANIFESTS, name))
+    assert docs and [k8s_errors(d) for d in docs] == [None] * len(docs)
+
+
+def test_kubectl_apply_of_the_folder_creates_what_it_needs_before_it_is_needed():
+    seen: list[tuple[str, str]] = []
+    for name in _manifest_files():
+        for d in load_yaml_docs(os.path.join(MANIFESTS, name)):
+            namespace = d["metadata"].get("namespace")
+            if namespace is not None:
+                assert ("Namespace", namespace) in seen, f"{name}: {d['kind']} before its namespace"
+            if d["kind"] == "Deployment":
+                account = d["spec"]["template"]["spec"]["serviceAccountName"]
+                assert ("ServiceAccount", account) in seen, f"{name}: Deployment before its ServiceAccount"
+            seen.append((d["kind"], d["metadata"]["name"]))
+    kinds = {k for k, _ in seen}
+    assert {"CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+            "Deployment"} <= kinds
+    assert "ModelDeployment" not in kinds  # the examples live in a subfolder, which apply -f skips
