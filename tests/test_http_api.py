@@ -321,6 +321,35 @@ def test_client_disconnect_mid_stream_aborts(server, engine, monkeypatch):
     assert out.choices[0].text == reference(engine, PROMPTS[2]).text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_gone_before_the_first_token_aborts(server, monkeypatch, stream):
+    gate = StepGate(server.engine(), monkeypatch)
+    body = json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 200, "stream": stream}).encode()
+    try:
+        gate.opened.clear()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(lambda: server.router.admission.in_flight == 1, "the request to be admitted")
+        wait_for(lambda: server.router.admission.in_flight == 0, "the router to drop the request")
+        gate.opened.set()
+        wait_for(lambda: server.engine().stats().num_requests_running == 0, "the engine to abort the request")
+    finally:
+        gate.opened.set()
+
+
+def test_stream_wire_format(server):
+    body = json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "stream": True}).encode()
+    request = urllib.request.Request(f"{server.url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        events = r.read().decode().split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert json.loads(events[-3][len("data: "):])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 # ---- health and metrics -------------------------------------------------------------------------
 
 

@@ -55,10 +55,11 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
 class _DetachedStream:
     """Runs one ``Router.stream`` in a task of its own and hands its chunks to one reader.
 
-    Starlette cancels a streaming response's task again at every await once its client has gone;
-    iterated there, the router's cleanup (abort the job, free the admission slot) could be cut
-    short. Here the reader may be cancelled freely and ``close()`` cancels the router's stream
-    exactly once. Invariant: the reader gets chunks in order, then None or the stream's error.
+    Once its client has gone, Starlette (anyio) cancels a streaming response's task again at every
+    await; iterated there, the router's cleanup is cancelled at its own first await (the batch
+    call's teardown, or a pool's abort that awaits a remote call). Here the reader may be cancelled
+    freely and ``close()`` cancels the router's stream exactly once. Invariant: the reader gets
+    chunks in order, then None (again on every later call) or the stream's error.
     """
 
     def __init__(self, chunks: AsyncIterator[Chunk], tasks: set[asyncio.Task]) -> None:
@@ -96,7 +97,7 @@ class _DetachedStream:
 
 
 class _ClientGone(Exception):
-    pass
+    """The client disconnected before its response started."""
 
 
 async def _unless_client_gone(request: Request, work: Awaitable[T]) -> T:
