@@ -176,11 +176,24 @@ async def bench_overhead(engine: Engine, scale: Scale) -> dict[str, Any]:
 # ---- b. prefix affinity vs power of two -----------------------------------------------------------
 
 
+async def warm_up_long_prompts(engines: list[Engine], scale: Scale) -> None:
+    """Two long-prompt requests per engine, round robin, before anything is timed: an engine's first
+    long prefills (at a new thread count) pay one-off costs that would otherwise all land on
+    whichever policy runs first. Their system prompts are disjoint from both timed runs'."""
+    workload = SharedPrefixWorkload(2 * len(engines), scale.affinity_prefix_words,
+                                    first_prefix=2 * scale.affinity_prefixes)
+    spec = greedy_spec(scale.affinity_tokens, 1)
+    async with serving(engines, RouterSettings(policy="round_robin")) as (_, client):
+        for _ in range(2 * len(engines)):
+            await send_one(client, workload.next(), spec, time.perf_counter())
+
+
 async def bench_affinity(engines: list[Engine], scale: Scale) -> dict[str, Any]:
     results: dict[str, Any] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the engine threads started below take this on their first op
     try:
+        await warm_up_long_prompts(engines, scale)
         for i, policy in enumerate(("prefix_affinity", "power_of_two")):
             # Disjoint system prompts per policy: the second run cannot hit prefixes the first one cached.
             workload = SharedPrefixWorkload(scale.affinity_prefixes, scale.affinity_prefix_words, seed=0,
