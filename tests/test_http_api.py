@@ -220,6 +220,19 @@ def test_logprobs(server, engine):
     assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-5 for t in content)
 
 
+def test_logprobs_of_filtered_tokens_are_finite(server):
+    """top_k=2 leaves every other token at -inf, which JSON cannot carry: vLLM's -9999 stands in."""
+    out = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], logprobs=5, max_tokens=4, top_p=1.0,
+                                           temperature=1.0, seed=0, extra_body={"top_k": 2, **IGNORE_EOS})
+    tops = out.choices[0].logprobs.top_logprobs
+    assert len(tops) == 4 and all(-9999.0 in top.values() for top in tops)
+    chat = server.client.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True, top_logprobs=5,
+                                                 max_tokens=4, seed=0, stream=True,
+                                                 extra_body={"top_k": 2, **IGNORE_EOS})
+    entries = [t for c in chat if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert len(entries) == 4 and all(t.top_logprobs[-1].logprob == -9999.0 for t in entries)
+
+
 def test_models(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == [MODEL]

@@ -161,6 +161,14 @@ def usage(last: Chunk) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
 
 
+# vLLM's stand-in for a -inf logprob (a token top-k / top-p filtered out): JSON has no infinity.
+_MIN_LOGPROB = -9999.0
+
+
+def _finite(logprob: float | None) -> float | None:
+    return None if logprob is None else max(logprob, _MIN_LOGPROB)
+
+
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -174,8 +182,8 @@ def completion_logprobs(tokenizer: Tokenizer, chunks: list[Chunk], text_offset: 
         for token, top in zip(c.token_ids, c.logprobs or []):
             text = _token_text(tokenizer, token)
             out["tokens"].append(text)
-            out["token_logprobs"].append(top.get(token))
-            out["top_logprobs"].append({_token_text(tokenizer, t): lp for t, lp in top.items()})
+            out["token_logprobs"].append(_finite(top.get(token)))
+            out["top_logprobs"].append({_token_text(tokenizer, t): _finite(lp) for t, lp in top.items()})
             out["text_offset"].append(text_offset)
             text_offset += len(text)
     return out
@@ -188,7 +196,7 @@ def chat_logprobs(tokenizer: Tokenizer, chunks: list[Chunk], top_n: int) -> dict
 
     def entry(token: int, logprob: float | None) -> dict[str, Any]:
         text = _token_text(tokenizer, token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
 
     content = []
     for c in chunks:
