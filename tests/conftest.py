@@ -88,6 +88,13 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-qwen"))
+    build_tiny_model(path, "qwen2", seed=1)
+    return path
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -276,3 +276,53 @@ def test_metrics_use_vllm_names(server):
         assert f"{name}" in text, name
     gen = float(text.split('vllm:generation_tokens_total{model_name="tiny"} ')[1].split()[0])
     assert gen >= MAX_TOKENS
+
+
+def test_requests_are_routed_by_model_name(tiny_llama_dir, tiny_qwen_dir):
+    app = AppConfig(models=[spec(tiny_llama_dir, 1),
+                            ModelSpec(name="qwen", uri=tiny_qwen_dir, max_model_len=128,
+                                      engine={"num_kv_blocks": 32}, num_replicas=1)])
+    s = Server(build_local_router(app))
+    try:
+        qwen = Engine(model=tiny_qwen_dir, max_model_len=128, num_kv_blocks=32)
+        expected = qwen.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                              ignore_eos=True))[0].output_token_ids
+
+        async def run(stub, _):
+            by_name = await asyncio.gather(stream_tokens(stub, PROMPTS[0], model="qwen"),
+                                           stream_tokens(stub, PROMPTS[0], model="tiny"),
+                                           stream_tokens(stub, PROMPTS[0]))  # empty: the first model
+            models = await stub.ListModels(pb.ListModelsRequest())
+            return by_name, models
+        (on_qwen, on_tiny, on_default), models = s.call(run)
+        assert on_qwen[0] == expected
+        assert on_tiny[0] == on_default[0] != expected
+        assert [(m.id, m.max_model_len) for m in models.models] == [("tiny", 256), ("qwen", 128)]
+    finally:
+        s.close()
+
+
+def test_drain_finishes_requests_in_flight_and_refuses_new_ones(tiny_llama_dir, reference):
+    s = Server(build_local_router(AppConfig(models=[spec(tiny_llama_dir, 1)])))
+    try:
+        async def run(stub, _):
+            in_flight = stub.GenerateStream(pb.GenerateRequest(prompt=PROMPTS[0], sampling=greedy()))
+            first = await in_flight.read()
+            drained = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.router.drain(30.0), s.loop))
+            while not s.router.draining:
+                await asyncio.sleep(0.001)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(pb.GenerateRequest(prompt=PROMPTS[1], sampling=greedy()))
+            rest = []
+            while (msg := await in_flight.read()) != grpc.aio.EOF:
+                rest.append(msg)
+            await drained
+            return first, rest, refused.value
+        first, rest, refused = s.call(run)
+        tokens = list(first.token_ids) + [t for m in rest for t in m.token_ids]
+        assert tokens == reference[PROMPTS[0]]
+        assert rest[-1].finish_reason == "length"
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in refused.details()
+    finally:
+        s.close()
