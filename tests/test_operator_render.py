@@ -389,3 +389,9 @@ def test_kubectl_apply_of_the_folder_creates_what_it_needs_before_it_is_needed()
     assert {"CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
             "Deployment"} <= kinds
     assert "ModelDeployment" not in kinds  # the examples live in a subfolder, which apply -f skips
+
+
+def test_owner_reference_names_the_model_deployment_as_controller():
+    from kubeinfer.operator.render import owner_reference
+    assert owner_reference(md()) == {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "ModelDeployment", "name": "demo",
+                                     "uid": "u-1", "controller": True, "blockOwnerDeletion": True}
