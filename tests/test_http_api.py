@@ -334,6 +334,27 @@ def test_client_disconnect_mid_stream_aborts(server, engine, monkeypatch):
     assert out.choices[0].text == reference(engine, PROMPTS[2]).text
 
 
+def test_engine_failure_mid_stream_is_an_error_event(server, engine, monkeypatch):
+    runner = server.engine().runner
+    execute, calls = runner.execute, []
+
+    def fails_after_two_steps(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("injected failure")
+        return execute(*args, **kwargs)
+    monkeypatch.setattr(runner, "execute", fails_after_two_steps)
+    stream = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], stream=True, temperature=0.0,
+                                              max_tokens=50, extra_body=IGNORE_EOS)
+    with pytest.raises(openai.APIError, match="injected failure") as e:
+        list(stream)
+    assert not isinstance(e.value, openai.APIStatusError)  # in the stream, after a 200 status line
+    assert e.value.body["type"] == "server_error"
+    monkeypatch.undo()
+    out = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], **GREEDY, extra_body=IGNORE_EOS)
+    assert out.choices[0].text == reference(engine, PROMPTS[0]).text
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_gone_before_the_first_token_aborts(server, monkeypatch, stream):
     gate = StepGate(server.engine(), monkeypatch)
