@@ -1,7 +1,8 @@
-"""Request routing: replica-selection policies, admission control and micro-batching.
+"""The router: validation and tokenization, replica-selection policies, admission control,
+micro-batching, the gRPC and HTTP surfaces. No Ray imports (``kubeinfer.serve`` adds Ray).
 
-Pure Python policy logic (no Ray, gRPC or torch), shared by the gRPC servicer and the Ray Serve
-request router.
+This package namespace exports only the policy layer, which is pure Python (no gRPC or torch), so
+the Ray Serve request router can import it cheaply.
 """
 
 from kubeinfer.router.admission import Admission, AdmissionController, Rejected
