@@ -29,6 +29,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "stop", "seed", "presence_penalty", 
 
 
 class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the usage and no choices."""
+
     include_usage: bool | None = None
 
 
@@ -111,11 +113,15 @@ class CompletionRequest(_GenerateRequest):
 
 
 class TextPart(BaseModel):
+    """One text part of a chat message's content (the only kind of part served)."""
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    """One chat message; the Router checks the role and renders the chat template."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: str
