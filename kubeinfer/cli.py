@@ -6,7 +6,6 @@ import argparse
 import sys
 from typing import Sequence
 
-from kubeinfer.worker.models.config import CheckpointError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -180,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError) as e:
+    except ValueError as e:  # CheckpointError too: bad input gets one line, not a traceback
         print(f"kubeinfer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
