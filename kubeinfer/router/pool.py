@@ -95,11 +95,12 @@ class _BatchCall:
                 s.queue.put_nowait(_DONE)
 
     async def release(self, stream: JobStream) -> None:
+        # The caller may be cancelled again while it cleans up (Starlette does that), so the abort
+        # runs as a task of its own that an interruption here cannot cut short.
         if not stream.finished and self.replica_id is not None and not self._task.done():
-            await self.pool.abort(self.replica_id, stream.job.request_id)
+            self.pool.spawn(self.pool.abort(self.replica_id, stream.job.request_id))
         if all(s.closed for s in self.streams) and not self._task.done():
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
 
 class WorkerPool(ABC):
@@ -108,6 +109,13 @@ class WorkerPool(ABC):
 
     def __init__(self) -> None:
         self.reports: dict[str, tuple[float, ReplicaReport]] = {}
+        self._background: set[asyncio.Task] = set()  # strong references, or the loop may drop them
+
+    def spawn(self, coro) -> None:
+        """Run a clean-up coroutine (an abort) to completion whatever happens to its caller."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def open(self, jobs: list[GenerateJob], *, exclude: str | None = None) -> list[JobStream]:
         """Start one call carrying ``jobs``; ``exclude`` names a replica to avoid (a retry)."""
