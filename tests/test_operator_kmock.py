@@ -3,7 +3,8 @@
 kmock keeps objects in memory and streams watch events, but it does not bump resourceVersion or
 generation, apply CRD defaults, collect garbage or support generateName (so only the first Event
 object is stored: Events are checked in the request log). Tests bump ``metadata.generation``
-themselves, like an API server does on a spec change. looptime runs the operator's timers in
+themselves, as an API server does on a spec change. kopf computes handler delays from the wall
+clock, so the one test that waits for kopf to retry runs in real time (looptime off). looptime runs the operator's timers in
 loop time, so waiting budgets are loop seconds, not wall-clock time.
 """
 
@@ -34,6 +35,8 @@ RAYSERVICE_CRD_PATH = ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.y
 MD, RS, SVC = "kubeinfer.io/v1alpha1/modeldeployments", "ray.io/v1/rayservices", "v1/services"
 NS = "models"
 BUDGET_S = 300.0  # loop seconds to wait for the operator to get somewhere
+
+
 
 pytestmark = [
     pytest.mark.asyncio,
@@ -81,9 +84,10 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(mode: str = "auto", liveness: str | None = None) -> AsyncIterator[asyncio.Task]:
+async def running_operator(mode: str = "auto", liveness: str | None = None,
+                           retry_delay_s: float = 5.0) -> AsyncIterator[asyncio.Task]:
     stop = asyncio.Event()
-    memo = kopf.Memo(config=OperatorConfig(mode=mode, retry_delay_s=5.0))
+    memo = kopf.Memo(config=OperatorConfig(mode=mode, retry_delay_s=retry_delay_s))
     task = asyncio.create_task(kopf.operator(
         registry=handlers.registry, clusterwide=True, standalone=True, memo=memo, stop_flag=stop,
         liveness_endpoint=liveness))
@@ -253,6 +257,7 @@ class FakeServeApi:
         self.apps: dict[str, dict[str, Any]] = {}
         self.app_status: dict[str, str] = {}
         self.puts: list[dict[str, Any]] = []
+        self.unavailable_puts = 0  # answer this many PUTs with 503, as a Ray head that is restarting
         self.app = web.Application()
         self.app.router.add_get("/api/serve/applications/", self.get)
         self.app.router.add_put("/api/serve/applications/", self.put)
@@ -272,6 +277,9 @@ class FakeServeApi:
         return web.json_response({"applications": applications})
 
     async def put(self, request: web.Request) -> web.Response:
+        if self.unavailable_puts > 0:
+            self.unavailable_puts -= 1
+            return web.Response(status=503, text="the Serve controller is restarting")
         body = await request.json()
         self.puts.append(body)
         self.apps = {a["name"]: a for a in body["applications"]}
@@ -300,4 +308,20 @@ async def test_serve_api_mode_adds_and_removes_one_application(cluster):
         await eventually(lambda: get(kmock, MD, "remote") is None, "the CR released by its finalizer")
         assert list(fake.apps) == ["other"]
         assert fake.apps["other"] == {"name": "other", "route_prefix": "/other", "import_path": "other:app"}
+        assert not operator.done()
+
+
+@pytest.mark.looptime(False)
+async def test_an_unavailable_serve_api_is_retried(cluster):
+    kmock = cluster
+    fake = FakeServeApi()
+    fake.unavailable_puts = 2
+    async with TestServer(fake.app, host="127.0.0.1") as server, running_operator(retry_delay_s=0.1) as operator:
+        await kmock.post(url(MD), json=model_deployment("remote", "uid-r", rayAddress=f"http://127.0.0.1:{server.port}"))
+
+        # Two PUTs meet a 503: Warning Events, and kopf retries until the third lands.
+        await eventually(lambda: phase(kmock, "remote") == "Deploying", "phase Deploying", budget_s=60)
+        assert fake.unavailable_puts == 0 and len(fake.puts) == 1
+        warnings = [e for e in events(kmock, "remote") if e["type"] == "Warning"]
+        assert warnings and all(e["reason"] == "TargetUnavailable" and "HTTP 503" in e["message"] for e in warnings)
         assert not operator.done()

@@ -32,6 +32,7 @@ STATUS_INTERVAL_S = 10.0
 STATUS_IDLE_S = 5.0
 # Ready-condition reasons meaning "nothing of this generation was deployed": the timer leaves them be.
 REFUSALS = ("InvalidSpec", "InsufficientMemory", "DeployRejected")
+MAX_RETRY_DELAY_S = 300.0
 _WARNING_PHASES = ("Degraded", "Failed")
 
 
@@ -112,18 +113,20 @@ def _refuse(body: kopf.Body, patch: kopf.Patch, reason: str, message: str) -> No
     raise kopf.PermanentError(f"{reason}: {message}")
 
 
-def _retry(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, error: BaseException) -> NoReturn:
-    """A failure that may pass (API server or Ray unreachable): say so, and let kopf retry later."""
+def _retry(body: kopf.Body, memo: kopf.Memo, retry: int, error: BaseException) -> NoReturn:
+    """A failure that may pass (API server or Ray unreachable): say so, and let kopf retry later,
+    backing off exponentially so an outage does not turn into a storm of attempts and Events."""
     message = f"{type(error).__name__}: {error}"
     kopf.warn(body, reason="TargetUnavailable", message=message)
-    raise kopf.TemporaryError(message, delay=memo.config.retry_delay_s)
+    delay = min(memo.config.retry_delay_s * 2 ** min(retry, 10), MAX_RETRY_DELAY_S)
+    raise kopf.TemporaryError(message, delay=delay)
 
 
 @kopf.on.resume(*RESOURCE, registry=registry)
 @kopf.on.create(*RESOURCE, registry=registry)
 @kopf.on.update(*RESOURCE, field="spec", registry=registry)
 async def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
-                    **_: Any) -> None:
+                    retry: int, **_: Any) -> None:
     """Validate, check capacity, then deploy (or update in place) and report Deploying."""
     try:
         spec = parse_spec(body)
@@ -139,11 +142,11 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger:
         await target.deploy(body, spec)
     except ServeApiError as e:
         if e.transient:
-            _retry(body, patch, memo, e)
+            _retry(body, memo, retry, e)
         _refuse(body, patch, "DeployRejected", str(e))
     except Exception as e:
         if is_transient(e):
-            _retry(body, patch, memo, e)
+            _retry(body, memo, retry, e)
         _refuse(body, patch, "DeployRejected", f"{type(e).__name__}: {e}")
     _write_status(body, patch, deploying(desired_replicas(spec)), target.endpoint(spec),
                   body.meta.get("generation"))

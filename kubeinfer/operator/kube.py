@@ -47,8 +47,7 @@ def is_transient(error: BaseException) -> bool:
     """Errors worth retrying: the API server unreachable, overloaded, timing out or conflicting."""
     if isinstance(error, ApiException):
         return error.status is None or error.status in (409, 429) or error.status >= 500
-    return isinstance(error, (OSError, TimeoutError, kubernetes.client.exceptions.OpenApiException)) or \
-        type(error).__module__.startswith("urllib3")
+    return isinstance(error, (OSError, TimeoutError)) or type(error).__module__.startswith("urllib3")
 
 
 class KubeClient:
