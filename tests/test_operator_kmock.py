@@ -295,12 +295,14 @@ async def test_serve_api_mode_adds_and_removes_one_application(cluster):
         await kmock.post(url(MD), json=model_deployment("remote", "uid-r", rayAddress=address))
 
         await eventually(lambda: phase(kmock, "remote") == "Deploying", "phase Deploying")
-        assert [a["name"] for a in fake.puts[-1]["applications"]] == ["other", "remote"]
-        assert fake.apps["remote"]["import_path"] == "kubeinfer.serve.app:build_app"
+        app = f"{NS}.remote"  # unique per namespace and name, so deployments share one cluster
+        assert [a["name"] for a in fake.puts[-1]["applications"]] == ["other", app]
+        assert fake.apps[app]["import_path"] == "kubeinfer.serve.app:build_app"
+        assert fake.apps[app]["route_prefix"] == f"/{NS}/remote"
         assert get(kmock, RS, "remote") is None  # rayAddress wins over KubeRay
         assert get(kmock, MD, "remote")["status"]["endpoint"] == "127.0.0.1:9000"
 
-        fake.app_status["remote"] = "RUNNING"
+        fake.app_status[app] = "RUNNING"
         await eventually(lambda: phase(kmock, "remote") == "Ready", "phase Ready")
         assert get(kmock, MD, "remote")["status"]["readyReplicas"] == 2
 

@@ -16,7 +16,7 @@ import yaml
 from kubeinfer.cli import main
 from kubeinfer.operator.capacity import RUNTIME_OVERHEAD_BYTES, estimate_capacity
 from kubeinfer.operator.render import (OBJECT_STORE_BYTES, WORKER_IMAGE, WORKER_IMAGE_CUDA, build_rayservice,
-                                       build_serve_config, build_service, render_objects, service_endpoint)
+                                       build_kuberay_serve_config, build_serve_config, build_service, render_objects, service_endpoint)
 from kubeinfer.operator.spec import SpecError, parse_spec, to_app_config
 from kubeinfer.serve.config import AppConfig
 from tests.k8s_schema import KUBERAY_CRD, ROOT, crd_schema, k8s_errors, load_yaml_docs, schema_errors
@@ -112,7 +112,7 @@ def test_engine_router_and_model_fields_reach_the_application():
     assert serve["applications"][0]["args"]["router"] == {
         "policy": "prefix_affinity", "max_in_flight": 20, "max_queued": 10, "batch_window_ms": 2.5,
         "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2}
-    assert serve["applications"][0]["name"] == "demo"
+    assert serve["applications"][0]["name"] == "ml.demo"  # Serve-API mode: namespace.name
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -234,7 +234,7 @@ def test_rayservice_is_valid_for_kuberay(label, body):
     if not os.path.exists(KUBERAY_CRD):
         pytest.skip(f"KubeRay's RayService CRD is not at {KUBERAY_CRD} (../shared missing)")
     rs = build_rayservice(body)
-    assert yaml.safe_load(rs["spec"]["serveConfigV2"]) == build_serve_config(body, pin_to_worker_pods=True)
+    assert yaml.safe_load(rs["spec"]["serveConfigV2"]) == build_kuberay_serve_config(body)
     assert schema_errors(_kuberay_schema(), rs) == []
 
 
@@ -395,3 +395,14 @@ def test_owner_reference_names_the_model_deployment_as_controller():
     from kubeinfer.operator.render import owner_reference
     assert owner_reference(md()) == {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "ModelDeployment", "name": "demo",
                                      "uid": "u-1", "controller": True, "blockOwnerDeletion": True}
+
+
+def test_serve_api_applications_of_same_named_deployments_do_not_collide():
+    a, b = md(), md()
+    a["metadata"]["namespace"], b["metadata"]["namespace"] = "team-a", "team-b"
+    apps = [build_serve_config(x)["applications"][0] for x in (a, b)]
+    assert apps[0]["name"] != apps[1]["name"]
+    assert apps[0]["route_prefix"] != apps[1]["route_prefix"]
+    assert apps[0]["route_prefix"] == f"/team-a/{a['metadata']['name']}"
+    # KubeRay mode: the cluster is the deployment's own, so its application sits at "/".
+    assert build_kuberay_serve_config(a)["applications"][0]["route_prefix"] == "/"

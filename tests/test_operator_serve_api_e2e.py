@@ -14,6 +14,7 @@ import pytest
 grpc = pytest.importorskip("grpc")
 aiohttp = pytest.importorskip("aiohttp")
 
+from kubeinfer.operator.render import serve_api_app_name
 from kubeinfer.proto import inference_pb2 as pb  # noqa: E402
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc  # noqa: E402
 from tests.test_operator_kmock import (  # noqa: E402,F401  (cluster is a fixture)
@@ -49,7 +50,8 @@ async def test_serve_api_mode_deploys_streams_and_removes(cluster, ray_head, tin
         assert md["status"]["phase"] == "Ready", md["status"]
         assert (md["status"]["replicas"], md["status"]["readyReplicas"]) == (1, 1)
         assert condition(md, "Ready")["status"] == "True"
-        assert (await serve_applications(dashboard))[NAME]["status"] == "RUNNING"
+        app = serve_api_app_name(md["metadata"]["namespace"], NAME)
+        assert (await serve_applications(dashboard))[app]["status"] == "RUNNING"
 
         # The reported endpoint is Serve's gRPC proxy: a streamed request gets text back.
         endpoint = md["status"]["endpoint"]
@@ -57,7 +59,7 @@ async def test_serve_api_mode_deploys_streams_and_removes(cluster, ray_head, tin
             max_tokens=8, temperature=0.0, ignore_eos=True))
         async with grpc.aio.insecure_channel(endpoint) as channel:
             chunks = [msg async for msg in pb_grpc.InferenceStub(channel).GenerateStream(
-                request, metadata=(("application", NAME),), timeout=120)]
+                request, metadata=(("application", app),), timeout=120)]
         assert len(chunks) >= 2
         assert sum(len(c.token_ids) for c in chunks) == 8
         assert "".join(c.text for c in chunks)
@@ -65,10 +67,10 @@ async def test_serve_api_mode_deploys_streams_and_removes(cluster, ray_head, tin
         await kmock.delete(url(MD, NAME))
         await eventually(lambda: get(kmock, MD, NAME) is None, "the CR released by its finalizer", budget_s=120)
         # Serve deletes asynchronously: the application is on its way out, then gone.
-        assert (await serve_applications(dashboard)).get(NAME, {"status": "DELETING"})["status"] == "DELETING"
+        assert (await serve_applications(dashboard)).get(app, {"status": "DELETING"})["status"] == "DELETING"
         for _ in range(120):
-            if NAME not in await serve_applications(dashboard):
+            if app not in await serve_applications(dashboard):
                 break
             await asyncio.sleep(1)
-        assert NAME not in await serve_applications(dashboard)
+        assert app not in await serve_applications(dashboard)
         assert not operator.done()

@@ -63,11 +63,30 @@ def service_endpoint(body: Mapping[str, Any]) -> str:
     return f"{spec.name}.{spec.namespace}.svc:{DEFAULT_GRPC_PORT}"
 
 
-def build_serve_config(body: Mapping[str, Any], *, pin_to_worker_pods: bool = False) -> dict[str, Any]:
-    """The Ray Serve config for ``body`` (Serve-API mode's PUT body; KubeRay mode's serveConfigV2
-    with ``pin_to_worker_pods``). The application is named after the ModelDeployment."""
+def serve_api_app_name(namespace: str, name: str) -> str:
+    """The application of a ModelDeployment on a shared Ray cluster: unique across namespaces
+    (neither part can contain a dot)."""
+    return f"{namespace}.{name}"
+
+
+def serve_api_route_prefix(namespace: str, name: str) -> str:
+    """Where its HTTP surface lives on a shared Ray cluster: ``/<namespace>/<name>/v1/...``."""
+    return f"/{namespace}/{name}"
+
+
+def build_kuberay_serve_config(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The RayService's serveConfigV2: the cluster is the ModelDeployment's own, so the application
+    takes its name and the route ``/``, and replicas are pinned to worker pods."""
     spec = parse_spec(body)
-    return serve_config(spec.name, to_app_config(spec, pin_to_worker_pods=pin_to_worker_pods))
+    return serve_config(spec.name, to_app_config(spec, pin_to_worker_pods=True))
+
+
+def build_serve_config(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Serve-API mode's PUT body for ``body``: one application per ModelDeployment, named and routed
+    by namespace and name, so several can share one Ray cluster."""
+    spec = parse_spec(body)
+    return serve_config(serve_api_app_name(spec.namespace, spec.name), to_app_config(spec),
+                        route_prefix=serve_api_route_prefix(spec.namespace, spec.name))
 
 
 def _hardened_security_context() -> dict[str, Any]:
@@ -149,7 +168,7 @@ def build_rayservice(body: Mapping[str, Any]) -> dict[str, Any]:
     """The ``ray.io/v1`` RayService running ``body``'s application on its own Ray cluster."""
     spec = parse_spec(body)
     image = spec.image or (WORKER_IMAGE_CUDA if spec.resources.gpus else WORKER_IMAGE)
-    config = serve_config(spec.name, to_app_config(spec, pin_to_worker_pods=True))
+    config = build_kuberay_serve_config(body)
     cluster: dict[str, Any] = {"rayVersion": RAY_VERSION, "enableInTreeAutoscaling": spec.autoscaling is not None,
                                "headGroupSpec": _head_group(spec, image),
                                "workerGroupSpecs": [_worker_group(spec, image)]}

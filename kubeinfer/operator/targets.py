@@ -75,8 +75,10 @@ class KubeRayTarget:
 
 
 class ServeApiTarget:
-    """One Serve application per ModelDeployment (named after it) on the Ray cluster behind
-    ``client``; other applications on that cluster are left as they are."""
+    """One Serve application per ModelDeployment on the Ray cluster behind ``client``, named
+    ``<namespace>.<name>`` and routed at ``/<namespace>/<name>`` so several share the cluster;
+    other applications on it are left as they are. gRPC clients send the application name as the
+    ``application`` metadata key."""
 
     def __init__(self, client: ServeApiClient) -> None:
         self._client = client
@@ -89,7 +91,8 @@ class ServeApiTarget:
 
     async def observe(self, spec: ModelDeploymentSpec) -> Observation:
         details = await self._client.details()
-        return observe_serve_application(details, spec.name, [worker_deployment(spec)])
+        app = render.serve_api_app_name(spec.namespace, spec.name)
+        return observe_serve_application(details, app, [worker_deployment(spec)])
 
     async def remove(self, namespace: str, name: str) -> None:
-        await self._client.remove(name)
+        await self._client.remove(render.serve_api_app_name(namespace, name))

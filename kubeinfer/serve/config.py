@@ -22,6 +22,7 @@ ENGINE_KEYS = ("dtype", "kv_cache_dtype", "block_size", "kv_cache_memory_bytes",
                "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill",
                "num_threads", "attention_backend", "quantization_group_size", "seed")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
 
 
 @dataclass
@@ -147,19 +148,24 @@ GRPC_SERVICER_FUNCTIONS = (
 )
 
 
-def serve_config(app_name: str, app: AppConfig, *, http_host: str = "0.0.0.0",
+def serve_config(app_name: str, app: AppConfig, *, route_prefix: str = "/", http_host: str = "0.0.0.0",
                  http_port: int = DEFAULT_HTTP_PORT, grpc_port: int = DEFAULT_GRPC_PORT) -> dict[str, Any]:
     """The Ray Serve config (the schema of ``serve deploy``, the Serve REST API's PUT body and
-    KubeRay's ``serveConfigV2``) that runs ``app`` as application ``app_name`` at route ``/``."""
-    if not _NAME.match(app_name):
-        raise ValueError(f"application name {app_name!r}: use 1-63 letters, digits, '.', '_' or '-'")
+    KubeRay's ``serveConfigV2``) that runs ``app`` as application ``app_name`` at ``route_prefix``.
+
+    Several applications can share one Ray cluster: each needs its own name and route prefix, and
+    gRPC clients pick theirs with the ``application`` metadata key."""
+    if not _APP_NAME.match(app_name):
+        raise ValueError(f"application name {app_name!r}: use 1-127 letters, digits, '.', '_' or '-'")
+    if not route_prefix.startswith("/"):
+        raise ValueError(f"route_prefix must start with '/', got {route_prefix!r}")
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": http_host, "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)},
         "applications": [{
             "name": app_name,
-            "route_prefix": "/",
+            "route_prefix": route_prefix,
             "import_path": APP_IMPORT_PATH,
             "args": app.to_dict(),
         }],
