@@ -64,7 +64,7 @@ def generate_from_server(args: argparse.Namespace) -> int:
                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                     seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-    with Client(args.server) as client:
+    with Client(args.server, application=args.application) as client:
         try:
             for delta in client.stream(**prompt, model=args.model or "", **sampling):
                 sys.stdout.write(delta.text)
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--server", default=None, metavar="HOST:PORT",
                      help="stream from a running server instead of loading the model here")
+    gen.add_argument("--application", default=None,
+                     help="with --server: the Serve application, when the cluster runs several")
     _add_engine_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)

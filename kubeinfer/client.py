@@ -155,11 +155,16 @@ class Client:
     """A blocking client over one insecure gRPC channel, which it owns (``close()`` or ``with``).
 
     Thread-safe as gRPC channels are. ``generate`` / ``stream`` take :func:`build_request`'s
-    arguments plus ``timeout`` (seconds, sent as the call's deadline).
+    arguments plus ``timeout`` (seconds, sent as the call's deadline). ``application`` names the
+    Serve application on a Ray cluster that runs several (``NAMESPACE.NAME`` for the operator's
+    Serve-API mode).
     """
 
-    def __init__(self, address: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
+    def __init__(self, address: str, *, application: str | None = None,
+                 options: Sequence[tuple[str, object]] = ()) -> None:
         self.address = address
+        # Serve's gRPC proxy picks the application by this key when a cluster runs several.
+        self.metadata = (("application", application),) if application else None
         self.channel = grpc.insecure_channel(address, options=list(options))
         self._stub = pb_grpc.InferenceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -167,7 +172,7 @@ class Client:
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Completion:
         req = build_request(prompt, **kwargs)
         try:
-            return _completion(self._stub.Generate(req, timeout=timeout))
+            return _completion(self._stub.Generate(req, timeout=timeout, metadata=self.metadata))
         except grpc.RpcError as e:
             raise ServerError.from_rpc_error(e) from None
 
@@ -175,7 +180,7 @@ class Client:
                **kwargs: Any) -> Iterator[StreamDelta]:
         """Yield deltas as the server produces them; leaving the loop early cancels the request."""
         req = build_request(prompt, **kwargs)
-        call = self._stub.GenerateStream(req, timeout=timeout)
+        call = self._stub.GenerateStream(req, timeout=timeout, metadata=self.metadata)
         try:
             for msg in call:
                 yield StreamDelta.from_pb(msg)
@@ -186,14 +191,14 @@ class Client:
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         try:
-            return _models(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout))
+            return _models(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self.metadata))
         except grpc.RpcError as e:
             raise ServerError.from_rpc_error(e) from None
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard health check's status name: SERVING, NOT_SERVING, ..."""
         try:
-            r = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            r = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise ServerError.from_rpc_error(e) from None
         return _HEALTH_NAMES(r.status)
@@ -212,8 +217,11 @@ class AsyncClient:
     """The asyncio twin of :class:`Client`, over one ``grpc.aio`` channel it owns (``await close()``
     or ``async with``). Use it from the event loop that created it."""
 
-    def __init__(self, address: str, *, options: Sequence[tuple[str, object]] = ()) -> None:
+    def __init__(self, address: str, *, application: str | None = None,
+                 options: Sequence[tuple[str, object]] = ()) -> None:
         self.address = address
+        # Serve's gRPC proxy picks the application by this key when a cluster runs several.
+        self.metadata = (("application", application),) if application else None
         self.channel = grpc.aio.insecure_channel(address, options=list(options))
         self._stub = pb_grpc.InferenceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -221,7 +229,7 @@ class AsyncClient:
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Completion:
         req = build_request(prompt, **kwargs)
         try:
-            return _completion(await self._stub.Generate(req, timeout=timeout))
+            return _completion(await self._stub.Generate(req, timeout=timeout, metadata=self.metadata))
         except grpc.RpcError as e:
             raise ServerError.from_rpc_error(e) from None
 
@@ -229,7 +237,7 @@ class AsyncClient:
                      **kwargs: Any) -> AsyncIterator[StreamDelta]:
         """Yield deltas as the server produces them; closing the iterator early cancels the request."""
         req = build_request(prompt, **kwargs)
-        call = self._stub.GenerateStream(req, timeout=timeout)
+        call = self._stub.GenerateStream(req, timeout=timeout, metadata=self.metadata)
         try:
             async for msg in call:
                 yield StreamDelta.from_pb(msg)
@@ -240,13 +248,13 @@ class AsyncClient:
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         try:
-            return _models(await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout))
+            return _models(await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self.metadata))
         except grpc.RpcError as e:
             raise ServerError.from_rpc_error(e) from None
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         try:
-            r = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            r = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise ServerError.from_rpc_error(e) from None
         return _HEALTH_NAMES(r.status)
