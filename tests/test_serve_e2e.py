@@ -36,6 +36,9 @@ def serve_app(ray_head, tiny_llama_dir):
 
     from kubeinfer.serve.app import build_app
     ray.init(address=ray_head["address"], log_to_driver=False)
+    # Another test may have started Serve on this session's Ray (the operator's Serve-API test
+    # does); its proxies keep their ports, so start afresh with ours.
+    serve.shutdown()
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
@@ -55,7 +58,7 @@ async def grpc_stream(stub, prompt: str, started: asyncio.Event | None = None) -
     request = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(
         max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
     try:
-        async for msg in stub.GenerateStream(request):
+        async for msg in stub.GenerateStream(request, timeout=120):
             result["tokens"] += msg.token_ids
             result["text"] += msg.text
             if started is not None:
@@ -67,7 +70,7 @@ async def grpc_stream(stub, prompt: str, started: asyncio.Event | None = None) -
 
 async def http_stream(client, prompt: str) -> str:
     stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
-                                             stream=True, extra_body={"ignore_eos": True})
+                                             stream=True, extra_body={"ignore_eos": True}, timeout=120)
     return "".join([c.choices[0].text async for c in stream if c.choices])
 
 
