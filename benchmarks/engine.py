@@ -1,6 +1,6 @@
 """Engine benchmark on the default model: kubeinfer against Hugging Face transformers, in one run.
 
-    python benchmarks/engine.py            # the full run (`make bench`)
+    python benchmarks/engine.py --compile  # the full run (`make bench`), eager and compiled rows
     python benchmarks/engine.py --quick    # fewer requests and tokens, for a smoke check
 
 Prints batch-1 decode tokens/s (fp32, int8, int4), offline throughput (continuous batching vs static
@@ -159,7 +159,7 @@ def decode_row(name: str, engine: Engine, prompt_ids: list[int], n: int, hf_tps:
     kv_per_token = engine.kv_cache_bytes / (engine.num_kv_blocks * engine.kv.block_size)
     gbps = (w + ctx * kv_per_token) / step_s / 1e9
     vs_base = f"{tps / base_tps:5.2f}x" if base_tps else "  1.00x"
-    print(f"kubeinfer {name:<6} {tps:7.1f} tok/s  step {step_s * 1e3:5.1f} ms  weights {w / 1e6:6.1f} MB  "
+    print(f"kubeinfer {name:<12} {tps:7.1f} tok/s  step {step_s * 1e3:5.1f} ms  weights {w / 1e6:6.1f} MB  "
           f"{gbps:5.1f} GB/s  vs transformers {tps / hf_tps:5.2f}x  vs fp32 {vs_base}")
     return tps
 
@@ -171,10 +171,13 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true",
+                    help="also run the decode and throughput rows with torch.compile'd decode steps")
     ap.add_argument("--sections", default="decode,throughput,ppl",
                     help="comma-separated subset of decode, throughput, ppl")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
+    compile_modes = (False, True) if args.compile else (False,)
     max_prompt, max_out = (128, 32) if args.quick else (512, 256)
     n_req = 16 if args.quick else args.requests
     ppl_tokens = 512 if args.quick else args.ppl_tokens
@@ -186,36 +189,40 @@ def main() -> None:
     hf = load_hf(path)
 
     if "decode" in sections:
-        bench_decode(hf, args.decode_tokens)
+        bench_decode(hf, args.decode_tokens, compile_modes)
     if "throughput" in sections:
-        bench_throughput(hf, n_req, args.seed, max_prompt, max_out)
+        bench_throughput(hf, n_req, args.seed, max_prompt, max_out, compile_modes)
     del hf
     if "ppl" in sections:
         bench_ppl(ppl_tokens)
 
 
-def bench_decode(hf, decode_tokens: int) -> None:
+def bench_decode(hf, decode_tokens: int, compile_modes: tuple[bool, ...]) -> None:
     engine = Engine(max_model_len=2048, num_kv_blocks=256)
     prompt_ids = engine.tokenizer.encode(PROMPT)
+    del engine
     # Best of three: on a 2-core VM any other process stalls torch's two OpenMP threads for a while,
     # and the best run is the one least disturbed, for both sides alike.
     hf_tps = max(hf_decode_tps(hf, prompt_ids, decode_tokens) for _ in range(3))
     print(f"\n== batch-1 decode (greedy, {decode_tokens} tokens after a {len(prompt_ids)}-token prompt; "
           "best of 3 runs each)")
     print(f"transformers fp32 {hf_tps:7.1f} tok/s")
-    base = decode_row("fp32", engine, prompt_ids, decode_tokens, hf_tps, None)
-    del engine
-    rows = {}
-    for scheme in ("int8", "int4"):
-        engine = Engine(max_model_len=2048, num_kv_blocks=256, quantization=scheme)
-        rows[scheme] = decode_row(scheme, engine, prompt_ids, decode_tokens, hf_tps, base)
-        del engine
-    best = max(rows, key=rows.get)
-    print(f"targets: kubeinfer (default model as shipped, {best}) / transformers >= 3x: {rows[best] / hf_tps:.2f}x; "
-          f"int8 >= 1.8x fp32: {rows['int8'] / base:.2f}x; int4 >= 2.5x fp32: {rows['int4'] / base:.2f}x")
+    for compiled in compile_modes:
+        tag = "+compile" if compiled else ""
+        rows: dict[str, float] = {}
+        for scheme in ("fp32", "int8", "int4"):
+            engine = Engine(max_model_len=2048, num_kv_blocks=256, compile=compiled,
+                            quantization=None if scheme == "fp32" else scheme)
+            rows[scheme] = decode_row(scheme + tag, engine, prompt_ids, decode_tokens, hf_tps, rows.get("fp32"))
+            del engine
+        best = max(rows, key=rows.get)
+        print(f"targets{tag}: kubeinfer (default model as shipped, {best}) / transformers >= 3x: "
+              f"{rows[best] / hf_tps:.2f}x; int8 >= 1.8x fp32: {rows['int8'] / rows['fp32']:.2f}x; "
+              f"int4 >= 2.5x fp32: {rows['int4'] / rows['fp32']:.2f}x")
 
 
-def bench_throughput(hf, n_req: int, seed: int, max_prompt: int, max_out: int) -> None:
+def bench_throughput(hf, n_req: int, seed: int, max_prompt: int, max_out: int,
+                     compile_modes: tuple[bool, ...]) -> None:
     reqs = make_workload(n_req, hf.config.vocab_size, seed, max_prompt, max_out)
     print(f"\n== offline throughput: {n_req} requests, prompts 16-{max_prompt}, outputs 16-{max_out} "
           f"(seed {seed}), {sum(o for _, o in reqs)} output tokens")
@@ -223,12 +230,13 @@ def bench_throughput(hf, n_req: int, seed: int, max_prompt: int, max_out: int) -
     print(f"transformers fp32   {theirs['tps']:7.1f} output tok/s  wall {theirs['wall']:.1f} s  "
           "static batches of 16, left-padded, each run to its longest output")
     results = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype, compiled in [(d, c) for c in compile_modes for d in ("float32", "bfloat16")]:
         engine = Engine(max_model_len=2048, dtype=dtype, kv_cache_memory_bytes=3 << 30, max_num_seqs=64,
-                        max_num_batched_tokens=512)
-        results[dtype] = ours = ours_throughput(engine, reqs)
+                        max_num_batched_tokens=512, compile=compiled)
+        name = dtype + ("+compile" if compiled else "")
+        results[name] = ours = ours_throughput(engine, reqs)
         del engine
-        print(f"kubeinfer {dtype:<9} {ours['tps']:7.1f} output tok/s  wall {ours['wall']:.1f} s  "
+        print(f"kubeinfer {name:<9} {ours['tps']:7.1f} output tok/s  wall {ours['wall']:.1f} s  "
               f"({ours['total_tps']:.1f} tok/s incl. prompts)  vs transformers {ours['tps'] / theirs['tps']:.2f}x  "
               f"preemptions {ours['preemptions']}")
         print(f"    TTFT p50 {ours['ttft_p50'] * 1e3:.0f} ms p99 {ours['ttft_p99'] * 1e3:.0f} ms (all arrive at t=0)  "

@@ -22,6 +22,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile decode steps (faster decode; the first step compiles for tens of seconds)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +47,8 @@ def engine_config_from_args(args: argparse.Namespace):
                         max_model_len=args.max_model_len,
                         kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads)
+                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
+                        compile=args.compile)
 
 
 def sampling_params_from_args(args: argparse.Namespace):

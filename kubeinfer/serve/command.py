@@ -25,6 +25,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling: lower bound (0 scales to zero)")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscaling: upper bound")
     p.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
+    p.add_argument("--compile", action="store_true", help="torch.compile decode steps in every replica")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
     p.add_argument("--policy", default="power_of_two", choices=POLICY_NAMES)
@@ -54,7 +55,7 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
     if args.gpus_per_replica:
         actor["num_gpus"] = args.gpus_per_replica
     model = ModelSpec(name=name, uri=args.model, quantization=args.quantization, max_model_len=args.max_model_len,
-                      engine={"max_num_seqs": args.max_num_seqs,
+                      engine={"max_num_seqs": args.max_num_seqs, "compile": args.compile,
                               "kv_cache_memory_bytes": int(args.kv_cache_memory_gb * (1 << 30))},
                       num_replicas=args.replicas, autoscaling=autoscaling, ray_actor_options=actor)
     router = RouterSettings(policy=args.policy, batch_window_ms=args.batch_window_ms,

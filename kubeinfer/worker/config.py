@@ -18,6 +18,9 @@ class EngineConfig:
     ``max_model_len`` None means the model's own context length. ``quantization`` ("int8" or
     "int4") quantizes the linear layers' weights at load time (GGUF Q8_0 / Q4_0 / Q4_1 tensors load
     straight into those formats); a checkpoint written by ``kubeinfer quantize`` is detected by itself.
+    ``compile`` runs decode-only steps through ``torch.compile`` (one dynamic-shape graph, built on
+    the first decode step, tens of seconds on a small CPU): it fuses the many small ops of a decode
+    step, whose per-op overhead dominates at small batches.
     """
 
     model: str | None = None
@@ -35,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     num_threads: int | None = None
+    compile: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -90,7 +90,7 @@ class Engine:
         if backend == "triton" and kv_int8:
             raise ValueError("kv_cache_dtype='int8' needs the torch attention backend for now")
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.torch_dtype, kv_int8,
-                                  backend)
+                                  backend, compile_decode=config.compile)
         self.requests: dict[str, _Request] = {}
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._prompt_tokens = 0

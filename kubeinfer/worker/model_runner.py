@@ -26,9 +26,12 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 kv_int8: bool = False, attention_backend: str = "torch") -> None:
+                 kv_int8: bool = False, attention_backend: str = "torch", compile_decode: bool = False) -> None:
         c = model.config
         self.model = model
+        # Only decode-only steps are compiled: they always take the same path (no prefill chunks),
+        # so one dynamic-shape graph serves every batch size and context length.
+        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
         self.block_size = block_size
         self.vocab_size = c.vocab_size
         shape = (c.num_kv_heads, num_blocks, block_size, c.head_dim)
@@ -116,7 +119,8 @@ class ModelRunner:
                 sampling: SamplingBatch | None) -> SamplerOutput | None:
         """Run the forward pass; sample one token for each sequence whose prompt is now complete."""
         input_ids, positions, meta, sample_rows = self.prepare(batch, block_tables)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        forward = self.model if meta.prefills else self._decode_forward
+        hidden = forward(input_ids, positions, self.kv_caches, meta)
         if sampling is None or len(sample_rows) == 0:
             return None
         logits = self.model.compute_logits(hidden[sample_rows])
