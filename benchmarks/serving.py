@@ -131,12 +131,8 @@ async def engine_request(engine: AsyncEngine, prompt: str, params: SamplingParam
         now = time.perf_counter()
         n = len(out.new_token_ids)
         if n:
-            if last is None:
-                record.ttft_s = now - start
-            else:
-                record.itl_s.extend([(now - last) / n] * n)
+            record.add_tokens(n, now - start, None if last is None else now - last)
             last = now
-            record.output_tokens += n
         if out.finished:
             record.prompt_tokens, record.cached_prompt_tokens = out.num_prompt_tokens, out.num_cached_tokens
             if out.error:

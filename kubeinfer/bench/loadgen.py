@@ -71,12 +71,8 @@ async def send_one(client: AsyncClient, item: WorkItem, spec: LoadSpec, t0: floa
             now = time.perf_counter()
             n = len(delta.token_ids)
             if n:
-                if last is None:
-                    record.ttft_s = now - start
-                else:
-                    record.itl_s.extend([(now - last) / n] * n)
+                record.add_tokens(n, now - start, None if last is None else now - last)
                 last = now
-                record.output_tokens += n
             if delta.usage is not None:
                 record.prompt_tokens = delta.usage.prompt_tokens
                 record.cached_prompt_tokens = delta.usage.cached_prompt_tokens

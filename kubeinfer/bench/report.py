@@ -38,6 +38,17 @@ class RequestRecord:
     def ok(self) -> bool:
         return self.code == OK
 
+    def add_tokens(self, n: int, since_start_s: float, since_last_s: float | None) -> None:
+        """Count a message of ``n`` tokens arriving ``since_start_s`` after the request was sent
+        (``since_last_s`` after the previous message, None for the first)."""
+        if n == 0:
+            return
+        if since_last_s is None:
+            self.ttft_s = since_start_s
+        else:
+            self.itl_s.extend([since_last_s / n] * n)
+        self.output_tokens += n
+
     @property
     def latency_s(self) -> float:
         return self.end_s - self.start_s
