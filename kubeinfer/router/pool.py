@@ -161,6 +161,11 @@ class LocalPool(WorkerPool):
         try:
             async for item in replica.generate_batch(jobs):
                 yield item
+        except (ReplicaFailed, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:  # name the replica: it may have failed before reporting itself
+            raise ReplicaFailed(f"replica {replica.replica_id} failed: {type(e).__name__}: {e}",
+                                replica.replica_id) from e
         finally:
             self.outstanding[replica.replica_id] -= len(jobs)
 
