@@ -27,9 +27,8 @@ class JobStream:
     first (a job that never started is safe to retry elsewhere).
     """
 
-    def __init__(self, call: _BatchCall, index: int, job: GenerateJob) -> None:
+    def __init__(self, call: _BatchCall, job: GenerateJob) -> None:
         self._call = call
-        self.index = index
         self.job = job
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started = False
@@ -51,10 +50,6 @@ class JobStream:
         self.finished = item.finished
         return item
 
-    @property
-    def replica_id(self) -> str | None:
-        return self._call.replica_id
-
     async def aclose(self) -> None:
         if self.closed:
             return
@@ -71,7 +66,7 @@ class _BatchCall:
 
     def __init__(self, pool: WorkerPool, jobs: list[GenerateJob], exclude: str | None) -> None:
         self.pool = pool
-        self.streams = [JobStream(self, i, job) for i, job in enumerate(jobs)]
+        self.streams = [JobStream(self, job) for job in jobs]
         self.replica_id: str | None = None
         self._task = asyncio.create_task(self._pump(jobs, exclude))
 
