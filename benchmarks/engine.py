@@ -45,7 +45,7 @@ def weight_bytes(engine: Engine) -> int:
         if isinstance(mod, Int4Linear) and mod.cpu_packed:
             read = [mod.packed, mod.scales_and_zeros, mod.bias]
         elif isinstance(mod, Int8Linear):
-            read = [mod.qweight, mod.scales_bf16, mod.bias]
+            read = [mod.qweight, mod.scales_bf16 if mod.kernels is None else mod.scales, mod.bias]
         elif mod is model.embed_tokens and model.quantized_head is not None:
             read = []
         elif isinstance(mod, (Int4Linear, Int8Linear)):

@@ -5,6 +5,11 @@ FROM rayproject/ray:2.60.0-py311-cpu
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# A C++ compiler for kubeinfer's CPU kernels. They are built on first use on the node itself
+# (-march=native, ~40 s once per pod), not here: the build machine's CPU may not be the node's.
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # The CPU build of torch first: kubeinfer's torch pin would otherwise pull the multi-GB CUDA build.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 

@@ -86,7 +86,8 @@ class Engine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
         from kubeinfer.worker.kernels import resolve_attention_backend
-        backend = resolve_attention_backend(config.attention_backend, next(loaded.model.parameters()).device)
+        backend = resolve_attention_backend(config.attention_backend, next(loaded.model.parameters()).device,
+                                            config.torch_dtype, kv_int8, config.compile)
         if backend == "triton" and kv_int8:
             raise ValueError("kv_cache_dtype='int8' needs the torch attention backend for now")
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.torch_dtype, kv_int8,

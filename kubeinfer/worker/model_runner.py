@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kubeinfer.worker.kernels.cpu import load_cpu_kernels
 from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, PrefillChunk, gather_workspace_size
 from kubeinfer.worker.models.config import ModelConfig
 from kubeinfer.worker.models.llama import LlamaForCausalLM
@@ -44,6 +45,8 @@ class ModelRunner:
                               for _ in range(c.num_layers)]
         self.sampler = Sampler()
         self.attention_backend = attention_backend
+        if attention_backend == "cpp":
+            model.use_cpu_kernels(load_cpu_kernels())
         self._workspaces = (torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype))
 
     def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,16 +91,20 @@ class ModelRunner:
             if start + n == len(seq):
                 sample_rows.append(len(input_ids) - 1)
         nd = len(decode_tables)
-        dec_tables = dec_mask = None
+        dec_tables = dec_mask = lens = None
+        # The cpp decode kernel reads the cache through the tables itself: no mask, no gather buffer.
+        torch_decode = nd and self.attention_backend != "cpp"
         if nd:
             width = max(len(t) for t in decode_tables)
             dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
-            lens = torch.tensor(decode_lens)
-            dec_mask = (torch.arange(width * bs).unsqueeze(0) >= lens.unsqueeze(1)).view(1, nd, 1, width * bs)
-        gathered = max([dec_tables.numel() if nd else 0] + [c.block_table.numel() for c in prefills if c.mask is not None])
+            lens = torch.tensor(decode_lens, dtype=torch.long)
+            if torch_decode:
+                dec_mask = (torch.arange(width * bs).unsqueeze(0) >= lens.unsqueeze(1)).view(1, nd, 1, width * bs)
+        gathered = max([dec_tables.numel() if torch_decode else 0]
+                       + [c.block_table.numel() for c in prefills if c.mask is not None])
         k_ws, v_ws = self._workspace(gathered) if gathered else (None, None)
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), nd, dec_tables, dec_mask, prefills,
-                                 k_ws, v_ws, backend=self.attention_backend)
+                                 k_ws, v_ws, backend=self.attention_backend, decode_context_lens=lens)
         if self.attention_backend == "triton":
             self._add_chunk_metadata(meta, batch, block_tables)
         return (torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),

@@ -79,6 +79,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
@@ -430,6 +431,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._fast_cpu = _cpu_int8_ok(self.in_features)
+        self.kernels: ModuleType | None = None  # the C++ CPU kernels, set by use_cpu_kernels()
 
     scheme = Int8WeightOnly()
 
@@ -440,6 +442,9 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and x2.shape[0] >= INT8_GEMM_MIN_ROWS:
             y = self._gemm(x2).to(x.dtype)
+        elif self.kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            # Decode-sized M: fp32 activations, ~1.5x the aten kernel's weight bandwidth.
+            y = self.kernels.int8_gemv(x2.contiguous(), self.qweight, self.scales)
         elif x.device.type == "cpu" and self._fast_cpu:
             xb = x2.to(torch.bfloat16)
             if not xb.is_contiguous():

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from kubeinfer.worker.kernels.cpu import load_cpu_kernels
+
 
 class LayerKVCache(NamedTuple):
     """One layer's paged K and V. With an int8 cache, ``k``/``v`` are int8 and ``k_scale``/``v_scale``
@@ -57,7 +59,7 @@ class AttentionMetadata:
     The first ``num_decode_tokens`` tokens of the batch are decodes (one query per sequence), with
     ``decode_block_tables`` ``[D, max_blocks]`` and ``decode_mask`` ``[1, D, 1, max_blocks*block_size]``
     (True where a key is padding, i.e. past the end of that sequence). The remaining tokens are the
-    ``prefills``.
+    ``prefills``. The ``cpp`` backend reads ``decode_context_lens`` ``[D]`` instead of the mask.
     """
 
     slot_mapping: torch.Tensor
@@ -67,7 +69,8 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     key_workspace: torch.Tensor | None = None     # flat buffers reused by every layer's gathers
     value_workspace: torch.Tensor | None = None
-    backend: str = "torch"                        # "torch" or "triton" (see kernels.attention_forward)
+    backend: str = "torch"                        # "torch", "cpp" or "triton" (see kernels.attention_forward)
+    decode_context_lens: torch.Tensor | None = None  # [D] int64, for the cpp decode kernel
     # The Triton path takes the whole batch as query chunks (a decode is a chunk of one):
     cu_seqlens_q: torch.Tensor | None = None      # [S+1] chunk boundaries in the flattened batch
     context_lens: torch.Tensor | None = None      # [S] cached prefix + this chunk
@@ -129,9 +132,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = cache.k.shape[0]
     group = num_heads // kv_heads
-    out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    if nd:
+    if nd and meta.backend == "cpp":
+        decoded = load_cpu_kernels().decode_attention(q[:nd], cache.k, cache.v, meta.decode_block_tables,
+                                                      meta.decode_context_lens, scale)
+        if not meta.prefills:
+            return decoded
+    out = torch.empty_like(q)
+    if nd and meta.backend == "cpp":
+        out[:nd] = decoded
+    elif nd:
         keys = _gather(cache.k, meta.decode_block_tables, meta.key_workspace, cache.k_scale)  # [kvh, D, L, d]
         values = _gather(cache.v, meta.decode_block_tables, meta.value_workspace, cache.v_scale)
         length = keys.shape[-2]

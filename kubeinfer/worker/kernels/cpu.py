@@ -1,0 +1,43 @@
+"""The C++ CPU kernels (cpu_kernels.cpp), built on first use with torch's extension builder.
+
+The build needs a C++ compiler; it takes about a minute once and is cached under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so later processes (and every Ray
+replica on the machine) load it in milliseconds. Without a compiler the engine keeps the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.cpp")
+
+
+@functools.cache
+def load_cpu_kernels() -> ModuleType | None:
+    """The compiled module, or None (logged once) when it cannot be built here."""
+    try:
+        _put_ninja_on_path()
+        from torch.utils.cpp_extension import load
+        return load(name="kubeinfer_cpu_kernels", sources=[_SOURCE], verbose=False,
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, a read-only cache dir: the torch path still works
+        log.warning("C++ CPU kernels unavailable, using the torch path (%s: %s)", type(e).__name__, e)
+        return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; a venv's python run by its full path does not have the
+    pip-installed one there."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # load() then raises a clear "Ninja is required" error
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
