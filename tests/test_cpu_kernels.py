@@ -33,6 +33,13 @@ def test_rotary_in_place_matches_torch():
     assert torch.equal(qkv[:, 12:], v_before)  # value heads untouched
 
 
+def test_silu_mul_matches_torch():
+    gate_up = torch.randn(3, 2 * 100) * 4
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, -88.5, 0.0])  # the exp clamp and saturation
+    gate, up = gate_up.split(100, dim=-1)
+    torch.testing.assert_close(KERNELS.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
 def test_int8_gemv_matches_dequantized_linear():
     scheme = Int8WeightOnly()
     state = scheme.quantize(torch.randn(200, 96))

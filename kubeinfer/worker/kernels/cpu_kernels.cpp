@@ -47,6 +47,26 @@ inline float dot_i8(const float* x, const int8_t* w, int64_t n) {
   return acc;
 }
 
+#if defined(__AVX512F__)
+// expf for 16 lanes: Cephes' degree-6 polynomial on x - n ln2, scaled by 2^n (~1 ulp; inputs
+// clamped to +-88.38, where float exp saturates). glibc's vector expf needs -ffast-math.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+#endif
+
 void check_f32(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, what, " must be a float32 CPU tensor");
 }
@@ -102,6 +122,34 @@ void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& si
       }
     }
   }
+}
+
+// SwiGLU's gate: out [T, I] = silu(x[:, :I]) * x[:, I:] for x [T, 2I] (the fused gate|up output).
+torch::Tensor silu_mul(const torch::Tensor& x) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "x must be a contiguous [T, 2I] tensor");
+  const int64_t T = x.size(0), I = x.size(1) / 2;
+  auto out = torch::empty({T, I}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = xp + t * 2 * I;
+      const float* u = g + I;
+      float* o = op + t * I;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= I; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
 }
 
 // Stores k, v [T, kv_heads, d] (unit stride in d) at their slots of caches [kv_heads, blocks, block_size, d].
@@ -181,7 +229,18 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
           mx = std::max(mx, scores[t]);
         }
         float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) {
+        int64_t t0 = 0;
+#if defined(__AVX512F__)
+        const __m512 vmx = _mm512_set1_ps(mx);
+        __m512 vsum = _mm512_setzero_ps();
+        for (; t0 + 16 <= L; t0 += 16) {
+          const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t0), vmx));
+          _mm512_storeu_ps(scores.data() + t0, e);
+          vsum = _mm512_add_ps(vsum, e);
+        }
+        sum = _mm512_reduce_add_ps(vsum);
+#endif
+        for (int64_t t = t0; t < L; ++t) {
           scores[t] = std::exp(scores[t] - mx);
           sum += scores[t];
         }
@@ -233,6 +292,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32)", nogil);
   m.def("rotary_", &rotary_, "rotary embedding in place on the first heads (fp32)", nogil);
+  m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(gate) * up over a fused [T, 2I] tensor (fp32)", nogil);
   m.def("write_kv", &write_kv, "store K/V at their paged-cache slots (fp32)", nogil);
   m.def("int8_gemv", &int8_gemv, "int8 weight-only matmul for a few rows (fp32 activations)", nogil);
   m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32)", nogil);

@@ -69,9 +69,13 @@ class MLP(nn.Module):
         self.intermediate = c.intermediate_size
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.kernels: ModuleType | None = None  # the C++ CPU kernels (LlamaForCausalLM.use_cpu_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None and gate_up.dim() == 2:
+            return self.down_proj(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))
 
 
@@ -115,11 +119,11 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def use_cpu_kernels(self, kernels: ModuleType) -> None:
-        """Run every RMSNorm, rotary embedding and int8 matmul (the quantized head included) through
-        the C++ CPU kernels: an fp32 model on the ``cpp`` backend."""
+        """Run every RMSNorm, rotary embedding, SwiGLU gate and int8 matmul (the quantized head
+        included) through the C++ CPU kernels: an fp32 model on the ``cpp`` backend."""
         from kubeinfer.worker.quant import Int8Linear
         for module in [*self.modules(), self.quantized_head]:
-            if isinstance(module, (RMSNorm, Attention, Int8Linear)):
+            if isinstance(module, (RMSNorm, Attention, MLP, Int8Linear)):
                 module.kernels = kernels
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
