@@ -44,7 +44,7 @@ test: install-test
 	$(PY) -m pytest -q
 
 bench: install-test
-	$(PY) benchmarks/engine.py --compile
+	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/serving.py
 
 # Regenerates the gRPC stubs in kubeinfer/proto/ from proto/ (a test fails when they are stale).

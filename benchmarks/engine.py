@@ -1,6 +1,7 @@
 """Engine benchmark on the default model: kubeinfer against Hugging Face transformers, in one run.
 
-    python benchmarks/engine.py --compile  # the full run (`make bench`), eager and compiled rows
+    python benchmarks/engine.py            # the full run (`make bench`)
+    python benchmarks/engine.py --compile  # adds rows with torch.compile'd decode steps (torch path)
     python benchmarks/engine.py --quick    # fewer requests and tokens, for a smoke check
 
 Prints batch-1 decode tokens/s (fp32, int8, int4), offline throughput (continuous batching vs static
