@@ -11,7 +11,7 @@ from kubeinfer.worker.kernels import resolve_attention_backend
 from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, paged_attention, write_kv
 from kubeinfer.worker.kernels.cpu import load_cpu_kernels
 from kubeinfer.worker.models.rope import apply_rotary
-from kubeinfer.worker.quant import Int8WeightOnly
+from kubeinfer.worker.quant import Int4WeightOnly, Int8WeightOnly
 
 KERNELS = load_cpu_kernels()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="the C++ CPU kernels could not be built (no compiler?)")
@@ -47,6 +47,16 @@ def test_int8_gemv_matches_dequantized_linear():
     want = x @ scheme.dequantize(state).T
     got = KERNELS.int8_gemv(x, state["qweight"], state["scales"].float())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_int4pack_linear_matches_the_module_path():
+    scheme = Int4WeightOnly(group_size=32)
+    linear = scheme.make_linear(scheme.quantize(torch.randn(64, 96)))
+    assert linear.cpu_packed
+    x = torch.randn(3, 96)
+    want = linear(x)  # the module's own path: bf16 casts around the same aten kernel
+    linear.kernels = KERNELS
+    torch.testing.assert_close(linear(x), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("num_seqs,width", [(1, 1), (1, 9), (6, 5)])

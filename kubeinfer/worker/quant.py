@@ -439,6 +439,10 @@ class Int8Linear(nn.Module):
         return {"qweight": self.qweight, "scales": self.scales}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.kernels is not None and x.dim() == 2 and x.shape[0] < INT8_GEMM_MIN_ROWS
+                and x.dtype == torch.float32 and self.bias is None):
+            # The decode path, first: every Python step here is paid 120 times per token.
+            return self.kernels.int8_gemv(x.contiguous(), self.qweight, self.scales)
         x2 = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and x2.shape[0] >= INT8_GEMM_MIN_ROWS:
             y = self._gemm(x2).to(x.dtype)
@@ -500,6 +504,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("mins", mins.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.cpu_packed = qweight.device.type == "cpu" and _cpu_int4_ok(n, k, group_size)
+        self.kernels: ModuleType | None = None  # the C++ CPU kernels, set by use_cpu_kernels()
         if self.cpu_packed:
             self.register_buffer("qweight", None)
             self.register_buffer("packed", _pack_for_cpu(qweight), persistent=False)
@@ -522,6 +527,9 @@ class Int4Linear(nn.Module):
         return self.scheme.dequantize(self.quant_state()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and self.cpu_packed and x.dim() == 2 and x.dtype == torch.float32 \
+                and self.bias is None:
+            return self.kernels.int4pack_linear(x, self.packed, self.group_size, self.scales_and_zeros)
         x2 = x.reshape(-1, self.in_features)
         if self.cpu_packed:
             if x.device.type != "cpu":

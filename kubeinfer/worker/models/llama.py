@@ -119,11 +119,11 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def use_cpu_kernels(self, kernels: ModuleType) -> None:
-        """Run every RMSNorm, rotary embedding, SwiGLU gate and int8 matmul (the quantized head
+        """Run every RMSNorm, rotary embedding, SwiGLU gate and quantized matmul (the int8 head
         included) through the C++ CPU kernels: an fp32 model on the ``cpp`` backend."""
-        from kubeinfer.worker.quant import Int8Linear
+        from kubeinfer.worker.quant import Int4Linear, Int8Linear
         for module in [*self.modules(), self.quantized_head]:
-            if isinstance(module, (RMSNorm, Attention, MLP, Int8Linear)):
+            if isinstance(module, (RMSNorm, Attention, MLP, Int8Linear, Int4Linear)):
                 module.kernels = kernels
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
