@@ -173,22 +173,32 @@ def test_cancelled_stream_aborts_the_request_and_frees_its_blocks(server):
     assert all(kv == 0.0 for _, _, kv in idle)
 
 
-def test_client_deadline_aborts_the_request(server):
-    async def run(stub, _):
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await stub.Generate(pb.GenerateRequest(prompt=PROMPTS[2], sampling=greedy(240)), timeout=0.2)
-        return e.value.code()
-    assert server.call(run) == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert all(running == 0 for running, _, _ in wait_idle(server.router))
+def long_spec(path: str) -> ModelSpec:
+    """Room for a 1000-token request: 1000 decode steps cannot fit in 0.1 s (the engine loop alone
+    costs more per step) however fast the kernels get, while 240 tokens of the tiny model can."""
+    return ModelSpec(name="tiny", uri=path, max_model_len=1024, engine={"num_kv_blocks": 80})
+
+
+def test_client_deadline_aborts_the_request(tiny_llama_dir):
+    s = Server(build_local_router(AppConfig(models=[long_spec(tiny_llama_dir)])))
+    try:
+        async def run(stub, _):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Generate(pb.GenerateRequest(prompt=PROMPTS[2], sampling=greedy(1000)), timeout=0.1)
+            return e.value.code()
+        assert s.call(run) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert all(running == 0 for running, _, _ in wait_idle(s.router))
+    finally:
+        s.close()
 
 
 def test_router_deadline_is_deadline_exceeded(tiny_llama_dir):
-    s = Server(build_local_router(AppConfig(models=[spec(tiny_llama_dir, 1)],
+    s = Server(build_local_router(AppConfig(models=[long_spec(tiny_llama_dir)],
                                             router=RouterSettings(request_timeout_s=0.05))))
     try:
         async def run(stub, _):
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                await _drain(stub.GenerateStream(pb.GenerateRequest(prompt=PROMPTS[3], sampling=greedy(240))))
+                await _drain(stub.GenerateStream(pb.GenerateRequest(prompt=PROMPTS[3], sampling=greedy(1000))))
             return e.value
         err = s.call(run)
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED

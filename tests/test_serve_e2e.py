@@ -14,7 +14,7 @@ from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
 from kubeinfer.worker import Engine, SamplingParams
 from tests.conftest import free_port
 
-MAX_TOKENS = 24
+MAX_TOKENS = 64  # long enough that a replica killed after the first token still has work in flight
 PROMPTS = [f"{word} number {i}" for i, word in enumerate(
     ["The quick brown fox", "Kubernetes schedules pods", "def f(x):", "héllo wörld",
      "Ray Serve runs replicas", "naïve café", "return x * 2", "emoji 🙂"] * 4)]
@@ -23,7 +23,7 @@ APP = "kubeinfer-e2e"
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir):
-    engine = Engine(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=64)
+    engine = Engine(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=160)
     outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
     return {p: (o.output_token_ids, o.text) for p, o in zip(PROMPTS, outs)}
 
@@ -43,7 +43,7 @@ def serve_app(ray_head, tiny_llama_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
     app = AppConfig(models=[ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=256,
-                                      engine={"num_kv_blocks": 64}, num_replicas=2)])
+                                      engine={"num_kv_blocks": 160}, num_replicas=2)])
     serve.run(build_app(app.to_dict()), name=APP, route_prefix="/")
     try:
         yield {"http": f"http://127.0.0.1:{http_port}/v1", "grpc": f"127.0.0.1:{grpc_port}"}
