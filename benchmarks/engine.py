@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import random
+import statistics
 import time
 
 import torch
@@ -214,14 +215,18 @@ def bench_decode(hf, decode_tokens: int, compile_modes: tuple[bool, ...], rounds
                    for scheme in ("fp32", "int8", "int4")}
         hf_tps = 0.0
         best = {scheme: (0.0, 0.0) for scheme in engines}
+        per_round: list[dict[str, float]] = []
         for r in range(rounds):
             round_hf = hf_decode_tps(hf, prompt_ids, decode_tokens)
             hf_tps = max(hf_tps, round_hf)
             line = [f"transformers {round_hf:.1f}"]
+            measured = {"transformers": round_hf}
             for scheme, engine in engines.items():
                 result = ours_decode(engine, prompt_ids, decode_tokens)
                 best[scheme] = max(best[scheme], result)
+                measured[scheme] = result[0]
                 line.append(f"{scheme}{tag} {result[0]:.1f}")
+            per_round.append(measured)
             print(f"round {r + 1} tok/s: " + ", ".join(line))
         print(f"transformers fp32 {hf_tps:7.1f} tok/s")
         for scheme, engine in engines.items():
@@ -232,7 +237,12 @@ def bench_decode(hf, decode_tokens: int, compile_modes: tuple[bool, ...], rounds
         top = max(rows, key=rows.get)
         print(f"targets{tag}: kubeinfer (default model as shipped, {top}) / transformers >= 3x: "
               f"{rows[top] / hf_tps:.2f}x; int8 >= 1.8x fp32: {rows['int8'] / rows['fp32']:.2f}x; "
-              f"int4 >= 2.5x fp32: {rows['int4'] / rows['fp32']:.2f}x")
+              f"int4 >= 2.5x fp32: {rows['int4'] / rows['fp32']:.2f}x  (best rounds)")
+
+        def median_ratio(a: str, b: str) -> float:  # paired within a round: both saw the same VM state
+            return statistics.median(m[a] / m[b] for m in per_round)
+        print(f"  median of per-round ratios: {top} / transformers {median_ratio(top, 'transformers'):.2f}x; "
+              f"int8 / fp32 {median_ratio('int8', 'fp32'):.2f}x; int4 / fp32 {median_ratio('int4', 'fp32'):.2f}x")
 
 
 def bench_throughput(hf, n_req: int, seed: int, max_prompt: int, max_out: int,
