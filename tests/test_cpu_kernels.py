@@ -47,11 +47,15 @@ def test_int8_gemv_matches_dequantized_linear():
     want = x @ scheme.dequantize(state).T
     got = KERNELS.int8_gemv(x, state["qweight"], state["scales"].float())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    bias = torch.randn(200)
+    linear = scheme.make_linear(state, bias=bias)
+    linear.kernels = KERNELS  # the module's decode branch, bias included
+    torch.testing.assert_close(linear(x), want + bias, rtol=1e-4, atol=1e-4)
 
 
 def test_int4pack_linear_matches_the_module_path():
     scheme = Int4WeightOnly(group_size=32)
-    linear = scheme.make_linear(scheme.quantize(torch.randn(64, 96)))
+    linear = scheme.make_linear(scheme.quantize(torch.randn(64, 96)), bias=torch.randn(64))  # Qwen2's qkv has one
     assert linear.cpu_packed
     x = torch.randn(3, 96)
     want = linear(x)  # the module's own path: bf16 casts around the same aten kernel

@@ -439,16 +439,15 @@ class Int8Linear(nn.Module):
         return {"qweight": self.qweight, "scales": self.scales}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernels is not None and x.dim() == 2 and x.shape[0] < INT8_GEMM_MIN_ROWS
-                and x.dtype == torch.float32 and self.bias is None):
-            # The decode path, first: every Python step here is paid 120 times per token.
-            return self.kernels.int8_gemv(x.contiguous(), self.qweight, self.scales)
+        if self.kernels is not None and x.dim() == 2 and x.shape[0] < INT8_GEMM_MIN_ROWS \
+                and x.dtype == torch.float32:
+            # The decode path, first (every Python step here is paid 120 times per token): fp32
+            # activations at ~1.5x the aten kernel's weight bandwidth.
+            y = self.kernels.int8_gemv(x.contiguous(), self.qweight, self.scales)
+            return y if self.bias is None else y.add_(self.bias)
         x2 = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and x2.shape[0] >= INT8_GEMM_MIN_ROWS:
             y = self._gemm(x2).to(x.dtype)
-        elif self.kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            # Decode-sized M: fp32 activations, ~1.5x the aten kernel's weight bandwidth.
-            y = self.kernels.int8_gemv(x2.contiguous(), self.qweight, self.scales)
         elif x.device.type == "cpu" and self._fast_cpu:
             xb = x2.to(torch.bfloat16)
             if not xb.is_contiguous():
@@ -527,9 +526,9 @@ class Int4Linear(nn.Module):
         return self.scheme.dequantize(self.quant_state()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and self.cpu_packed and x.dim() == 2 and x.dtype == torch.float32 \
-                and self.bias is None:
-            return self.kernels.int4pack_linear(x, self.packed, self.group_size, self.scales_and_zeros)
+        if self.kernels is not None and self.cpu_packed and x.dim() == 2 and x.dtype == torch.float32:
+            y = self.kernels.int4pack_linear(x, self.packed, self.group_size, self.scales_and_zeros)
+            return y if self.bias is None else y.add_(self.bias)
         x2 = x.reshape(-1, self.in_features)
         if self.cpu_packed:
             if x.device.type != "cpu":

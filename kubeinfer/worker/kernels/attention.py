@@ -138,10 +138,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
                                                       meta.decode_context_lens, scale)
         if not meta.prefills:
             return decoded
-    out = torch.empty_like(q)
-    if nd and meta.backend == "cpp":
+        out = torch.empty_like(q)
         out[:nd] = decoded
-    elif nd:
+    else:
+        out = torch.empty_like(q)
+    if nd and meta.backend != "cpp":
         keys = _gather(cache.k, meta.decode_block_tables, meta.key_workspace, cache.k_scale)  # [kvh, D, L, d]
         values = _gather(cache.v, meta.decode_block_tables, meta.value_workspace, cache.v_scale)
         length = keys.shape[-2]

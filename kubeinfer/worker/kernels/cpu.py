@@ -1,6 +1,6 @@
 """The C++ CPU kernels (cpu_kernels.cpp), built on first use with torch's extension builder.
 
-The build needs a C++ compiler; it takes about a minute once and is cached under
+The build needs a C++ compiler; it takes about 40 s once and is cached under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so later processes (and every Ray
 replica on the machine) load it in milliseconds. Without a compiler the engine keeps the torch path.
 """
