@@ -10,6 +10,7 @@ from kubeinfer.worker import Engine, SamplingParams
 from kubeinfer.worker.kernels import resolve_attention_backend
 from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, paged_attention, write_kv
 from kubeinfer.worker.kernels.cpu import load_cpu_kernels
+from kubeinfer.worker.evaluation import prompt_logits
 from kubeinfer.worker.models.rope import apply_rotary
 from kubeinfer.worker.quant import Int4WeightOnly, Int8WeightOnly
 
@@ -17,27 +18,52 @@ KERNELS = load_cpu_kernels()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="the C++ CPU kernels could not be built (no compiler?)")
 
 
-def test_rms_norm_matches_torch():
-    x = torch.randn(5, 576)
-    w = torch.randn(576)
-    torch.testing.assert_close(KERNELS.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-6)
+# bf16 kernels read bf16, compute in fp32 and round once: compared with fp32 math on the same
+# bf16 inputs, they must be within one bf16 rounding of the result.
+DTYPES = [torch.float32, torch.bfloat16]
 
 
-def test_rotary_in_place_matches_torch():
-    qkv = torch.randn(4, 9 + 2 * 3, 64)
-    cos, sin = torch.randn(4, 1, 64), torch.randn(4, 1, 64)
-    want = apply_rotary(qkv[:, :12], cos, sin)
+def _close(got: torch.Tensor, want_fp32: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want_fp32, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want_fp32, rtol=2 ** -8, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_torch(dtype):
+    x = torch.randn(5, 576).to(dtype)
+    w = torch.randn(576).to(dtype)
+    _close(KERNELS.rms_norm(x, w, 1e-5), F.rms_norm(x.float(), (576,), w.float(), 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_matches_torch(dtype):
+    qkv = torch.randn(4, 9 + 2 * 3, 64).to(dtype)
+    cos, sin = torch.randn(4, 1, 64).to(dtype), torch.randn(4, 1, 64).to(dtype)
+    want = apply_rotary(qkv[:, :12].float(), cos.float(), sin.float())
     v_before = qkv[:, 12:].clone()
     KERNELS.rotary_(qkv, cos, sin, 12)
-    torch.testing.assert_close(qkv[:, :12], want, rtol=1e-5, atol=1e-6)
+    _close(qkv[:, :12], want, dtype)
     assert torch.equal(qkv[:, 12:], v_before)  # value heads untouched
 
 
-def test_silu_mul_matches_torch():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_torch(dtype):
     gate_up = torch.randn(3, 2 * 100) * 4
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, -88.5, 0.0])  # the exp clamp and saturation
-    gate, up = gate_up.split(100, dim=-1)
-    torch.testing.assert_close(KERNELS.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    gate_up = gate_up.to(dtype)
+    gate, up = gate_up.float().split(100, dim=-1)
+    _close(KERNELS.silu_mul(gate_up), F.silu(gate) * up, dtype)
+
+
+def test_kernels_reject_mixed_and_unsupported_dtypes():
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="weight must have the dtype of the activations"):
+        KERNELS.rms_norm(x, torch.ones(64, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        KERNELS.silu_mul(x.half())
 
 
 def test_int8_gemv_matches_dequantized_linear():
@@ -63,13 +89,14 @@ def test_int4pack_linear_matches_the_module_path():
     torch.testing.assert_close(linear(x), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_seqs,width", [(1, 1), (1, 9), (6, 5)])
-def test_write_and_decode_attention_match_torch(num_seqs, width):
+def test_write_and_decode_attention_match_torch(num_seqs, width, dtype):
     torch.manual_seed(num_seqs * 10 + width)
     kvh, nb, bs, d, heads = 3, 40, 16, 64, 9
-    k_cache = torch.randn(kvh, nb, bs, d)
+    k_cache = torch.randn(kvh, nb, bs, d).to(dtype)
     v_cache = torch.randn_like(k_cache)
-    qkv = torch.randn(num_seqs, heads + 2 * kvh, d)
+    qkv = torch.randn(num_seqs, heads + 2 * kvh, d).to(dtype)
     q, k, v = qkv[:, :heads], qkv[:, heads:heads + kvh], qkv[:, heads + kvh:]  # strided views, as in the model
     tables = torch.stack([torch.randperm(nb)[:width] for _ in range(num_seqs)])
     lens = torch.randint(1, width * bs + 1, (num_seqs,))
@@ -81,10 +108,11 @@ def test_write_and_decode_attention_match_torch(num_seqs, width):
     KERNELS.write_kv(k, v, ours_k, ours_v, slots)
     assert torch.equal(ours_k, k_cache) and torch.equal(ours_v, v_cache)
     mask = (torch.arange(width * bs)[None] >= lens[:, None]).view(1, num_seqs, 1, width * bs)
-    want = paged_attention(q, k, v, LayerKVCache(k_cache, v_cache), AttentionMetadata(slots, num_seqs, tables, mask, []),
-                           0.125)
+    # The reference attends in fp32 over the same (bf16-valued) cache.
+    want = paged_attention(q.float(), None, None, LayerKVCache(k_cache.float(), v_cache.float()),
+                           AttentionMetadata(slots, num_seqs, tables, mask, []), 0.125)
     got = KERNELS.decode_attention(q, ours_k, ours_v, tables, lens, 0.125)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _close(got, want, dtype)
 
 
 def test_bad_slot_is_an_error_not_a_write_out_of_bounds():
@@ -96,7 +124,8 @@ def test_bad_slot_is_an_error_not_a_write_out_of_bounds():
 
 def test_auto_picks_cpp_only_where_it_applies():
     assert resolve_attention_backend("auto", "cpu") == "cpp"
-    assert resolve_attention_backend("auto", "cpu", torch.bfloat16) == "torch"
+    assert resolve_attention_backend("auto", "cpu", torch.bfloat16) == "cpp"
+    assert resolve_attention_backend("auto", "cpu", torch.float16) == "torch"
     assert resolve_attention_backend("auto", "cpu", kv_int8=True) == "torch"
     assert resolve_attention_backend("auto", "cpu", compile_decode=True) == "torch"
     with pytest.raises(ValueError, match="cpp"):
@@ -119,3 +148,20 @@ def test_engine_on_cpp_kernels_matches_torch_path(tiny_llama_dir):
     want = [o.output_token_ids for o in torch_engine.generate(PROMPTS + PROMPTS[:1], params + params[:1])]
     got = [o.output_token_ids for o in cpp_engine.generate(PROMPTS + PROMPTS[:1], params + params[:1])]
     assert got == want
+
+
+def test_bf16_engine_on_cpp_kernels_is_as_accurate_as_the_torch_path(tiny_llama_dir):
+    # A chunk of one token is a decode step: every position below goes through decode_attention
+    # (and the norm/rotary/SwiGLU kernels). bf16 rounds differently on the two paths, so each is
+    # held to the fp32 engine's logits, and the C++ path must be no less accurate than torch's
+    # (mean error: the max over 80 x vocab logits is one outlier, which either path can win).
+    ids = list(range(3, 83))
+    kwargs = dict(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=32)
+    ref = prompt_logits(Engine(**kwargs), ids, chunk=1)
+    errors = {}
+    for backend in ("torch", "cpp"):
+        engine = Engine(**kwargs, dtype="bfloat16", attention_backend=backend)
+        assert engine.runner.attention_backend == backend
+        errors[backend] = float((prompt_logits(engine, ids, chunk=1) - ref).abs().mean() / ref.abs().mean())
+    assert 0 < errors["cpp"] < 0.05
+    assert errors["cpp"] <= 1.1 * errors["torch"], errors

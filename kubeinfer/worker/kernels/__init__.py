@@ -8,6 +8,7 @@ from kubeinfer.worker.kernels.cpu import load_cpu_kernels
 from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, paged_attention, write_kv
 
 ATTENTION_BACKENDS = ("auto", "torch", "cpp", "triton")
+_CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def resolve_attention_backend(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
@@ -15,8 +16,9 @@ def resolve_attention_backend(name: str, device: torch.device | str, dtype: torc
     """Pick the kernels for this engine.
 
     ``auto`` is Triton on CUDA (when triton imports); on a CPU it is ``cpp`` (the C++ decode kernels
-    of cpu_kernels.cpp) when they apply and build, else torch. ``cpp`` covers an fp32 model with a
-    float KV cache and eager decode steps (a compiled graph fuses the torch ops itself). ``triton``
+    of cpu_kernels.cpp) when they apply and build, else torch. ``cpp`` covers an fp32 or bf16 model
+    with a KV cache of the model's dtype and eager decode steps (a compiled graph fuses the torch ops
+    itself). ``triton``
     on a CPU runs the kernels in Triton's interpreter (TRITON_INTERPRET=1), which is how CI checks them.
     """
     if name not in ATTENTION_BACKENDS:
@@ -25,12 +27,13 @@ def resolve_attention_backend(name: str, device: torch.device | str, dtype: torc
         from kubeinfer.worker.kernels.triton_attention import triton_available
         if triton_available(device):
             return "triton"
-        if torch.device(device).type != "cpu" or dtype != torch.float32 or kv_int8 or compile_decode:
+        if torch.device(device).type != "cpu" or dtype not in _CPP_DTYPES or kv_int8 or compile_decode:
             return "torch"
         return "cpp" if load_cpu_kernels() is not None else "torch"
     if name == "cpp":
-        if dtype != torch.float32 or kv_int8 or compile_decode:
-            raise ValueError("attention_backend='cpp' needs dtype float32, a float KV cache and compile off")
+        if dtype not in _CPP_DTYPES or kv_int8 or compile_decode:
+            raise ValueError("attention_backend='cpp' needs dtype float32 or bfloat16, a KV cache of that dtype "
+                             "(not int8) and compile off")
         if load_cpu_kernels() is None:
             raise ValueError("attention_backend='cpp': the C++ CPU kernels could not be built here (see the log)")
     return name

@@ -4,7 +4,9 @@
 // 2-core VM), not its arithmetic. These kernels fold the paged-attention decode (gather through the
 // block table, softmax, weighted sum), the K/V cache write and RMSNorm into one call each, and
 // run the int8 weight-only matmul for decode-sized batches at close to memory bandwidth.
-// fp32 only; the int8 KV cache and other dtypes stay on the torch path (kernels/attention.py).
+// The norm, rotary, SwiGLU and attention kernels take fp32 or bf16 tensors and compute in fp32 (bf16
+// is read by widening to fp32 and written rounded to nearest even); the matmul kernels take fp32
+// activations. The int8 KV cache and fp16 stay on the torch path (kernels/attention.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -16,13 +18,6 @@
 #include <vector>
 
 namespace {
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
 
 // sum_k x[k] * w[k] for int8 w. The AVX-512 path keeps four independent accumulators so the FMA
 // latency chain does not cap throughput (one chain reaches ~5 GB/s of weights per core, four ~2x).
@@ -67,98 +62,187 @@ inline __m512 exp512(__m512 x) {
 }
 #endif
 
+using bf16 = c10::BFloat16;
+
+// Scalar type dispatch for the kernels that take fp32 or bf16: f is called with a value of the type.
+template <typename F>
+auto dispatch_float_bf16(const torch::Tensor& t, const char* what, F&& f) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16),
+              what, " must be a float32 or bfloat16 CPU tensor");
+  return t.scalar_type() == torch::kFloat32 ? f(float{}) : f(bf16{});
+}
+
+void check_same_dtype(const torch::Tensor& a, const torch::Tensor& b, const char* what) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, " must have the dtype of the activations");
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// bf16 is the top half of an fp32: widening is a shift.
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+  // Round to nearest even, as c10::BFloat16 does (NaN payloads aside).
+  const __m512i i = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(i, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+#endif
+}
+#endif
+
+// sum_i a[i] * b[i] in fp32 for fp32 or bf16 operands.
+template <typename A, typename B>
+inline float dot_any(const A* a, const B* b, int64_t n) {
+  int64_t i = 0;
+  float acc = 0.f;
+#if defined(__AVX512F__)
+  __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    v0 = _mm512_fmadd_ps(load16(a + i), load16(b + i), v0);
+    v1 = _mm512_fmadd_ps(load16(a + i + 16), load16(b + i + 16), v1);
+  }
+  for (; i + 16 <= n; i += 16) v0 = _mm512_fmadd_ps(load16(a + i), load16(b + i), v0);
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+#endif
+  for (; i < n; ++i) acc += static_cast<float>(a[i]) * static_cast<float>(b[i]);
+  return acc;
+}
+
+// o[i] += p * v[i] for an fp32 accumulator o.
+template <typename T>
+inline void axpy(float* o, float p, const T* v, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 vp = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(o + i, _mm512_fmadd_ps(vp, load16(v + i), _mm512_loadu_ps(o + i)));
+#endif
+  for (; i < n; ++i) o[i] += p * static_cast<float>(v[i]);
+}
+
 void check_f32(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, what, " must be a float32 CPU tensor");
 }
 
 }  // namespace
 
-// out[t] = x[t] / rms(x[t]) * weight; x [T, H] with unit stride in H.
+// out[t] = x[t] / rms(x[t]) * weight; x [T, H] with unit stride in H, weight [H] of x's dtype.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  check_f32(x, "x");
-  check_f32(weight, "weight");
+  check_same_dtype(x, weight, "weight");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && weight.is_contiguous() && weight.size(0) == x.size(1),
               "rms_norm expects x [T, H] (unit stride in H) and weight [H]");
   const int64_t T = x.size(0), H = x.size(1), xs = x.stride(0);
   auto out = torch::empty({T, H}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* row = xp + t * xs;
-      const float inv = 1.f / std::sqrt(dot(row, row, H) / H + static_cast<float>(eps));
-      float* o = op + t * H;
-#pragma omp simd
-      for (int64_t i = 0; i < H; ++i) o[i] = row[i] * inv * wp[i];
-    }
+  dispatch_float_bf16(x, "x", [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* xp = x.data_ptr<T_>();
+    const T_* wp = weight.data_ptr<T_>();
+    T_* op = out.data_ptr<T_>();
+    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const T_* row = xp + t * xs;
+        const float inv = 1.f / std::sqrt(dot_any(row, row, H) / H + static_cast<float>(eps));
+        T_* o = op + t * H;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (; i + 16 <= H; i += 16) store16(o + i, _mm512_mul_ps(_mm512_mul_ps(load16(row + i), vinv), load16(wp + i)));
+#endif
+        for (; i < H; ++i) o[i] = static_cast<T_>(static_cast<float>(row[i]) * inv * static_cast<float>(wp[i]));
+      }
+    });
+    return 0;
   });
   return out;
 }
 
 // Rotates the first `heads` heads of x [T, >=heads, d] in place (HF's rotate-half layout):
-// x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the two halves; cos/sin [T, d] contiguous.
+// x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the two halves; cos/sin [T, d] contiguous, x's dtype.
 void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads) {
-  check_f32(x, "x");
-  check_f32(cos, "cos");
-  check_f32(sin, "sin");
+  check_same_dtype(x, cos, "cos");
+  check_same_dtype(x, sin, "sin");
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && heads <= x.size(1), "x must be [T, heads, d] with unit stride in d");
   const int64_t T = x.size(0), D = x.size(2), half = D / 2;
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * D && sin.numel() == T * D,
               "cos and sin must be contiguous [T, d]");
-  float* xp = x.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* c = cp + t * D;
-    const float* s = sp + t * D;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* r = xp + t * x.stride(0) + h * x.stride(1);
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = r[i], b = r[i + half];
-        r[i] = a * c[i] - b * s[i];
-        r[i + half] = b * c[i + half] + a * s[i + half];
+  dispatch_float_bf16(x, "x", [&](auto tag) {
+    using T_ = decltype(tag);
+    T_* xp = x.data_ptr<T_>();
+    const T_* cp = cos.data_ptr<T_>();
+    const T_* sp = sin.data_ptr<T_>();
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const T_* c = cp + t * D;
+        const T_* s = sp + t * D;
+        for (int64_t h = 0; h < heads; ++h) {
+          T_* r = xp + t * x.stride(0) + h * x.stride(1);
+          int64_t i = 0;
+#if defined(__AVX512F__)
+          for (; i + 16 <= half; i += 16) {
+            const __m512 a = load16(r + i), b = load16(r + i + half);
+            store16(r + i, _mm512_fmsub_ps(a, load16(c + i), _mm512_mul_ps(b, load16(s + i))));
+            store16(r + i + half, _mm512_fmadd_ps(b, load16(c + i + half), _mm512_mul_ps(a, load16(s + i + half))));
+          }
+#endif
+          for (; i < half; ++i) {
+            const float a = r[i], b = r[i + half];
+            r[i] = static_cast<T_>(a * static_cast<float>(c[i]) - b * static_cast<float>(s[i]));
+            r[i + half] = static_cast<T_>(b * static_cast<float>(c[i + half]) + a * static_cast<float>(s[i + half]));
+          }
+        }
       }
-    }
-  }
+    });
+    return 0;
+  });
 }
 
 // SwiGLU's gate: out [T, I] = silu(x[:, :I]) * x[:, I:] for x [T, 2I] (the fused gate|up output).
 torch::Tensor silu_mul(const torch::Tensor& x) {
-  check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "x must be a contiguous [T, 2I] tensor");
   const int64_t T = x.size(0), I = x.size(1) / 2;
   auto out = torch::empty({T, I}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* g = xp + t * 2 * I;
-      const float* u = g + I;
-      float* o = op + t * I;
-      int64_t i = 0;
+  dispatch_float_bf16(x, "x", [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* xp = x.data_ptr<T_>();
+    T_* op = out.data_ptr<T_>();
+    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const T_* g = xp + t * 2 * I;
+        const T_* u = g + I;
+        T_* o = op + t * I;
+        int64_t i = 0;
 #if defined(__AVX512F__)
-      const __m512 one = _mm512_set1_ps(1.f);
-      for (; i + 16 <= I; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i);
-        const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(u + i)));
-      }
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (; i + 16 <= I; i += 16) {
+          const __m512 gv = load16(g + i);
+          const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+          store16(o + i, _mm512_mul_ps(silu, load16(u + i)));
+        }
 #endif
-      for (; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    }
+        for (; i < I; ++i) {
+          const float gf = g[i];
+          o[i] = static_cast<T_>(gf / (1.f + std::exp(-gf)) * static_cast<float>(u[i]));
+        }
+      }
+    });
+    return 0;
   });
   return out;
 }
 
-// Stores k, v [T, kv_heads, d] (unit stride in d) at their slots of caches [kv_heads, blocks, block_size, d].
+// Stores k, v [T, kv_heads, d] (unit stride in d) at their slots of caches [kv_heads, blocks, block_size, d]
+// of the same dtype.
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
               const torch::Tensor& slot_mapping) {
-  check_f32(k, "k");
-  check_f32(v, "v");
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
+  check_same_dtype(k, v, "v");
+  check_same_dtype(k, k_cache, "k_cache");
+  check_same_dtype(k, v_cache, "v_cache");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v need unit stride in head_dim");
   TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.is_contiguous(), "slot_mapping must be int64");
@@ -166,28 +250,32 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_c
   const int64_t slots_per_head = k_cache.size(1) * k_cache.size(2);
   TORCH_CHECK(k_cache.size(0) == KVH && k_cache.size(3) == D && slot_mapping.size(0) == T, "shape mismatch");
   const int64_t* sp = slot_mapping.data_ptr<int64_t>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t slot = sp[t];
-    TORCH_CHECK(slot >= 0 && slot < slots_per_head, "slot ", slot, " is outside the KV cache");
-    for (int64_t h = 0; h < KVH; ++h) {
-      std::copy_n(kp + t * k.stride(0) + h * k.stride(1), D, kc + (h * slots_per_head + slot) * D);
-      std::copy_n(vp + t * v.stride(0) + h * v.stride(1), D, vc + (h * slots_per_head + slot) * D);
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < slots_per_head, "slot ", sp[t], " is outside the KV cache");
+  dispatch_float_bf16(k, "k", [&](auto tag) {
+    using T_ = decltype(tag);
+    T_* kc = k_cache.data_ptr<T_>();
+    T_* vc = v_cache.data_ptr<T_>();
+    const T_* kp = k.data_ptr<T_>();
+    const T_* vp = v.data_ptr<T_>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t h = 0; h < KVH; ++h) {
+        std::copy_n(kp + t * k.stride(0) + h * k.stride(1), D, kc + (h * slots_per_head + sp[t]) * D);
+        std::copy_n(vp + t * v.stride(0) + h * v.stride(1), D, vc + (h * slots_per_head + sp[t]) * D);
+      }
     }
-  }
+    return 0;
+  });
 }
 
 // One query per sequence against its first context_lens[s] cached tokens, found through
-// block_tables [S, max_blocks]. q [S, heads, d] (unit stride in d) -> out [S, heads, d].
+// block_tables [S, max_blocks]. q [S, heads, d] (unit stride in d) -> out [S, heads, d], q's dtype
+// (the caches' too); scores, softmax and the weighted sum are fp32.
 // Grouped-query heads share a kv head, so each (sequence, kv head) pair is one unit of parallel work.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale) {
-  check_f32(q, "q");
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
+  check_same_dtype(q, k_cache, "k_cache");
+  check_same_dtype(q, v_cache, "v_cache");
   TORCH_CHECK(q.stride(2) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous(), "layout mismatch");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous() &&
                   context_lens.scalar_type() == torch::kInt64 && context_lens.is_contiguous(),
@@ -198,12 +286,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
               "shape mismatch");
   const int64_t G = H / KVH, W = block_tables.size(1), q_seq_stride = q.stride(0), q_head_stride = q.stride(1);
   auto out = torch::empty({S, H, D}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
   for (int64_t s = 0; s < S; ++s) {
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= W * BS, "context length ", lens[s], " does not fit the block table");
     for (int64_t i = 0; i < (lens[s] + BS - 1) / BS; ++i)
@@ -211,50 +295,55 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
   }
   const float fscale = static_cast<float>(scale);
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, W * BS));
-  at::parallel_for(0, S * KVH, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t s = unit / KVH, h = unit % KVH, L = lens[s];
-      const float* kh = kc + h * NB * BS * D;
-      const float* vh = vc + h * NB * BS * D;
-      const int64_t* table = bt + s * W;
-      scores.resize(L);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t head = h * G + g;
-        const float* qv = qp + s * q_seq_stride + head * q_head_stride;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < L; ++t) {
-          const float* key = kh + (table[t / BS] * BS + t % BS) * D;
-          scores[t] = dot(qv, key, D) * fscale;
-          mx = std::max(mx, scores[t]);
-        }
-        float sum = 0.f;
-        int64_t t0 = 0;
+  dispatch_float_bf16(q, "q", [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* qp = q.data_ptr<T_>();
+    const T_* kc = k_cache.data_ptr<T_>();
+    const T_* vc = v_cache.data_ptr<T_>();
+    T_* op = out.data_ptr<T_>();
+    at::parallel_for(0, S * KVH, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, acc(D);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t s = unit / KVH, h = unit % KVH, L = lens[s];
+        const T_* kh = kc + h * NB * BS * D;
+        const T_* vh = vc + h * NB * BS * D;
+        const int64_t* table = bt + s * W;
+        scores.resize(L);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t head = h * G + g;
+          const T_* qv = qp + s * q_seq_stride + head * q_head_stride;
+          float mx = -INFINITY;
+          for (int64_t t = 0; t < L; ++t) {
+            const T_* key = kh + (table[t / BS] * BS + t % BS) * D;
+            scores[t] = dot_any(qv, key, D) * fscale;
+            mx = std::max(mx, scores[t]);
+          }
+          float sum = 0.f;
+          int64_t t0 = 0;
 #if defined(__AVX512F__)
-        const __m512 vmx = _mm512_set1_ps(mx);
-        __m512 vsum = _mm512_setzero_ps();
-        for (; t0 + 16 <= L; t0 += 16) {
-          const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t0), vmx));
-          _mm512_storeu_ps(scores.data() + t0, e);
-          vsum = _mm512_add_ps(vsum, e);
-        }
-        sum = _mm512_reduce_add_ps(vsum);
+          const __m512 vmx = _mm512_set1_ps(mx);
+          __m512 vsum = _mm512_setzero_ps();
+          for (; t0 + 16 <= L; t0 += 16) {
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t0), vmx));
+            _mm512_storeu_ps(scores.data() + t0, e);
+            vsum = _mm512_add_ps(vsum, e);
+          }
+          sum = _mm512_reduce_add_ps(vsum);
 #endif
-        for (int64_t t = t0; t < L; ++t) {
-          scores[t] = std::exp(scores[t] - mx);
-          sum += scores[t];
-        }
-        float* o = op + (s * H + head) * D;
-        std::fill_n(o, D, 0.f);
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < L; ++t) {
-          const float p = scores[t] * inv;
-          const float* val = vh + (table[t / BS] * BS + t % BS) * D;
-#pragma omp simd
-          for (int64_t i = 0; i < D; ++i) o[i] += p * val[i];
+          for (int64_t t = t0; t < L; ++t) {
+            scores[t] = std::exp(scores[t] - mx);
+            sum += scores[t];
+          }
+          std::fill(acc.begin(), acc.end(), 0.f);
+          const float inv = 1.f / sum;
+          for (int64_t t = 0; t < L; ++t)
+            axpy(acc.data(), scores[t] * inv, vh + (table[t / BS] * BS + t % BS) * D, D);
+          T_* o = op + (s * H + head) * D;
+          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T_>(acc[i]);
         }
       }
-    }
+    });
+    return 0;
   });
   return out;
 }
@@ -300,11 +389,11 @@ torch::Tensor int4pack_linear(const torch::Tensor& x, const torch::Tensor& packe
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The engine steps in a thread beside the server's event loop: let it run while a kernel does.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32)", nogil);
-  m.def("rotary_", &rotary_, "rotary embedding in place on the first heads (fp32)", nogil);
-  m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(gate) * up over a fused [T, 2I] tensor (fp32)", nogil);
-  m.def("write_kv", &write_kv, "store K/V at their paged-cache slots (fp32)", nogil);
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32 or bf16)", nogil);
+  m.def("rotary_", &rotary_, "rotary embedding in place on the first heads (fp32 or bf16)", nogil);
+  m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(gate) * up over a fused [T, 2I] tensor (fp32 or bf16)", nogil);
+  m.def("write_kv", &write_kv, "store K/V at their paged-cache slots (fp32 or bf16)", nogil);
   m.def("int8_gemv", &int8_gemv, "int8 weight-only matmul for a few rows (fp32 activations)", nogil);
   m.def("int4pack_linear", &int4pack_linear, "aten's int4 CPU matmul for fp32 activations", nogil);
-  m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32)", nogil);
+  m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
 }

@@ -120,7 +120,8 @@ class LlamaForCausalLM(nn.Module):
 
     def use_cpu_kernels(self, kernels: ModuleType) -> None:
         """Run every RMSNorm, rotary embedding, SwiGLU gate and quantized matmul (the int8 head
-        included) through the C++ CPU kernels: an fp32 model on the ``cpp`` backend."""
+        included) through the C++ CPU kernels: an fp32 or bf16 model on the ``cpp`` backend (the
+        quantized matmuls keep their torch path for bf16 activations)."""
         from kubeinfer.worker.quant import Int4Linear, Int8Linear
         for module in [*self.modules(), self.quantized_head]:
             if isinstance(module, (RMSNorm, Attention, MLP, Int8Linear, Int4Linear)):
