@@ -126,6 +126,141 @@ inline void axpy(float* o, float p, const T* v, int64_t n) {
   for (; i < n; ++i) o[i] += p * static_cast<float>(v[i]);
 }
 
+// exp(x - max) in place over each of `rows` rows of L scores; inv[r] = 1 / the row's sum.
+void softmax_rows(float* scores, int64_t rows, int64_t L, float* inv) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sc = scores + r * L;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < L; ++t) mx = std::max(mx, sc[t]);
+    float sum = 0.f;
+    int64_t t0 = 0;
+#if defined(__AVX512F__)
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 vsum = _mm512_setzero_ps();
+    for (; t0 + 16 <= L; t0 += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t0), vmx));
+      _mm512_storeu_ps(sc + t0, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (int64_t t = t0; t < L; ++t) {
+      sc[t] = std::exp(sc[t] - mx);
+      sum += sc[t];
+    }
+    inv[r] = 1.f / sum;
+  }
+}
+
+// Attention of `rows` query heads (fp32, pre-scaled, [rows, D]) that share one kv head, over the
+// first L tokens reached through `table`; writes [rows, D] fp32 to out. Any D, any rows.
+template <typename T>
+void attend_generic(const float* q, int64_t rows, int64_t D, const T* kh, const T* vh, const int64_t* table,
+                    int64_t L, int64_t BS, float* scores, float* inv, float* out) {
+  // A block of the table at a time: a division per token (t / BS) costs more than its dot product.
+  for (int64_t blk = 0, t = 0; t < L; ++blk) {
+    const T* kb = kh + table[blk] * BS * D;
+    for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t)
+      for (int64_t g = 0; g < rows; ++g) scores[g * L + t] = dot_any(q + g * D, kb + j * D, D);
+  }
+  softmax_rows(scores, rows, L, inv);
+  std::fill_n(out, rows * D, 0.f);
+  for (int64_t blk = 0, t = 0; t < L; ++blk) {
+    const T* vb = vh + table[blk] * BS * D;
+    for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t)
+      for (int64_t g = 0; g < rows; ++g) axpy(out + g * D, scores[g * L + t], vb + j * D, D);
+  }
+  for (int64_t g = 0; g < rows; ++g)
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] *= inv[g];
+}
+
+#if defined(__AVX512F__)
+// Blocks sit wherever the allocator put them, so the hardware prefetcher stops at each block's
+// end; asking for the next block while this one is consumed hides the miss (and its page walk).
+template <typename T>
+inline void prefetch_block(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
+// attend_generic for D = 16 * DV and GC rows, with the queries and the GC x D accumulators in
+// registers: each key and value is loaded (and widened from bf16) once for all GC heads, and the
+// weighted sum never round-trips through memory. GC * DV <= 16 keeps everything in the 32 zmm.
+template <int DV, int GC, typename T>
+void attend_regs(const float* q, const T* kh, const T* vh, const int64_t* table, int64_t L, int64_t BS,
+                 float* scores, float* inv, float* out) {
+  constexpr int64_t D = DV * 16;
+  __m512 qv[GC][DV];
+  for (int g = 0; g < GC; ++g)
+    for (int v = 0; v < DV; ++v) qv[g][v] = _mm512_loadu_ps(q + g * D + v * 16);
+  for (int64_t blk = 0, t = 0; t < L; ++blk) {
+    const T* kb = kh + table[blk] * BS * D;
+    if (t + BS < L) prefetch_block(kh + table[blk + 1] * BS * D, BS * D);
+    for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t) {
+      __m512 kv[DV];
+      for (int v = 0; v < DV; ++v) kv[v] = load16(kb + j * D + v * 16);
+      for (int g = 0; g < GC; ++g) {
+        __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+        for (int v = 1; v < DV; ++v) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
+        scores[g * L + t] = _mm512_reduce_add_ps(a);
+      }
+    }
+  }
+  softmax_rows(scores, GC, L, inv);
+  __m512 acc[GC][DV];
+  for (int g = 0; g < GC; ++g)
+    for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_setzero_ps();
+  for (int64_t blk = 0, t = 0; t < L; ++blk) {
+    const T* vb = vh + table[blk] * BS * D;
+    if (t + BS < L) prefetch_block(vh + table[blk + 1] * BS * D, BS * D);
+    for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t) {
+      __m512 vv[DV];
+      for (int v = 0; v < DV; ++v) vv[v] = load16(vb + j * D + v * 16);
+      for (int g = 0; g < GC; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[g * L + t]);
+        for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);
+      }
+    }
+  }
+  for (int g = 0; g < GC; ++g) {
+    const __m512 s = _mm512_set1_ps(inv[g]);
+    for (int v = 0; v < DV; ++v) _mm512_storeu_ps(out + g * D + v * 16, _mm512_mul_ps(acc[g][v], s));
+  }
+}
+#endif
+
+// One (sequence, kv head) unit: `rows` query heads at once, through the register kernels where
+// D is 64 or 128, else the generic loops.
+template <typename T>
+void attend(const float* q, int64_t rows, int64_t D, const T* kh, const T* vh, const int64_t* table, int64_t L,
+            int64_t BS, float* scores, float* inv, float* out) {
+#if defined(__AVX512F__)
+  if (D == 64 || D == 128) {
+    const int64_t most = D == 64 ? 4 : 2;
+    for (int64_t g0 = 0; g0 < rows;) {
+      const int64_t gc = std::min(most, rows - g0);
+      const float* qg = q + g0 * D;
+      float* og = out + g0 * D;
+      if (D == 64) {
+        switch (gc) {
+          case 1: attend_regs<4, 1>(qg, kh, vh, table, L, BS, scores, inv, og); break;
+          case 2: attend_regs<4, 2>(qg, kh, vh, table, L, BS, scores, inv, og); break;
+          case 3: attend_regs<4, 3>(qg, kh, vh, table, L, BS, scores, inv, og); break;
+          default: attend_regs<4, 4>(qg, kh, vh, table, L, BS, scores, inv, og); break;
+        }
+      } else if (gc == 1) {
+        attend_regs<8, 1>(qg, kh, vh, table, L, BS, scores, inv, og);
+      } else {
+        attend_regs<8, 2>(qg, kh, vh, table, L, BS, scores, inv, og);
+      }
+      g0 += gc;
+    }
+    return;
+  }
+#endif
+  attend_generic(q, rows, D, kh, vh, table, L, BS, scores, inv, out);
+}
+
 void check_f32(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, what, " must be a float32 CPU tensor");
 }
@@ -302,45 +437,18 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
     const T_* vc = v_cache.data_ptr<T_>();
     T_* op = out.data_ptr<T_>();
     at::parallel_for(0, S * KVH, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, acc(D);
+      std::vector<float> qf(G * D), scores, inv(G), acc(G * D);
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t s = unit / KVH, h = unit % KVH, L = lens[s];
-        const T_* kh = kc + h * NB * BS * D;
-        const T_* vh = vc + h * NB * BS * D;
-        const int64_t* table = bt + s * W;
-        scores.resize(L);
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t head = h * G + g;
-          const T_* qv = qp + s * q_seq_stride + head * q_head_stride;
-          float mx = -INFINITY;
-          for (int64_t t = 0; t < L; ++t) {
-            const T_* key = kh + (table[t / BS] * BS + t % BS) * D;
-            scores[t] = dot_any(qv, key, D) * fscale;
-            mx = std::max(mx, scores[t]);
-          }
-          float sum = 0.f;
-          int64_t t0 = 0;
-#if defined(__AVX512F__)
-          const __m512 vmx = _mm512_set1_ps(mx);
-          __m512 vsum = _mm512_setzero_ps();
-          for (; t0 + 16 <= L; t0 += 16) {
-            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + t0), vmx));
-            _mm512_storeu_ps(scores.data() + t0, e);
-            vsum = _mm512_add_ps(vsum, e);
-          }
-          sum = _mm512_reduce_add_ps(vsum);
-#endif
-          for (int64_t t = t0; t < L; ++t) {
-            scores[t] = std::exp(scores[t] - mx);
-            sum += scores[t];
-          }
-          std::fill(acc.begin(), acc.end(), 0.f);
-          const float inv = 1.f / sum;
-          for (int64_t t = 0; t < L; ++t)
-            axpy(acc.data(), scores[t] * inv, vh + (table[t / BS] * BS + t % BS) * D, D);
-          T_* o = op + (s * H + head) * D;
-          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T_>(acc[i]);
+          const T_* qv = qp + s * q_seq_stride + (h * G + g) * q_head_stride;
+          for (int64_t i = 0; i < D; ++i) qf[g * D + i] = static_cast<float>(qv[i]) * fscale;
         }
+        scores.resize(G * L);
+        attend(qf.data(), G, D, kc + h * NB * BS * D, vc + h * NB * BS * D, bt + s * W, L, BS, scores.data(),
+               inv.data(), acc.data());
+        T_* o = op + (s * H + h * G) * D;
+        for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T_>(acc[i]);
       }
     });
     return 0;
