@@ -40,6 +40,7 @@ def weight_bytes(engine: Engine) -> int:
 
     With a quantized head the float embedding is only used for one-row lookups, so it is not counted.
     """
+    from kubeinfer.worker.kernels.packed_linear import PackedLinear
     from kubeinfer.worker.quant import Int4Linear, Int8Linear
     model = engine.runner.model
     total = 0
@@ -48,6 +49,9 @@ def weight_bytes(engine: Engine) -> int:
             read = [mod.packed, mod.scales_and_zeros, mod.bias]
         elif isinstance(mod, Int8Linear):
             read = [mod.qweight, mod.scales_bf16 if mod.kernels is None else mod.scales, mod.bias]
+        elif isinstance(mod, PackedLinear):
+            total += mod.weight_nbytes
+            read = [mod.bias]
         elif mod is model.embed_tokens and model.quantized_head is not None:
             read = []
         elif isinstance(mod, (Int4Linear, Int8Linear)):

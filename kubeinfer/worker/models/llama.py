@@ -130,8 +130,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quantized_head is not None:
             return self.quantized_head(hidden).float()
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:  # an nn.Linear, or its PackedLinear swap (bf16 on CPU)
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.embed_tokens.weight).float()
 
     def quantize_head(self) -> None:
         """Run the LM head as int8 per-channel (the largest matrix: a third of a small model's bytes).
