@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from kubeinfer.worker.kernels.cpu import load_cpu_kernels
-from kubeinfer.worker.kernels.packed_linear import pack_bf16_linears
 from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, PrefillChunk, gather_workspace_size
 from kubeinfer.worker.models.config import ModelConfig
 from kubeinfer.worker.models.llama import LlamaForCausalLM
@@ -32,7 +31,7 @@ class ModelRunner:
         c = model.config
         self.model = model
         if dtype == torch.bfloat16 and not compile_decode:
-            pack_bf16_linears(model)  # CPU only; a no-op where oneDNN cannot pack
+            model.pack_bf16_weights()  # CPU only; a no-op where oneDNN cannot pack
         # Only decode-only steps are compiled: they always take the same path (no prefill chunks),
         # so one dynamic-shape graph serves every batch size and context length.
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward

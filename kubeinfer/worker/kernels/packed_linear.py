@@ -26,15 +26,15 @@ class PackedLinear(nn.Module):
     ``[T, out]``; other inputs (another dtype, more dims) are rejected rather than silently slowed.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        weight = linear.weight.detach()
-        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
-            raise ValueError(f"PackedLinear takes a bf16 CPU weight, got {weight.dtype} on {weight.device}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = weight.detach()
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"PackedLinear takes a 2-D bf16 CPU weight, got {weight.dtype} on {weight.device}")
+        self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
         self.weight_nbytes = weight.numel() * weight.element_size()
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.dtype != torch.bfloat16:
@@ -60,7 +60,7 @@ def pack_bf16_linears(model: nn.Module) -> int:
     targets = [(name, mod) for name, mod in model.named_modules()
                if type(mod) is nn.Linear and mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu"]
     try:
-        packed = [(name, PackedLinear(mod)) for name, mod in targets]
+        packed = [(name, PackedLinear(mod.weight, mod.bias)) for name, mod in targets]
     except RuntimeError as e:  # a oneDNN build that refuses the reorder: keep the plain layers
         log.warning("bf16 weight prepacking unavailable, keeping nn.Linear (%s)", e)
         return 0
