@@ -79,6 +79,27 @@ def test_int8_gemv_matches_dequantized_linear():
     torch.testing.assert_close(linear(x), want + bias, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("m", [1, 5, 31])
+def test_int8_gemv_vnni_path_within_its_activation_rounding(m):
+    # K a multiple of 64 takes the VNNI path where the CPU has it: x is rounded to int8 per 64 inputs,
+    # so each output may move by at most sum_k |w[n, k]| * step(k) / 2 (plus fp32 noise).
+    scheme = Int8WeightOnly()
+    state = scheme.quantize(torch.randn(300, 576))
+    deq = scheme.dequantize(state)
+    x = torch.randn(m, 576)
+    x[0, :64] *= 50  # one loud block: its coarse step must not leak into the other blocks
+    got = KERNELS.int8_gemv(x, state["qweight"], state["scales"].float())
+    step = (x.abs().view(m, 9, 64).amax(-1) / 127).repeat_interleave(64, dim=1)  # [m, K]
+    bound = (step / 2) @ deq.abs().T + 1e-4 * (x.abs() @ deq.abs().T)
+    err = (got - x @ deq.T).abs()
+    assert bool((err <= bound).all()), float((err - bound).max())
+    scale = float((x @ deq.T).abs().max())
+    if KERNELS.int8_vnni:  # the rounding is real: this is not the fp32 path
+        assert float(err.max()) > 1e-4 * scale
+    else:
+        assert float(err.max()) < 1e-5 * scale
+
+
 def test_int4pack_linear_matches_the_module_path():
     scheme = Int4WeightOnly(group_size=32)
     linear = scheme.make_linear(scheme.quantize(torch.randn(64, 96)), bias=torch.randn(64))  # Qwen2's qkv has one

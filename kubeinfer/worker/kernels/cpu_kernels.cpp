@@ -3,7 +3,8 @@
 // At batch 1 a decode step's tensors are a few KB, so a torch op costs its dispatch (5-30 us on a
 // 2-core VM), not its arithmetic. These kernels fold the paged-attention decode (gather through the
 // block table, softmax, weighted sum), the K/V cache write and RMSNorm into one call each, and
-// run the int8 weight-only matmul for decode-sized batches at close to memory bandwidth.
+// run the int8 weight-only matmul for decode-sized batches at close to memory bandwidth (with
+// AVX512-VNNI on int8-rounded activations).
 // The norm, rotary, SwiGLU and attention kernels take fp32 or bf16 tensors and compute in fp32 (bf16
 // is read by widening to fp32 and written rounded to nearest even); the matmul kernels take fp32
 // activations. The int8 KV cache and fp16 stay on the torch path (kernels/attention.py).
@@ -458,6 +459,47 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
 
 // y [M, N] = x [M, K] @ (qweight [N, K] int8 * scales [N]).T for a few rows M (decode): each weight
 // row is read once and dotted with every x row while it sits in L1; fp32 accumulation.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8_gemv's VNNI path: x is quantized to int8 per 64 inputs (scale max|x| / 127, like llama.cpp's
+// Q8 activations), so 64 weights cost one vpdpbusd instead of 16 widenings and FMAs. vpdpbusd
+// multiplies unsigned by signed bytes: it takes |w| and x with w's sign moved onto it.
+void int8_gemv_vnni(const float* xp, const int8_t* wp, const float* sp, float* yp, int64_t M, int64_t K, int64_t N) {
+  const int64_t KB = K / 64;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> sx(M * KB);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < KB; ++b) {
+      const float* xb = xp + m * K + b * 64;
+      float amax = 0.f;
+      for (int i = 0; i < 64; ++i) amax = std::max(amax, std::abs(xb[i]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      sx[m * KB + b] = amax / 127.f;
+      for (int i = 0; i < 64; ++i) xq[m * K + b * 64 + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+    }
+  }
+  const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, K));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* w = wp + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xm = xq.data() + m * K;
+        const float* sxm = sx.data() + m * KB;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < KB; ++b) {
+          const __m512i wv = _mm512_loadu_si512(w + b * 64);
+          const __mmask64 neg = _mm512_movepi8_mask(wv);
+          const __m512i xv = _mm512_loadu_si512(xm + b * 64);
+          const __m512i xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xs);
+          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sxm[b]), acc);
+        }
+        yp[m * N + n] = _mm512_reduce_add_ps(acc) * sp[n];
+      }
+    }
+  });
+}
+#endif
+
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales) {
   check_f32(x, "x");
   check_f32(scales, "scales");
@@ -471,6 +513,12 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, co
   const int8_t* wp = qweight.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (K % 64 == 0) {
+    int8_gemv_vnni(xp, wp, sp, yp, M, K, N);
+    return y;
+  }
+#endif
   // ~64 KB of weights per task: enough to amortize the thread hand-off, fine enough to balance.
   const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, K));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
@@ -497,6 +545,11 @@ torch::Tensor int4pack_linear(const torch::Tensor& x, const torch::Tensor& packe
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The engine steps in a thread beside the server's event loop: let it run while a kernel does.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  m.attr("int8_vnni") = true;   // int8_gemv rounds activations to int8 (K % 64 == 0)
+#else
+  m.attr("int8_vnni") = false;  // int8_gemv computes in fp32
+#endif
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32 or bf16)", nogil);
   m.def("rotary_", &rotary_, "rotary embedding in place on the first heads (fp32 or bf16)", nogil);
   m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(gate) * up over a fused [T, 2I] tensor (fp32 or bf16)", nogil);
