@@ -39,6 +39,16 @@ def test_rms_norm_matches_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_adds_in_place_then_normalizes(dtype):
+    x, residual = torch.randn(5, 576).to(dtype), torch.randn(5, 576).to(dtype)
+    w = torch.randn(576).to(dtype)
+    summed = x + residual  # rounded to dtype, as the unfused model rounds it
+    out = KERNELS.add_rms_norm_(x, residual, w, 1e-5)
+    assert torch.equal(residual, summed)
+    _close(out, F.rms_norm(summed.float(), (576,), w.float(), 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary_in_place_matches_torch(dtype):
     qkv = torch.randn(4, 9 + 2 * 3, 64).to(dtype)
     cos, sin = torch.randn(4, 1, 64).to(dtype), torch.randn(4, 1, 64).to(dtype)

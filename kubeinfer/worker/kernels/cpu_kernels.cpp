@@ -298,6 +298,46 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return out;
 }
 
+// The residual stream's add fused with the next RMSNorm: residual += x in place (rounded to its
+// dtype, as `residual + x` would be), then returns rms_norm(residual). x, residual [T, H] contiguous.
+torch::Tensor add_rms_norm_(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight, double eps) {
+  check_same_dtype(x, residual, "residual");
+  check_same_dtype(x, weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes() &&
+                  weight.is_contiguous() && weight.size(0) == x.size(1),
+              "add_rms_norm_ expects contiguous x and residual [T, H] and weight [H]");
+  const int64_t T = x.size(0), H = x.size(1);
+  auto out = torch::empty({T, H}, x.options());
+  dispatch_float_bf16(x, "x", [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* xp = x.data_ptr<T_>();
+    T_* rp = residual.data_ptr<T_>();
+    const T_* wp = weight.data_ptr<T_>();
+    T_* op = out.data_ptr<T_>();
+    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        T_* r = rp + t * H;
+        const T_* xr = xp + t * H;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= H; i += 16) store16(r + i, _mm512_add_ps(load16(r + i), load16(xr + i)));
+#endif
+        for (; i < H; ++i) r[i] = static_cast<T_>(static_cast<float>(r[i]) + static_cast<float>(xr[i]));
+        const float inv = 1.f / std::sqrt(dot_any(r, r, H) / H + static_cast<float>(eps));
+        T_* o = op + t * H;
+        i = 0;
+#if defined(__AVX512F__)
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (; i + 16 <= H; i += 16) store16(o + i, _mm512_mul_ps(_mm512_mul_ps(load16(r + i), vinv), load16(wp + i)));
+#endif
+        for (; i < H; ++i) o[i] = static_cast<T_>(static_cast<float>(r[i]) * inv * static_cast<float>(wp[i]));
+      }
+    });
+    return 0;
+  });
+  return out;
+}
+
 // Rotates the first `heads` heads of x [T, >=heads, d] in place (HF's rotate-half layout):
 // x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the two halves; cos/sin [T, d] contiguous, x's dtype.
 void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads) {
@@ -551,6 +591,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("int8_vnni") = false;  // int8_gemv computes in fp32
 #endif
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32 or bf16)", nogil);
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x, then RMSNorm of the residual (fp32 or bf16)", nogil);
   m.def("rotary_", &rotary_, "rotary embedding in place on the first heads (fp32 or bf16)", nogil);
   m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(gate) * up over a fused [T, 2I] tensor (fp32 or bf16)", nogil);
   m.def("write_kv", &write_kv, "store K/V at their paged-cache slots (fp32 or bf16)", nogil);

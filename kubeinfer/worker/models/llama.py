@@ -30,10 +30,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.kernels: ModuleType | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``: the residual add
+        fused into the norm, one pass over the hidden states instead of two (the C++ kernel adds in
+        place into ``residual``, which the caller owns)."""
+        if residual is None:
+            if self.kernels is not None and x.dim() == 2:
+                return self.kernels.rms_norm(x, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         if self.kernels is not None and x.dim() == 2:
-            return self.kernels.rms_norm(x, self.weight, self.eps)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return self.kernels.add_rms_norm_(x, residual, self.weight, self.eps), residual
+        residual = x + residual
+        return F.rms_norm(residual, self.weight.shape, self.weight, self.eps), residual
 
 
 class Attention(nn.Module):
@@ -87,9 +95,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta):
+        """Takes and returns ``(x, residual)``: the residual stream is ``x + residual``, and its adds
+        are fused into the norms (``residual`` is None before the first layer)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.attn(h, cos, sin, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -114,9 +128,10 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[LayerKVCache], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.lookup(positions)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv, meta)
+        return self.norm(x, residual)[0]
 
     def use_cpu_kernels(self, kernels: ModuleType) -> None:
         """Run every RMSNorm, rotary embedding, SwiGLU gate and quantized matmul (the int8 head
