@@ -4,6 +4,7 @@ streams over gRPC (Serve's gRPC proxy) and HTTP (the openai client), and a repli
 from __future__ import annotations
 
 import asyncio
+from typing import NamedTuple
 
 import grpc
 import pytest
@@ -21,11 +22,58 @@ PROMPTS = [f"{word} number {i}" for i, word in enumerate(
 APP = "kubeinfer-e2e"
 
 
+# fp32 GEMMs sum in an order that depends on how many rows a step has, so a request scores ~1e-4
+# differently in another batch. Where the reference's best two tokens are closer than this, the
+# served stream may take the other one and the continuations part (as vLLM's check_logprobs_close
+# allows); everywhere else it must match token for token. (Measured: one position of the 2048 here
+# is such a tie, at 5e-7 nats; the next closest is 1e-3.)
+NEAR_TIE = 1e-2
+
+
+class Reference(NamedTuple):
+    """One prompt's greedy output from a single engine, with the best two logprobs at each position."""
+
+    tokens: list[int]
+    text: str
+    top: list[dict[int, float]]
+    text_before_first_tie: str | None  # None when no position is a near-tie
+
+    def check_tokens(self, got: list[int]) -> None:
+        j = next((i for i, (a, b) in enumerate(zip(got, self.tokens)) if a != b), None)
+        if j is None:
+            assert got == self.tokens
+            return
+        best = self.top[j]
+        assert got[j] in best and best[self.tokens[j]] - best[got[j]] < NEAR_TIE, (
+            f"diverged at token {j}: served {got[j]}, reference {self.tokens[j]} (top two {best})")
+
+    def check_text(self, got: str) -> None:
+        if got == self.text:
+            return
+        assert self.text_before_first_tie is not None, f"text differs with no near-tie: {got!r}"
+        assert got.startswith(self.text_before_first_tie)
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_llama_dir):
+def reference(tiny_llama_dir) -> dict[str, Reference]:
     engine = Engine(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=160)
-    outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
-    return {p: (o.output_token_ids, o.text) for p, o in zip(PROMPTS, outs)}
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt=prompt, params=params)
+    tops: dict[str, list[dict[int, float]]] = {str(i): [] for i in range(len(PROMPTS))}
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tops[out.request_id].extend(out.logprobs or [])
+            final[out.request_id] = out
+    refs = {}
+    for i, prompt in enumerate(PROMPTS):
+        out, top = final[str(i)], tops[str(i)]
+        assert len(top) == len(out.output_token_ids) == MAX_TOKENS
+        ties = [j for j, lp in enumerate(top) if max(lp.values()) - min(lp.values()) < NEAR_TIE]
+        before = engine.tokenizer.decode(out.output_token_ids[:ties[0]]).rstrip("\ufffd") if ties else None
+        refs[prompt] = Reference(out.output_token_ids, out.text, top, before)
+    return refs
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +136,9 @@ def test_32_concurrent_streams_over_grpc_and_http_match_the_engine(serve_app, re
     results = asyncio.run(main())
     for prompt, result in zip(PROMPTS[:16], results[:16]):
         assert result["error"] is None
-        assert result["tokens"] == reference[prompt][0]
+        reference[prompt].check_tokens(result["tokens"])
     for prompt, text in zip(PROMPTS[16:], results[16:]):
-        assert text == reference[prompt][1]
+        reference[prompt].check_text(text)
 
 
 def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_app, reference):
@@ -118,7 +166,7 @@ def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_ap
     assert sum(r["error"] is None for r in results[16:]) == 16
     for prompt, result in zip(PROMPTS, results):
         if result["error"] is None:
-            assert result["tokens"] == reference[prompt][0]
+            reference[prompt].check_tokens(result["tokens"])
         else:  # it was streaming from the killed replica: the stream ends with UNAVAILABLE
             assert result["error"] == grpc.StatusCode.UNAVAILABLE
     # The kill hit work in flight: requests were retried elsewhere or cut mid-stream (else this
