@@ -477,9 +477,24 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
     const T_* kc = k_cache.data_ptr<T_>();
     const T_* vc = v_cache.data_ptr<T_>();
     T_* op = out.data_ptr<T_>();
-    at::parallel_for(0, S * KVH, grain, [&](int64_t begin, int64_t end) {
+    // Each thread takes a contiguous run of units holding an equal share of the context tokens:
+    // at::parallel_for's equal unit counts left one thread idle for a third of the call when long
+    // and short sequences bunched (measured: sorted lengths 792 us, shuffled 556 us, bf16).
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), S * KVH / grain));
+    std::vector<int64_t> bounds(parts + 1, S * KVH);
+    bounds[0] = 0;
+    {
+      int64_t total = 0;
+      for (int64_t s = 0; s < S; ++s) total += lens[s] * KVH;
+      int64_t seen = 0, part = 1;
+      for (int64_t unit = 0; unit < S * KVH && part < parts; ++unit) {
+        seen += lens[unit / KVH];
+        while (part < parts && seen * parts >= total * part) bounds[part++] = unit + 1;
+      }
+    }
+    at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
       std::vector<float> qf(G * D), scores, inv(G), acc(G * D);
-      for (int64_t unit = begin; unit < end; ++unit) {
+      for (int64_t unit = bounds[part_begin]; unit < bounds[part_end]; ++unit) {
         const int64_t s = unit / KVH, h = unit % KVH, L = lens[s];
         for (int64_t g = 0; g < G; ++g) {
           const T_* qv = qp + s * q_seq_stride + (h * G + g) * q_head_stride;
