@@ -120,11 +120,15 @@ def test_int4pack_linear_matches_the_module_path():
     torch.testing.assert_close(linear(x), want, rtol=0, atol=0)
 
 
+# head_dim 64 and 128 take the register-blocked kernels, in groups of at most 4 and 2 query heads:
+# 9 heads over 3 kv heads is one group of 3, 7 over 1 is 4 + 3, and 9 over 1 at 128 is 2+2+2+2+1.
+# head_dim 40 takes the generic loops.
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_seqs,width", [(1, 1), (1, 9), (6, 5)])
-def test_write_and_decode_attention_match_torch(num_seqs, width, dtype):
+@pytest.mark.parametrize("num_seqs,width,d,heads,kvh", [(1, 1, 64, 9, 3), (1, 9, 64, 9, 3), (6, 5, 64, 9, 3),
+                                                         (2, 3, 64, 7, 1), (4, 5, 128, 9, 1), (4, 5, 40, 9, 3)])
+def test_write_and_decode_attention_match_torch(num_seqs, width, d, heads, kvh, dtype):
     torch.manual_seed(num_seqs * 10 + width)
-    kvh, nb, bs, d, heads = 3, 40, 16, 64, 9
+    nb, bs = 40, 16
     k_cache = torch.randn(kvh, nb, bs, d).to(dtype)
     v_cache = torch.randn_like(k_cache)
     qkv = torch.randn(num_seqs, heads + 2 * kvh, d).to(dtype)

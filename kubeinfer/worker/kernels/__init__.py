@@ -18,8 +18,8 @@ def resolve_attention_backend(name: str, device: torch.device | str, dtype: torc
     ``auto`` is Triton on CUDA (when triton imports); on a CPU it is ``cpp`` (the C++ decode kernels
     of cpu_kernels.cpp) when they apply and build, else torch. ``cpp`` covers an fp32 or bf16 model
     with a KV cache of the model's dtype and eager decode steps (a compiled graph fuses the torch ops
-    itself). ``triton``
-    on a CPU runs the kernels in Triton's interpreter (TRITON_INTERPRET=1), which is how CI checks them.
+    itself). ``triton`` on a CPU runs the kernels in Triton's interpreter (TRITON_INTERPRET=1), which
+    is how CI checks them.
     """
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")

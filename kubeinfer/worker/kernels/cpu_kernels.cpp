@@ -262,6 +262,18 @@ void attend(const float* q, int64_t rows, int64_t D, const T* kh, const T* vh, c
   attend_generic(q, rows, D, kh, vh, table, L, BS, scores, inv, out);
 }
 
+// o = row / rms(row) * w for one row of H values, in fp32, rounded once to T.
+template <typename T>
+inline void rms_norm_row(const T* row, const T* w, T* o, int64_t H, float eps) {
+  const float inv = 1.f / std::sqrt(dot_any(row, row, H) / H + eps);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; i + 16 <= H; i += 16) store16(o + i, _mm512_mul_ps(_mm512_mul_ps(load16(row + i), vinv), load16(w + i)));
+#endif
+  for (; i < H; ++i) o[i] = static_cast<T>(static_cast<float>(row[i]) * inv * static_cast<float>(w[i]));
+}
+
 void check_f32(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, what, " must be a float32 CPU tensor");
 }
@@ -281,17 +293,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
     const T_* wp = weight.data_ptr<T_>();
     T_* op = out.data_ptr<T_>();
     at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const T_* row = xp + t * xs;
-        const float inv = 1.f / std::sqrt(dot_any(row, row, H) / H + static_cast<float>(eps));
-        T_* o = op + t * H;
-        int64_t i = 0;
-#if defined(__AVX512F__)
-        const __m512 vinv = _mm512_set1_ps(inv);
-        for (; i + 16 <= H; i += 16) store16(o + i, _mm512_mul_ps(_mm512_mul_ps(load16(row + i), vinv), load16(wp + i)));
-#endif
-        for (; i < H; ++i) o[i] = static_cast<T_>(static_cast<float>(row[i]) * inv * static_cast<float>(wp[i]));
-      }
+      for (int64_t t = begin; t < end; ++t) rms_norm_row(xp + t * xs, wp, op + t * H, H, static_cast<float>(eps));
     });
     return 0;
   });
@@ -323,14 +325,7 @@ torch::Tensor add_rms_norm_(const torch::Tensor& x, torch::Tensor& residual, con
         for (; i + 16 <= H; i += 16) store16(r + i, _mm512_add_ps(load16(r + i), load16(xr + i)));
 #endif
         for (; i < H; ++i) r[i] = static_cast<T_>(static_cast<float>(r[i]) + static_cast<float>(xr[i]));
-        const float inv = 1.f / std::sqrt(dot_any(r, r, H) / H + static_cast<float>(eps));
-        T_* o = op + t * H;
-        i = 0;
-#if defined(__AVX512F__)
-        const __m512 vinv = _mm512_set1_ps(inv);
-        for (; i + 16 <= H; i += 16) store16(o + i, _mm512_mul_ps(_mm512_mul_ps(load16(r + i), vinv), load16(wp + i)));
-#endif
-        for (; i < H; ++i) o[i] = static_cast<T_>(static_cast<float>(r[i]) * inv * static_cast<float>(wp[i]));
+        rms_norm_row(r, wp, op + t * H, H, static_cast<float>(eps));
       }
     });
     return 0;
