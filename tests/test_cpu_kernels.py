@@ -122,13 +122,15 @@ def test_int4pack_linear_matches_the_module_path():
 
 # head_dim 64 and 128 take the register-blocked kernels, in groups of at most 4 and 2 query heads:
 # 9 heads over 3 kv heads is one group of 3, 7 over 1 is 4 + 3, and 9 over 1 at 128 is 2+2+2+2+1.
-# head_dim 40 takes the generic loops.
+# head_dim 40 takes the generic loops. Those kernels score 16 keys at a time: blocks of 24 and 8
+# tokens end in a partial group of 16, as a sequence's last block does.
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_seqs,width,d,heads,kvh", [(1, 1, 64, 9, 3), (1, 9, 64, 9, 3), (6, 5, 64, 9, 3),
-                                                         (2, 3, 64, 7, 1), (4, 5, 128, 9, 1), (4, 5, 40, 9, 3)])
-def test_write_and_decode_attention_match_torch(num_seqs, width, d, heads, kvh, dtype):
+@pytest.mark.parametrize("num_seqs,width,d,heads,kvh,bs", [
+    (1, 1, 64, 9, 3, 16), (1, 9, 64, 9, 3, 16), (6, 5, 64, 9, 3, 16), (2, 3, 64, 7, 1, 16), (4, 5, 128, 9, 1, 16),
+    (4, 5, 40, 9, 3, 16), (3, 4, 64, 9, 3, 24), (3, 6, 128, 4, 2, 8)])
+def test_write_and_decode_attention_match_torch(num_seqs, width, d, heads, kvh, bs, dtype):
     torch.manual_seed(num_seqs * 10 + width)
-    nb, bs = 40, 16
+    nb = 40
     k_cache = torch.randn(kvh, nb, bs, d).to(dtype)
     v_cache = torch.randn_like(k_cache)
     qkv = torch.randn(num_seqs, heads + 2 * kvh, d).to(dtype)

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -153,16 +154,16 @@ void softmax_rows(float* scores, int64_t rows, int64_t L, float* inv) {
   }
 }
 
-// Attention of `rows` query heads (fp32, pre-scaled, [rows, D]) that share one kv head, over the
-// first L tokens reached through `table`; writes [rows, D] fp32 to out. Any D, any rows.
+// Attention of `rows` query heads (fp32, [rows, D], scores scaled by `scale`) that share one kv
+// head, over the first L tokens reached through `table`; writes [rows, D] fp32 to out. Any D, any rows.
 template <typename T>
-void attend_generic(const float* q, int64_t rows, int64_t D, const T* kh, const T* vh, const int64_t* table,
-                    int64_t L, int64_t BS, float* scores, float* inv, float* out) {
+void attend_generic(const float* q, float scale, int64_t rows, int64_t D, const T* kh, const T* vh,
+                    const int64_t* table, int64_t L, int64_t BS, float* scores, float* inv, float* out) {
   // A block of the table at a time: a division per token (t / BS) costs more than its dot product.
   for (int64_t blk = 0, t = 0; t < L; ++blk) {
     const T* kb = kh + table[blk] * BS * D;
     for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t)
-      for (int64_t g = 0; g < rows; ++g) scores[g * L + t] = dot_any(q + g * D, kb + j * D, D);
+      for (int64_t g = 0; g < rows; ++g) scores[g * L + t] = dot_any(q + g * D, kb + j * D, D) * scale;
   }
   softmax_rows(scores, rows, L, inv);
   std::fill_n(out, rows * D, 0.f);
@@ -177,64 +178,207 @@ void attend_generic(const float* q, int64_t rows, int64_t D, const T* kh, const 
 
 #if defined(__AVX512F__)
 // Blocks sit wherever the allocator put them, so the hardware prefetcher stops at each block's
-// end; asking for the next block while this one is consumed hides the miss (and its page walk).
-template <typename T>
-inline void prefetch_block(const T* p, int64_t n) {
+// end; asking for the next block's row j while this block's row j is consumed hides the miss (and
+// its page walk). Spread out, not all at once: a burst of a block's 32 prefetches fills the line
+// fill buffers and stalls the core until memory answers (measured: 73% of the kernel's time).
+template <int64_t D, typename T>
+inline void prefetch_row(const T* p) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
 }
 
-// attend_generic for D = 16 * DV and GC rows, with the queries and the GC x D accumulators in
-// registers: each key and value is loaded (and widened from bf16) once for all GC heads, and the
-// weighted sum never round-trips through memory. GC * DV <= 16 keeps everything in the 32 zmm.
+// r[j] = the sum of a[j]'s 16 lanes, for 16 vectors at once: a transpose-and-add tree of 45
+// shuffles and adds, where 16 separate horizontal reductions take ~130 and a store each.
+inline __m512 reduce16(const __m512 (&a)[16]) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a2i 0+2, a2i+1 0+2, a2i 1+3, a2i+1 1+3]
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sums of vectors 4i..4i+3
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// bf16 pairs widened without a cross-lane shuffle: 32 bf16 (16 lanes of two) give their even
+// elements by a shift and their odd ones by a mask, one op per 16 where cvtepu16 + shift take two.
+inline __m512 bf16_even(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+inline __m512 bf16_odd(__m512i x) {
+  return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// One query row of D = 16 * DV in registers, in the form its key dot products want; dot_lanes gives
+// the 16 lanes of q . k (still to be summed) for one key row.
+template <int DV, typename T>
+struct QueryRegs;
+
+template <int DV>
+struct QueryRegs<DV, float> {
+  __m512 q[DV];
+  void load(const float* p) {
+    for (int v = 0; v < DV; ++v) q[v] = _mm512_loadu_ps(p + 16 * v);
+  }
+  __m512 dot_lanes(const float* k) const {
+    __m512 a = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+    for (int v = 1; v < DV; ++v) a = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(k + 16 * v), a);
+    return a;
+  }
+};
+
+// bf16 keys: with AVX512-BF16 one vdpbf16ps per 32 elements of the raw key (the query is
+// bf16-valued, and a product of two bf16 is exact in fp32); without it, keys widened as bf16_even /
+// bf16_odd against a query split the same way.
+template <int DV>
+struct QueryRegs<DV, bf16> {
+  static_assert(DV % 2 == 0, "bf16 rows are read 32 elements at a time");
+#if defined(__AVX512BF16__)
+  __m512bh q[DV / 2];
+  void load(const float* p) {
+    for (int v = 0; v < DV / 2; ++v)
+      q[v] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 32 * v + 16), _mm512_loadu_ps(p + 32 * v));
+  }
+  __m512 dot_lanes(const bf16* k) const {
+    __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), q[0], (__m512bh)_mm512_loadu_si512(k));
+    for (int v = 1; v < DV / 2; ++v) a = _mm512_dpbf16_ps(a, q[v], (__m512bh)_mm512_loadu_si512(k + 32 * v));
+    return a;
+  }
+#else
+  __m512 even[DV / 2], odd[DV / 2];
+  void load(const float* p) {
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    for (int v = 0; v < DV / 2; ++v) {
+      const __m512 lo = _mm512_loadu_ps(p + 32 * v), hi = _mm512_loadu_ps(p + 32 * v + 16);
+      even[v] = _mm512_permutex2var_ps(lo, ev, hi);
+      odd[v] = _mm512_permutex2var_ps(lo, od, hi);
+    }
+  }
+  __m512 dot_lanes(const bf16* k) const {
+    __m512 a = _mm512_setzero_ps();
+    for (int v = 0; v < DV / 2; ++v) {
+      const __m512i x = _mm512_loadu_si512(k + 32 * v);
+      a = _mm512_fmadd_ps(odd[v], bf16_odd(x), _mm512_fmadd_ps(even[v], bf16_even(x), a));
+    }
+    return a;
+  }
+#endif
+};
+
+// One value row in fp32 registers: in order for fp32; for bf16 as (even, odd) pairs of 16, the
+// order store_rows undoes.
+template <int DV>
+inline void load_value_row(const float* v, __m512 (&vv)[DV]) {
+  for (int i = 0; i < DV; ++i) vv[i] = _mm512_loadu_ps(v + 16 * i);
+}
+template <int DV>
+inline void load_value_row(const bf16* v, __m512 (&vv)[DV]) {
+  for (int i = 0; i < DV / 2; ++i) {
+    const __m512i x = _mm512_loadu_si512(v + 32 * i);
+    vv[2 * i] = bf16_even(x);
+    vv[2 * i + 1] = bf16_odd(x);
+  }
+}
+
+// out[g] = acc[g] * inv[g] for GC rows of D = 16 * DV, putting load_value_row's order back.
 template <int DV, int GC, typename T>
-void attend_regs(const float* q, const T* kh, const T* vh, const int64_t* table, int64_t L, int64_t BS,
-                 float* scores, float* inv, float* out) {
-  constexpr int64_t D = DV * 16;
-  __m512 qv[GC][DV];
-  for (int g = 0; g < GC; ++g)
-    for (int v = 0; v < DV; ++v) qv[g][v] = _mm512_loadu_ps(q + g * D + v * 16);
-  for (int64_t blk = 0, t = 0; t < L; ++blk) {
-    const T* kb = kh + table[blk] * BS * D;
-    if (t + BS < L) prefetch_block(kh + table[blk + 1] * BS * D, BS * D);
-    for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t) {
-      __m512 kv[DV];
-      for (int v = 0; v < DV; ++v) kv[v] = load16(kb + j * D + v * 16);
-      for (int g = 0; g < GC; ++g) {
-        __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
-        for (int v = 1; v < DV; ++v) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
-        scores[g * L + t] = _mm512_reduce_add_ps(a);
-      }
-    }
-  }
-  softmax_rows(scores, GC, L, inv);
-  __m512 acc[GC][DV];
-  for (int g = 0; g < GC; ++g)
-    for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_setzero_ps();
-  for (int64_t blk = 0, t = 0; t < L; ++blk) {
-    const T* vb = vh + table[blk] * BS * D;
-    if (t + BS < L) prefetch_block(vh + table[blk + 1] * BS * D, BS * D);
-    for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t) {
-      __m512 vv[DV];
-      for (int v = 0; v < DV; ++v) vv[v] = load16(vb + j * D + v * 16);
-      for (int g = 0; g < GC; ++g) {
-        const __m512 p = _mm512_set1_ps(scores[g * L + t]);
-        for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);
-      }
-    }
-  }
+inline void store_rows(const __m512 (&acc)[GC][DV], const float* inv, float* out) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
   for (int g = 0; g < GC; ++g) {
     const __m512 s = _mm512_set1_ps(inv[g]);
-    for (int v = 0; v < DV; ++v) _mm512_storeu_ps(out + g * D + v * 16, _mm512_mul_ps(acc[g][v], s));
+    float* o = out + g * DV * 16;
+    if constexpr (std::is_same_v<T, float>) {
+      for (int i = 0; i < DV; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc[g][i], s));
+    } else {
+      for (int i = 0; i < DV / 2; ++i) {
+        const __m512 e = _mm512_mul_ps(acc[g][2 * i], s), od = _mm512_mul_ps(acc[g][2 * i + 1], s);
+        _mm512_storeu_ps(o + 32 * i, _mm512_permutex2var_ps(e, lo, od));
+        _mm512_storeu_ps(o + 32 * i + 16, _mm512_permutex2var_ps(e, hi, od));
+      }
+    }
   }
+}
+
+// attend_generic for D = 16 * DV and GC rows in one pass over keys and values (online softmax, as
+// in flash-decoding): 16 keys at a time, their GC x 16 scores summed together by reduce16, then
+// the same 16 value rows weighted into GC x D fp32 accumulators. Each key and value row is loaded
+// (and widened from bf16) once for all GC heads, K and V stream side by side (more misses in
+// flight than a K pass then a V pass), and no per-token score buffer exists. GC * DV <= 16.
+template <int DV, int GC, typename T>
+void attend_regs(const float* q, float scale, const T* kh, const T* vh, const int64_t* table, int64_t L, int64_t BS,
+                 float* out) {
+  constexpr int64_t D = DV * 16;
+  QueryRegs<DV, T> qr[GC];
+  __m512 acc[GC][DV], sum[GC];
+  float mx[GC];
+  for (int g = 0; g < GC; ++g) {
+    qr[g].load(q + g * D);
+    mx[g] = -INFINITY;
+    sum[g] = _mm512_setzero_ps();
+    for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_setzero_ps();
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  alignas(64) float p[GC][16];
+  for (int64_t blk = 0, t = 0; t < L; ++blk) {
+    const int64_t n = std::min(BS, L - t);
+    const T* kb = kh + table[blk] * BS * D;
+    const T* vb = vh + table[blk] * BS * D;
+    const bool more = t + BS < L;
+    const T* kn = more ? kh + table[blk + 1] * BS * D : kb;
+    const T* vn = more ? vh + table[blk + 1] * BS * D : vb;
+    for (int64_t j = 0; j < n; j += 16) {
+      const int c = static_cast<int>(std::min<int64_t>(16, n - j));
+      const __mmask16 valid = static_cast<__mmask16>((1u << c) - 1);
+      for (int g = 0; g < GC; ++g) {
+        __m512 lanes[16];
+        if (c == 16) {
+          for (int r = 0; r < 16; ++r) {
+            if (g == 0) prefetch_row<D>(kn + (j + r) * D);
+            lanes[r] = qr[g].dot_lanes(kb + (j + r) * D);
+          }
+        } else {  // a block's last BS % 16 keys, or the sequence's last few
+          for (int r = 0; r < 16; ++r) lanes[r] = r < c ? qr[g].dot_lanes(kb + (j + r) * D) : _mm512_setzero_ps();
+        }
+        const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(reduce16(lanes), vscale));
+        const float chunk_max = _mm512_reduce_max_ps(s);
+        if (chunk_max > mx[g]) {  // rescale what was summed against the old maximum (exp(-inf) = 0)
+          const __m512 f = _mm512_set1_ps(std::exp(mx[g] - chunk_max));
+          for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_mul_ps(acc[g][v], f);
+          sum[g] = _mm512_mul_ps(sum[g], f);
+          mx[g] = chunk_max;
+        }
+        const __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mx[g]))));
+        sum[g] = _mm512_add_ps(sum[g], e);
+        _mm512_store_ps(p[g], e);
+      }
+      for (int r = 0; r < c; ++r) {
+        prefetch_row<D>(vn + (j + r) * D);
+        __m512 vv[DV];
+        load_value_row(vb + (j + r) * D, vv);
+        for (int g = 0; g < GC; ++g) {
+          const __m512 pg = _mm512_set1_ps(p[g][r]);
+          for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_fmadd_ps(pg, vv[v], acc[g][v]);
+        }
+      }
+    }
+    t += n;
+  }
+  float inv[GC];
+  for (int g = 0; g < GC; ++g) inv[g] = 1.f / _mm512_reduce_add_ps(sum[g]);
+  store_rows<DV, GC, T>(acc, inv, out);
 }
 #endif
 
 // One (sequence, kv head) unit: `rows` query heads at once, through the register kernels where
 // D is 64 or 128, else the generic loops.
 template <typename T>
-void attend(const float* q, int64_t rows, int64_t D, const T* kh, const T* vh, const int64_t* table, int64_t L,
-            int64_t BS, float* scores, float* inv, float* out) {
+void attend(const float* q, float scale, int64_t rows, int64_t D, const T* kh, const T* vh, const int64_t* table,
+            int64_t L, int64_t BS, float* scores, float* inv, float* out) {
 #if defined(__AVX512F__)
   if (D == 64 || D == 128) {
     const int64_t most = D == 64 ? 4 : 2;
@@ -244,22 +388,22 @@ void attend(const float* q, int64_t rows, int64_t D, const T* kh, const T* vh, c
       float* og = out + g0 * D;
       if (D == 64) {
         switch (gc) {
-          case 1: attend_regs<4, 1>(qg, kh, vh, table, L, BS, scores, inv, og); break;
-          case 2: attend_regs<4, 2>(qg, kh, vh, table, L, BS, scores, inv, og); break;
-          case 3: attend_regs<4, 3>(qg, kh, vh, table, L, BS, scores, inv, og); break;
-          default: attend_regs<4, 4>(qg, kh, vh, table, L, BS, scores, inv, og); break;
+          case 1: attend_regs<4, 1>(qg, scale, kh, vh, table, L, BS, og); break;
+          case 2: attend_regs<4, 2>(qg, scale, kh, vh, table, L, BS, og); break;
+          case 3: attend_regs<4, 3>(qg, scale, kh, vh, table, L, BS, og); break;
+          default: attend_regs<4, 4>(qg, scale, kh, vh, table, L, BS, og); break;
         }
       } else if (gc == 1) {
-        attend_regs<8, 1>(qg, kh, vh, table, L, BS, scores, inv, og);
+        attend_regs<8, 1>(qg, scale, kh, vh, table, L, BS, og);
       } else {
-        attend_regs<8, 2>(qg, kh, vh, table, L, BS, scores, inv, og);
+        attend_regs<8, 2>(qg, scale, kh, vh, table, L, BS, og);
       }
       g0 += gc;
     }
     return;
   }
 #endif
-  attend_generic(q, rows, D, kh, vh, table, L, BS, scores, inv, out);
+  attend_generic(q, scale, rows, D, kh, vh, table, L, BS, scores, inv, out);
 }
 
 // o = row / rms(row) * w for one row of H values, in fp32, rounded once to T.
@@ -493,10 +637,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
         const int64_t s = unit / KVH, h = unit % KVH, L = lens[s];
         for (int64_t g = 0; g < G; ++g) {
           const T_* qv = qp + s * q_seq_stride + (h * G + g) * q_head_stride;
-          for (int64_t i = 0; i < D; ++i) qf[g * D + i] = static_cast<float>(qv[i]) * fscale;
+          for (int64_t i = 0; i < D; ++i) qf[g * D + i] = static_cast<float>(qv[i]);
         }
         scores.resize(G * L);
-        attend(qf.data(), G, D, kc + h * NB * BS * D, vc + h * NB * BS * D, bt + s * W, L, BS, scores.data(),
+        attend(qf.data(), fscale, G, D, kc + h * NB * BS * D, vc + h * NB * BS * D, bt + s * W, L, BS, scores.data(),
                inv.data(), acc.data());
         T_* o = op + (s * H + h * G) * D;
         for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T_>(acc[i]);
