@@ -31,7 +31,9 @@ class ModelRunner:
         c = model.config
         self.model = model
         if dtype == torch.bfloat16 and not compile_decode:
-            model.pack_bf16_weights()  # CPU only; a no-op where oneDNN cannot pack
+            # CPU only; AMX tiles on the cpp backend where the CPU has them, else oneDNN's layout,
+            # and a no-op where neither can pack.
+            model.pack_bf16_weights(load_cpu_kernels() if attention_backend == "cpp" else None)
         # Only decode-only steps are compiled: they always take the same path (no prefill chunks),
         # so one dynamic-shape graph serves every batch size and context length.
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward

@@ -8,6 +8,7 @@ replica on the machine) load it in milliseconds. Without a compiler the engine k
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -15,7 +16,9 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.cpp")
+_DIR = os.path.dirname(__file__)
+_SOURCES = [os.path.join(_DIR, name) for name in ("cpu_kernels.cpp", "amx_linear.cpp")]
+_HEADERS = [os.path.join(_DIR, "simd.h")]
 
 
 @functools.cache
@@ -24,11 +27,22 @@ def load_cpu_kernels() -> ModuleType | None:
     try:
         _put_ninja_on_path()
         from torch.utils.cpp_extension import load
-        return load(name="kubeinfer_cpu_kernels", sources=[_SOURCE], verbose=False,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        return load(name="kubeinfer_cpu_kernels", sources=_SOURCES, verbose=False,
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DKUBEINFER_HEADERS={_headers_digest()}"],
+                    extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, a read-only cache dir: the torch path still works
         log.warning("C++ CPU kernels unavailable, using the torch path (%s: %s)", type(e).__name__, e)
         return None
+
+
+def _headers_digest() -> str:
+    """torch decides whether to rebuild from the sources' contents and the flags; a header's change
+    reaches it through this flag."""
+    digest = hashlib.sha256()
+    for path in _HEADERS:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def _put_ninja_on_path() -> None:

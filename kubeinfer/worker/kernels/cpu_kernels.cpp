@@ -19,7 +19,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
+
+#if defined(__AVX512F__)
+using kubeinfer::exp512;
+using kubeinfer::silu512;
+#endif
 
 // sum_k x[k] * w[k] for int8 w. The AVX-512 path keeps four independent accumulators so the FMA
 // latency chain does not cap throughput (one chain reaches ~5 GB/s of weights per core, four ~2x).
@@ -43,26 +50,6 @@ inline float dot_i8(const float* x, const int8_t* w, int64_t n) {
   for (; k < n; ++k) acc += x[k] * static_cast<float>(w[k]);
   return acc;
 }
-
-#if defined(__AVX512F__)
-// expf for 16 lanes: Cephes' degree-6 polynomial on x - n ln2, scaled by 2^n (~1 ulp; inputs
-// clamped to +-88.38, where float exp saturates). glibc's vector expf needs -ffast-math.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
-}
-#endif
 
 using bf16 = c10::BFloat16;
 
@@ -533,11 +520,8 @@ torch::Tensor silu_mul(const torch::Tensor& x) {
         T_* o = op + t * I;
         int64_t i = 0;
 #if defined(__AVX512F__)
-        const __m512 one = _mm512_set1_ps(1.f);
         for (; i + 16 <= I; i += 16) {
-          const __m512 gv = load16(g + i);
-          const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-          store16(o + i, _mm512_mul_ps(silu, load16(u + i)));
+          store16(o + i, _mm512_mul_ps(silu512(load16(g + i)), load16(u + i)));
         }
 #endif
         for (; i < I; ++i) {
@@ -736,6 +720,13 @@ torch::Tensor int4pack_linear(const torch::Tensor& x, const torch::Tensor& packe
   return at::_weight_int4pack_mm_for_cpu(xb, packed, group_size, scales_and_zeros).to(torch::kFloat32);
 }
 
+namespace kubeinfer {  // amx_linear.cpp
+bool amx_available();
+torch::Tensor amx_pack_weight(const torch::Tensor& weight, bool swiglu);
+torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+                         int64_t N, bool swiglu);
+}  // namespace kubeinfer
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The engine steps in a thread beside the server's event loop: let it run while a kernel does.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -752,4 +743,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "int8 weight-only matmul for a few rows (fp32 activations)", nogil);
   m.def("int4pack_linear", &int4pack_linear, "aten's int4 CPU matmul for fp32 activations", nogil);
   m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
+  m.def("amx_available", &kubeinfer::amx_available, "built with AMX, and the OS grants this process its tiles");
+  m.def("amx_pack_weight", &kubeinfer::amx_pack_weight, "bf16 [N, K] weight -> amx_linear's tile layout",
+        py::arg("weight"), py::arg("swiglu") = false, nogil);
+  m.def("amx_linear", &kubeinfer::amx_linear, "bf16 linear on AMX tiles (weight from amx_pack_weight)",
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none(), py::arg("N"), py::arg("swiglu") = false, nogil);
 }

@@ -78,8 +78,13 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
         self.kernels: ModuleType | None = None  # the C++ CPU kernels (LlamaForCausalLM.use_cpu_kernels)
+        # Set by pack_bf16_weights when gate_up_proj became an AMX PackedLinear(swiglu=True), whose
+        # output is already silu(gate) * up.
+        self.swiglu_fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu_fused:
+            return self.down_proj(self.gate_up_proj(x))
         gate_up = self.gate_up_proj(x)
         if self.kernels is not None and gate_up.dim() == 2:
             return self.down_proj(self.kernels.silu_mul(gate_up))
@@ -142,15 +147,26 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, (RMSNorm, Attention, MLP, Int8Linear, Int4Linear)):
                 module.kernels = kernels
 
-    def pack_bf16_weights(self) -> int:
-        """bf16 on a CPU: every linear into oneDNN's packed layout (kernels/packed_linear.py), and a
-        tied head into a packed copy of the embedding (lookups keep the plain table). The head is
-        the largest matrix a decode step reads; unpacked, oneDNN reorders all of it every step. The
-        copy costs vocab x hidden bf16 (56 MB for SmolLM2-135M). Returns how many were packed."""
-        from kubeinfer.worker.kernels.packed_linear import PackedLinear, pack_bf16_linears
-        packed = pack_bf16_linears(self)
+    def pack_bf16_weights(self, kernels: ModuleType | None = None) -> int:
+        """bf16 on a CPU: every linear into a packed layout (kernels/packed_linear.py): AMX tiles
+        when ``kernels`` (the C++ module) can run them, with each gate|up weight fused with its
+        SwiGLU, else oneDNN's. A tied head gets a packed copy of the embedding (lookups keep the
+        plain table): the head is the largest matrix a decode step reads, and unpacked, oneDNN
+        reorders all of it every step. The copy costs vocab x hidden bf16 (56 MB for SmolLM2-135M).
+        Returns how many linears were packed."""
+        from kubeinfer.worker.kernels.packed_linear import PackedLinear, amx_fits, amx_kernels, pack_bf16_linears
+        amx = amx_kernels(kernels)
+        packed = 0
+        for mlp in (layer.mlp for layer in self.layers):
+            gate_up = mlp.gate_up_proj
+            if (amx is not None and type(gate_up) is nn.Linear and gate_up.weight.dtype == torch.bfloat16
+                    and amx_fits(gate_up.weight.shape, swiglu=True)):
+                mlp.gate_up_proj = PackedLinear(gate_up.weight, gate_up.bias, amx=amx, swiglu=True)
+                mlp.swiglu_fused = True
+                packed += 1
+        packed += pack_bf16_linears(self, amx)
         if packed and self.lm_head is None and self.quantized_head is None:
-            self.lm_head = PackedLinear(self.embed_tokens.weight)
+            self.lm_head = PackedLinear(self.embed_tokens.weight, amx=amx)
             packed += 1
         return packed
 
