@@ -79,16 +79,18 @@ inline void panel_product(const c10::BFloat16* a, int64_t lda_bytes, const c10::
       const char* ahead = reinterpret_cast<const char*>(w + kPrefetchSlabs * 1024);
       for (int line = 0; line < 32; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     }
-    _tile_loadd(4, a + kb * 32, lda_bytes);
+    // Each tile is loaded just before its first product and last read as early as possible, so
+    // the next step's load into it can start while the other products run.
     _tile_loadd(6, w, 64);
-    _tile_loadd(7, w + 512, 64);
+    _tile_loadd(4, a + kb * 32, lda_bytes);
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
     if constexpr (TWO_M) {
       _tile_loadd(5, a_row16 + kb * 64, lda_bytes);
       _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
     }
+    _tile_loadd(7, w + 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (TWO_M) _tile_dpbf16ps(3, 5, 7);
   }
   _tile_stored(0, c, 64);
   _tile_stored(1, c + 256, 64);
