@@ -13,6 +13,7 @@ from kubeinfer.worker.kernels.cpu import load_cpu_kernels
 from kubeinfer.worker.evaluation import prompt_logits
 from kubeinfer.worker.models.rope import apply_rotary
 from kubeinfer.worker.quant import Int4WeightOnly, Int8WeightOnly
+from kubeinfer.worker.sampling import Sampler, SamplingBatch
 
 KERNELS = load_cpu_kernels()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="the C++ CPU kernels could not be built (no compiler?)")
@@ -202,3 +203,45 @@ def test_bf16_engine_on_cpp_kernels_is_as_accurate_as_the_torch_path(tiny_llama_
         errors[backend] = float((prompt_logits(engine, ids, chunk=1) - ref).abs().mean() / ref.abs().mean())
     assert 0 < errors["cpp"] < 0.05
     assert errors["cpp"] <= 1.1 * errors["torch"], errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 16, 49152 + 5])
+def test_greedy_argmax_takes_the_first_maximum_and_nan_wins(dtype, vocab):
+    torch.manual_seed(vocab)
+    logits = torch.randn(6, vocab).to(dtype)
+    logits[1] = float("-inf")                              # all equal: index 0
+    if vocab > 3:
+        logits[2, [2, vocab - 1]] = 50.0                   # a tie between a vector lane and the tail
+        logits[3, vocab // 2] = float("nan")               # NaN beats every number
+        logits[3, vocab - 1] = float("nan")
+        logits[4] = logits[4].round()                      # many ties, in different lanes
+        logits[4, [vocab // 3, vocab - 2]] = 9.0
+    want = logits.float().max(dim=-1).indices              # torch's rule, on the fp32 widening
+    assert torch.equal(KERNELS.greedy_argmax(logits), want)
+    assert torch.equal(KERNELS.greedy_argmax(logits[:, :]), want)
+    strided = torch.cat([logits, logits], dim=1)[:, :vocab]  # rows of a wider tensor
+    assert torch.equal(KERNELS.greedy_argmax(strided), want)
+
+
+def test_sampler_takes_plain_greedy_argmax_of_bf16_logits_and_widens_for_the_rest():
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 300) * 3).to(torch.bfloat16)
+    greedy = [SamplingParams(temperature=0.0) for _ in range(4)]
+
+    def batch(params):
+        return SamplingBatch.build(params, [[1, 2]] * 4, [[3]] * 4, [None] * 4, 300)
+
+    want = logits.float().max(dim=-1).indices
+    assert batch(greedy).plain_greedy
+    assert torch.equal(Sampler(KERNELS)(logits, batch(greedy)).token_ids, want)
+    assert torch.equal(Sampler()(logits, batch(greedy)).token_ids, want)
+    # A penalty or logprobs need fp32 logits: the sampler widens them itself.
+    penalised = [SamplingParams(temperature=0.0, repetition_penalty=1.5) for _ in range(4)]
+    assert not batch(penalised).plain_greedy
+    assert torch.equal(Sampler(KERNELS)(logits, batch(penalised)).token_ids,
+                       Sampler()(logits.float(), batch(penalised)).token_ids)
+    with_logprobs = [SamplingParams(temperature=0.0, logprobs=2) for _ in range(4)]
+    out = Sampler(KERNELS)(logits, batch(with_logprobs))
+    assert out.logprobs is not None and out.logprobs.dtype == torch.float32
+    assert torch.equal(out.token_ids, want)

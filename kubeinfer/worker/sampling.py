@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 MAX_LOGPROBS = 20
+_ARGMAX_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ greedy_argmax reads
 # Smaller temperatures are raised to this: dividing by, say, 1e-30 overflows logits to inf and
 # softmax to NaN, while 1e-5 is already indistinguishable from greedy.
 MIN_TEMPERATURE = 1e-5
@@ -121,6 +123,13 @@ class SamplingBatch:
     seeded: list[tuple[int, torch.Generator]]  # non-greedy rows with their own RNG
     any_unseeded_random: bool
     max_logprobs: int | None             # largest `logprobs` asked for, None when no row asked
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes its argmax of the raw logits: no penalties, no logprobs. The sampler then
+        needs the logits in no particular float dtype (the argmax of bf16 logits is that of their
+        fp32 widening)."""
+        return self.all_greedy and not self.any_penalty and self.max_logprobs is None
 
     @property
     def any_penalty(self) -> bool:
@@ -296,13 +305,22 @@ class Sampler:
     Order, as in vLLM: penalties, then (greedy rows) argmax, or (other rows) temperature, top-k,
     top-p, min-p and a draw. Seeded rows draw from their own generator via the exponential race
     (argmax of probs / Exp(1) noise), so their tokens do not depend on the rest of the batch.
-    The caller's logits are never modified.
+    Logits may be fp32 or the model's dtype: a plain-greedy batch takes its argmax as they are,
+    everything else widens them to fp32 first. The caller's logits are never modified.
+    ``kernels`` (the C++ CPU module) runs that argmax on CPU logits in one pass.
     """
+
+    def __init__(self, kernels: ModuleType | None = None) -> None:
+        self._greedy_argmax = kernels.greedy_argmax if kernels is not None else None
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[1] != batch.vocab_size or logits.shape[0] != batch.greedy.shape[0]:
             raise ValueError(f"logits shape {tuple(logits.shape)} does not match the batch "
                              f"({batch.greedy.shape[0]} rows, vocab {batch.vocab_size})")
+        if batch.plain_greedy:
+            if self._greedy_argmax is not None and logits.device.type == "cpu" and logits.dtype in _ARGMAX_DTYPES:
+                return SamplerOutput(self._greedy_argmax(logits))
+            return SamplerOutput(_first_max(logits))
         logits = logits.float()
         if batch.any_penalty:
             logits = apply_penalties(logits, seen_mask=batch.seen_mask, repetition_penalty=batch.repetition_penalty,

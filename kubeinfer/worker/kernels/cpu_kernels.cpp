@@ -635,6 +635,62 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
   return out;
 }
 
+// Greedy token per row of logits [B, V] (fp32 or bf16): the index of the first maximum, or of the
+// first NaN if the row has one (torch.max's and argmax's rule). On bf16 logits this reads half the
+// bytes of widening them to fp32 first and skips the [B, V] fp32 copy, every decode step.
+torch::Tensor greedy_argmax(const torch::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [B, V] with unit stride in V");
+  const int64_t B = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  TORCH_CHECK(V >= 1, "logits must have at least one column");
+  auto out = torch::empty({B}, logits.options().dtype(torch::kInt64));
+  int64_t* op = out.data_ptr<int64_t>();
+  dispatch_float_bf16(logits, "logits", [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* lp = logits.data_ptr<T_>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const T_* row = lp + b * row_stride;
+        int64_t i = 0, best_i = 0, nan_at = -1;
+        float best = static_cast<float>(row[0]);
+        if (std::isnan(best)) nan_at = 0;
+#if defined(__AVX512F__)
+        // Per lane: its first maximum (strictly greater replaces); then the lowest index among the
+        // lanes holding the overall maximum.
+        __m512 vbest = _mm512_set1_ps(-INFINITY);
+        __m512i vidx = _mm512_setzero_si512(), lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                         14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        for (; nan_at < 0 && i + 16 <= V && V <= INT32_MAX; i += 16, lane = _mm512_add_epi32(lane, step)) {
+          const __m512 v = load16(row + i);
+          const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          if (nan) {
+            nan_at = i + __builtin_ctz(nan);
+            break;
+          }
+          const __mmask16 gt = _mm512_cmp_ps_mask(v, vbest, _CMP_GT_OQ);
+          vbest = _mm512_mask_mov_ps(vbest, gt, v);
+          vidx = _mm512_mask_mov_epi32(vidx, gt, lane);
+        }
+        if (nan_at < 0 && i > 0) {
+          const float mx = _mm512_reduce_max_ps(vbest);
+          const __mmask16 at_max = _mm512_cmp_ps_mask(vbest, _mm512_set1_ps(mx), _CMP_EQ_OQ);
+          best = mx;
+          best_i = _mm512_mask_reduce_min_epi32(at_max, vidx);
+        }
+#endif
+        for (; nan_at < 0 && i < V; ++i) {
+          const float v = static_cast<float>(row[i]);
+          if (std::isnan(v)) nan_at = i;
+          else if (v > best) best = v, best_i = i;
+        }
+        op[b] = nan_at >= 0 ? nan_at : best_i;
+      }
+    });
+    return 0;
+  });
+  return out;
+}
+
 // y [M, N] = x [M, K] @ (qweight [N, K] int8 * scales [N]).T for a few rows M (decode): each weight
 // row is read once and dotted with every x row while it sits in L1; fp32 accumulation.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -743,6 +799,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "int8 weight-only matmul for a few rows (fp32 activations)", nogil);
   m.def("int4pack_linear", &int4pack_linear, "aten's int4 CPU matmul for fp32 activations", nogil);
   m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
+  m.def("greedy_argmax", &greedy_argmax, "first-maximum index per row of fp32 or bf16 logits (NaN wins)", nogil);
   m.def("amx_available", &kubeinfer::amx_available, "built with AMX, and the OS grants this process its tiles");
   m.def("amx_pack_weight", &kubeinfer::amx_pack_weight, "bf16 [N, K] weight -> amx_linear's tile layout",
         py::arg("weight"), py::arg("swiglu") = false, nogil);

@@ -170,12 +170,16 @@ class LlamaForCausalLM(nn.Module):
             packed += 1
         return packed
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """Logits of ``hidden`` rows, in fp32; with ``widen`` False in whatever dtype the head
+        computes them (for a plain-greedy argmax, which they do not change)."""
         if self.quantized_head is not None:
-            return self.quantized_head(hidden).float()
-        if self.lm_head is not None:  # an nn.Linear, or its PackedLinear swap (bf16 on CPU)
-            return self.lm_head(hidden).float()
-        return F.linear(hidden, self.embed_tokens.weight).float()
+            logits = self.quantized_head(hidden)
+        elif self.lm_head is not None:  # an nn.Linear, or its PackedLinear swap (bf16 on CPU)
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(hidden, self.embed_tokens.weight)
+        return logits.float() if widen else logits
 
     def quantize_head(self) -> None:
         """Run the LM head as int8 per-channel (the largest matrix: a third of a small model's bytes).
