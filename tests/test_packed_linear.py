@@ -124,3 +124,15 @@ def test_cpp_bf16_engine_runs_amx_linears_with_fused_swiglu(tiny_llama_dir):
     torch_backend = Engine(model=tiny_llama_dir, max_model_len=128, num_kv_blocks=16, dtype="bfloat16",
                            attention_backend="torch")
     assert all(m.amx is None for m in torch_backend.runner.model.modules() if isinstance(m, PackedLinear))
+
+
+@needs_amx
+def test_amx_linear_rows_do_not_depend_on_the_batch():
+    # Each output row is its own fixed-order sum over K (row tiles never mix), so a row's bits are
+    # the same at any batch size: a bf16 engine's linears are batch-invariant, unlike MKL's fp32.
+    torch.manual_seed(0)
+    packed = PackedLinear(torch.randn(200, 576).to(torch.bfloat16), amx=AMX)
+    x = torch.randn(70, 576).to(torch.bfloat16)
+    full = packed(x)
+    for rows in (slice(0, 1), slice(3, 8), slice(17, 50)):
+        assert torch.equal(packed(x[rows]), full[rows])
