@@ -11,6 +11,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 from types import ModuleType
 
@@ -27,7 +28,9 @@ def load_cpu_kernels() -> ModuleType | None:
     try:
         _put_ninja_on_path()
         from torch.utils.cpp_extension import load
-        return load(name="kubeinfer_cpu_kernels", sources=_SOURCES, verbose=False,
+        # -march=native code for one CPU faults on an older one: a cache directory shared between
+        # node types (a mounted volume) gets one build per instruction set, never the wrong one.
+        return load(name=f"kubeinfer_cpu_kernels_{_cpu_digest()}", sources=_SOURCES, verbose=False,
                     extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DKUBEINFER_HEADERS={_headers_digest()}"],
                     extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, a read-only cache dir: the torch path still works
@@ -43,6 +46,18 @@ def _headers_digest() -> str:
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
+
+
+def _cpu_digest() -> str:
+    """A short digest of this CPU's instruction-set flags (Linux's /proc/cpuinfo), or of its
+    platform name elsewhere."""
+    flags = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), flags)
+    except OSError:
+        pass
+    return hashlib.sha256(flags.encode()).hexdigest()[:8]
 
 
 def _put_ninja_on_path() -> None:
