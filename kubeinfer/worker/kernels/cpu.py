@@ -18,8 +18,8 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 _DIR = os.path.dirname(__file__)
-_SOURCES = [os.path.join(_DIR, name) for name in ("cpu_kernels.cpp", "amx_linear.cpp")]
-_HEADERS = [os.path.join(_DIR, "simd.h")]
+_SOURCES = [os.path.join(_DIR, name) for name in ("cpu_kernels.cpp", "paged_attention.cpp", "amx_linear.cpp")]
+_HEADERS = [os.path.join(_DIR, name) for name in ("simd.h", "common.h")]
 
 
 @functools.cache

@@ -1,0 +1,75 @@
+// Helpers shared by the C++ CPU kernel sources: dtype dispatch and checks, and fp32/bf16 vector
+// loads, stores and dot products (bf16 is widened to fp32 and rounded to nearest even on store).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "simd.h"
+
+namespace kubeinfer {
+
+using bf16 = c10::BFloat16;
+
+// Scalar type dispatch for the kernels that take fp32 or bf16: f is called with a value of the type.
+template <typename F>
+auto dispatch_float_bf16(const torch::Tensor& t, const char* what, F&& f) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16),
+              what, " must be a float32 or bfloat16 CPU tensor");
+  return t.scalar_type() == torch::kFloat32 ? f(float{}) : f(bf16{});
+}
+
+inline void check_same_dtype(const torch::Tensor& a, const torch::Tensor& b, const char* what) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, " must have the dtype of the activations");
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// bf16 is the top half of an fp32: widening is a shift.
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+  // Round to nearest even, as c10::BFloat16 does (NaN payloads aside).
+  const __m512i i = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(i, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+#endif
+}
+#endif
+
+// sum_i a[i] * b[i] in fp32 for fp32 or bf16 operands.
+template <typename A, typename B>
+inline float dot_any(const A* a, const B* b, int64_t n) {
+  int64_t i = 0;
+  float acc = 0.f;
+#if defined(__AVX512F__)
+  __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    v0 = _mm512_fmadd_ps(load16(a + i), load16(b + i), v0);
+    v1 = _mm512_fmadd_ps(load16(a + i + 16), load16(b + i + 16), v1);
+  }
+  for (; i + 16 <= n; i += 16) v0 = _mm512_fmadd_ps(load16(a + i), load16(b + i), v0);
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+#endif
+  for (; i < n; ++i) acc += static_cast<float>(a[i]) * static_cast<float>(b[i]);
+  return acc;
+}
+
+
+inline void check_f32(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, what, " must be a float32 CPU tensor");
+}
+
+
+}  // namespace kubeinfer
