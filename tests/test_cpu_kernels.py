@@ -121,6 +121,23 @@ def test_int4pack_linear_matches_the_module_path():
     torch.testing.assert_close(linear(x), want, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not KERNELS.amx_available(), reason="no AMX here (CPU, OS or the kernels' build)")
+def test_int4pack_linear_runs_batches_on_amx_tiles_of_the_same_weights():
+    scheme = Int4WeightOnly(group_size=32)
+    linear = scheme.make_linear(scheme.quantize(torch.randn(128, 96)))
+    aten = torch.ops.aten._weight_int4pack_mm_for_cpu
+    # The dequantized tiles hold exactly the weights aten's kernel uses (read back through I).
+    tiles = KERNELS.amx_pack_int4(linear.packed, linear.scales_and_zeros, 96, 32)
+    eye = torch.eye(96).to(torch.bfloat16)
+    assert torch.equal(KERNELS.amx_linear(eye, tiles, None, 128), aten(eye, linear.packed, 32, linear.scales_and_zeros))
+    # 16 rows and more take that path; both round x to bf16 and the result to bf16 once.
+    for rows in (16, 33, 300):
+        x = torch.randn(rows, 96)
+        got = KERNELS.int4pack_linear(x, linear.packed, 32, linear.scales_and_zeros)
+        exact = x.double() @ linear.dequantized_weight().double().T
+        torch.testing.assert_close(got.double(), exact, rtol=2 ** -7, atol=2 ** -7 * float(exact.abs().max()))
+
+
 # head_dim 64 and 128 take the register-blocked kernels, in groups of at most 4 and 2 query heads:
 # 9 heads over 3 kv heads is one group of 3, 7 over 1 is 4 + 3, and 9 over 1 at 128 is 2+2+2+2+1.
 # head_dim 40 takes the generic loops. Those kernels score 16 keys at a time: blocks of 24 and 8

@@ -163,6 +163,87 @@ torch::Tensor amx_pack_weight(const torch::Tensor& weight, bool swiglu) {
   return w.view({Np / 32, 2, 16, K / 32, 16, 2}).permute({0, 3, 1, 4, 2, 5}).contiguous();
 }
 
+// Whether aten's CPU int4 packing is the layout amx_pack_int4 reads: per 64-row block of the
+// weight, per input k, 32 bytes whose byte j holds row j (low nibble) and row j + 32 (high nibble).
+// It is aten's internal layout, so it is checked once against a packed pattern, not assumed.
+bool aten_int4_layout_known() {
+  static const bool known = [] {
+    auto w = torch::empty({64, 64}, torch::kInt32);
+    auto* wp = w.data_ptr<int32_t>();
+    for (int n = 0; n < 64; ++n)
+      for (int k = 0; k < 64; ++k) wp[n * 64 + k] = (n * 7 + k * 3 + n * k) % 16;
+    const auto packed = at::_convert_weight_to_int4pack_for_cpu(w, 1).contiguous();
+    if (packed.scalar_type() != torch::kUInt8 || packed.numel() != 64 * 32) return false;
+    const uint8_t* pp = packed.data_ptr<uint8_t>();
+    for (int k = 0; k < 64; ++k)
+      for (int j = 0; j < 32; ++j)
+        if (pp[k * 32 + j] != (wp[j * 64 + k] | (wp[(j + 32) * 64 + k] << 4))) return false;
+    return true;
+  }();
+  return known;
+}
+
+// An aten-packed int4 weight [N, K] (scales_and_zeros bf16 [K/G, N, 2], W = (q - 8) * s + z)
+// dequantized to bf16 straight into amx_pack_weight's tile layout, so a batch of rows can run on
+// AMX: aten's int4 kernel took 24 ms per SmolLM2 layer at 512 rows here, and the prefill of the
+// default (int4) model ran slower than fp32. Needs N % 64 == 0, K % 32 == 0, G % 2 == 0 and
+// aten_int4_layout_known().
+torch::Tensor amx_pack_int4(const torch::Tensor& packed, const torch::Tensor& scales_and_zeros, int64_t K,
+                            int64_t G) {
+  const int64_t N = packed.size(0);
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.numel() == N * K / 2 &&
+                  N % 64 == 0 && K % 32 == 0 && G >= 2 && G % 2 == 0 && K % G == 0,
+              "packed must be aten's int4 packing of an [N, K] weight with N % 64 == 0 and K % 32 == 0");
+  TORCH_CHECK(scales_and_zeros.scalar_type() == torch::kBFloat16 && scales_and_zeros.is_contiguous() &&
+                  scales_and_zeros.numel() == K / G * N * 2,
+              "scales_and_zeros must be bf16 [K / group_size, N, 2]");
+  TORCH_CHECK(aten_int4_layout_known(), "this torch packs int4 weights in a layout amx_pack_int4 does not know");
+  const int64_t KB = K / 32, panels = N / 32;
+  auto out = torch::empty({panels, KB, 2, 16, 16, 2}, torch::dtype(torch::kBFloat16));
+#if defined(KUBEINFER_AMX)
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const auto* szp = scales_and_zeros.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, panels, 1, [&](int64_t p_begin, int64_t p_end) {
+    const __m512i low4 = _mm512_set1_epi32(0xF);
+    const __m512i hi16 = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+    // Interleaves two rows of 16 bf16 (k and k + 1) into the 32 of one VNNI tile row.
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const uint8_t* block = wp + (p / 2) * K * 32;  // aten's 64-row block holding this 32-row panel
+      const int shift = (p % 2) * 4;                 // its rows 32-63 are the high nibbles
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        const int64_t g = kb * 32 / G;
+        for (int h = 0; h < 2; ++h) {
+          const int64_t n0 = p * 32 + h * 16;
+          const __m512i sz = _mm512_loadu_si512(szp + (g * N + n0) * 2);
+          const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
+          const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale,
+                                                 _mm512_castsi512_ps(_mm512_and_si512(sz, hi16)));  // z - 8 s
+          c10::BFloat16* tile = op + ((p * KB + kb) * 2 + h) * 512;
+          for (int r = 0; r < 16; ++r) {
+            const int64_t k = kb * 32 + 2 * r;
+            __m256i rows[2];
+            for (int e = 0; e < 2; ++e) {
+              const __m512i bytes = _mm512_cvtepu8_epi32(
+                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (k + e) * 32 + h * 16)));
+              const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(bytes, shift), low4));
+              rows[e] = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_fmadd_ps(q, scale, offset)));
+            }
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(rows[0]), rows[1], 1);
+            _mm512_storeu_si512(tile + r * 32, _mm512_permutexvar_epi16(pairs, both));
+          }
+        }
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "this build has no AMX kernels (compiled without AMX support)");
+#endif
+  return out;
+}
+
 // y [M, N] bf16 = x [M, K] bf16 @ W.T (+ bias), W [N, K] packed by amx_pack_weight; fp32
 // accumulation, one rounding to bf16 after the bias (as oneDNN). With swiglu (a gate|up weight
 // packed with swiglu), y [M, N / 2] = silu(gate) * up instead, also rounded once.

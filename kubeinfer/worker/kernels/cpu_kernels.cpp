@@ -318,13 +318,35 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, co
   return y;
 }
 
-// aten's int4 CPU matmul with its bf16 casts, in one call: from Python the two casts and the op
-// cost 14-24 us more per linear at batch 1 than this call (measured on the 576x832 qkv of SmolLM2).
+namespace kubeinfer {  // amx_linear.cpp
+bool amx_available();
+bool aten_int4_layout_known();
+torch::Tensor amx_pack_weight(const torch::Tensor& weight, bool swiglu);
+torch::Tensor amx_pack_int4(const torch::Tensor& packed, const torch::Tensor& scales_and_zeros, int64_t K, int64_t G);
+torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+                         int64_t N, bool swiglu);
+}  // namespace kubeinfer
+
+// From this many rows an int4 linear dequantizes its weight to bf16 tiles and runs on AMX: at 32
+// rows that took ~0.6 of aten's time per SmolLM2 layer, at 512 rows ~0.1; at 4 rows aten wins.
+constexpr int64_t kInt4AmxRows = 16;
+
+// x [M, K] fp32 @ an aten-packed int4 weight [N, K] -> [M, N] fp32, in one call (from Python the
+// casts and the op cost 14-24 us more per linear at batch 1, measured on the 576x832 qkv of
+// SmolLM2). Few rows run aten's int4 kernel on bf16 x; kInt4AmxRows or more run amx_pack_int4 +
+// amx_linear where the CPU has AMX.
 torch::Tensor int4pack_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t group_size,
                               const torch::Tensor& scales_and_zeros) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
   auto xb = x.to(torch::kBFloat16).contiguous();
+  if (M >= kInt4AmxRows && N % 64 == 0 && K % 32 == 0 && group_size % 2 == 0 && K % group_size == 0 &&
+      packed.is_contiguous() && scales_and_zeros.scalar_type() == torch::kBFloat16 &&
+      kubeinfer::amx_available() && kubeinfer::aten_int4_layout_known()) {
+    const auto tiles = kubeinfer::amx_pack_int4(packed, scales_and_zeros.contiguous(), K, group_size);
+    return kubeinfer::amx_linear(xb, tiles, c10::nullopt, N, false).to(torch::kFloat32);
+  }
   return at::_weight_int4pack_mm_for_cpu(xb, packed, group_size, scales_and_zeros).to(torch::kFloat32);
 }
 
@@ -334,12 +356,6 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_c
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale);
 
-namespace kubeinfer {  // amx_linear.cpp
-bool amx_available();
-torch::Tensor amx_pack_weight(const torch::Tensor& weight, bool swiglu);
-torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
-                         int64_t N, bool swiglu);
-}  // namespace kubeinfer
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The engine steps in a thread beside the server's event loop: let it run while a kernel does.
@@ -359,6 +375,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
   m.def("greedy_argmax", &greedy_argmax, "first-maximum index per row of fp32 or bf16 logits (NaN wins)", nogil);
   m.def("amx_available", &kubeinfer::amx_available, "built with AMX, and the OS grants this process its tiles");
+  m.def("amx_pack_int4", &kubeinfer::amx_pack_int4, "aten-packed int4 weight -> bf16 in amx_linear's tile layout",
+        py::arg("packed"), py::arg("scales_and_zeros"), py::arg("K"), py::arg("group_size"), nogil);
   m.def("amx_pack_weight", &kubeinfer::amx_pack_weight, "bf16 [N, K] weight -> amx_linear's tile layout",
         py::arg("weight"), py::arg("swiglu") = false, nogil);
   m.def("amx_linear", &kubeinfer::amx_linear, "bf16 linear on AMX tiles (weight from amx_pack_weight)",
