@@ -144,17 +144,23 @@ def test_32_concurrent_streams_over_grpc_and_http_match_the_engine(serve_app, re
 def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_app, reference):
     import ray
 
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+    replicas = [ray.get_actor(a["name"], namespace=a["namespace"])
+                for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith(f"SERVE_REPLICA::{APP}#worker-tiny#")]
     assert len(replicas) == 2, replicas
-    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+    victim = None
 
     async def main():
+        nonlocal victim
         async with grpc.aio.insecure_channel(serve_app["grpc"]) as channel:
             stub = pb_grpc.InferenceStub(channel)
             started = asyncio.Event()
             first_wave = [asyncio.create_task(grpc_stream(stub, p, started)) for p in PROMPTS[:16]]
             await started.wait()
+            # The router may send a whole micro-batch to one replica: kill one that is running
+            # requests, so the kill always hits work in flight.
+            running = [(await r.record_routing_stats.remote())["num_requests_running"] for r in replicas]
+            victim = replicas[max(range(len(replicas)), key=running.__getitem__)]
             ray.kill(victim, no_restart=True)
             # Sent after the kill, before Serve has noticed it: some go to the dead replica first.
             second_wave = [asyncio.create_task(grpc_stream(stub, p)) for p in PROMPTS[16:]]
