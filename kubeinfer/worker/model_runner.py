@@ -30,10 +30,11 @@ class ModelRunner:
                  kv_int8: bool = False, attention_backend: str = "torch", compile_decode: bool = False) -> None:
         c = model.config
         self.model = model
+        kernels = load_cpu_kernels() if attention_backend == "cpp" else None
         if dtype == torch.bfloat16 and not compile_decode:
             # CPU only; AMX tiles on the cpp backend where the CPU has them, else oneDNN's layout,
             # and a no-op where neither can pack.
-            model.pack_bf16_weights(load_cpu_kernels() if attention_backend == "cpp" else None)
+            model.pack_bf16_weights(kernels)
         # Only decode-only steps are compiled: they always take the same path (no prefill chunks),
         # so one dynamic-shape graph serves every batch size and context length.
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
@@ -48,9 +49,9 @@ class ModelRunner:
             self.kv_caches = [LayerKVCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                               for _ in range(c.num_layers)]
         self.attention_backend = attention_backend
-        self.sampler = Sampler(load_cpu_kernels() if attention_backend == "cpp" else None)
-        if attention_backend == "cpp":
-            model.use_cpu_kernels(load_cpu_kernels())
+        self.sampler = Sampler(kernels)
+        if kernels is not None:
+            model.use_cpu_kernels(kernels)
         self._workspaces = (torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype))
 
     def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

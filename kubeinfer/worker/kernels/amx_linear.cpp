@@ -20,7 +20,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "simd.h"
+#include "common.h"
 #define KUBEINFER_AMX 1
 #endif
 
@@ -186,13 +186,14 @@ bool aten_int4_layout_known() {
 // An aten-packed int4 weight [N, K] (scales_and_zeros bf16 [K/G, N, 2], W = (q - 8) * s + z)
 // dequantized to bf16 straight into amx_pack_weight's tile layout, so a batch of rows can run on
 // AMX: aten's int4 kernel took 24 ms per SmolLM2 layer at 512 rows here, and the prefill of the
-// default (int4) model ran slower than fp32. Needs N % 64 == 0, K % 32 == 0, G % 2 == 0 and
+// default (int4) model ran slower than fp32. Needs N % 64 == 0, K % 32 == 0, G % 32 == 0 (a tile
+// row's 32 inputs share one group) and
 // aten_int4_layout_known().
 torch::Tensor amx_pack_int4(const torch::Tensor& packed, const torch::Tensor& scales_and_zeros, int64_t K,
                             int64_t G) {
   const int64_t N = packed.size(0);
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.numel() == N * K / 2 &&
-                  N % 64 == 0 && K % 32 == 0 && G >= 2 && G % 2 == 0 && K % G == 0,
+                  N % 64 == 0 && K % 32 == 0 && G % 32 == 0 && K % G == 0,
               "packed must be aten's int4 packing of an [N, K] weight with N % 64 == 0 and K % 32 == 0");
   TORCH_CHECK(scales_and_zeros.scalar_type() == torch::kBFloat16 && scales_and_zeros.is_contiguous() &&
                   scales_and_zeros.numel() == K / G * N * 2,
@@ -206,7 +207,6 @@ torch::Tensor amx_pack_int4(const torch::Tensor& packed, const torch::Tensor& sc
   auto* op = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, panels, 1, [&](int64_t p_begin, int64_t p_end) {
     const __m512i low4 = _mm512_set1_epi32(0xF);
-    const __m512i hi16 = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
     // Interleaves two rows of 16 bf16 (k and k + 1) into the 32 of one VNNI tile row.
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                            21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -217,10 +217,10 @@ torch::Tensor amx_pack_int4(const torch::Tensor& packed, const torch::Tensor& sc
         const int64_t g = kb * 32 / G;
         for (int h = 0; h < 2; ++h) {
           const int64_t n0 = p * 32 + h * 16;
+          // 16 (scale, zero) bf16 pairs: the scales are the even halves, the zeros the odd ones.
           const __m512i sz = _mm512_loadu_si512(szp + (g * N + n0) * 2);
-          const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
-          const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale,
-                                                 _mm512_castsi512_ps(_mm512_and_si512(sz, hi16)));  // z - 8 s
+          const __m512 scale = bf16_even(sz);
+          const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, bf16_odd(sz));  // z - 8 s
           c10::BFloat16* tile = op + ((p * KB + kb) * 2 + h) * 512;
           for (int r = 0; r < 16; ++r) {
             const int64_t k = kb * 32 + 2 * r;

@@ -46,6 +46,13 @@ inline void store16(bf16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 #endif
 }
+
+// bf16 pairs widened without a cross-lane shuffle: 32 bf16 (16 lanes of two) give their even
+// elements by a shift and their odd ones by a mask, one op per 16 where cvtepu16 + shift take two.
+inline __m512 bf16_even(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+inline __m512 bf16_odd(__m512i x) {
+  return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
 #endif
 
 // sum_i a[i] * b[i] in fp32 for fp32 or bf16 operands.
@@ -66,10 +73,8 @@ inline float dot_any(const A* a, const B* b, int64_t n) {
   return acc;
 }
 
-
 inline void check_f32(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, what, " must be a float32 CPU tensor");
 }
-
 
 }  // namespace kubeinfer

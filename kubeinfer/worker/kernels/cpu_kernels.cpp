@@ -341,7 +341,7 @@ torch::Tensor int4pack_linear(const torch::Tensor& x, const torch::Tensor& packe
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
   auto xb = x.to(torch::kBFloat16).contiguous();
-  if (M >= kInt4AmxRows && N % 64 == 0 && K % 32 == 0 && group_size % 2 == 0 && K % group_size == 0 &&
+  if (M >= kInt4AmxRows && N % 64 == 0 && K % 32 == 0 && group_size % 32 == 0 && K % group_size == 0 &&
       packed.is_contiguous() && scales_and_zeros.scalar_type() == torch::kBFloat16 &&
       kubeinfer::amx_available() && kubeinfer::aten_int4_layout_known()) {
     const auto tiles = kubeinfer::amx_pack_int4(packed, scales_and_zeros.contiguous(), K, group_size);

@@ -104,13 +104,6 @@ inline __m512 reduce16(const __m512 (&a)[16]) {
                        _mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// bf16 pairs widened without a cross-lane shuffle: 32 bf16 (16 lanes of two) give their even
-// elements by a shift and their odd ones by a mask, one op per 16 where cvtepu16 + shift take two.
-inline __m512 bf16_even(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
-inline __m512 bf16_odd(__m512i x) {
-  return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-
 // One query row of D = 16 * DV in registers, in the form its key dot products want; dot_lanes gives
 // the 16 lanes of q . k (still to be summed) for one key row.
 template <int DV, typename T>
@@ -277,7 +270,7 @@ void attend_regs(const float* q, float scale, const T* kh, const T* vh, const in
 // D is 64 or 128, else the generic loops.
 template <typename T>
 void attend(const float* q, float scale, int64_t rows, int64_t D, const T* kh, const T* vh, const int64_t* table,
-            int64_t L, int64_t BS, float* scores, float* inv, float* out) {
+            int64_t L, int64_t BS, std::vector<float>& scratch, float* out) {
 #if defined(__AVX512F__)
   if (D == 64 || D == 128) {
     const int64_t most = D == 64 ? 4 : 2;
@@ -302,7 +295,9 @@ void attend(const float* q, float scale, int64_t rows, int64_t D, const T* kh, c
     return;
   }
 #endif
-  attend_generic(q, scale, rows, D, kh, vh, table, L, BS, scores, inv, out);
+  // The generic loops keep every score: rows x L of them, then rows softmax denominators.
+  scratch.resize(rows * (L + 1));
+  attend_generic(q, scale, rows, D, kh, vh, table, L, BS, scratch.data(), scratch.data() + rows * L, out);
 }
 
 }  // namespace
@@ -388,16 +383,15 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
       }
     }
     at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-      std::vector<float> qf(G * D), scores, inv(G), acc(G * D);
+      std::vector<float> qf(G * D), scratch, acc(G * D);
       for (int64_t unit = bounds[part_begin]; unit < bounds[part_end]; ++unit) {
         const int64_t s = unit / KVH, h = unit % KVH, L = lens[s];
         for (int64_t g = 0; g < G; ++g) {
           const T_* qv = qp + s * q_seq_stride + (h * G + g) * q_head_stride;
           for (int64_t i = 0; i < D; ++i) qf[g * D + i] = static_cast<float>(qv[i]);
         }
-        scores.resize(G * L);
-        attend(qf.data(), fscale, G, D, kc + h * NB * BS * D, vc + h * NB * BS * D, bt + s * W, L, BS, scores.data(),
-               inv.data(), acc.data());
+        attend(qf.data(), fscale, G, D, kc + h * NB * BS * D, vc + h * NB * BS * D, bt + s * W, L, BS, scratch,
+               acc.data());
         T_* o = op + (s * H + h * G) * D;
         for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T_>(acc[i]);
       }
