@@ -197,8 +197,8 @@ def test_engine_on_cpp_kernels_matches_torch_path(tiny_llama_dir):
     # fp32 only: the torch path runs int8 matmuls on bf16 activations, the cpp one on fp32, so their
     # tokens may legitimately differ (test_quantized_engine bounds int8 against fp32 instead).
     kwargs = dict(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=64, max_num_batched_tokens=32)
-    torch_engine = Engine(**kwargs, attention_backend="torch")
-    cpp_engine = Engine(**kwargs, attention_backend="cpp")
+    torch_engine = Engine(**kwargs, kernel_backend="torch")
+    cpp_engine = Engine(**kwargs, kernel_backend="cpp")
     assert cpp_engine.runner.attention_backend == "cpp"
     want = [o.output_token_ids for o in torch_engine.generate(PROMPTS + PROMPTS[:1], params + params[:1])]
     got = [o.output_token_ids for o in cpp_engine.generate(PROMPTS + PROMPTS[:1], params + params[:1])]
@@ -215,7 +215,7 @@ def test_bf16_engine_on_cpp_kernels_is_as_accurate_as_the_torch_path(tiny_llama_
     ref = prompt_logits(Engine(**kwargs), ids, chunk=1)
     errors = {}
     for backend in ("torch", "cpp"):
-        engine = Engine(**kwargs, dtype="bfloat16", attention_backend=backend)
+        engine = Engine(**kwargs, dtype="bfloat16", kernel_backend=backend)
         assert engine.runner.attention_backend == backend
         errors[backend] = float((prompt_logits(engine, ids, chunk=1) - ref).abs().mean() / ref.abs().mean())
     assert 0 < errors["cpp"] < 0.05

@@ -346,8 +346,8 @@ def test_engine_with_triton_attention_matches_torch(tiny_llama_dir):
     prompts = [list(range(3, 40)), list(range(3, 40)) + [7, 8, 9], [11, 12, 13]]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     kw = dict(model=tiny_llama_dir, max_model_len=128, num_kv_blocks=32, max_num_batched_tokens=32)
-    torch_engine = Engine(attention_backend="torch", **kw)
-    triton_engine = Engine(attention_backend="triton", **kw)
+    torch_engine = Engine(kernel_backend="torch", **kw)
+    triton_engine = Engine(kernel_backend="triton", **kw)
     assert triton_engine.runner.attention_backend == "triton"
     expected = [o.output_token_ids for o in torch_engine.generate(prompts, params)]
     assert [o.output_token_ids for o in triton_engine.generate(prompts, params)] == expected

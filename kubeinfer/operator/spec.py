@@ -65,7 +65,7 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DEPLOYMENT_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 40
 _RAY_ADDRESS = re.compile(r"^https?://[^\s/]+/?$")
-DTYPE_BYTES = MappingProxyType({"float32": 4, "bfloat16": 2, "float16": 2})
+from kubeinfer.worker.kv_sizing import DTYPE_BYTES  # noqa: E402 (torch-free; one definition)
 
 
 def parse_bytes(value: Any, where: str) -> int:

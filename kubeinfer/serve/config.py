@@ -20,7 +20,7 @@ AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_
 # The EngineConfig fields a deployment may set (the rest are fixed by the model entry itself).
 ENGINE_KEYS = ("dtype", "kv_cache_dtype", "block_size", "kv_cache_memory_bytes", "num_kv_blocks",
                "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill",
-               "num_threads", "attention_backend", "quantization_group_size", "seed", "compile")
+               "num_threads", "kernel_backend", "quantization_group_size", "seed", "compile")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
 

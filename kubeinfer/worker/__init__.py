@@ -1,8 +1,27 @@
-"""The inference engine. Imports neither Ray nor Kubernetes."""
+"""The inference engine. Imports neither Ray nor Kubernetes.
 
-from kubeinfer.worker.config import EngineConfig
-from kubeinfer.worker.engine import Engine, EngineStats
-from kubeinfer.worker.outputs import RequestOutput
-from kubeinfer.worker.sampling import SamplingParams
+The public names are imported lazily (PEP 562), so that torch-free modules of this package
+(``kv_sizing``) can be imported where torch is not installed, as in the operator's image.
+"""
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "SamplingParams"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Engine": "kubeinfer.worker.engine",
+    "EngineStats": "kubeinfer.worker.engine",
+    "EngineConfig": "kubeinfer.worker.config",
+    "RequestOutput": "kubeinfer.worker.outputs",
+    "SamplingParams": "kubeinfer.worker.sampling",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kubeinfer.worker.config import EngineConfig
+from kubeinfer.worker.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from kubeinfer.worker.detokenizer import IncrementalDetokenizer
 from kubeinfer.worker.kv_cache import KVCacheManager
-from kubeinfer.worker.model_runner import ModelRunner, kv_bytes_per_block
+from kubeinfer.worker.kv_sizing import kv_bytes_per_token
+from kubeinfer.worker.model_runner import ModelRunner
 from kubeinfer.worker.models.loader import LoadedModel, load_model
 from kubeinfer.worker.outputs import RequestOutput
 from kubeinfer.worker.sampling import SamplingBatch, SamplingParams, make_generator
@@ -70,8 +71,11 @@ class Engine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context length "
                              f"{loaded.config.max_position_embeddings}")
         kv_int8 = config.kv_cache_dtype == "int8"
-        block_bytes = kv_bytes_per_block(loaded.config, config.block_size, config.torch_dtype, kv_int8)
-        num_blocks = config.num_kv_blocks or config.kv_cache_memory_bytes // block_bytes
+        mc = loaded.config
+        block_bytes = config.block_size * kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                                                             config.dtype, config.kv_cache_dtype)
+        memory = config.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = config.num_kv_blocks or memory // block_bytes
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of "
@@ -86,7 +90,7 @@ class Engine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
         from kubeinfer.worker.kernels import resolve_attention_backend
-        backend = resolve_attention_backend(config.attention_backend, next(loaded.model.parameters()).device,
+        backend = resolve_attention_backend(config.kernel_backend, next(loaded.model.parameters()).device,
                                             config.torch_dtype, kv_int8, config.compile)
         if backend == "triton" and kv_int8:
             raise ValueError("kv_cache_dtype='int8' needs the torch attention backend for now")

@@ -12,12 +12,6 @@ from kubeinfer.worker.sampling import Sampler, SamplerOutput, SamplingBatch
 from kubeinfer.worker.scheduler import ScheduledBatch
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_int8: bool = False) -> int:
-    """K and V, every layer, one block (an int8 cache adds one fp32 scale per token and kv head)."""
-    per_head_token = config.head_dim + 4 if kv_int8 else config.head_dim * torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * per_head_token
-
-
 class ModelRunner:
     """Owns the model, the paged K/V tensors and the sampler.
 
