@@ -102,8 +102,12 @@ INVALID = {
     "unknown uri scheme": ({"model": {"uri": "s3://bucket/model"}}, ("cel", "spec.model", "builtin://NAME")),
     "no chunked prefill, small batch": ({"engine": {"chunkedPrefill": False, "maxNumBatchedTokens": 512}},
                                         ("cel", "spec", "maxNumBatchedTokens >= model.maxModelLen")),
-    "int8 KV on a GPU": ({"engine": {"kvCacheDtype": "int8"}, "resources": {"gpus": 1}},
-                         ("cel", "spec", "not supported on GPUs")),
+    "no GPU memory to use": ({"engine": {"gpuMemoryUtilization": 0}},
+                             ("schema", "spec.engine.gpuMemoryUtilization", "minimum")),
+    "more GPU memory than there is": ({"engine": {"gpuMemoryUtilization": 1.2}},
+                                      ("schema", "spec.engine.gpuMemoryUtilization", "maximum")),
+    "enforceEager not a boolean": ({"engine": {"enforceEager": "yes"}},
+                                   ("schema", "spec.engine.enforceEager", "type")),
     "gpuMemory without GPU": ({"resources": {"gpuMemory": "16Gi"}}, ("cel", "spec.resources", "needs gpus: 1")),
 }
 
@@ -122,3 +126,27 @@ def test_invalid_spec_is_rejected_by_its_constraint(case):
 def test_long_name_is_rejected_by_the_root_rule():
     errors, failures = _judge(_md({}, name="a" * 41))
     assert errors == [] and failures == [("", failures[0][1])] and "40" in failures[0][1]
+
+
+def _documented_fields() -> dict[str, set[str]]:
+    """docs/crd.md's field tables: the section (``spec.model``, ...) -> the names in its rows."""
+    tables: dict[str, set[str]] = {}
+    section = ""
+    with open(os.path.join(ROOT, "docs", "crd.md"), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("## "):  # "## spec.engine", "## Scaling: spec.replicas or spec.autoscaling"
+                words = line[3:].split()
+                section = next((w for w in reversed(words) if w.startswith("spec.")), words[0])
+            elif line.startswith("| `"):
+                tables.setdefault(section, set()).add(line.split("`")[1])
+    return tables
+
+
+def test_docs_describe_every_field_of_the_crd():
+    """docs/crd.md has a table row for each field of each spec section, and names no field the CRD lacks."""
+    spec = SCHEMA["properties"]["spec"]["properties"]
+    tables = _documented_fields()
+    for name in ("model", "engine", "resources", "router", "autoscaling"):
+        assert set(tables[f"spec.{name}"]) == set(spec[name]["properties"]), name
+    scalars = {k for k, v in spec.items() if v.get("type") != "object" and k != "replicas"}
+    assert scalars <= tables["Placement"]

@@ -106,7 +106,7 @@ def test_engine_router_and_model_fields_reach_the_application():
     model = _model(serve)
     assert (model["name"], model["uri"], model["quantization"], model["max_model_len"]) == \
         ("chat", "builtin://smollm2-135m", "int4", 1024)
-    assert model["engine"] == {"dtype": "bfloat16", "kv_cache_dtype": "int8", "block_size": 32, "max_num_seqs": 8,
+    assert model["engine"] == {"device": "cpu", "dtype": "bfloat16", "kv_cache_dtype": "int8", "block_size": 32, "max_num_seqs": 8,
                                "max_num_batched_tokens": 256, "enable_prefix_caching": False,
                                "enable_chunked_prefill": True, "kv_cache_memory_bytes": 512 << 20, "num_threads": 1}
     assert serve["applications"][0]["args"]["router"] == {
@@ -257,7 +257,9 @@ BAD_SPECS = {
     "context too long": ({"model": {"maxModelLen": 9000}}, "exceeds the model's context length 8192"),
     "both scalings": ({"replicas": 1, "autoscaling": {"maxReplicas": 2}}, "not both"),
     "min above max": ({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas <= maxReplicas"),
-    "int8 KV on GPU": ({"engine": {"kvCacheDtype": "int8"}, "resources": {"gpus": 1}}, "not supported on GPUs"),
+    "utilization zero": ({"engine": {"gpuMemoryUtilization": 0}}, "gpuMemoryUtilization must be a fraction in (0, 1]"),
+    "utilization above one": ({"engine": {"gpuMemoryUtilization": 1.5}}, "gpuMemoryUtilization"),
+    "enforceEager not a bool": ({"engine": {"enforceEager": "yes"}}, "enforceEager must be true or false"),
     "no chunked prefill": ({"engine": {"chunkedPrefill": False}}, "maxNumBatchedTokens (512) >= spec.model.maxModelLen"),
     "bad memory": ({"resources": {"memory": "lots"}}, "spec.resources.memory: 'lots' is not a Kubernetes quantity"),
     "bad policy": ({"router": {"policy": "random"}}, "spec.router: router policy must be one of"),
@@ -312,7 +314,7 @@ def test_a_replica_that_cannot_fit_says_by_how_much():
 
 def test_gpu_replicas_are_checked_against_gpu_memory():
     small = estimate_capacity(parse_spec(md({"resources": {"gpus": 1, "gpuMemory": "2Gi"}, "engine": {"maxNumSeqs": 64}})))
-    assert small.fits is False and "(resources.gpuMemory)" in small.message
+    assert small.fits is False and "(0.9 x resources.gpuMemory)" in small.message
     unknown = estimate_capacity(parse_spec(md({"resources": {"gpus": 1}})))
     assert unknown.fits is None and "gpuMemory" in unknown.message
 

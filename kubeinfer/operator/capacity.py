@@ -1,10 +1,13 @@
 """Pre-flight capacity check: will one replica's weights, KV cache and runtime fit its memory?
 
-Pure arithmetic on the parsed spec; nothing is loaded. The KV pool is what the engine will
-allocate: ``spec.engine.kvCacheMemory`` when set, else room for ``maxModelLen x maxNumSeqs`` tokens
-(``to_app_config`` passes that size to the engine, so the estimate and the allocation agree).
-A model whose size the operator cannot know (no builtin, no hints) gets ``fits=None``: unknown,
-which must not block deployment.
+Pure arithmetic on the parsed spec; nothing is loaded. The KV bytes come from
+``kubeinfer.worker.kv_sizing``, the formula the engine allocates by (torch-free, so the operator's
+image needs no torch). The KV counted is ``spec.engine.kvCacheMemory`` when set, else room for
+``maxModelLen x maxNumSeqs`` tokens. On a CPU ``to_app_config`` passes that size to the engine, so
+the estimate and the allocation agree; on a GPU the engine sizes its pool from
+``gpuMemoryUtilization`` itself, and the check makes sure that share of ``resources.gpuMemory``
+holds the weights, those tokens and the overhead. A model whose size the operator cannot know (no
+builtin, no hints) gets ``fits=None``: unknown, which must not block deployment.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kubeinfer.operator.spec import DTYPE_BYTES, ModelDims
+from kubeinfer.worker import kv_sizing
 
 if TYPE_CHECKING:
     from kubeinfer.operator.spec import ModelDeploymentSpec
 
 GIB = 1 << 30
-# Python, torch, Ray's worker process and the engine's activations: an allowance (not measured per
-# model), on the side of caution.
+# Python, torch, Ray's worker process and the engine's activations (on a GPU: the CUDA context and
+# the activations): an allowance (not measured per model), on the side of caution.
 RUNTIME_OVERHEAD_BYTES = 512 << 20
 # int8: one fp32 scale per output row, i.e. 4 / in_features bytes per weight (in_features taken as
 # 512 when the model's hidden size is unknown, which over-counts for larger models).
@@ -29,25 +33,35 @@ _INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 32
 
 
 def kv_bytes_per_token(dims: ModelDims, dtype: str, kv_cache_dtype: str) -> int | None:
-    """K and V for one token across all layers (an int8 cache keeps one fp32 scale per head and token,
-    as ``kubeinfer.worker.model_runner.kv_bytes_per_block`` allocates)."""
+    """K and V for one token across all layers, by the engine's own formula; None when the model's
+    dimensions are unknown."""
     if not dims.knows_kv:
         return None
-    per_head = dims.head_dim + 4 if kv_cache_dtype == "int8" else dims.head_dim * DTYPE_BYTES[dtype]
-    return 2 * dims.num_layers * dims.num_kv_heads * per_head
+    return kv_sizing.kv_bytes_per_token(dims.num_layers, dims.num_kv_heads, dims.head_dim, dtype, kv_cache_dtype)
 
 
-def kv_pool_bytes(spec: ModelDeploymentSpec) -> int | None:
-    """The KV pool the engine will allocate; None when neither set nor computable (the engine's
-    own default then applies)."""
+def kv_required_bytes(spec: ModelDeploymentSpec) -> int | None:
+    """The KV cache the replica must hold: ``engine.kvCacheMemory`` when set, else ``maxNumSeqs``
+    sequences of ``maxModelLen`` tokens in whole blocks; None when neither set nor computable."""
     if spec.engine.kv_cache_memory_bytes is not None:
         return spec.engine.kv_cache_memory_bytes
     per_token = kv_bytes_per_token(spec.model.dims, spec.engine.dtype, spec.engine.kv_cache_dtype)
     if per_token is None:
         return None
-    block = spec.engine.kv_block_size
-    blocks_per_seq = -(-spec.model.max_model_len // block)  # whole blocks: the engine allocates blocks
-    return blocks_per_seq * block * per_token * spec.engine.max_num_seqs
+    return kv_sizing.kv_bytes_for_tokens(spec.model.max_model_len, spec.engine.max_num_seqs, per_token,
+                                         spec.engine.kv_block_size)
+
+
+def kv_pool_bytes(spec: ModelDeploymentSpec) -> int | None:
+    """The ``kv_cache_memory_bytes`` to hand the engine; None leaves the engine's own default.
+
+    On a GPU that is None unless ``engine.kvCacheMemory`` is set: the engine then sizes the pool
+    from ``gpuMemoryUtilization`` of the device (what is left after the weights and a profiled
+    forward pass), which is at least what the capacity check required when it passes. On a CPU
+    it is ``kv_required_bytes`` (None when unknown: the engine's 1 GiB)."""
+    if spec.resources.gpus and spec.engine.kv_cache_memory_bytes is None:
+        return None
+    return kv_required_bytes(spec)
 
 
 def weight_bytes(dims: ModelDims, dtype: str, quantization: str | None) -> int | None:
@@ -93,13 +107,18 @@ class CapacityEstimate:
 
 
 def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
-    """Weights + KV pool + runtime overhead against the replica's memory: ``resources.memory`` on a
-    CPU, ``resources.gpuMemory`` with a GPU (where weights and the KV pool live)."""
+    """Weights + KV + runtime overhead against the replica's memory: ``resources.memory`` on a CPU;
+    with a GPU (where weights and the KV pool live) ``gpuMemoryUtilization x resources.gpuMemory``,
+    the share the engine lets itself use."""
     res, dims = spec.resources, spec.model.dims
     weights = weight_bytes(dims, spec.engine.dtype, spec.model.quantization)
-    kv = kv_pool_bytes(spec)
-    field_name = "resources.gpuMemory" if res.gpus else "resources.memory"
-    available = res.gpu_memory_bytes if res.gpus else res.memory_bytes
+    kv = kv_required_bytes(spec)
+    if res.gpus:
+        util = spec.engine.gpu_memory_utilization
+        field_name = "resources.gpuMemory" if util == 1 else f"{util:g} x resources.gpuMemory"
+        available = None if res.gpu_memory_bytes is None else int(res.gpu_memory_bytes * util)
+    else:
+        field_name, available = "resources.memory", res.memory_bytes
     estimate = dict(weight_bytes=weights, kv_bytes=kv, overhead_bytes=RUNTIME_OVERHEAD_BYTES,
                     available_bytes=available, memory_field=field_name)
     if weights is None or kv is None:
@@ -108,7 +127,7 @@ def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
     per_token = kv_bytes_per_token(dims, spec.engine.dtype, spec.engine.kv_cache_dtype)
     if per_token is not None:
         # The engine refuses to start when one maxModelLen sequence does not fit the pool.
-        tokens = kv // (per_token * spec.engine.kv_block_size) * spec.engine.kv_block_size
+        tokens = kv_sizing.kv_blocks_for_bytes(kv, per_token, spec.engine.kv_block_size) * spec.engine.kv_block_size
         if tokens < spec.model.max_model_len:
             return CapacityEstimate(
                 fits=False, message=f"the KV cache ({_gib(kv)}) holds {tokens} tokens, fewer than "
@@ -117,8 +136,8 @@ def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
     need = weights + kv + RUNTIME_OVERHEAD_BYTES
     parts = (f"weights {_gib(weights)} + KV {_gib(kv)} + overhead {_gib(RUNTIME_OVERHEAD_BYTES)}")
     if available is None:
-        return CapacityEstimate(fits=None, message=f"needs {_gib(need)} ({parts}); set {field_name} to check it",
-                                **estimate)
+        return CapacityEstimate(fits=None, message=f"needs {_gib(need)} ({parts}); set resources.gpuMemory "
+                                "to check it", **estimate)
     if need > available:
         return CapacityEstimate(fits=False, message=f"needs {_gib(need)} ({parts}) but the replica has "
                                 f"{_gib(available)} ({field_name})", **estimate)

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 from kubernetes.utils.quantity import parse_quantity
 
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
+# torch-free (the operator image has no torch): the engine allocates by the same definitions.
+from kubeinfer.worker.kv_sizing import DTYPE_BYTES, KV_CACHE_DTYPES
 
 
 class SpecError(ValueError):
@@ -65,7 +67,6 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DEPLOYMENT_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 40
 _RAY_ADDRESS = re.compile(r"^https?://[^\s/]+/?$")
-from kubeinfer.worker.kv_sizing import DTYPE_BYTES  # noqa: E402 (torch-free; one definition)
 
 
 def parse_bytes(value: Any, where: str) -> int:
@@ -163,8 +164,9 @@ class ModelSettings:
 class EngineSettings:
     """``spec.engine``: the engine's batching and KV-cache knobs (``EngineConfig``'s, renamed).
 
-    ``kv_cache_memory_bytes`` None sizes the KV pool for ``max_model_len x max_num_seqs`` tokens
-    when the model's dimensions are known (see capacity.kv_pool_bytes).
+    ``kv_cache_memory_bytes`` None sizes the KV pool for ``max_model_len x max_num_seqs`` tokens on
+    a CPU when the model's dimensions are known (see capacity.kv_pool_bytes); on a GPU the engine
+    sizes it from ``gpu_memory_utilization``. ``enforce_eager`` (no CUDA graphs) matters on a GPU only.
     """
 
     dtype: str = "float32"
@@ -175,14 +177,21 @@ class EngineSettings:
     chunked_prefill: bool = True
     kv_cache_dtype: str = "auto"
     kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
             raise SpecError(f"spec.engine.dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.kv_block_size not in (8, 16, 32, 64, 128):
             raise SpecError(f"spec.engine.kvBlockSize must be 8, 16, 32, 64 or 128, got {self.kv_block_size}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise SpecError(f"spec.engine.kvCacheDtype must be auto or int8, got {self.kv_cache_dtype!r}")
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+            raise SpecError(f"spec.engine.gpuMemoryUtilization must be a fraction in (0, 1], got {util!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise SpecError(f"spec.engine.enforceEager must be true or false, got {self.enforce_eager!r}")
         for label, value in (("maxNumSeqs", self.max_num_seqs), ("maxNumBatchedTokens", self.max_num_batched_tokens),
                              ("kvCacheMemory", self.kv_cache_memory_bytes or 1)):
             if value < 1:
@@ -268,7 +277,7 @@ class ModelDeploymentSpec:
     """One ModelDeployment, parsed: its identity, model, engine, scaling, resources, router and
     placement. Invariants: the name is a DNS-1035 label of at most 40 characters; ``replicas`` and
     ``autoscaling`` are never both set (``replicas`` is 1 when neither was); the combination is
-    one the engine can run (e.g. no int8 KV cache on a GPU, whose Triton attention reads a float cache).
+    one the engine can run (e.g. no unchunked prefill with a step smaller than a prompt).
     """
 
     name: str
@@ -295,9 +304,6 @@ class ModelDeploymentSpec:
         if not self.engine.chunked_prefill and self.engine.max_num_batched_tokens < self.model.max_model_len:
             raise SpecError(f"spec.engine.chunkedPrefill: false needs maxNumBatchedTokens "
                             f"({self.engine.max_num_batched_tokens}) >= spec.model.maxModelLen ({self.model.max_model_len})")
-        if self.resources.gpus and self.engine.kv_cache_dtype == "int8":
-            raise SpecError("spec.engine.kvCacheDtype int8 is not supported on GPUs yet (the Triton attention "
-                            "kernels read a float cache); use kvCacheDtype: auto")
         if self.ray_address is not None and not _RAY_ADDRESS.match(self.ray_address):
             raise SpecError(f"spec.rayAddress {self.ray_address!r}: use the Ray dashboard's http(s)://HOST:PORT")
 
@@ -346,7 +352,8 @@ def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
         engine_settings = EngineSettings(
             **_pick(engine, {"dtype": "dtype", "kvBlockSize": "kv_block_size", "maxNumSeqs": "max_num_seqs",
                              "maxNumBatchedTokens": "max_num_batched_tokens", "prefixCaching": "prefix_caching",
-                             "chunkedPrefill": "chunked_prefill", "kvCacheDtype": "kv_cache_dtype"}),
+                             "chunkedPrefill": "chunked_prefill", "kvCacheDtype": "kv_cache_dtype",
+                             "gpuMemoryUtilization": "gpu_memory_utilization", "enforceEager": "enforce_eager"}),
             kv_cache_memory_bytes=None if engine.get("kvCacheMemory") is None
             else parse_bytes(engine["kvCacheMemory"], "spec.engine.kvCacheMemory"))
         autoscaling = None
@@ -395,7 +402,10 @@ def to_app_config(spec: ModelDeploymentSpec, *, pin_to_worker_pods: bool = False
         actor["num_gpus"] = res.gpus
     if pin_to_worker_pods:
         actor["resources"] = {REPLICA_RESOURCE: 1}
+    # The device is explicit, never "auto": a replica that asked Ray for a GPU and cannot see one
+    # must fail at start with the engine's message, not fall back to a CPU many times slower.
     engine: dict[str, Any] = {
+        "device": "cuda" if res.gpus else "cpu",
         "dtype": spec.engine.dtype, "kv_cache_dtype": spec.engine.kv_cache_dtype,
         "block_size": spec.engine.kv_block_size, "max_num_seqs": spec.engine.max_num_seqs,
         "max_num_batched_tokens": spec.engine.max_num_batched_tokens,
@@ -403,7 +413,10 @@ def to_app_config(spec: ModelDeploymentSpec, *, pin_to_worker_pods: bool = False
     pool = kv_pool_bytes(spec)
     if pool is not None:
         engine["kv_cache_memory_bytes"] = pool
-    if not res.gpus:
+    if res.gpus:
+        engine["gpu_memory_utilization"] = spec.engine.gpu_memory_utilization
+        engine["enforce_eager"] = spec.engine.enforce_eager
+    else:
         # torch sizes its thread pool from the host's cores, not the pod's CPU limit: oversubscribed.
         engine["num_threads"] = max(1, int(res.cpu_cores))
     model = ModelSpec(

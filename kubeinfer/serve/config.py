@@ -18,11 +18,25 @@ AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_
                     "upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s",
                     "metrics_interval_s", "look_back_period_s", "upscaling_factor", "downscaling_factor")
 # The EngineConfig fields a deployment may set (the rest are fixed by the model entry itself).
-ENGINE_KEYS = ("dtype", "kv_cache_dtype", "block_size", "kv_cache_memory_bytes", "num_kv_blocks",
-               "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill",
-               "num_threads", "kernel_backend", "quantization_group_size", "seed", "compile")
+ENGINE_KEYS = ("device", "dtype", "kv_cache_dtype", "block_size", "kv_cache_memory_bytes", "num_kv_blocks",
+               "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
+               "enable_chunked_prefill", "num_threads", "kernel_backend", "quantization_group_size", "seed",
+               "compile", "enforce_eager")
+# EngineConfig.device's values, checked here too (without torch) so that `kubeinfer serve` and the
+# operator refuse a bad one before any replica starts.
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+# EngineConfig.kernel_backend's values (kubeinfer.worker.config.KERNEL_BACKENDS, which imports torch).
+KERNEL_BACKENDS = ("auto", "torch", "cpp", "triton")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
+
+
+def check_device(device: object) -> str:
+    """``device`` when it is one EngineConfig takes, else ValueError in EngineConfig's words."""
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise ValueError(f"device must be {DEVICE_HELP}, got {device!r}")
+    return device
 
 
 @dataclass
@@ -31,7 +45,8 @@ class ModelSpec:
     how the engine runs them, and how many worker replicas serve them.
 
     Invariants: exactly one of ``num_replicas`` / ``autoscaling`` is set (``num_replicas`` defaults
-    to 1 when neither is given); ``engine`` and ``autoscaling`` only carry known keys.
+    to 1 when neither is given); ``engine`` and ``autoscaling`` only carry known keys; the engine's
+    ``device`` and ``gpu_memory_utilization``, when set, are values EngineConfig takes.
     ``ray_actor_options`` is Ray's (``num_cpus``, ``num_gpus``, ``memory``, ``resources``).
     """
 
@@ -54,6 +69,10 @@ class ModelSpec:
         unknown = set(self.engine) - set(ENGINE_KEYS)
         if unknown:
             raise ValueError(f"unknown engine settings {sorted(unknown)}; known: {', '.join(ENGINE_KEYS)}")
+        check_device(self.engine.get("device", "auto"))
+        util = self.engine.get("gpu_memory_utilization", 0.9)
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
         if self.autoscaling is not None:
             if self.num_replicas is not None:
                 raise ValueError("set num_replicas or autoscaling, not both")
@@ -72,6 +91,31 @@ class ModelSpec:
         """Keyword arguments for ``EngineConfig`` (validated there)."""
         return {"model": self.uri, "quantization": self.quantization,
                 "max_model_len": self.max_model_len, **self.engine}
+
+    def replica_engine_kwargs(self) -> dict[str, Any]:
+        """``engine_kwargs`` for a Ray Serve replica, whose hardware is what it reserved from Ray.
+
+        Ray hides the GPUs from an actor that reserved none, so the device follows ``num_gpus``:
+        ``auto`` (or unset) becomes ``cuda`` with a GPU and ``cpu`` without. Asking for a device the
+        reservation cannot give is a ValueError, before anything starts. torch's threads default to
+        the reserved cores: torch counts the host's, which oversubscribes a shared node."""
+        kwargs = self.engine_kwargs()
+        gpus = self.ray_actor_options.get("num_gpus") or 0
+        device = kwargs.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if gpus else "cpu"
+        elif device.startswith("cuda") and not gpus:
+            raise ValueError(f"model {self.name!r}: device {device!r} needs a GPU reserved per replica "
+                             "(ray_actor_options num_gpus; kubeinfer serve --gpus-per-replica 1); "
+                             "a replica without one cannot see any GPU")
+        elif device == "cpu" and gpus:
+            raise ValueError(f"model {self.name!r}: device 'cpu' with num_gpus {gpus:g} would reserve a GPU "
+                             "the replica never uses; use device cuda (or auto), or reserve no GPU")
+        kwargs["device"] = device
+        cpus = self.ray_actor_options.get("num_cpus")
+        if kwargs.get("num_threads") is None and cpus:
+            kwargs["num_threads"] = max(1, int(cpus))
+        return kwargs
 
 
 @dataclass
