@@ -204,6 +204,31 @@ async def test_lifecycle_create_ready_update_delete(cluster):
         assert not operator.done()
 
 
+async def test_a_gpu_replica_that_cannot_start_says_why(cluster):
+    """KubeRay reports the worker deployment DEPLOY_FAILED with the replica's traceback (its engine
+    asked for CUDA where there is none): the CR fails with the exception in its Ready condition and in
+    a Warning Event, not in a loop of restarts nobody sees."""
+    from tests.test_operator_status import NO_CUDA, REPLICA_FAILED
+    kmock = cluster
+    async with running_operator() as operator:
+        await kmock.post(url(MD), json=model_deployment("gpu", "uid-gpu", resources={
+            "cpu": "2", "memory": "4Gi", "gpus": 1, "gpuMemory": "16Gi"}))
+        await eventually(lambda: phase(kmock, "gpu") == "Deploying", "phase Deploying")
+        assert "device: cuda" in get(kmock, RS, "gpu")["spec"]["serveConfigV2"]
+        await kmock.patch(url(RS, "gpu") + "/status", json={"status": {"activeServiceStatus": {
+            "applicationStatuses": {"gpu": {
+                "status": "DEPLOY_FAILED", "message": "Failed to update the deployments ['worker-smollm2-135m'].",
+                "serveDeploymentStatuses": {"router": {"status": "HEALTHY"}, "worker-smollm2-135m": {
+                    "status": "DEPLOY_FAILED", "message": REPLICA_FAILED}}}}}}})
+        await eventually(lambda: phase(kmock, "gpu") == "Failed", "phase Failed")
+        ready = condition(get(kmock, MD, "gpu"), "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "DeployFailed")
+        assert f"ValueError: {NO_CUDA}" in ready["message"] and "Traceback" not in ready["message"]
+        warnings = [e for e in events(kmock, "gpu") if e["type"] == "Warning" and e["reason"] == "DeployFailed"]
+        assert warnings and NO_CUDA in warnings[-1]["message"]
+        assert not operator.done()
+
+
 async def test_invalid_deployments_fail_alone(cluster):
     kmock = cluster
     port = free_port()

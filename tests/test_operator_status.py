@@ -8,7 +8,7 @@ import pytest
 from kubeinfer.operator.serve_api import config_with, config_without, grpc_endpoint
 from kubeinfer.operator.settings import OperatorConfig
 from kubeinfer.operator.status import (
-    Observation, merge_conditions, observe_rayservice, observe_serve_application, status_fields)
+    Observation, merge_conditions, observe_rayservice, observe_serve_application, readable, status_fields)
 
 
 def rayservice(app_status: str | None, **deployments: str) -> dict:
@@ -38,6 +38,80 @@ def test_a_pending_upgrade_is_read_when_no_application_is_active():
     body = {"status": {"pendingServiceStatus": {"applicationStatuses": {"chat": {
         "status": "RUNNING", "serveDeploymentStatuses": {"router": {"status": "HEALTHY"}}}}}}}
     assert observe_rayservice(body, "chat", replicas=1).phase == "Ready"
+
+
+# Ray Serve 2.60's deployment message after a Worker replica's engine asked for CUDA on a node without
+# it, three times (captured from a real run; site-packages paths shortened).
+NO_CUDA = "device 'cuda' was asked for, but this machine has no CUDA device that torch 2.13.0+cpu can use"
+REPLICA_FAILED = (
+    "The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or "
+    "initial health check failing. See controller logs for details. Error:\n"
+    "\x1b[36mray::ServeReplica:ml.demo:worker-m.initialize_and_get_metadata()\x1b[39m (pid=5239, ip=192.0.2.2, "
+    "actor_id=7c72235bc96ac568a458ec7b01000000, repr=<ray.serve._private.replica.ServeReplica:ml.demo:worker-m "
+    "object at 0x7f9d31869050>)\n"
+    '  File "/usr/lib/python3.11/concurrent/futures/_base.py", line 401, in __get_result\n'
+    "    raise self._exception\n"
+    "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    '  File "ray/serve/_private/replica.py", line 1928, in initialize\n'
+    "    raise RuntimeError(traceback.format_exc()) from None\n"
+    "RuntimeError: Traceback (most recent call last):\n"
+    '  File "ray/serve/_private/replica.py", line 4008, in _call_func_or_gen\n'
+    "    result = callable(*args, **kwargs)\n"
+    '  File "kubeinfer/serve/worker.py", line 31, in __init__\n'
+    "    engine = AsyncEngine(Engine(EngineConfig(**model.replica_engine_kwargs())))\n"
+    '  File "kubeinfer/worker/config.py", line 101, in resolve_device\n'
+    '    raise ValueError(f"device {self.device!r} was asked for, but this machine has no CUDA device "\n'
+    f"ValueError: {NO_CUDA} (torch.cuda.is_available() is False); use --device cpu or auto")
+RETRYING = REPLICA_FAILED.replace("The deployment failed to start 3 times in a row.",
+                                  "A replica failed to start with exception. Retrying 2 more time(s).")
+
+
+def test_a_replica_traceback_becomes_its_sentence_and_its_exception():
+    text = readable(REPLICA_FAILED)
+    assert text.startswith("The deployment failed to start 3 times in a row.")
+    assert text.endswith(f": ValueError: {NO_CUDA} (torch.cuda.is_available() is False); use --device cpu or auto")
+    assert "\n" not in text and "\x1b" not in text and "File " not in text and "Traceback" not in text
+    build = "Deploying app 'ml.demo' failed with exception:\nTraceback (most recent call last):\n" \
+            '  File "kubeinfer/serve/app.py", line 40, in build_app\nValueError: model \'m\': no GPU'
+    assert readable(build) == "Deploying app 'ml.demo' failed with exception: ValueError: model 'm': no GPU"
+    waiting = "Deployment 'worker-m' has 1 replicas that have taken more than 30s to be scheduled.\nUse `ray status`."
+    assert readable(waiting) == "Deployment 'worker-m' has 1 replicas that have taken more than 30s to be " \
+                                "scheduled. Use `ray status`."
+    assert readable(None) == readable("") == ""
+
+
+def test_a_replica_that_cannot_start_fails_the_deployment_with_its_error():
+    """Serve's application message only names the deployment; the replica's exception is in the
+    deployment's, and that is what the Ready condition (and so the Warning Event) must say."""
+    body = rayservice("DEPLOY_FAILED", router="HEALTHY", **{"worker-m": "DEPLOY_FAILED"})
+    app = body["status"]["activeServiceStatus"]["applicationStatuses"]["chat"]
+    app["message"] = "Failed to update the deployments ['worker-m']."
+    app["serveDeploymentStatuses"]["worker-m"]["message"] = REPLICA_FAILED
+    obs = observe_rayservice(body, "chat", replicas=1)
+    assert (obs.phase, obs.reason) == ("Failed", "DeployFailed")
+    assert obs.message.startswith("worker-m (DEPLOY_FAILED): The deployment failed to start 3 times")
+    assert f"ValueError: {NO_CUDA}" in obs.message
+    ready = {c["type"]: c for c in status_fields({}, obs, 1, None, "T")["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "DeployFailed") and NO_CUDA in ready["message"]
+
+
+def test_a_replica_failing_to_start_shows_while_serve_retries():
+    details = serve_details("DEPLOYING", 0)
+    details["applications"]["chat"]["deployments"]["worker-m"]["message"] = RETRYING
+    obs = observe_serve_application(details, "chat", ["worker-m"])
+    assert (obs.phase, obs.reason) == ("Deploying", "Deploying")
+    assert obs.message.startswith("worker-m (UPDATING): A replica failed to start with exception. Retrying 2 more")
+    assert obs.message.endswith("use --device cpu or auto")
+
+
+def test_an_unhealthy_deployment_is_degraded_with_its_message():
+    body = rayservice("UNHEALTHY", router="HEALTHY", **{"worker-m": "UNHEALTHY"})
+    app = body["status"]["activeServiceStatus"]["applicationStatuses"]["chat"]
+    app["message"] = "The deployments ['worker-m'] are UNHEALTHY."
+    app["serveDeploymentStatuses"]["worker-m"]["message"] = "Replica failed health check: the engine's step thread has stopped"
+    obs = observe_rayservice(body, "chat", replicas=2)
+    assert (obs.phase, obs.reason) == ("Degraded", "Unhealthy")
+    assert obs.message == "worker-m (UNHEALTHY): Replica failed health check: the engine's step thread has stopped"
 
 
 def serve_details(status: str, running: int) -> dict:

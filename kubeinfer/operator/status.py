@@ -9,6 +9,7 @@ conditions Ready / Progressing / Degraded) keeping ``lastTransitionTime`` across
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -47,27 +48,72 @@ def deploying(replicas: int, message: str = "applied; waiting for the replicas")
     return Observation("Deploying", "Deploying", message, replicas, 0)
 
 
-def _unhealthy(deployments: Mapping[str, Any]) -> list[str]:
-    return [f"{name}: {d.get('status')} {d.get('message') or ''}".rstrip()
-            for name, d in sorted(deployments.items()) if d.get("status") in ("UNHEALTHY", "DEPLOY_FAILED")]
+_FAILING = ("UNHEALTHY", "DEPLOY_FAILED")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# The line that ends a Python traceback: ``ValueError: ...``, ``torch.OutOfMemoryError: ...``.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*: \S")
+_LEAD_CHARS, _CAUSE_CHARS = 240, 600
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def readable(message: str | None) -> str:
+    """One line out of a Serve status message. Serve puts a replica's whole traceback (with terminal
+    colours) after its own sentence; a condition and an Event need that sentence and the exception
+    at the end, e.g. ``The deployment failed to start 3 times in a row. ...: ValueError: device
+    'cuda' was asked for, but this machine has no CUDA device ...``."""
+    lines = [line.rstrip() for line in _ANSI.sub("", message or "").strip().splitlines()]
+    if not lines:
+        return ""
+    ends = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)
+            and not line.endswith("Traceback (most recent call last):")]
+    if not ends or not any(line.lstrip().startswith("File ") for line in lines):
+        return _clip(" ".join(line.strip() for line in lines if line.strip()), _LEAD_CHARS + _CAUSE_CHARS)
+    # Serve's own sentence, unless the message is the bare traceback.
+    lead = "" if lines[0].startswith("Traceback") or ends[-1] == 0 else lines[0].removesuffix("Error:").rstrip(" :.")
+    cause = " ".join(line.strip() for line in lines[ends[-1]:] if line.strip())
+    return f"{_clip(lead, _LEAD_CHARS)}: {_clip(cause, _CAUSE_CHARS)}" if lead else _clip(cause, _CAUSE_CHARS)
+
+
+def _notes(deployments: Mapping[str, Any], statuses: Iterable[str] | None = None) -> str:
+    """What the deployments not HEALTHY say: those in ``statuses`` (named even with no message), or
+    else every one that has a message (a replica failing to start or waiting for resources)."""
+    notes = []
+    for name, d in sorted(deployments.items()):
+        status, text = d.get("status"), readable(d.get("message"))
+        if status == "HEALTHY" or (statuses is not None and status not in statuses):
+            continue
+        if statuses is not None or text:
+            notes.append(f"{name} ({status})" + (f": {text}" if text else ""))
+    return "; ".join(notes)
 
 
 def _from_app_state(app_status: str | None, app_message: str, deployments: Mapping[str, Any],
                     replicas: int, ready: int) -> Observation:
-    """The phase rules shared by both targets, given Serve's application state."""
-    message = app_message or ", ".join(_unhealthy(deployments))
+    """The phase rules shared by both targets, given Serve's application state.
+
+    Messages prefer the deployments' own: when a replica cannot start (say its engine asks for a GPU
+    the node lacks), the application only says ``Failed to update the deployments [...]``, while the
+    deployment carries the replica's exception."""
+    failing = _notes(deployments, _FAILING)
+    message = failing or readable(app_message)
     if app_status is None or app_status in _APP_DEPLOYING:
+        message = _notes(deployments) or readable(app_message)
         return Observation("Deploying", "Deploying", message or "the application is starting", replicas, ready)
     if app_status == "DEPLOY_FAILED":
         return Observation("Failed", "DeployFailed", message or "the application failed to deploy", replicas, 0)
     if app_status == "DELETING":
         return Observation("Pending", "Deleting", message or "the application is being deleted", replicas, 0)
-    if app_status == "UNHEALTHY" or _unhealthy(deployments):
+    if app_status == "UNHEALTHY" or failing:
         return Observation("Degraded", "Unhealthy", message or "the application is unhealthy", replicas, ready)
     if app_status == "RUNNING":
+        counts = f"{ready}/{replicas} replicas ready"
         if any(d.get("status") in _DEPLOYMENT_BUSY for d in deployments.values()) or ready < replicas:
-            return Observation("Deploying", "Scaling", f"{ready}/{replicas} replicas ready", replicas, ready)
-        return Observation("Ready", "ApplicationRunning", f"{ready}/{replicas} replicas ready", replicas, ready)
+            notes = _notes(deployments)  # e.g. new replicas waiting for a node with a free GPU
+            return Observation("Deploying", "Scaling", f"{counts}; {notes}" if notes else counts, replicas, ready)
+        return Observation("Ready", "ApplicationRunning", counts, replicas, ready)
     return Observation("Degraded", "UnknownState", f"application status {app_status}: {message}", replicas, ready)
 
 
