@@ -6,18 +6,29 @@ import argparse
 import sys
 from typing import Sequence
 
+from kubeinfer.serve.config import KERNEL_BACKENDS
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="Hugging Face folder or GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+def _add_engine_args(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
+    p.add_argument("--model", default=None, help=model_help or
+                   "Hugging Face folder or GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the engine runs: auto is the first CUDA GPU when torch sees one, else the CPU")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=None, choices=["int8", "int4"],
                    help="weight-only quantization at load time (GGUF Q8_0/Q4_x load directly)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 32)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="memory for the paged KV cache")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="memory for the paged KV cache (default: 1 GiB on a CPU; on a GPU, what "
+                        "--gpu-memory-utilization leaves after the weights and activations)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="on a GPU: the fraction of its memory the engine may use (default 0.9)")
+    p.add_argument("--enforce-eager", action="store_true", help="on a GPU: no CUDA graphs for decode steps")
+    p.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS,
+                   help="the kernels of every layer: auto picks the fastest for the device and dtype; "
+                        "torch is the reference path")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -40,15 +51,29 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """The EngineConfig keywords the engine flags set (validated by EngineConfig)."""
+    kv_bytes = None
+    if args.kv_cache_memory_gb is not None:
+        if not args.kv_cache_memory_gb > 0:
+            raise ValueError(f"--kv-cache-memory-gb must be > 0, got {args.kv_cache_memory_gb:g}")
+        kv_bytes = int(args.kv_cache_memory_gb * (1 << 30))
+    return dict(model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                quantization_group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype,
+                kernel_backend=args.kernel_backend, max_model_len=args.max_model_len,
+                kv_cache_memory_bytes=kv_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
+                enforce_eager=args.enforce_eager, compile=args.compile)
+
+
 def engine_config_from_args(args: argparse.Namespace):
+    """The EngineConfig of the engine flags. Its device is checked here, so that asking for a GPU
+    that is not there is one line of error before anything loads."""
     from kubeinfer.worker import EngineConfig
-    return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
-                        quantization_group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype,
-                        max_model_len=args.max_model_len,
-                        kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
-                        compile=args.compile)
+    config = EngineConfig(**engine_kwargs_from_args(args))
+    config.resolve_device()
+    return config
 
 
 def sampling_params_from_args(args: argparse.Namespace):

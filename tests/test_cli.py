@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+
+import pytest
 
 from kubeinfer.worker import Engine, SamplingParams
 
@@ -36,3 +39,103 @@ def test_bad_flags_and_paths_give_one_line_errors(tmp_path):
     assert run.returncode == 2 and "temperature" in run.stderr and "Traceback" not in run.stderr
     run = run_cli("generate", "x", "--model", str(tmp_path / "missing"))
     assert run.returncode == 2 and "does not exist" in run.stderr and "Traceback" not in run.stderr
+
+
+# ---- devices and the engine flags ------------------------------------------------------------------
+
+def _missing_cuda_device() -> str:
+    """A CUDA device this machine does not have: any, without CUDA; an absurd index, with it."""
+    import torch
+    return "cuda:99" if torch.cuda.is_available() else "cuda"
+
+
+def test_a_missing_gpu_is_one_line_of_error_before_anything_loads():
+    # The model path does not exist either: had the model been loaded first, that would be the error.
+    for command in (["generate", "Hi"], ["eval", "ppl"], ["bench", "--num-requests", "1"]):
+        run = run_cli(*command, "--device", _missing_cuda_device(), "--model", "/nonexistent/model")
+        assert run.returncode == 2, (command, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("kubeinfer: error: device 'cuda"), (command, run.stderr)
+        assert "does not exist" not in run.stderr and run.stdout == ""
+
+
+def test_a_device_that_is_no_device_is_one_line_of_error():
+    run = run_cli("generate", "Hi", "--device", "gpu")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["kubeinfer: error: device must be auto, cpu, cuda or cuda:N, got 'gpu'"]
+
+
+def test_engine_flags_reach_the_engine_config():
+    from kubeinfer.cli import build_parser, engine_config_from_args
+    args = build_parser().parse_args(["generate", "x", "--device", "cpu", "--gpu-memory-utilization", "0.5",
+                                      "--enforce-eager", "--kernel-backend", "torch", "--dtype", "bfloat16"])
+    config = engine_config_from_args(args)
+    assert (config.device, config.gpu_memory_utilization, config.enforce_eager, config.kernel_backend,
+            config.dtype) == ("cpu", 0.5, True, "torch", "bfloat16")
+    assert config.kv_cache_memory_bytes is None  # the engine's default for its device
+    args = build_parser().parse_args(["eval", "ppl", "--kv-cache-memory-gb", "0.25"])
+    assert engine_config_from_args(args).kv_cache_memory_bytes == 1 << 28
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        engine_config_from_args(build_parser().parse_args(["generate", "x", "--gpu-memory-utilization", "1.5"]))
+
+
+def test_the_clis_kernel_backends_are_the_engines():
+    from kubeinfer.serve.config import KERNEL_BACKENDS
+    from kubeinfer.worker.config import KERNEL_BACKENDS as ENGINE_BACKENDS
+    assert KERNEL_BACKENDS == ENGINE_BACKENDS
+
+
+# ---- kubeinfer serve's flags ------------------------------------------------------------------------
+
+def serve_app(*flags: str):
+    from kubeinfer.cli import build_parser
+    from kubeinfer.serve.command import app_config_from_args
+    return app_config_from_args(build_parser().parse_args(["serve", *flags]))
+
+
+def test_serve_flags_reach_the_application():
+    (model,) = serve_app("--device", "auto", "--gpus-per-replica", "1", "--gpu-memory-utilization", "0.8",
+                         "--enforce-eager", "--kernel-backend", "triton", "--dtype", "bfloat16").models
+    assert model.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert {k: model.engine[k] for k in ("device", "gpu_memory_utilization", "enforce_eager", "kernel_backend",
+                                         "dtype")} == {"device": "cuda", "gpu_memory_utilization": 0.8,
+                                                       "enforce_eager": True, "kernel_backend": "triton",
+                                                       "dtype": "bfloat16"}
+    assert "kv_cache_memory_bytes" not in model.engine  # a GPU replica sizes its pool itself
+    (model,) = serve_app("--kv-cache-memory-gb", "2").models
+    assert (model.engine["device"], model.engine["kv_cache_memory_bytes"]) == ("cpu", 2 << 30)
+    assert "gpu_memory_utilization" not in model.engine  # the engine's default then
+
+
+def test_serve_settings_are_ones_the_engine_takes():
+    """What a replica hands EngineConfig (torch-free checks in the CLI must not let through what the
+    engine refuses, nor refuse what it takes)."""
+    from kubeinfer.worker import EngineConfig
+    cases = {("--gpus-per-replica", "1", "--enforce-eager"): "cuda", ("--cpus-per-replica", "2"): "cpu",
+             ("--device", "cuda:1", "--gpus-per-replica", "2"): "cuda:1"}
+    for flags, device in cases.items():
+        (model,) = serve_app(*flags).models
+        assert EngineConfig(**model.replica_engine_kwargs()).device == device
+    assert EngineConfig(**serve_app("--cpus-per-replica", "2").models[0].replica_engine_kwargs()).num_threads == 2
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (("--device", "cuda", "--gpus-per-replica", "0"), "device 'cuda' needs a GPU reserved per replica"),
+    (("--device", "cpu", "--gpus-per-replica", "1"), "reserve a GPU the replica never uses"),
+    (("--device", "cuda:1", "--gpus-per-replica", "1"), "sees only the 1 GPU(s) it reserved, numbered from 0"),
+    (("--gpus-per-replica", "-1"), "--gpus-per-replica must be >= 0"),
+    (("--device", "tpu"), "device must be auto, cpu, cuda or cuda:N"),
+    (("--gpu-memory-utilization", "0"), "gpu_memory_utilization must be in (0, 1]"),
+    (("--kv-cache-memory-gb", "0"), "--kv-cache-memory-gb must be > 0"),
+])
+def test_serve_refuses_a_device_its_replicas_cannot_have(flags, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        serve_app(*flags)
+
+
+def test_serve_with_cuda_and_no_gpu_per_replica_is_one_line_of_error(capsys):
+    from kubeinfer.cli import main
+    assert main(["serve", "--device", "cuda"]) == 2  # refused before Ray starts
+    err = capsys.readouterr().err
+    assert err.startswith("kubeinfer: error: model 'smollm2-135m': device 'cuda' needs a GPU reserved per replica")
+    assert len(err.splitlines()) == 1

@@ -187,6 +187,23 @@ def test_bench_command_prints_the_report(address, capsys):
     assert "completed: 4" in out and "TTFT" in out and "p99" in out
 
 
+def test_bench_without_a_server_loads_an_in_process_stack_built_from_the_engine_flags(model_dir, capsys):
+    from kubeinfer.bench.command import in_process_app
+    from kubeinfer.cli import build_parser
+    flags = ["--model", model_dir, "--device", "cpu", "--kernel-backend", "torch", "--max-model-len", "256",
+             "--kv-cache-memory-gb", "0.01", "--max-num-seqs", "4"]
+    (model,) = in_process_app(build_parser().parse_args(["bench", *flags])).models
+    assert (model.uri, model.max_model_len) == (model_dir, 256)
+    assert {k: model.engine[k] for k in ("device", "kernel_backend", "max_num_seqs", "kv_cache_memory_bytes")} == \
+        {"device": "cpu", "kernel_backend": "torch", "max_num_seqs": 4, "kv_cache_memory_bytes": int(0.01 * (1 << 30))}
+    load = ["--rate", "200", "--num-requests", "3", "--max-tokens", "4", "--ignore-eos"]
+    assert main(["bench", *flags, *load, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["completed"] == 3 and summary["output_tokens"] == 12
+    assert main(["bench", *flags, *load]) == 0
+    assert "against an in-process engine" in capsys.readouterr().out
+
+
 # ---- the load generator ---------------------------------------------------------------------------
 
 

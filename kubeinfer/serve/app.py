@@ -35,6 +35,10 @@ def worker_options(spec: ModelSpec, policy: str) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any]) -> Application:
     app = AppConfig.from_dict(args)
+    for model in app.models:
+        # A device its Ray reservation cannot give fails the deploy once, here, with that message,
+        # instead of every replica failing to start.
+        model.replica_engine_kwargs()
     workers = {m.name: Worker.options(**worker_options(m, app.router.policy)).bind(asdict(m))
                for m in app.models}
     # The router is I/O-bound: it takes no CPU reservation, so it fits next to the workers.

@@ -8,8 +8,8 @@ import signal
 import sys
 import threading
 
-from kubeinfer.serve.config import (DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, GRPC_SERVICER_FUNCTIONS, POLICY_NAMES,
-                                    AppConfig, ModelSpec, RouterSettings)
+from kubeinfer.serve.config import (DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, GRPC_SERVICER_FUNCTIONS, KERNEL_BACKENDS,
+                                    POLICY_NAMES, AppConfig, ModelSpec, RouterSettings)
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,16 +18,30 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="Hugging Face folder, GGUF file or builtin://smollm2-135m (the default)")
     p.add_argument("--name", default=None, help="the model name clients send (default: from the model)")
     p.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="memory for each replica's paged KV cache (default: 1 GiB on a CPU; on a GPU, what "
+                        "--gpu-memory-utilization leaves after the weights and activations)")
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where each replica runs its engine. A replica sees only the GPUs it reserved, so "
+                        "auto means cuda with --gpus-per-replica > 0 and cpu without; cuda needs "
+                        "--gpus-per-replica")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="on a GPU: the fraction of its memory each replica's engine may use, the KV cache "
+                        "taking what weights and activations leave (default 0.9)")
+    p.add_argument("--enforce-eager", action="store_true", help="on a GPU: no CUDA graphs for decode steps")
+    p.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS,
+                   help="the kernels of every layer: auto picks the fastest for the device and dtype")
     p.add_argument("--replicas", type=int, default=None, help="fixed number of worker replicas (default 1)")
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling: lower bound (0 scales to zero)")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscaling: upper bound")
     p.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
     p.add_argument("--compile", action="store_true", help="torch.compile decode steps in every replica")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
-    p.add_argument("--gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPUs each replica reserves from Ray (1 to run it on CUDA)")
     p.add_argument("--policy", default="power_of_two", choices=POLICY_NAMES)
     p.add_argument("--batch-window-ms", type=float, default=0.0, help="router micro-batching window (0: off)")
     p.add_argument("--max-batch-size", type=int, default=8)
@@ -51,16 +65,30 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         if args.target_ongoing_requests is not None:
             autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
     name = args.name or _default_name(args.model)
+    if args.gpus_per_replica < 0:
+        raise ValueError(f"--gpus-per-replica must be >= 0, got {args.gpus_per_replica:g}")
     actor = {"num_cpus": args.cpus_per_replica}
     if args.gpus_per_replica:
         actor["num_gpus"] = args.gpus_per_replica
+    engine = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
+              "compile": args.compile, "enforce_eager": args.enforce_eager, "kernel_backend": args.kernel_backend}
+    if args.kv_cache_memory_gb is not None:
+        engine["kv_cache_memory_bytes"] = _gib_to_bytes(args.kv_cache_memory_gb, "--kv-cache-memory-gb")
+    if args.gpu_memory_utilization is not None:
+        engine["gpu_memory_utilization"] = args.gpu_memory_utilization
     model = ModelSpec(name=name, uri=args.model, quantization=args.quantization, max_model_len=args.max_model_len,
-                      engine={"max_num_seqs": args.max_num_seqs, "compile": args.compile,
-                              "kv_cache_memory_bytes": int(args.kv_cache_memory_gb * (1 << 30))},
-                      num_replicas=args.replicas, autoscaling=autoscaling, ray_actor_options=actor)
+                      engine=engine, num_replicas=args.replicas, autoscaling=autoscaling, ray_actor_options=actor)
+    # The device each replica gets follows its GPU reservation; refuse one it cannot have before Ray starts.
+    model.engine["device"] = model.replica_engine_kwargs()["device"]
     router = RouterSettings(policy=args.policy, batch_window_ms=args.batch_window_ms,
                             max_batch_size=args.max_batch_size, max_queued=args.max_queued)
     return AppConfig(models=[model], router=router)
+
+
+def _gib_to_bytes(gib: float, flag: str) -> int:
+    if not gib > 0:
+        raise ValueError(f"{flag} must be > 0, got {gib:g}")
+    return int(gib * (1 << 30))
 
 
 def _default_name(uri: str) -> str:
@@ -90,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                              grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
         serve.run(build_app(app.to_dict()), name=args.app_name, route_prefix="/", blocking=False)
         model = app.models[0].name
-        print(f"kubeinfer: serving {model!r}\n"
+        print(f"kubeinfer: serving {model!r} on {app.models[0].engine['device']}\n"
               f"  gRPC  {args.host}:{args.grpc_port}   (kubeinfer generate --server {args.host}:{args.grpc_port} "
               f"\"Hello\")\n"
               f"  HTTP  http://{args.host}:{args.http_port}/v1   (OpenAI-compatible; /health, /metrics)\n"

@@ -7,6 +7,7 @@ application builder (`kubeinfer.serve.app:build_app`) takes ``AppConfig.to_dict(
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -108,6 +109,9 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: device {device!r} needs a GPU reserved per replica "
                              "(ray_actor_options num_gpus; kubeinfer serve --gpus-per-replica 1); "
                              "a replica without one cannot see any GPU")
+        elif device.startswith("cuda:") and int(device[5:]) >= math.ceil(gpus):
+            raise ValueError(f"model {self.name!r}: device {device!r}, but a replica sees only the "
+                             f"{math.ceil(gpus)} GPU(s) it reserved, numbered from 0")
         elif device == "cpu" and gpus:
             raise ValueError(f"model {self.name!r}: device 'cpu' with num_gpus {gpus:g} would reserve a GPU "
                              "the replica never uses; use device cuda (or auto), or reserve no GPU")

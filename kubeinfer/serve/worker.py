@@ -24,11 +24,10 @@ class Worker:
         from kubeinfer.worker import Engine, EngineConfig
         from kubeinfer.worker.async_engine import AsyncEngine
         model = ModelSpec(**spec)
-        kwargs = model.engine_kwargs()
-        if kwargs.get("num_threads") is None:
-            cpus = model.ray_actor_options.get("num_cpus")
-            kwargs["num_threads"] = max(1, int(cpus)) if cpus else None
-        engine = AsyncEngine(Engine(EngineConfig(**kwargs)))
+        # A device this replica cannot have (e.g. CUDA on a node without a GPU) raises ValueError here,
+        # before the model loads; Serve reports it as the deployment's message (DEPLOY_FAILED after
+        # its retries), which the operator turns into the ModelDeployment's condition and Event.
+        engine = AsyncEngine(Engine(EngineConfig(**model.replica_engine_kwargs())))
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.replica = EngineReplica(engine, replica_id)
         log.info("worker %s serves %s from %s", replica_id, model.name, model.uri)
