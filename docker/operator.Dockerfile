@@ -15,8 +15,10 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install -r /tmp/operator-requirements.txt \
  && pip install --no-deps . \
  && rm -rf /src /tmp/operator-requirements.txt \
- # Fails the build if the operator's command needs a module the slim image lacks (e.g. torch).
- && kubeinfer operator --help > /dev/null
+ # Fails the build if the operator's command needs a module the slim image lacks (e.g. torch). The
+ # handlers pull in the capacity check, which shares the engine's KV formula (kubeinfer/worker/kv_sizing.py).
+ && kubeinfer operator --help > /dev/null \
+ && python -c "import kubeinfer.operator.handlers"
 
 # A numeric non-root user, so that runAsNonRoot can be verified by the kubelet.
 RUN useradd --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin kubeinfer
