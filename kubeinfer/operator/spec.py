@@ -403,7 +403,9 @@ def to_app_config(spec: ModelDeploymentSpec, *, pin_to_worker_pods: bool = False
     if pin_to_worker_pods:
         actor["resources"] = {REPLICA_RESOURCE: 1}
     # The device is explicit, never "auto": a replica that asked Ray for a GPU and cannot see one
-    # must fail at start with the engine's message, not fall back to a CPU many times slower.
+    # must fail at start with the engine's message, not fall back to a CPU many times slower; and a
+    # CPU replica on a node with GPUs sees them all (Ray leaves CUDA_VISIBLE_DEVICES alone when none
+    # is reserved) but must not take one that Ray may give to a GPU replica.
     engine: dict[str, Any] = {
         "device": "cuda" if res.gpus else "cpu",
         "dtype": spec.engine.dtype, "kv_cache_dtype": spec.engine.kv_cache_dtype,

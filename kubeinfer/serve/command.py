@@ -25,8 +25,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="memory for each replica's paged KV cache (default: 1 GiB on a CPU; on a GPU, what "
                         "--gpu-memory-utilization leaves after the weights and activations)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where each replica runs its engine. A replica sees only the GPUs it reserved, so "
-                        "auto means cuda with --gpus-per-replica > 0 and cpu without; cuda needs "
+                   help="where each replica runs its engine: auto means cuda with --gpus-per-replica > 0 "
+                        "and cpu without (a replica uses no GPU Ray did not reserve for it); cuda needs "
                         "--gpus-per-replica")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="on a GPU: the fraction of its memory each replica's engine may use, the KV cache "

@@ -96,10 +96,12 @@ class ModelSpec:
     def replica_engine_kwargs(self) -> dict[str, Any]:
         """``engine_kwargs`` for a Ray Serve replica, whose hardware is what it reserved from Ray.
 
-        Ray hides the GPUs from an actor that reserved none, so the device follows ``num_gpus``:
-        ``auto`` (or unset) becomes ``cuda`` with a GPU and ``cpu`` without. Asking for a device the
-        reservation cannot give is a ValueError, before anything starts. torch's threads default to
-        the reserved cores: torch counts the host's, which oversubscribes a shared node."""
+        The device follows ``num_gpus``: ``auto`` (or unset) becomes ``cuda`` with a GPU and ``cpu``
+        without. Ray shows a replica only the GPUs it reserved, numbered from 0, but one that reserved
+        none sees every GPU of its node (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone then), and its
+        engine's ``auto`` would take a GPU that Ray may hand to another replica. Asking for a device
+        the reservation cannot give is a ValueError, before anything starts. torch's threads default
+        to the reserved cores: torch counts the host's, which oversubscribes a shared node."""
         kwargs = self.engine_kwargs()
         gpus = self.ray_actor_options.get("num_gpus") or 0
         device = kwargs.get("device", "auto")
@@ -107,8 +109,8 @@ class ModelSpec:
             device = "cuda" if gpus else "cpu"
         elif device.startswith("cuda") and not gpus:
             raise ValueError(f"model {self.name!r}: device {device!r} needs a GPU reserved per replica "
-                             "(ray_actor_options num_gpus; kubeinfer serve --gpus-per-replica 1); "
-                             "a replica without one cannot see any GPU")
+                             "(ray_actor_options num_gpus; kubeinfer serve --gpus-per-replica 1): Ray would "
+                             "not count the GPU it uses, and may give it to another replica")
         elif device.startswith("cuda:") and int(device[5:]) >= math.ceil(gpus):
             raise ValueError(f"model {self.name!r}: device {device!r}, but a replica sees only the "
                              f"{math.ceil(gpus)} GPU(s) it reserved, numbered from 0")
