@@ -1,36 +1,32 @@
-"""Paged attention as Triton kernels (decode, int8-KV decode, chunked prefill), plus int8-KV torch references.
+"""Paged attention as Triton kernels: the KV-cache write, chunked prefill, and (re-exported) decode.
 
-Cache layout: K and V are each ``[num_blocks, block_size, num_kv_heads, head_dim]`` ("blocks first",
-the default), or ``[num_kv_heads, num_blocks, block_size, head_dim]`` with ``heads_first=True`` (the
-layout of the torch path in :mod:`kubeinfer.worker.kernels.attention`, where one head's block is
-contiguous). The kernels only use strides, so both work; ``head_dim`` must be contiguous. Token slot ``s``
-lives at block ``s // block_size``, offset ``s % block_size``. ``block_tables[i, j]`` is the cache
-block holding tokens ``[j * block_size, (j + 1) * block_size)`` of sequence ``i``.
+This module is the import surface of the attention kernels: :func:`write_kv_cache`,
+:func:`prefill_attention`, :func:`paged_decode_attention` (defined in
+:mod:`kubeinfer.worker.kernels.triton_decode`, with :func:`decode_partitions` and
+``DECODE_PARTITION_SIZE``) and :func:`triton_available`.
 
-The kernels walk keys in tiles of ``BLOCK_N`` positions and look up each position's block in the
-block table, so ``block_size`` is free (any value, not only powers of two or >= 16) and the tile
-size stays large enough for ``tl.dot``.
-
-int8 KV layout: int8 caches shaped like the float ones, with fp32 scales shaped like the cache minus
-its last dim (``[num_blocks, block_size, kv_heads]``, or ``[kv_heads, num_blocks, block_size]`` heads
-first) -- one symmetric scale per (slot, kv head), so a token is quantized once when it is written and
-a block never needs requantizing as it fills: ``K[..., :] = k_cache_int8[..., :] * k_scales[...]``
-(same for V), i.e. ``scale = max|k| / 127`` over head_dim, ``q = round(k / scale)`` in [-127, 127].
+Cache layout (see triton_decode's docstring for the details): per layer, K and V are each
+``[num_kv_heads, num_blocks, block_size, head_dim]`` with ``heads_first=True`` (the engine's layout),
+or ``[num_blocks, block_size, num_kv_heads, head_dim]`` by default; token slot ``s`` lives at block
+``s // block_size``, offset ``s % block_size``; a negative slot marks a padding token, never written.
+An int8 cache has int8 K/V of that shape and fp32 scales shaped like the cache minus head_dim, one per
+(token, kv head): ``scale = max(amax|x| over head_dim, 1e-8) / 127``, ``q = round(x / scale)`` (half
+to even) clamped to [-127, 127] -- :func:`kubeinfer.worker.kernels.attention.quantize_kv_int8`'s
+format, bit for bit: the write kernel divides with IEEE rounding like torch does.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kubeinfer.worker.kernels.attention import quantize_kv_int8  # noqa: F401 (the shared format)
+from kubeinfer.worker.kernels.triton_decode import (  # noqa: F401 (re-exported: the stable surface)
+    DECODE_PARTITION_SIZE, _INTERPRET, cache_views, decode_partitions, paged_decode_attention, pow2,
+    scale_views, triton, upcast)
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs: the torch references still work
-    triton = None
 
-_INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
+    from kubeinfer.worker.kernels.triton_decode import _attend_tile, _load_kv_tile
 
 
 def triton_available(device: torch.device | str | torch.Tensor) -> bool:
@@ -40,132 +36,63 @@ def triton_available(device: torch.device | str | torch.Tensor) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
-def dequantize_kv_int8(q: torch.Tensor, scales: torch.Tensor,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`quantize_kv_int8`; also takes a whole cache ``[nb, bs, kvh, d]`` + scales."""
-    return (q.float() * scales.float()[..., None]).to(dtype)
-
-
-def _blocks_first(cache: torch.Tensor, heads_first: bool) -> torch.Tensor:
-    """A ``[num_blocks, block_size, kv_heads, ...]`` view of a cache or of its scales (no copy)."""
-    if not heads_first:
-        return cache
-    return cache.permute(1, 2, 0, 3) if cache.dim() == 4 else cache.permute(1, 2, 0)
-
-
-def write_kv_int8(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor,
-                  v_scales: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  slot_mapping: torch.Tensor, heads_first: bool = False) -> None:
-    """Torch reference: quantize this step's ``k``/``v`` ``[T, kv_heads, d]``, store them at their slots."""
-    block_size = _blocks_first(k_cache, heads_first).shape[1]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):
-        q, s = quantize_kv_int8(x)
-        _blocks_first(cache, heads_first)[blocks, offsets] = q  # writes through the permuted view
-        _blocks_first(scales, heads_first)[blocks, offsets] = s
-
-
 if triton is not None:
 
     @triton.jit
-    def _load_kv_tile(k_ptr, v_ptr, bt_ptr, seq, stride_bt, kvh, stride_kb, stride_ks, stride_kh, block_size,
-                      pos, nmask, offs_d, dmask):
-        # Each key position finds its block through the block table: block_size need not match the tile.
-        blk = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=nmask, other=0).to(tl.int64)
-        row = blk * stride_kb + (pos % block_size) * stride_ks + kvh * stride_kh
-        kvmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kvmask, other=0)
-        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kvmask, other=0)
-        return blk, k, v
+    def _quantize_rows(x, mask):
+        """Symmetric int8 of the rows of fp32 ``x`` (masked entries must be 0): ``(int8 q, fp32 scales)``.
+
+        Bit-exact with torch: IEEE divisions (``/`` on fp32 is approximate on the GPU) and an exact
+        round-half-to-even built from floor, as ``torch.round`` rounds.
+        """
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-8), 127.0)
+        y = tl.math.div_rn(x, scale[:, None])
+        r = tl.floor(y)
+        frac = y - r  # exact: |y| <= 127
+        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+        r = r + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.float32)
+        q = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        return tl.where(mask, q, 0.0).to(tl.int8), scale
 
     @triton.jit
-    def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, scale,
-                       stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-                       stride_sb, stride_ss, stride_sh, stride_bt, stride_ot, stride_oh, block_size,
-                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KV_INT8: tl.constexpr,
-                       UPCAST: tl.constexpr):
-        # One program per (sequence, kv head): all GROUP query heads sharing the kv head are rows of
-        # one tile, so each K/V element is read once. Rows are padded to BLOCK_G >= 16 for tl.dot.
-        seq = tl.program_id(0)
-        kvh = tl.program_id(1).to(tl.int64)  # heads-first caches: kvh * stride can pass 2**31
-        seq_len = tl.load(lens_ptr + seq)
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
-        dmask = offs_d < HEAD_DIM
-        gmask = offs_g < GROUP
-        heads = kvh * GROUP + offs_g
-        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        # Finite start so that a row with no keys yet gives exp(-inf - m) = 0, not NaN.
-        m = tl.full((BLOCK_G,), -1e30, dtype=tl.float32)
-        l = tl.zeros((BLOCK_G,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-        for start in range(0, seq_len, BLOCK_N):
-            pos = start + offs_n
-            nmask = pos < seq_len
-            blk, k, v = _load_kv_tile(k_ptr, v_ptr, bt_ptr, seq, stride_bt, kvh, stride_kb, stride_ks, stride_kh,
-                                      block_size, pos, nmask, offs_d, dmask)
-            if KV_INT8:
-                # Per-token scales factor out of the d sum: apply them to score columns / prob columns.
-                srow = blk * stride_sb + (pos % block_size) * stride_ss + kvh * stride_sh
-                k_s = tl.load(ks_ptr + srow, mask=nmask, other=0.0)
-                v_s = tl.load(vs_ptr + srow, mask=nmask, other=0.0)
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            elif UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if UPCAST:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            if KV_INT8:
-                s = s * k_s[None, :]
-            s = tl.where(nmask[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
-            if KV_INT8:
-                p = p * v_s[None, :]
-            if UPCAST:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]  # empty sequence -> zeros
-        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
-
-    @triton.jit
-    def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh,
-                         stride_vt, stride_vh, stride_cb, stride_cs, stride_ch, block_size,
-                         KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, stride_kt, stride_kh,
+                         stride_vt, stride_vh, stride_cb, stride_cs, stride_ch, stride_sb, stride_ss,
+                         stride_sh, block_size,
+                         KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
+        # One program per token, all of its kv heads: a token's heads are adjacent in k and v.
         t = tl.program_id(0)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
-        if slot >= 0:  # a negative slot marks a padding token
-            mask = (offs_h[:, None] < KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
-            dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
-            dst = dst + offs_h[:, None] * stride_ch + offs_d[None, :]
-            k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-            v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        # A negative slot marks a padding token. (tl.where, not `&`: the interpreter turns a vector
+        # mask `&` a scalar one into integers, which tl.load rejects.)
+        hmask = tl.where(slot >= 0, offs_h < KV_HEADS, False)
+        mask = hmask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        blk, off = slot // block_size, slot % block_size
+        dst = blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
+        k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
+        if QUANT:
+            kq, k_s = _quantize_rows(k.to(tl.float32), mask)
+            vq, v_s = _quantize_rows(v.to(tl.float32), mask)
+            tl.store(kc_ptr + dst, kq, mask=mask)
+            tl.store(vc_ptr + dst, vq, mask=mask)
+            sdst = blk * stride_sb + off * stride_ss + offs_h * stride_sh
+            tl.store(ks_ptr + sdst, k_s, mask=hmask)
+            tl.store(vs_ptr + sdst, v_s, mask=hmask)
+        else:
             tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
             tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, ctx_ptr, bt_ptr, out_ptr, scale,
-                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
-                        stride_ot, stride_oh, block_size,
+    def _prefill_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, cu_ptr, ctx_ptr, bt_ptr, out_ptr, scale,
+                        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_sb, stride_ss,
+                        stride_sh, stride_bt, stride_ot, stride_oh, block_size,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KV_INT8: tl.constexpr,
+                        UPCAST: tl.constexpr):
         # One program per (query tile, sequence, query head); all keys are read from the cache.
         tile = tl.program_id(0)
         seq = tl.program_id(1)
@@ -196,125 +123,45 @@ if triton is not None:
             nmask = pos < kv_end
             blk, k, v = _load_kv_tile(k_ptr, v_ptr, bt_ptr, seq, stride_bt, kvh, stride_kb, stride_ks, stride_kh,
                                       block_size, pos, nmask, offs_d, dmask)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
             causal = nmask[None, :] & (pos[None, :] <= q_pos[:, None])
-            s = tl.where(causal, s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
-            if UPCAST:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
+            m, l, acc = _attend_tile(q, k, v, ks_ptr, vs_ptr, blk, pos, block_size, kvh, stride_sb, stride_ss,
+                                     stride_sh, causal, nmask, scale, m, l, acc, KV_INT8, UPCAST)
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    # fp32 gets an exact fp32 dot (no tf32); bf16 is upcast in the interpreter, whose bf16 arithmetic
-    # is wrong (triton issue 11584).
-    return dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16)
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
-
-
-def _cache_views(k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 heads_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    kc, vc = _blocks_first(k_cache, heads_first), _blocks_first(v_cache, heads_first)
-    # One set of strides is passed for both caches.
-    assert kc.stride(-1) == 1 and vc.stride() == kc.stride(), "K and V caches need one layout, d contiguous"
-    return kc, vc
-
-
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor | None,
-            v_scales: torch.Tensor | None, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-            scale: float, heads_first: bool) -> torch.Tensor:
-    num_seqs, num_heads, head_dim = q.shape
-    kc, vc = _cache_views(k_cache, v_cache, heads_first)
-    _, block_size, kv_heads, _ = kc.shape
-    assert num_heads % kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
-    assert q.stride(-1) == 1
-    out = torch.empty_like(q)
-    if num_seqs == 0:
-        return out
-    int8 = k_scales is not None
-    if int8:
-        ks, vs = _blocks_first(k_scales, heads_first), _blocks_first(v_scales, heads_first)
-        assert ks.shape == kc.shape[:3] and vs.stride() == ks.stride(), "scales: one per (block, slot, head)"
-        scale_strides = ks.stride()
-    else:
-        ks = vs = seq_lens  # placeholders, never read
-        scale_strides = (0, 0, 0)
-    group = num_heads // kv_heads
-    _decode_kernel[(num_seqs, kv_heads)](
-        q, kc, vc, ks, vs, block_tables, seq_lens, out, scale,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), *scale_strides,
-        block_tables.stride(0), out.stride(0), out.stride(1), block_size,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=_pow2(group), BLOCK_D=_pow2(head_dim),
-        BLOCK_N=64, KV_INT8=int8, UPCAST=_upcast(q.dtype))
-    return out
-
-
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           heads_first: bool = False) -> torch.Tensor:
-    """One query per sequence against its cached keys (flash-decoding style online softmax).
-
-    ``q`` ``[D, H, d]``; caches ``[num_blocks, block_size, KVH, d]`` (or heads first, see the module
-    docstring); H is a multiple of KVH and query head ``h`` uses kv head ``h // (H // KVH)``.
-    ``block_tables`` ``[D, max_blocks]`` int32/int64 (entries past a sequence's length are never read);
-    ``seq_lens`` ``[D]`` counts keys including the current token, which must already be in the cache.
-    One program per (sequence, kv head) serves all of that head's query heads. Returns ``[D, H, d]``
-    in ``q.dtype``; a zero-length sequence gives zeros.
-    """
-    return _decode(q, k_cache, v_cache, None, None, block_tables, seq_lens, scale, heads_first)
-
-
-def paged_decode_attention_int8kv(q: torch.Tensor, k_cache_int8: torch.Tensor, v_cache_int8: torch.Tensor,
-                                  k_scales: torch.Tensor, v_scales: torch.Tensor, block_tables: torch.Tensor,
-                                  seq_lens: torch.Tensor, scale: float,
-                                  heads_first: bool = False) -> torch.Tensor:
-    """:func:`paged_decode_attention` over int8 caches with fp32 per-(block, slot, kv head) scales.
-
-    Scales are shaped like the cache minus head_dim. Equal to the float kernel on
-    ``dequantize_kv_int8(cache, scales)``; the per-token scales are applied to score and probability
-    columns instead of to every K/V element.
-    """
-    assert k_cache_int8.dtype == v_cache_int8.dtype == torch.int8
-    return _decode(q, k_cache_int8, v_cache_int8, k_scales, v_scales, block_tables, seq_lens, scale,
-                   heads_first)
-
-
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor, heads_first: bool = False) -> None:
-    """Store ``k``/``v`` ``[T, KVH, d]`` at ``slot_mapping [T]`` (negative slot = padding, skipped)."""
+                   slot_mapping: torch.Tensor, heads_first: bool = False,
+                   k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> None:
+    """Store ``k``/``v`` ``[T, KVH, d]`` (d contiguous) at ``slot_mapping [T]``; a negative slot is skipped.
+
+    A float cache receives the values cast to its dtype. An int8 cache needs ``k_scales``/``v_scales``
+    and receives each (token, kv head) row quantized in the kernel, in the module docstring's format
+    (bit-identical to ``quantize_kv_int8``). One launch, no host sync.
+    """
     num_tokens, kv_heads, head_dim = k.shape
+    kc, vc = cache_views(k_cache, v_cache, heads_first)
+    assert kc.shape[2:] == (kv_heads, head_dim), f"k {tuple(k.shape)} does not fit a cache {tuple(kc.shape)}"
+    assert v.shape == k.shape and k.stride(-1) == v.stride(-1) == 1
+    assert slot_mapping.shape == (num_tokens,)
+    ks, vs, scale_strides = scale_views(kc, k_scales, v_scales, heads_first, slot_mapping)
     if num_tokens == 0:
         return
-    kc, vc = _cache_views(k_cache, v_cache, heads_first)
-    assert k.stride(-1) == v.stride(-1) == 1
     _write_kv_kernel[(num_tokens,)](
-        k, v, kc, vc, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), kc.shape[1],
+        k, v, kc, vc, ks, vs, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), *scale_strides, kc.shape[1],
         KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim))
+        BLOCK_D=triton.next_power_of_2(head_dim), QUANT=k_scales is not None,
+        num_warps=1 if kv_heads * head_dim <= 1024 else 4)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, slot_mapping: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                      max_query_len: int | None = None, heads_first: bool = False) -> torch.Tensor:
+                      max_query_len: int | None = None, heads_first: bool = False,
+                      k_scales: torch.Tensor | None = None,
+                      v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Write this step's K/V into the cache, then causal attention of each query chunk over its context.
 
     ``q`` ``[T, H, d]`` and ``k``/``v`` ``[T, KVH, d]`` are the flattened chunks of S sequences;
@@ -322,16 +169,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     starting at 0), and its ``context_lens[i]`` counts cached prefix + this chunk, so the chunk holds
     positions ``[context_lens[i] - q_len, context_lens[i])``. ``block_tables`` ``[S, max_blocks]`` covers
     the whole context. Two launches: :func:`write_kv_cache`, then an attention kernel (one program per
-    query tile, sequence and query head) that reads every key, prefix and new, from the cache. A chunk
-    of length 1 is a decode, so mixed batches work too. ``max_query_len`` sizes the grid; pass it to
-    avoid a device->host sync. Returns ``[T, H, d]`` in ``q.dtype``.
+    query tile, sequence and query head) that reads every key, prefix and new, from the cache -- so with
+    an int8 cache (``k_scales``/``v_scales``) the chunk attends to its own keys quantized too. A chunk of
+    length 1 is a decode, so mixed batches work. ``max_query_len`` (a host integer >= every chunk's
+    length) sizes the grid; pass it to avoid a device->host sync. Returns ``[T, H, d]`` in ``q.dtype``.
     """
     num_tokens, num_heads, head_dim = q.shape
-    write_kv_cache(k, v, k_cache, v_cache, slot_mapping, heads_first)
-    kc, vc = _cache_views(k_cache, v_cache, heads_first)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping, heads_first, k_scales, v_scales)
+    kc, vc = cache_views(k_cache, v_cache, heads_first)
     _, block_size, kv_heads, _ = kc.shape
     assert num_heads % kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     assert q.stride(-1) == 1
+    ks, vs, scale_strides = scale_views(kc, k_scales, v_scales, heads_first, context_lens)
     out = torch.empty_like(q)
     num_seqs = cu_seqlens_q.numel() - 1
     if num_tokens == 0 or num_seqs == 0:
@@ -341,9 +190,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     block_m = 64 if max_query_len > 16 else 16
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
-        q, kc, vc, cu_seqlens_q, context_lens, block_tables, out, scale,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        q, kc, vc, ks, vs, cu_seqlens_q, context_lens, block_tables, out, scale,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), *scale_strides,
         block_tables.stride(0), out.stride(0), out.stride(1), block_size,
-        GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=_pow2(head_dim),
-        BLOCK_N=64, UPCAST=_upcast(q.dtype))
+        GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=pow2(head_dim),
+        BLOCK_N=64, KV_INT8=k_scales is not None, UPCAST=upcast(q.dtype),
+        num_warps=4, num_stages=2)
     return out
