@@ -53,7 +53,8 @@ try:
     from kubeinfer.worker.kernels import triton_decode as td
     from kubeinfer.worker.kernels import triton_attention as ta
     from kubeinfer.worker.kernels import triton_matmul as tm
-    KERNEL_MODULES = (td, ta, tm)  # reload order: ta imports td's helpers
+    from kubeinfer.worker.kernels import triton_norm as tn
+    KERNEL_MODULES = (td, ta, tm, tn)  # reload order: ta imports td's helpers
     for _mod in KERNEL_MODULES:
         if _mod.triton is not _triton or not _mod._INTERPRET:  # imported before: decorate the kernels again
             importlib.reload(_mod)
