@@ -41,14 +41,15 @@ def weight_bytes(engine: Engine) -> int:
     With a quantized or packed head the embedding is only used for one-row lookups, so it is not counted.
     """
     from kubeinfer.worker.kernels.packed_linear import PackedLinear
+    from kubeinfer.worker.kernels.quant_linear import AtenInt4Linear, AtenInt8Linear, CppInt8Linear
     from kubeinfer.worker.quant import Int4Linear, Int8Linear
     model = engine.runner.model
     total = 0
     for _, mod in model.named_modules():
-        if isinstance(mod, Int4Linear) and mod.cpu_packed:
+        if isinstance(mod, AtenInt4Linear):
             read = [mod.packed, mod.scales_and_zeros, mod.bias]
-        elif isinstance(mod, Int8Linear):
-            read = [mod.qweight, mod.scales_bf16 if mod.kernels is None else mod.scales, mod.bias]
+        elif isinstance(mod, AtenInt8Linear):
+            read = [mod.qweight, mod.scales if isinstance(mod, CppInt8Linear) else mod.scales_bf16, mod.bias]
         elif isinstance(mod, PackedLinear):
             total += mod.weight_nbytes
             read = [mod.bias]

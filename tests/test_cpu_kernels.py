@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kubeinfer.worker import Engine, SamplingParams
-from kubeinfer.worker.kernels import resolve_attention_backend
+from kubeinfer.worker.kernels.quant_linear import CppInt4Linear, CppInt8Linear
 from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, paged_attention, write_kv
 from kubeinfer.worker.kernels.cpu import load_cpu_kernels
 from kubeinfer.worker.evaluation import prompt_logits
@@ -85,8 +85,7 @@ def test_int8_gemv_matches_dequantized_linear():
     got = KERNELS.int8_gemv(x, state["qweight"], state["scales"].float())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     bias = torch.randn(200)
-    linear = scheme.make_linear(state, bias=bias)
-    linear.kernels = KERNELS  # the module's decode branch, bias included
+    linear = CppInt8Linear(state["qweight"], state["scales"], bias, kernels=KERNELS)  # decode path, bias included
     torch.testing.assert_close(linear(x), want + bias, rtol=1e-4, atol=1e-4)
 
 
@@ -113,11 +112,11 @@ def test_int8_gemv_vnni_path_within_its_activation_rounding(m):
 
 def test_int4pack_linear_matches_the_module_path():
     scheme = Int4WeightOnly(group_size=32)
-    linear = scheme.make_linear(scheme.quantize(torch.randn(64, 96)), bias=torch.randn(64))  # Qwen2's qkv has one
-    assert linear.cpu_packed
+    state, bias = scheme.quantize(torch.randn(64, 96)), torch.randn(64)  # Qwen2's qkv has a bias
+    aten = scheme.make_linear(state, bias=bias)
     x = torch.randn(3, 96)
-    want = linear(x)  # the module's own path: bf16 casts around the same aten kernel
-    linear.kernels = KERNELS
+    want = aten(x)  # the aten module: bf16 casts around the same aten kernel, from Python
+    linear = CppInt4Linear(state["qweight"], state["scales"], state["mins"], 32, bias, kernels=KERNELS)
     torch.testing.assert_close(linear(x), want, rtol=0, atol=0)
 
 
@@ -177,16 +176,6 @@ def test_bad_slot_is_an_error_not_a_write_out_of_bounds():
         KERNELS.write_kv(k, k, cache, cache.clone(), torch.tensor([4 * 16]))
 
 
-def test_auto_picks_cpp_only_where_it_applies():
-    assert resolve_attention_backend("auto", "cpu") == "cpp"
-    assert resolve_attention_backend("auto", "cpu", torch.bfloat16) == "cpp"
-    assert resolve_attention_backend("auto", "cpu", torch.float16) == "torch"
-    assert resolve_attention_backend("auto", "cpu", kv_int8=True) == "torch"
-    assert resolve_attention_backend("auto", "cpu", compile_decode=True) == "torch"
-    with pytest.raises(ValueError, match="cpp"):
-        resolve_attention_backend("cpp", "cpu", kv_int8=True)
-
-
 PROMPTS = [[5 + i, 17, 99, 3, 250 - i] * (3 * i + 1) for i in range(5)]
 
 
@@ -199,7 +188,7 @@ def test_engine_on_cpp_kernels_matches_torch_path(tiny_llama_dir):
     kwargs = dict(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=64, max_num_batched_tokens=32)
     torch_engine = Engine(**kwargs, kernel_backend="torch")
     cpp_engine = Engine(**kwargs, kernel_backend="cpp")
-    assert cpp_engine.runner.attention_backend == "cpp"
+    assert cpp_engine.backend.name == "cpp"
     want = [o.output_token_ids for o in torch_engine.generate(PROMPTS + PROMPTS[:1], params + params[:1])]
     got = [o.output_token_ids for o in cpp_engine.generate(PROMPTS + PROMPTS[:1], params + params[:1])]
     assert got == want
@@ -216,7 +205,7 @@ def test_bf16_engine_on_cpp_kernels_is_as_accurate_as_the_torch_path(tiny_llama_
     errors = {}
     for backend in ("torch", "cpp"):
         engine = Engine(**kwargs, dtype="bfloat16", kernel_backend=backend)
-        assert engine.runner.attention_backend == backend
+        assert engine.backend.name == backend
         errors[backend] = float((prompt_logits(engine, ids, chunk=1) - ref).abs().mean() / ref.abs().mean())
     assert 0 < errors["cpp"] < 0.05
     assert errors["cpp"] <= 1.1 * errors["torch"], errors
@@ -251,14 +240,14 @@ def test_sampler_takes_plain_greedy_argmax_of_bf16_logits_and_widens_for_the_res
 
     want = logits.float().max(dim=-1).indices
     assert batch(greedy).plain_greedy
-    assert torch.equal(Sampler(KERNELS)(logits, batch(greedy)).token_ids, want)
+    assert torch.equal(Sampler(KERNELS.greedy_argmax)(logits, batch(greedy)).token_ids, want)
     assert torch.equal(Sampler()(logits, batch(greedy)).token_ids, want)
     # A penalty or logprobs need fp32 logits: the sampler widens them itself.
     penalised = [SamplingParams(temperature=0.0, repetition_penalty=1.5) for _ in range(4)]
     assert not batch(penalised).plain_greedy
-    assert torch.equal(Sampler(KERNELS)(logits, batch(penalised)).token_ids,
+    assert torch.equal(Sampler(KERNELS.greedy_argmax)(logits, batch(penalised)).token_ids,
                        Sampler()(logits.float(), batch(penalised)).token_ids)
     with_logprobs = [SamplingParams(temperature=0.0, logprobs=2) for _ in range(4)]
-    out = Sampler(KERNELS)(logits, batch(with_logprobs))
+    out = Sampler(KERNELS.greedy_argmax)(logits, batch(with_logprobs))
     assert out.logprobs is not None and out.logprobs.dtype == torch.float32
     assert torch.equal(out.token_ids, want)

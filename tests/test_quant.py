@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from kubeinfer.worker.kernels.attention import AttentionMetadata, PrefillChunk
+from kubeinfer.worker.kernels.quant_linear import AtenInt4Linear, AtenInt8Linear
 from kubeinfer.worker.models import gguf as gguf_loader
 from kubeinfer.worker.models.config import CheckpointError, ModelConfig
 from kubeinfer.worker.models.gguf_quant import gguf_quantized_state, iter_gguf_quantized
-from kubeinfer.worker.model_runner import ModelRunner
+from kubeinfer.worker.model_runner import allocate_kv_caches
 from kubeinfer.worker.models.llama import LlamaForCausalLM
 from kubeinfer.worker.quant import (Int4Linear, Int4WeightOnly, Int8Linear, Int8WeightOnly, get_scheme,
                                     install_quantized, load_quantized_tensors, quant_scheme_of, quantize_model,
@@ -121,7 +122,7 @@ def test_fast_path_matches_reference(scheme):
     w = _weight(n, k, seed=3)
     state = scheme.quantize(w)
     lin = scheme.make_linear(state)
-    assert (lin._fast_cpu if scheme.name == "int8" else lin.cpu_packed), "expected the aten CPU kernel"
+    assert isinstance(lin, AtenInt8Linear if scheme.name == "int8" else AtenInt4Linear), "expected the aten CPU kernel"
     deq = scheme.dequantize(state)
     for m in (1, 7, 33, 64):  # int8 takes the bf16-GEMM path from INT8_GEMM_MIN_ROWS (32) rows
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
@@ -132,8 +133,9 @@ def test_fast_path_matches_reference(scheme):
 
 def test_int8_gemm_path_blocks(monkeypatch):
     """Many rows: Int8Linear runs a bf16 GEMM on the integer weights, a block of weight rows at a time."""
+    import kubeinfer.worker.kernels.quant_linear as quant_linear
     import kubeinfer.worker.quant as quant
-    monkeypatch.setattr(quant, "_GEMM_BLOCK_ELEMS", 64 * 96)  # 64-row blocks: 3 blocks and a partial one
+    monkeypatch.setattr(quant_linear, "GEMM_BLOCK_ELEMS", 64 * 96)  # 64-row blocks: 3 blocks and a partial one
     w = _weight(200, 96, seed=5)
     state = Int8WeightOnly().quantize(w)
     lin = Int8WeightOnly().make_linear(state, torch.randn(200))
@@ -150,13 +152,13 @@ def test_fallback_shapes():
     x = torch.randn(5, 40)
     w8 = torch.randn(24, 40)
     lin8 = Int8WeightOnly().make_linear(Int8WeightOnly().quantize(w8))
-    assert not lin8._fast_cpu
+    assert type(lin8) is Int8Linear  # the torch reference: dequantize and matmul
     ref8 = x @ Int8WeightOnly().dequantize(lin8.quant_state()).T
     torch.testing.assert_close(lin8(x), ref8, rtol=1e-5, atol=1e-5)
     w4 = torch.randn(40, 64)
     s4 = Int4WeightOnly(32).quantize(w4)
     lin4 = Int4WeightOnly(32).make_linear(s4)
-    assert not lin4.cpu_packed
+    assert type(lin4) is Int4Linear
     x4 = torch.randn(5, 64)
     torch.testing.assert_close(lin4(x4), x4 @ Int4WeightOnly(32).dequantize(s4).T, rtol=1e-5, atol=1e-5)
     assert lin4(x4.bfloat16()).dtype == torch.bfloat16
@@ -167,7 +169,7 @@ def test_int4_cpu_pack_recovers_state(n):
     scheme = Int4WeightOnly(32)
     state = scheme.quantize(torch.randn(n, 96))
     lin = scheme.make_linear(state)
-    assert lin.cpu_packed and lin.qweight is None
+    assert isinstance(lin, AtenInt4Linear) and lin.qweight is None
     back = lin.quant_state()
     for key in ("qweight", "scales", "mins"):
         assert torch.equal(back[key], state[key]), key
@@ -236,7 +238,7 @@ def _tiny_model(config: ModelConfig, seed: int = 0) -> LlamaForCausalLM:
 def _logits(model: LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
     t, bs = len(ids), 16
     nb = -(-t // bs)
-    caches = ModelRunner(model, nb, bs, torch.float32).kv_caches  # whatever cache layout the runner uses
+    caches = allocate_kv_caches(model.config, nb, bs, torch.float32, False, torch.device("cpu"))
     meta = AttentionMetadata(torch.arange(t), 0, None, None, [PrefillChunk(0, t, t, torch.arange(nb), None)])
     with torch.inference_mode():
         return model.compute_logits(model(torch.tensor(ids), torch.arange(t), caches, meta))

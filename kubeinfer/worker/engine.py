@@ -12,7 +12,9 @@ import torch
 from kubeinfer.worker.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from kubeinfer.worker.detokenizer import IncrementalDetokenizer
 from kubeinfer.worker.kv_cache import KVCacheManager
-from kubeinfer.worker.kv_sizing import kv_bytes_per_token
+from kubeinfer.worker.gpu_memory import GIB, check_free_memory, profile_memory
+from kubeinfer.worker.kernels.backend import select_backend
+from kubeinfer.worker.kv_sizing import kv_blocks_for_bytes, kv_bytes_per_token
 from kubeinfer.worker.model_runner import ModelRunner
 from kubeinfer.worker.models.loader import LoadedModel, load_model
 from kubeinfer.worker.outputs import RequestOutput
@@ -58,11 +60,22 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, *, loaded: LoadedModel | None = None, **overrides) -> None:
         config = config or EngineConfig(**overrides)
         self.config = config
+        device = config.resolve_device()  # a missing GPU is reported before anything is loaded
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        kv_int8 = config.kv_cache_dtype == "int8"
+        # The one decision of which kernels run every layer, from (device, dtype, scheme, KV dtype, CPU).
+        self.backend = select_backend(config.kernel_backend, device, config.torch_dtype, kv_int8=kv_int8,
+                                      quantization=config.quantization, compile_decode=config.compile)
+        profile_gpu = device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_memory_bytes is None
+        if profile_gpu:
+            check_free_memory(device, config.gpu_memory_utilization)
         if loaded is None:
             loaded = load_model(config.model, config.torch_dtype, config.max_model_len,
-                                config.quantization, config.quantization_group_size)
+                                config.quantization, config.quantization_group_size, backend=self.backend)
+        else:  # a model built elsewhere (build_model): give it this backend's packing and kernels
+            self.backend.prepare_model(loaded.model)
+            loaded.model.bind(self.backend)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model or "builtin://smollm2-135m"
@@ -70,32 +83,45 @@ class Engine:
         if self.max_model_len > loaded.config.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context length "
                              f"{loaded.config.max_position_embeddings}")
-        kv_int8 = config.kv_cache_dtype == "int8"
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
         mc = loaded.config
         block_bytes = config.block_size * kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim,
                                                              config.dtype, config.kv_cache_dtype)
-        memory = config.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
-        num_blocks = config.num_kv_blocks or memory // block_bytes
+        if config.num_kv_blocks:
+            num_blocks, source = config.num_kv_blocks, "num_kv_blocks"
+        elif profile_gpu:
+            profile = profile_memory(loaded.model, self.backend, block_size=config.block_size, kv_int8=kv_int8,
+                                     num_tokens=min(config.max_num_batched_tokens, self.max_model_len),
+                                     num_sample_rows=config.max_num_seqs, max_model_len=self.max_model_len,
+                                     utilization=config.gpu_memory_utilization)
+            num_blocks = profile.kv_cache_bytes // block_bytes
+            source = (f"gpu_memory_utilization {config.gpu_memory_utilization} of {profile.total / GIB:.1f} GiB, "
+                      f"less weights {profile.weights / GIB:.2f} GiB, activations {profile.activation_peak / GIB:.2f}"
+                      f" GiB and non-torch {profile.non_torch / GIB:.2f} GiB")
+        else:
+            memory = config.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
+            num_blocks, source = kv_blocks_for_bytes(memory, block_bytes // config.block_size, config.block_size), \
+                "kv_cache_memory_bytes"
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of "
-                f"{config.block_size}), fewer than max_model_len={self.max_model_len}: give it more memory "
-                "(kv_cache_memory_bytes / num_kv_blocks) or lower max_model_len")
-        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
-            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
+                f"{config.block_size}; {source}), fewer than max_model_len={self.max_model_len}: give it more "
+                "memory (kv_cache_memory_bytes / num_kv_blocks / gpu_memory_utilization) or lower max_model_len")
         self.num_kv_blocks = num_blocks
         self.kv_cache_bytes = num_blocks * block_bytes
+        log.info("KV cache on %s: %d blocks of %d tokens, %.2f GiB (%s); at max_model_len %d it holds %.1f "
+                 "requests at once; kernels: %s", device, num_blocks, config.block_size, self.kv_cache_bytes / GIB,
+                 source, self.max_model_len, num_blocks * config.block_size / self.max_model_len, self.backend.name)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
-        from kubeinfer.worker.kernels import resolve_attention_backend
-        backend = resolve_attention_backend(config.kernel_backend, next(loaded.model.parameters()).device,
-                                            config.torch_dtype, kv_int8, config.compile)
-        if backend == "triton" and kv_int8:
-            raise ValueError("kv_cache_dtype='int8' needs the torch attention backend for now")
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, config.torch_dtype, kv_int8,
-                                  backend, compile_decode=config.compile)
+        self.runner = ModelRunner(loaded.model, self.backend, num_blocks, config.block_size, self.max_model_len,
+                                  kv_int8, compile_decode=config.compile)
+        if device.type == "cuda" and self.backend.supports_cuda_graphs and not config.enforce_eager:
+            self.runner.capture_cuda_graphs(config.max_num_seqs)
+        self.device = device
         self.requests: dict[str, _Request] = {}
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._prompt_tokens = 0
@@ -132,7 +158,7 @@ class Engine:
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
-        self.requests[request_id] = _Request(seq, detok, make_generator(params.seed))
+        self.requests[request_id] = _Request(seq, detok, make_generator(params.seed, self.device))
         self.scheduler.add(seq)
         self._prompt_tokens += len(prompt_token_ids)
         return request_id
@@ -172,6 +198,7 @@ class Engine:
         outputs = []
         if result is None:
             return outputs
+        result = result.to_host()
         token_ids = result.token_ids.tolist()
         now = time.monotonic()
         for row, (seq, token) in enumerate(zip(ready, token_ids)):

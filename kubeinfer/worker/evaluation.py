@@ -54,9 +54,8 @@ def prompt_logits(engine: Engine, token_ids: list[int], chunk: int | None = None
             if not engine.kv.allocate_slots(seq, n):
                 raise RuntimeError("the KV cache is too small for this text")
             batch = ScheduledBatch([seq], [n])
-            input_ids, positions, meta, _ = engine.runner.prepare(batch, [engine.kv.block_ids(seq.request_id)])
-            hidden = engine.runner.model(input_ids, positions, engine.runner.kv_caches, meta)
-            rows.append(engine.runner.model.compute_logits(hidden))
+            hidden = engine.runner.forward(engine.runner.prepare(batch, [engine.kv.block_ids(seq.request_id)]))
+            rows.append(engine.runner.model.compute_logits(hidden).cpu())
             seq.num_computed_tokens += n
     finally:
         engine.kv.forget(seq)

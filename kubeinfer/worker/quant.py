@@ -23,32 +23,12 @@ Each handler has ``quantize(weight [N, K]) -> state``, ``dequantize(state) -> fl
 a group size that does not divide K, wrong shapes or dtypes) raises ValueError before anything is
 allocated.
 
-Runtime modules take any float activation dtype and return it. On the CPU they run the aten
-weight-only kernels, which are only fast with bf16 activations, so activations are cast to bf16 and the
-result back (bf16-level error, like a bf16 model; int4 also rounds its fp16 scales and
-``min + 8 * scale`` zeros to bf16, a relative 2^-9):
-
-* ``torch.ops.aten._weight_int8pack_mm(x bf16 [M, K] contiguous, qweight int8 [N, K], scales bf16 [N])
-  -> bf16 [M, N] = x @ (qweight * scales[:, None]).T``. The scales must have x's dtype. In torch 2.13 it
-  needs K % 16 == 0 (other K crash or return NaN); other shapes use the fallback below.
-  Its cost grows linearly with M (no reuse across rows), so from ``INT8_GEMM_MIN_ROWS`` (32) rows on
-  Int8Linear instead runs a bf16 GEMM on the integer weights (exact in bf16) and scales the output:
-  2-4x faster at prefill sizes. The int4 kernel scales the same way and has no such path yet (its
-  canonical nibbles are not kept, and dequantizing int4 on the CPU is slow): int4 prefill is
-  ~2-4x slower than fp32 at M >= 128.
-* ``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q int32 [N, K] values 0..15, innerKTiles)
-  -> uint8 [N, K // 2]`` in an opaque blocked layout (innerKTiles is ignored on the CPU; N % 16 == 0,
-  K even). Packing row blocks that start at multiples of 64 gives the same bytes as packing the
-  whole matrix, so we pack 1024 rows at a time to bound the int32 temporary.
-* ``torch.ops.aten._weight_int4pack_mm_for_cpu(x bf16 [M, K], packed, group_size, scales_and_zeros
-  bf16 [K // G, N, 2]) -> bf16 [M, N]`` with ``W = (q - 8) * scale + zero`` (verified numerically), so
-  ``zero = min + 8 * scale``. group_size in {32, 64, 128, 256}, K % group_size == 0.
-
-On other devices (and for shapes the aten kernels reject) the modules dequantize to the activation
-dtype and call ``F.linear``: correct, but it re-materialises the float weight every call.
-``Int4Linear`` built from CPU tensors keeps only the aten-packed weight; ``quant_state()`` recovers the
-canonical state from it (bit-exactly) for saving. Build the module on the device it will run on:
-moving a CPU-packed ``Int4Linear`` to another device is not supported.
+Runtime modules (``kernels/quant_linear.py``) take any float activation dtype and return it. The
+kernel backend chosen when the model is built picks one per linear (``make_linear(state, bias,
+backend)``): aten's CPU weight-only kernels (bf16 activations; ``_weight_int8pack_mm`` needs K % 16
+== 0, ``_weight_int4pack_mm_for_cpu`` N % 16 == 0 and packs the nibbles into its own layout,
+recovered bit for bit by ``quant_state()``), the C++ CPU kernels, the Triton W8A16 / W4A16 matmuls,
+or the torch reference (dequantize, then ``F.linear``). All of them read this one canonical state.
 
 Model-level API:
 
@@ -102,10 +82,6 @@ QUANTIZED_LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.do
 _QUANT_MODULE_RE = re.compile(r"layers\.(\d+)\.(attn\.qkv_proj|attn\.o_proj|mlp\.gate_up_proj|mlp\.down_proj)")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP16_MAX = 65504.0
-# Int8Linear on the CPU: from this many activation rows on, a bf16 GEMM on the integer weights beats
-# the aten weight-only kernel, whose cost grows linearly with the rows (measured: benchmarks/quant.py).
-INT8_GEMM_MIN_ROWS = 32
-_GEMM_BLOCK_ELEMS = 1 << 21  # weights converted to bf16 per block on that path (4 MiB)
 # Rows quantized / packed per step: bounds the float and int32 temporaries for big matrices. A
 # multiple of 64 (the aten int4 packing is row-block-local in 64-row blocks).
 _CHUNK_ROWS = 1024
@@ -188,11 +164,6 @@ def _float_check(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} must be float32/float16/bfloat16, got {t.dtype}")
 
 
-def _linear_fallback(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    dtype = x2.dtype if x2.dtype in _FLOAT_DTYPES else torch.float32
-    return F.linear(x2.to(dtype), weight.to(dtype))
-
-
 # ----------------------------------------------------------------------------------------------------
 # schemes
 
@@ -219,7 +190,10 @@ class QuantScheme:
     def dequantize(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def make_linear(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None = None) -> nn.Module:
+    def make_linear(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None = None,
+                    backend=None) -> nn.Module:
+        """The runtime module of ``state`` for ``backend`` (a KernelBackend; default: the torch
+        reference backend of the state's device)."""
         raise NotImplementedError
 
     def metadata(self) -> dict[str, str]:
@@ -291,10 +265,11 @@ class Int8WeightOnly(QuantScheme):
         self.check_state(state)
         return state["qweight"].float() * state["scales"].float()[:, None]
 
-    def make_linear(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None = None) -> "Int8Linear":
+    def make_linear(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None = None,
+                    backend=None) -> nn.Module:
         n, _ = self.check_state(state)
         _check_bias(bias, n)
-        return Int8Linear(state["qweight"], state["scales"], bias)
+        return _backend_for(backend, state["qweight"]).quantized_linear(self, state, bias)
 
 
 @dataclass(frozen=True)
@@ -375,10 +350,23 @@ class Int4WeightOnly(QuantScheme):
         w = q * state["scales"].float()[..., None] + state["mins"].float()[..., None]
         return w.view(n, k)
 
-    def make_linear(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None = None) -> "Int4Linear":
+    def make_linear(self, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None = None,
+                    backend=None) -> nn.Module:
         n, _ = self.check_state(state)
         _check_bias(bias, n)
-        return Int4Linear(state["qweight"], state["scales"], state["mins"], self.group_size, bias)
+        return _backend_for(backend, state["qweight"]).quantized_linear(self, state, bias)
+
+
+def _quantized_types() -> tuple[type, ...]:
+    from kubeinfer.worker.kernels.quant_linear import Int4Linear, Int8Linear
+    return Int8Linear, Int4Linear
+
+
+def _backend_for(backend, tensor: torch.Tensor):
+    if backend is not None:
+        return backend
+    from kubeinfer.worker.kernels.torch_backend import TorchBackend
+    return TorchBackend(tensor.device)
 
 
 def get_scheme(name: str | QuantScheme, group_size: int | None = None) -> QuantScheme:
@@ -400,187 +388,6 @@ def get_scheme(name: str | QuantScheme, group_size: int | None = None) -> QuantS
 
 
 # ----------------------------------------------------------------------------------------------------
-# runtime modules
-
-
-def _cpu_int8_ok(k: int) -> bool:
-    return k % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
-
-
-def _triton_ok() -> bool:
-    """CUDA tensors go to the Triton W8A16 / W4A16 kernels when triton imports."""
-    from kubeinfer.worker.kernels.triton_attention import triton
-    return triton is not None
-
-
-def _cpu_int4_ok(n: int, k: int, group_size: int) -> bool:
-    return (n % 16 == 0 and k % group_size == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
-
-
-class Int8Linear(nn.Module):
-    """``y = x @ (qweight * scales[:, None]).T + bias`` for any float ``x [..., K]``, returned in x's dtype."""
-
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        Int8WeightOnly().check_state({"qweight": qweight, "scales": scales})
-        _check_bias(bias, qweight.shape[0])
-        self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.float())
-        self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._fast_cpu = _cpu_int8_ok(self.in_features)
-        self.kernels: ModuleType | None = None  # the C++ CPU kernels, set by use_cpu_kernels()
-
-    scheme = Int8WeightOnly()
-
-    def quant_state(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and x.dim() == 2 and x.shape[0] < INT8_GEMM_MIN_ROWS \
-                and x.dtype == torch.float32:
-            # The decode path, first (every Python step here is paid 120 times per token): fp32
-            # activations at ~1.5x the aten kernel's weight bandwidth.
-            y = self.kernels.int8_gemv(x.contiguous(), self.qweight, self.scales)
-            return y if self.bias is None else y.add_(self.bias)
-        x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x2.shape[0] >= INT8_GEMM_MIN_ROWS:
-            y = self._gemm(x2).to(x.dtype)
-        elif x.device.type == "cpu" and self._fast_cpu:
-            xb = x2.to(torch.bfloat16)
-            if not xb.is_contiguous():
-                xb = xb.contiguous()
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scales_bf16).to(x.dtype)
-        elif x.is_cuda and _triton_ok():
-            from kubeinfer.worker.kernels.triton_matmul import w8a16_matmul
-            y = w8a16_matmul(x2, self.qweight, self.scales)
-        else:
-            dtype = x.dtype if x.dtype in _FLOAT_DTYPES else torch.float32
-            y = _linear_fallback(x2, self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def _gemm(self, x2: torch.Tensor) -> torch.Tensor:
-        """Many rows (prefill, big decode batches): the aten kernel's cost is ~linear in M, a bf16 GEMM
-        on the integer weights (exact in bf16) with the per-channel scale applied to the fp32 output
-        is faster. Weight rows are converted a cache-sized block at a time (a whole LM head at once
-        would be a 56 MB temporary per call)."""
-        xb = x2.to(torch.bfloat16)
-        n = self.out_features
-        rows = max(64, _GEMM_BLOCK_ELEMS // self.in_features)
-        if rows >= n:
-            y = F.linear(xb, self.qweight.to(torch.bfloat16)).float()
-        else:
-            y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
-            for r0 in range(0, n, rows):
-                y[:, r0:r0 + rows] = F.linear(xb, self.qweight[r0:r0 + rows].to(torch.bfloat16))
-        return y.mul_(self.scales)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class Int4Linear(nn.Module):
-    """``y = x @ W.T + bias`` with ``W = q * scales + mins`` per group, for any float ``x [..., K]``.
-
-    Built from CPU tensors (and N % 16 == 0), the weight is repacked once for the aten CPU kernel and
-    the canonical nibbles are dropped (``quant_state()`` recovers them); otherwise the canonical
-    state is kept and each call dequantizes.
-    """
-
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        scheme = Int4WeightOnly(group_size)
-        n, k = scheme.check_state({"qweight": qweight, "scales": scales, "mins": mins})
-        _check_bias(bias, n)
-        self.scheme = scheme
-        self.out_features, self.in_features, self.group_size = n, k, group_size
-        self.register_buffer("scales", scales.detach().clone())
-        self.register_buffer("mins", mins.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.cpu_packed = qweight.device.type == "cpu" and _cpu_int4_ok(n, k, group_size)
-        self.kernels: ModuleType | None = None  # the C++ CPU kernels, set by use_cpu_kernels()
-        if self.cpu_packed:
-            self.register_buffer("qweight", None)
-            self.register_buffer("packed", _pack_for_cpu(qweight), persistent=False)
-            s = scales.float()
-            zeros = mins.float() + 8.0 * s  # the kernel computes (q - 8) * scale + zero
-            self.register_buffer("scales_and_zeros", torch.stack((s, zeros), dim=-1).transpose(0, 1)
-                                 .contiguous().to(torch.bfloat16), persistent=False)
-        else:
-            self.register_buffer("qweight", qweight.contiguous())
-            self.register_buffer("packed", None, persistent=False)
-            self.register_buffer("scales_and_zeros", None, persistent=False)
-
-    def quant_state(self) -> dict[str, torch.Tensor]:
-        """The canonical state (``qweight`` nibbles, ``scales``, ``mins``), exactly as constructed."""
-        q = self.qweight if self.qweight is not None else _unpack_from_cpu(
-            self.packed, self.out_features, self.in_features, self.group_size)
-        return {"qweight": q, "scales": self.scales, "mins": self.mins}
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.scheme.dequantize(self.quant_state()).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and self.cpu_packed and x.dim() == 2 and x.dtype == torch.float32:
-            y = self.kernels.int4pack_linear(x, self.packed, self.group_size, self.scales_and_zeros)
-            return y if self.bias is None else y.add_(self.bias)
-        x2 = x.reshape(-1, self.in_features)
-        if self.cpu_packed:
-            if x.device.type != "cpu":
-                raise RuntimeError("this Int4Linear was packed for the CPU kernel; build it with "
-                                   "make_linear() from a state on the device it should run on")
-            xb = x2.to(torch.bfloat16)
-            if not xb.is_contiguous():
-                xb = xb.contiguous()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size,
-                                                           self.scales_and_zeros).to(x.dtype)
-        elif x.is_cuda and _triton_ok():
-            from kubeinfer.worker.kernels.triton_matmul import w4a16_matmul_mins
-            y = w4a16_matmul_mins(x2, self.qweight, self.scales, self.mins, self.group_size)
-        else:
-            dtype = x.dtype if x.dtype in _FLOAT_DTYPES else torch.float32
-            y = _linear_fallback(x2, self.scheme.dequantize(self.quant_state()).to(dtype)).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}, cpu_packed={self.cpu_packed}")
-
-
-def _pack_for_cpu(qweight: torch.Tensor) -> torch.Tensor:
-    n, half = qweight.shape
-    out = torch.empty(n, half, dtype=torch.uint8)
-    for r0 in range(0, n, _CHUNK_ROWS):
-        q = unpack_int4(qweight[r0:r0 + _CHUNK_ROWS]).to(torch.int32)
-        out[r0:r0 + q.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return out
-
-
-@torch.no_grad()
-def _unpack_from_cpu(packed: torch.Tensor, n: int, k: int, group_size: int) -> torch.Tensor:
-    """Canonical nibbles from the aten-packed layout, without relying on that layout: multiplying the
-    identity by the weight with scale 1 and zero 0 returns ``q - 8`` (small integers, exact in bf16)."""
-    sz = torch.zeros(k // group_size, n, 2, dtype=torch.bfloat16)
-    sz[..., 0] = 1.0
-    q = torch.empty(n, k, dtype=torch.uint8)
-    step = 256
-    for k0 in range(0, k, step):
-        c = min(step, k - k0)
-        eye = torch.zeros(c, k, dtype=torch.bfloat16)
-        eye[torch.arange(c), k0 + torch.arange(c)] = 1.0
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, group_size, sz)  # [c, n] = q - 8
-        q[:, k0:k0 + c] = (y.float() + 8.0).to(torch.uint8).t()
-    return pack_int4(q)
-
-
-# ----------------------------------------------------------------------------------------------------
 # model-level
 
 
@@ -597,7 +404,7 @@ def _linear_targets(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
+def quantize_model(model: nn.Module, scheme: QuantScheme | str, backend=None) -> nn.Module:
     """Swap every layer's four Linear modules for ``scheme``'s runtime module, in place; returns model.
 
     All shapes are checked before anything changes. Each float weight is released as soon as its
@@ -608,7 +415,7 @@ def quantize_model(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
     targets = _linear_targets(model)
     for name, parent, child in targets:
         mod = getattr(parent, child)
-        if isinstance(mod, (Int8Linear, Int4Linear)):
+        if isinstance(mod, _quantized_types()):
             raise ValueError(f"{name} is already quantized")
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"{name} is a {type(mod).__name__}, expected nn.Linear")
@@ -622,7 +429,7 @@ def quantize_model(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
         mod = getattr(parent, child)
         state = scheme.quantize(mod.weight)
         bias = None if mod.bias is None else mod.bias.detach()
-        setattr(parent, child, scheme.make_linear(state, bias))
+        setattr(parent, child, scheme.make_linear(state, bias, backend))
         del mod, state, bias  # the old Linear (and its float weight) is freed here
     model.quant_scheme = scheme
     return model
@@ -641,7 +448,7 @@ def save_quantized(source: nn.Module | Iterable[tuple[str, torch.Tensor]], path:
 
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(source, nn.Module):
-        quantized = {n: m for n, m in source.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+        quantized = {n: m for n, m in source.named_modules() if isinstance(m, _quantized_types())}
         if quantized:
             used = {m.scheme for m in quantized.values()}
             if len(used) > 1:
@@ -797,11 +604,13 @@ def load_quantized_tensors(path: str, config: ModelConfig, scheme: QuantScheme |
 
 @torch.no_grad()
 def install_quantized(model: nn.Module, scheme: QuantScheme | str,
-                      items: Iterable[tuple[str, Mapping[str, torch.Tensor]]]) -> nn.Module:
+                      items: Iterable[tuple[str, Mapping[str, torch.Tensor]]], backend=None,
+                      device: torch.device | str = "cpu") -> nn.Module:
     """Install ``(module name, tensors)`` items (from load_quantized_tensors or the GGUF direct path).
 
-    Quantized modules are replaced by ``scheme.make_linear``; other tensors are copied into (or, for
-    a meta-device model, become) the existing parameters, cast to their dtype. Raises CheckpointError
+    Quantized modules are replaced by ``scheme.make_linear`` for ``backend``, their state moved to
+    ``device`` first; other tensors are copied into (or, for a meta-device model, become) the existing
+    parameters on ``device``, cast to their dtype, one module at a time. Raises CheckpointError
     for an unknown module, a shape mismatch, or a module never provided.
     """
     scheme = get_scheme(scheme)
@@ -811,9 +620,10 @@ def install_quantized(model: nn.Module, scheme: QuantScheme | str,
     for name, tensors in items:
         if name in targets:
             parent, child = targets[name]
-            state = {k: v for k, v in tensors.items() if k != "bias"}
+            state = {k: v.to(device) for k, v in tensors.items() if k != "bias"}
+            bias = tensors.get("bias")
             try:
-                setattr(parent, child, scheme.make_linear(state, tensors.get("bias")))
+                setattr(parent, child, scheme.make_linear(state, None if bias is None else bias.to(device), backend))
             except ValueError as e:
                 raise CheckpointError(f"{name}: {e}") from None
         else:
@@ -829,7 +639,7 @@ def install_quantized(model: nn.Module, scheme: QuantScheme | str,
                     raise CheckpointError(f"checkpoint tensor {name}.{leaf} has shape {tuple(value.shape)}, "
                                           f"the model expects {tuple(param.shape)}")
                 if param.is_meta:
-                    setattr(module, leaf, nn.Parameter(value.to(param.dtype), requires_grad=False))
+                    setattr(module, leaf, nn.Parameter(value.to(device, param.dtype), requires_grad=False))
                 else:
                     param.data.copy_(value)
         pending.discard(name)
@@ -839,3 +649,15 @@ def install_quantized(model: nn.Module, scheme: QuantScheme | str,
                               + (" ..." if len(missing) > 5 else ""))
     model.quant_scheme = scheme
     return model
+
+
+_RUNTIME_NAMES = ("Int8Linear", "Int4Linear", "INT8_GEMM_MIN_ROWS")
+
+
+def __getattr__(name: str):
+    """The runtime modules live with the kernels (kernels/quant_linear.py), which build on the schemes
+    above: re-exported lazily, so either module may be imported first."""
+    if name in _RUNTIME_NAMES:
+        from kubeinfer.worker.kernels import quant_linear
+        return getattr(quant_linear, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from types import ModuleType
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 MAX_LOGPROBS = 20
-_ARGMAX_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ greedy_argmax reads
 # Smaller temperatures are raised to this: dividing by, say, 1e-30 overflows logits to inf and
 # softmax to NaN, while 1e-5 is already indistinguishable from greedy.
 MIN_TEMPERATURE = 1e-5
@@ -123,6 +122,7 @@ class SamplingBatch:
     seeded: list[tuple[int, torch.Generator]]  # non-greedy rows with their own RNG
     any_unseeded_random: bool
     max_logprobs: int | None             # largest `logprobs` asked for, None when no row asked
+    max_top_k: int = 0                   # largest top_k of a sampled row (read on the host, no sync)
 
     @property
     def plain_greedy(self) -> bool:
@@ -201,6 +201,7 @@ class SamplingBatch:
             seeded=[(i, generators[i]) for i in sampled if generators[i] is not None],
             any_unseeded_random=any(generators[i] is None for i in sampled),
             max_logprobs=max(asked) if asked else None,
+            max_top_k=max([min(params[i].top_k, vocab_size) for i in sampled], default=0),
         )
 
 
@@ -231,19 +232,27 @@ def apply_penalties(logits: Tensor, *, seen_mask: Tensor | None = None,
     return logits
 
 
-def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None) -> Tensor:
+def apply_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None, max_top_k: int | None = None,
+                      full_vocab: bool = False) -> Tensor:
     """Mask (to -inf, in place) tokens outside each row's top-k and outside its top-p nucleus.
 
     Per row, ``top_k`` 0 and ``top_p`` 1 mean off. Top-p applies to the distribution top-k leaves
     and keeps the smallest set of most likely tokens whose probability reaches p (at least one).
     Each filter becomes a logit threshold, so tokens tied with the last one kept are kept too.
+    ``max_top_k`` (the largest top_k, known on the host) spares reading it from the device;
+    ``full_vocab`` ranks the whole vocabulary at once (a GPU sorts it fast, and reading back whether
+    a narrower search sufficed would cost a host sync).
     """
     vocab = logits.shape[1]
     k = (top_k if top_k is not None else logits.new_zeros(len(logits), dtype=torch.long)).unsqueeze(1)
     p = top_p.unsqueeze(1) if top_p is not None else None
+    if full_vocab:
+        return logits.masked_fill_(logits < _filter_threshold(logits, k, p, vocab), -math.inf)
+    if max_top_k is None:
+        max_top_k = int(k.max())
     # A full sort of the vocabulary is slow on CPU (~25x a top-256 of 150k logits), and a nucleus
     # is nearly always narrow: look for it among the best TOP_P_CANDIDATES first.
-    m = min(vocab, max(int(k.max()), TOP_P_CANDIDATES if p is not None else 1))
+    m = min(vocab, max(max_top_k, TOP_P_CANDIDATES if p is not None else 1))
     threshold = _filter_threshold(logits, k, p, m)
     if threshold is None:
         threshold = _filter_threshold(logits, k, p, vocab)
@@ -284,10 +293,11 @@ def _exponential(shape: torch.Size, generator: torch.Generator | None, device: t
     return torch.empty(shape, device=on).uniform_(generator=generator).log_().neg_().to(device)
 
 
-def _first_max(logits: Tensor) -> Tensor:
+def first_max(logits: Tensor) -> Tensor:
     """Greedy token per row: ``max``'s indices follow argmax's rule (the first maximum, NaN wins)
-    and cost 2.6x less on this CPU (64 x 49152 fp32: 0.83 against 2.16 ms, every decode step)."""
+    and cost 2.6x less on a CPU (64 x 49152 fp32: 0.83 against 2.16 ms, every decode step)."""
     return logits.max(dim=-1).indices
+
 
 
 @dataclass
@@ -298,6 +308,13 @@ class SamplerOutput:
     logprobs: Tensor | None = None                  # [B] float32: logprob of the chosen token
     top_logprobs: tuple[Tensor, Tensor] | None = None  # ([B, K] ids, [B, K] logprobs), K = max asked > 0
 
+    def to_host(self) -> "SamplerOutput":
+        """Everything on the CPU: the step's one wait for the device (a no-op on a CPU)."""
+        if self.token_ids.device.type == "cpu":
+            return self
+        top = None if self.top_logprobs is None else (self.top_logprobs[0].cpu(), self.top_logprobs[1].cpu())
+        return SamplerOutput(self.token_ids.cpu(), None if self.logprobs is None else self.logprobs.cpu(), top)
+
 
 class Sampler:
     """Stateless: logits [B, V] + SamplingBatch -> SamplerOutput, one batched call per engine step.
@@ -306,32 +323,32 @@ class Sampler:
     top-p, min-p and a draw. Seeded rows draw from their own generator via the exponential race
     (argmax of probs / Exp(1) noise), so their tokens do not depend on the rest of the batch.
     Logits may be fp32 or the model's dtype: a plain-greedy batch takes its argmax as they are,
-    everything else widens them to fp32 first. The caller's logits are never modified.
-    ``kernels`` (the C++ CPU module) runs that argmax on CPU logits in one pass.
+    with the kernel backend's ``greedy_argmax`` (one C++ pass on a CPU); everything else widens them
+    to fp32 first. The caller's logits are never modified. ``full_vocab_filters`` (on a GPU) ranks
+    the whole vocabulary for top-k/top-p, so that sampling never waits on the device mid-step.
     """
 
-    def __init__(self, kernels: ModuleType | None = None) -> None:
-        self._greedy_argmax = kernels.greedy_argmax if kernels is not None else None
+    def __init__(self, greedy_argmax: Callable[[Tensor], Tensor] = first_max, full_vocab_filters: bool = False) -> None:
+        self._greedy_argmax = greedy_argmax
+        self._full_vocab = full_vocab_filters
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[1] != batch.vocab_size or logits.shape[0] != batch.greedy.shape[0]:
             raise ValueError(f"logits shape {tuple(logits.shape)} does not match the batch "
                              f"({batch.greedy.shape[0]} rows, vocab {batch.vocab_size})")
         if batch.plain_greedy:
-            if self._greedy_argmax is not None and logits.device.type == "cpu" and logits.dtype in _ARGMAX_DTYPES:
-                return SamplerOutput(self._greedy_argmax(logits))
-            return SamplerOutput(_first_max(logits))
+            return SamplerOutput(self._greedy_argmax(logits))
         logits = logits.float()
         if batch.any_penalty:
             logits = apply_penalties(logits, seen_mask=batch.seen_mask, repetition_penalty=batch.repetition_penalty,
                                      output_counts=batch.output_counts, presence_penalty=batch.presence_penalty,
                                      frequency_penalty=batch.frequency_penalty)
         if batch.all_greedy:
-            return self._output(_first_max(logits), logits, batch)
+            return self._output(first_max(logits), logits, batch)
 
         processed = logits / batch.temperature.unsqueeze(1)
         if batch.any_top_k or batch.any_top_p:
-            processed = apply_top_k_top_p(processed, batch.top_k, batch.top_p)
+            processed = apply_top_k_top_p(processed, batch.top_k, batch.top_p, batch.max_top_k, self._full_vocab)
         if batch.any_min_p:
             processed = apply_min_p(processed, batch.min_p)
         probs = processed.softmax(dim=-1)
@@ -342,7 +359,7 @@ class Sampler:
         token_ids = (probs / noise).argmax(dim=-1)
 
         if batch.any_greedy:
-            token_ids = torch.where(batch.greedy, _first_max(logits), token_ids)
+            token_ids = torch.where(batch.greedy, first_max(logits), token_ids)
             if batch.max_logprobs is not None:
                 processed = torch.where(batch.greedy.unsqueeze(1), logits, processed)
         return self._output(token_ids, processed, batch)

@@ -13,8 +13,6 @@ from typing import NamedTuple
 
 import torch
 
-from kubeinfer.worker.kernels.cpu import load_cpu_kernels
-
 
 class LayerKVCache(NamedTuple):
     """One layer's paged K and V. With an int8 cache, ``k``/``v`` are int8 and ``k_scale``/``v_scale``
@@ -59,7 +57,11 @@ class AttentionMetadata:
     The first ``num_decode_tokens`` tokens of the batch are decodes (one query per sequence), with
     ``decode_block_tables`` ``[D, max_blocks]`` and ``decode_mask`` ``[1, D, 1, max_blocks*block_size]``
     (True where a key is padding, i.e. past the end of that sequence). The remaining tokens are the
-    ``prefills``. The ``cpp`` backend reads ``decode_context_lens`` ``[D]`` instead of the mask.
+    ``prefills``. Each kernel backend fills the fields its kernels read (kernels/*_backend.py): the
+    C++ decode kernel reads ``decode_context_lens`` ``[D]`` instead of the mask; the Triton kernels
+    read the batch as query chunks (``cu_seqlens_q``, ``context_lens``, ``block_tables``) and, for a
+    step of decodes only, ``max_seq_len``: a host bound on any context, which sizes the split-KV grid
+    without reading the device (fixed for a CUDA graph).
     """
 
     slot_mapping: torch.Tensor
@@ -69,13 +71,17 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     key_workspace: torch.Tensor | None = None     # flat buffers reused by every layer's gathers
     value_workspace: torch.Tensor | None = None
-    backend: str = "torch"                        # "torch", "cpp" or "triton" (see kernels.attention_forward)
     decode_context_lens: torch.Tensor | None = None  # [D] int64, for the cpp decode kernel
     # The Triton path takes the whole batch as query chunks (a decode is a chunk of one):
     cu_seqlens_q: torch.Tensor | None = None      # [S+1] chunk boundaries in the flattened batch
     context_lens: torch.Tensor | None = None      # [S] cached prefix + this chunk
     block_tables: torch.Tensor | None = None      # [S, max_blocks]
     max_query_len: int = 0
+    max_seq_len: int | None = None
+
+    @property
+    def decode_only(self) -> bool:
+        return not self.prefills
 
 
 def write_kv(cache: LayerKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -126,34 +132,41 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
 
     ``q`` is ``[T, heads, d]``; ``k``/``v`` are this step's ``[T, kv_heads, d]`` (already written to
     the cache). Decodes attend through the block tables in one batched matmul; each prefill chunk is
-    one SDPA call. Grouped-query heads are handled by viewing queries as ``[kv_heads, group]`` so K/V
-    are never repeated.
+    one SDPA call.
     """
-    num_tokens, num_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        out[:nd] = decode_attention(q[:nd], cache, meta, scale)
+    prefill_attention(q, k, v, cache, meta, scale, out)
+    return out
+
+
+def decode_attention(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence ``[D, heads, d]`` against its cached keys, through ``meta``'s decode
+    block tables and padding mask. Grouped-query heads are handled by viewing queries as
+    ``[kv_heads, group]`` so K/V are never repeated."""
+    nd, num_heads, head_dim = q.shape
     kv_heads = cache.k.shape[0]
     group = num_heads // kv_heads
-    nd = meta.num_decode_tokens
-    if nd and meta.backend == "cpp":
-        decoded = load_cpu_kernels().decode_attention(q[:nd], cache.k, cache.v, meta.decode_block_tables,
-                                                      meta.decode_context_lens, scale)
-        if not meta.prefills:
-            return decoded
-        out = torch.empty_like(q)
-        out[:nd] = decoded
-    else:
-        out = torch.empty_like(q)
-    if nd and meta.backend != "cpp":
-        keys = _gather(cache.k, meta.decode_block_tables, meta.key_workspace, cache.k_scale)  # [kvh, D, L, d]
-        values = _gather(cache.v, meta.decode_block_tables, meta.value_workspace, cache.v_scale)
-        length = keys.shape[-2]
-        # bmm on explicit 3-D views: matmul would copy the transposed keys to fold the batch dims.
-        qd = q[:nd].view(nd, kv_heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
-        scores = torch.bmm(qd, keys.view(-1, length, head_dim).transpose(1, 2))  # [kvh*D, g, L]
-        scores = scores.view(kv_heads, nd, group, length).mul_(scale)
-        scores.masked_fill_(meta.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).view(-1, group, length)
-        o = torch.bmm(probs, values.view(-1, length, head_dim))                  # [kvh*D, g, d]
-        out[:nd] = o.view(kv_heads, nd, group, head_dim).transpose(0, 1).reshape(nd, num_heads, head_dim)
+    keys = _gather(cache.k, meta.decode_block_tables, meta.key_workspace, cache.k_scale)  # [kvh, D, L, d]
+    values = _gather(cache.v, meta.decode_block_tables, meta.value_workspace, cache.v_scale)
+    length = keys.shape[-2]
+    # bmm on explicit 3-D views: matmul would copy the transposed keys to fold the batch dims.
+    qd = q.reshape(nd, kv_heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
+    scores = torch.bmm(qd, keys.view(-1, length, head_dim).transpose(1, 2))  # [kvh*D, g, L]
+    scores = scores.view(kv_heads, nd, group, length).mul_(scale)
+    scores.masked_fill_(meta.decode_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(-1, group, length)
+    o = torch.bmm(probs, values.view(-1, length, head_dim))                  # [kvh*D, g, d]
+    return o.view(kv_heads, nd, group, head_dim).transpose(0, 1).reshape(nd, num_heads, head_dim)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
+                      meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+    """Each prefill chunk of ``meta`` in one SDPA call, written into its rows of ``out``. A chunk
+    starting at position 0 attends to its own K/V without touching the cache."""
+    group = q.shape[1] // cache.k.shape[0]
     for chunk in meta.prefills:
         qc = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)                # [1, h, n, d]
         if chunk.mask is None:
@@ -163,7 +176,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
             kc = _gather(cache.k, chunk.block_table, meta.key_workspace, cache.k_scale)[:, :chunk.context_len]
             vc = _gather(cache.v, chunk.block_table, meta.value_workspace, cache.v_scale)[:, :chunk.context_len]
         o = torch.nn.functional.scaled_dot_product_attention(
-            qc, kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=chunk.mask, is_causal=chunk.mask is None,
-            scale=scale, enable_gqa=group > 1)
+            qc, kc.unsqueeze(0).to(qc.dtype), vc.unsqueeze(0).to(qc.dtype), attn_mask=chunk.mask,
+            is_causal=chunk.mask is None, scale=scale, enable_gqa=group > 1)
         out[chunk.start:chunk.end] = o.squeeze(0).transpose(0, 1)
-    return out

@@ -7,41 +7,45 @@ four matmuls: fewer kernel launches and less Python per token on the decode path
 from __future__ import annotations
 
 import re
-from types import ModuleType
 from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubeinfer.worker.kernels import attention_forward
-from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache
+from kubeinfer.worker.kernels import torch_backend as reference
+from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, paged_attention, write_kv
 from kubeinfer.worker.models.config import CheckpointError, ModelConfig
-from kubeinfer.worker.models.rope import RotaryEmbedding, apply_rotary
+from kubeinfer.worker.models.rope import RotaryEmbedding
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _reference_attention(q, k, v, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention before ``bind``: the torch path, without a backend's reusable buffers."""
+    write_kv(cache, k, v, meta.slot_mapping)
+    return paged_attention(q, k, v, cache, meta, scale)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm; ``kernels`` (the C++ CPU module, set by ``use_cpu_kernels``) replaces torch's version,
-    whose reduction costs ~30 us per call at batch 1 on a small CPU against ~2 us for the kernel."""
+    """RMSNorm with the residual add fused in (vLLM's layer signature); its kernels are bound by
+    ``LlamaForCausalLM.bind`` (the torch reference until then)."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
-        self.kernels: ModuleType | None = None
+        self._norm = reference.rms_norm
+        self._add_norm_ = reference.add_rms_norm_
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``: the residual add
-        fused into the norm, one pass over the hidden states instead of two (the C++ kernel adds in
-        place into ``residual``, which the caller owns)."""
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``: one pass over the
+        hidden states instead of two. The sum is written into ``residual``, which the caller owns."""
         if residual is None:
-            if self.kernels is not None and x.dim() == 2:
-                return self.kernels.rms_norm(x, self.weight, self.eps)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        if self.kernels is not None and x.dim() == 2:
-            return self.kernels.add_rms_norm_(x, residual, self.weight, self.eps), residual
-        residual = x + residual
-        return F.rms_norm(residual, self.weight.shape, self.weight, self.eps), residual
+            return self._norm(x, self.weight, self.eps)
+        return self._add_norm_(x, residual, self.weight, self.eps), residual
 
 
 class Attention(nn.Module):
@@ -53,22 +57,18 @@ class Attention(nn.Module):
         self.scale = c.head_dim ** -0.5
         self.qkv_proj = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False)
-        self.kernels: ModuleType | None = None  # the C++ CPU kernels (LlamaForCausalLM.use_cpu_kernels)
+        self._rotary_ = reference.rotary_
+        self._attention = _reference_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        # q and k heads are adjacent: rotate them in one call, then split.
-        if self.kernels is not None:
-            self.kernels.rotary_(qkv, cos, sin, self.num_heads + self.num_kv_heads)  # qkv is ours to modify
-            qk = qkv[:, : self.num_heads + self.num_kv_heads]
-        else:
-            qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.num_heads + self.num_kv_heads:]
-        o = attention_forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(o.view(t, self.q_size))
+        # q and k heads are adjacent: rotate them in one call (in place: qkv is ours), then split.
+        self._rotary_(qkv, cos, sin, self.num_heads + self.num_kv_heads)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        o = self._attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
@@ -77,19 +77,12 @@ class MLP(nn.Module):
         self.intermediate = c.intermediate_size
         self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self.kernels: ModuleType | None = None  # the C++ CPU kernels (LlamaForCausalLM.use_cpu_kernels)
-        # Set by pack_bf16_weights when gate_up_proj became an AMX PackedLinear(swiglu=True), whose
-        # output is already silu(gate) * up.
-        self.swiglu_fused = False
+        # silu(gate) * up; the identity when gate_up_proj already returns it (an AMX PackedLinear
+        # with its SwiGLU fused, swapped in by pack_bf16_weights).
+        self._act = reference.silu_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu_fused:
-            return self.down_proj(self.gate_up_proj(x))
-        gate_up = self.gate_up_proj(x)
-        if self.kernels is not None and gate_up.dim() == 2:
-            return self.down_proj(self.kernels.silu_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+        return self.down_proj(self._act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -138,16 +131,21 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, kv, meta)
         return self.norm(x, residual)[0]
 
-    def use_cpu_kernels(self, kernels: ModuleType) -> None:
-        """Run every RMSNorm, rotary embedding, SwiGLU gate and quantized matmul (the int8 head
-        included) through the C++ CPU kernels: an fp32 or bf16 model on the ``cpp`` backend (the
-        quantized matmuls keep their torch path for bf16 activations)."""
-        from kubeinfer.worker.quant import Int4Linear, Int8Linear
-        for module in [*self.modules(), self.quantized_head]:
-            if isinstance(module, (RMSNorm, Attention, MLP, Int8Linear, Int4Linear)):
-                module.kernels = kernels
+    def bind(self, backend) -> None:
+        """Hand every layer its kernels from ``backend`` (a kernels.backend.KernelBackend), once:
+        the norms, the rotary embedding, attention and the SwiGLU gate (unless gate_up_proj fuses
+        it). Quantized and packed linears were swapped in already, when they were built."""
+        from kubeinfer.worker.kernels.packed_linear import PackedLinear
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module._norm, module._add_norm_ = backend.rms_norm, backend.add_rms_norm_
+            elif isinstance(module, Attention):
+                module._rotary_, module._attention = backend.rotary_, backend.attention
+            elif isinstance(module, MLP):
+                fused = isinstance(module.gate_up_proj, PackedLinear) and module.gate_up_proj.swiglu
+                module._act = _same if fused else backend.silu_mul
 
-    def pack_bf16_weights(self, kernels: ModuleType | None = None) -> int:
+    def pack_bf16_weights(self, kernels=None) -> int:
         """bf16 on a CPU: every linear into a packed layout (kernels/packed_linear.py): AMX tiles
         when ``kernels`` (the C++ module) can run them, with each gate|up weight fused with its
         SwiGLU, else oneDNN's. A tied head gets a packed copy of the embedding (lookups keep the
@@ -162,7 +160,7 @@ class LlamaForCausalLM(nn.Module):
             if (amx is not None and type(gate_up) is nn.Linear and gate_up.weight.dtype == torch.bfloat16
                     and amx_fits(gate_up.weight.shape, swiglu=True)):
                 mlp.gate_up_proj = PackedLinear(gate_up.weight, gate_up.bias, amx=amx, swiglu=True)
-                mlp.swiglu_fused = True
+                mlp._act = _same
                 packed += 1
         packed += pack_bf16_linears(self, amx)
         if packed and self.lm_head is None and self.quantized_head is None:
@@ -181,7 +179,7 @@ class LlamaForCausalLM(nn.Module):
             logits = F.linear(hidden, self.embed_tokens.weight)
         return logits.float() if widen else logits
 
-    def quantize_head(self) -> None:
+    def quantize_head(self, backend=None) -> None:
         """Run the LM head as int8 per-channel (the largest matrix: a third of a small model's bytes).
 
         The float head (or the tied embedding, still used for lookups) stays; a tied model gains an
@@ -190,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         from kubeinfer.worker.quant import Int8WeightOnly
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         scheme = Int8WeightOnly()
-        self.quantized_head = scheme.make_linear(scheme.quantize(weight.detach()))
+        self.quantized_head = scheme.make_linear(scheme.quantize(weight.detach()), None, backend)
         if self.lm_head is not None:
             self.lm_head = None  # untied: the float head is no longer needed
             self.embed_tokens.weight.requires_grad_(False)

@@ -53,14 +53,20 @@ def load_model_info(path: str | None) -> tuple[ModelConfig, Tokenizer]:
 
 
 def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None = None,
-               quantization: str | None = None, group_size: int | None = None) -> LoadedModel:
-    """Build the model on the CPU and fill it tensor by tensor (peak memory: model + one tensor).
+               quantization: str | None = None, group_size: int | None = None, backend=None) -> LoadedModel:
+    """Build the model on ``backend``'s device (a kernels.backend.KernelBackend; default: the torch
+    backend on the CPU) and fill it tensor by tensor, each tensor read from the file, cast, and
+    copied to the device on its own (peak host memory: one tensor; no full float copy on the host).
 
-    ``quantization`` swaps the per-layer linears for int8 / int4 modules: GGUF Q8_0 / Q4_x tensors go
-    straight into those formats, float weights are quantized one matrix at a time. A checkpoint saved
-    by ``kubeinfer quantize`` loads in its own scheme.
+    ``quantization`` swaps the per-layer linears for int8 / int4 modules of the backend's kernels:
+    GGUF Q8_0 / Q4_x tensors go straight into those formats, float weights are quantized one matrix
+    at a time on the device. A checkpoint saved by ``kubeinfer quantize`` loads in its own scheme.
+    The model is returned bound to the backend's kernels (``LlamaForCausalLM.bind``).
     """
     from kubeinfer.worker import quant
+    if backend is None:
+        from kubeinfer.worker.kernels.torch_backend import TorchBackend
+        backend = TorchBackend("cpu", dtype)
     path = resolve_model_path(path)
     scheme = quant.get_scheme(quantization, group_size) if quantization else None
     if os.path.isdir(path):
@@ -74,7 +80,7 @@ def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None =
             if len(files) != 1:
                 raise CheckpointError(f"{path}: a quantized checkpoint is one safetensors file, found {len(files)}")
             scheme, items = quant.load_quantized_tensors(files[0], config)
-            return _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, path)
+            return _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, path, backend)
     elif _is_gguf(path):
         from kubeinfer.worker.models import gguf
         reader = gguf.open_gguf(path)
@@ -83,37 +89,49 @@ def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None =
         if scheme is not None:
             from kubeinfer.worker.models.gguf_quant import iter_gguf_quantized
             items = iter_gguf_quantized(reader, config, scheme, dtype)
-            return _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, path)
+            return _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, path, backend)
         tensors = gguf.iter_gguf_tensors(reader, config, dtype)
     else:
         raise CheckpointError(
             f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors + tokenizer.json) "
             "nor a GGUF file")
-    loaded = build_model(config, tensors, tokenizer, dtype, max_positions, source=path)
+    loaded = build_model(config, tensors, tokenizer, dtype, max_positions, source=path, backend=backend)
     if scheme is not None:
-        quant.quantize_model(loaded.model, scheme)
-        loaded.model.quantize_head()
+        quant.quantize_model(loaded.model, scheme, backend)
+        loaded.model.quantize_head(backend)
+    return _finish(loaded, backend)
+
+
+def _finish(loaded: LoadedModel, backend) -> LoadedModel:
+    """The backend's packing, then its kernels bound into every layer."""
+    backend.prepare_model(loaded.model)
+    loaded.model.bind(backend)
     return loaded
 
 
-def _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, source) -> LoadedModel:
+def _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, source, backend) -> LoadedModel:
     """Install already-quantized modules into a meta-device model: no float copy of those weights."""
     from kubeinfer.worker import quant
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions or config.max_position_embeddings, dtype).to(dtype)
-    quant.install_quantized(model, scheme, items)
-    model.quantize_head()
+    quant.install_quantized(model, scheme, items, backend, backend.device)
+    model.rotary.to_(backend.device)
+    model.quantize_head(backend)
     model.eval()
-    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source)
+    return _finish(LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source), backend)
 
 
 def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], tokenizer: Tokenizer,
-                dtype: torch.dtype, max_positions: int | None = None, source: str = "") -> LoadedModel:
-    """Allocate the model for ``config`` and fill it from Hugging Face-named ``tensors``."""
+                dtype: torch.dtype, max_positions: int | None = None, source: str = "",
+                backend=None) -> LoadedModel:
+    """Allocate the model for ``config`` on ``backend``'s device (the CPU without one) and fill it
+    from Hugging Face-named ``tensors``, one at a time. Not yet bound to kernels (load_model does)."""
+    device = backend.device if backend is not None else torch.device("cpu")
     positions = max_positions or config.max_position_embeddings
     with torch.device("meta"):  # no memory until to_empty, and no random init we would overwrite
         model = LlamaForCausalLM(config, positions, dtype).to(dtype)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
+    model.rotary.to_(device)
     with torch.no_grad():
         model.load_weights(tensors)
     model.eval()

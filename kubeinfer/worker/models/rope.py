@@ -40,6 +40,11 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(dtype)
         self.sin = emb.sin().to(dtype)
 
+    def to_(self, device: torch.device | str) -> "RotaryEmbedding":
+        """Move the tables to the model's device (they are not buffers: built outside any device context)."""
+        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        return self
+
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin as ``[T, 1, head_dim]``, gathered once per step and shared by every layer."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)

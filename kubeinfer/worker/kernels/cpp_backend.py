@@ -1,0 +1,80 @@
+"""The C++ CPU backend: the kernels of cpu_kernels.cpp, paged_attention.cpp and amx_linear.cpp."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, prefill_attention
+from kubeinfer.worker.kernels.backend import StepInputs
+from kubeinfer.worker.kernels.cpu import load_cpu_kernels
+from kubeinfer.worker.kernels.torch_backend import TorchBackend
+
+
+class CppBackend(TorchBackend):
+    """fp32 or bf16 models on a CPU with a float KV cache (select_backend checks it).
+
+    At batch 1 a decode step's tensors are a few KB, so each torch op costs its dispatch, not its
+    arithmetic; these kernels fold each op into one call. The norm, rotary, SwiGLU, K/V-write and
+    decode-attention kernels are the compiled functions themselves (no Python between the module and
+    the kernel). Prefill chunks keep SDPA. Quantized linears take the C++ int8 GEMV / int4 path for
+    fp32 activations and aten's kernels for bf16 ones. bf16 linears are packed into AMX tiles where
+    the CPU has AMX (gate|up fused with its SwiGLU), else oneDNN's layout.
+    """
+
+    name = "cpp"
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 kv_int8: bool = False) -> None:
+        super().__init__(device, dtype, kv_int8)
+        kernels = load_cpu_kernels()
+        if kernels is None:
+            raise ValueError("the C++ CPU kernels could not be built here (see the log)")
+        self.kernels = kernels
+        self.rms_norm = kernels.rms_norm
+        self.add_rms_norm_ = kernels.add_rms_norm_
+        self.rotary_ = kernels.rotary_
+        self.silu_mul = kernels.silu_mul
+        self.greedy_argmax = kernels.greedy_argmax
+        self._write_kv = kernels.write_kv
+        self._decode = kernels.decode_attention
+
+    def quantized_linear(self, scheme, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
+        from kubeinfer.worker.kernels import quant_linear as ql
+        if self.dtype != torch.float32:  # bf16 activations: aten's kernels are the fast path
+            return super().quantized_linear(scheme, state, bias)
+        q = state["qweight"]
+        if scheme.name == "int8":
+            if not ql.aten_int8_fits(q.shape[1]):
+                return super().quantized_linear(scheme, state, bias)
+            return ql.CppInt8Linear(q, state["scales"], bias, kernels=self.kernels)
+        if not ql.aten_int4_fits(q.shape[0], 2 * q.shape[1], scheme.group_size):
+            return super().quantized_linear(scheme, state, bias)
+        return ql.CppInt4Linear(q, state["scales"], state["mins"], scheme.group_size, bias, kernels=self.kernels)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        if self.dtype == torch.bfloat16:
+            model.pack_bf16_weights(self.kernels)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
+                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        self._write_kv(k, v, cache.k, cache.v, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if not meta.prefills:
+            return self._decode(q, cache.k, cache.v, meta.decode_block_tables, meta.decode_context_lens, scale)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self._decode(q[:nd], cache.k, cache.v, meta.decode_block_tables,
+                                    meta.decode_context_lens, scale)
+        prefill_attention(q, k, v, cache, meta, scale, out)
+        return out
+
+    def attention_metadata(self, step: StepInputs, kv_caches: list[LayerKVCache]) -> AttentionMetadata:
+        # The decode kernel reads the cache through the tables itself: no mask, no gather buffer.
+        meta = self._common_metadata(step)
+        gathered = max([0] + [c.block_table.numel() for c in meta.prefills if c.mask is not None])
+        if gathered:
+            meta.key_workspace, meta.value_workspace = self._workspace(kv_caches[0].k, gathered)
+        return meta
