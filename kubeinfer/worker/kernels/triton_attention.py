@@ -12,7 +12,9 @@ or ``[num_blocks, block_size, num_kv_heads, head_dim]`` by default; token slot `
 An int8 cache has int8 K/V of that shape and fp32 scales shaped like the cache minus head_dim, one per
 (token, kv head): ``scale = max(amax|x| over head_dim, 1e-8) / 127``, ``q = round(x / scale)`` (half
 to even) clamped to [-127, 127] -- :func:`kubeinfer.worker.kernels.attention.quantize_kv_int8`'s
-format, bit for bit: the write kernel divides with IEEE rounding like torch does.
+format, bit for bit as torch computes it on the CPU: the write kernel divides with IEEE rounding
+(``div_rn``; ``/`` on fp32 is approximate on the GPU). torch on CUDA divides by a Python scalar through
+its reciprocal, so a scale it computes there can differ from ours in the last bit.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ if triton is not None:
     def _quantize_rows(x, mask):
         """Symmetric int8 of the rows of fp32 ``x`` (masked entries must be 0): ``(int8 q, fp32 scales)``.
 
-        Bit-exact with torch: IEEE divisions (``/`` on fp32 is approximate on the GPU) and an exact
-        round-half-to-even built from floor, as ``torch.round`` rounds.
+        Bit-exact with torch on the CPU: IEEE divisions and an exact round-half-to-even built from
+        floor (every step is exact for |y| <= 127), as ``torch.round`` rounds.
         """
         amax = tl.max(tl.abs(x), axis=1)
         scale = tl.math.div_rn(tl.maximum(amax, 1e-8), 127.0)
@@ -138,7 +140,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
     A float cache receives the values cast to its dtype. An int8 cache needs ``k_scales``/``v_scales``
     and receives each (token, kv head) row quantized in the kernel, in the module docstring's format
-    (bit-identical to ``quantize_kv_int8``). One launch, no host sync.
+    (bit-identical to ``quantize_kv_int8`` on the CPU). One launch, no host sync.
     """
     num_tokens, kv_heads, head_dim = k.shape
     kc, vc = cache_views(k_cache, v_cache, heads_first)

@@ -300,7 +300,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), out.stride(0), out.stride(1), block_size, num_heads, parts,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=pow2(group), BLOCK_D=block_d, BLOCK_N=block_n,
         PARTITION=DECODE_PARTITION_SIZE, SPLIT=split, KV_INT8=k_scales is not None, UPCAST=upcast(q.dtype),
-        num_warps=4, num_stages=2)
+        # head_dim 128 on 4 warps needs > 255 registers a thread (ptxas spills, sm_90); 8 warps do not.
+        num_warps=8 if block_d >= 128 else 4, num_stages=2)
     if split:
         _combine_kernel[(num_seqs, num_heads)](
             ml, partials, seq_lens, out, out.stride(0), out.stride(1), num_heads, parts,
