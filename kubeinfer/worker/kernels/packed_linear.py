@@ -51,12 +51,17 @@ class PackedLinear(nn.Module):
             torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
         self.weight_nbytes = weight.numel() * weight.element_size()
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self._run = self._amx if amx is not None else self._onednn  # decided once, by the packing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.dtype != torch.bfloat16:
             raise ValueError(f"PackedLinear expects bf16 [T, {self.in_features}], got {x.dtype} {tuple(x.shape)}")
-        if self.amx is not None:
-            return self.amx.amx_linear(x, self.packed, self.bias, self.out_features, self.swiglu)
+        return self._run(x)
+
+    def _amx(self, x: torch.Tensor) -> torch.Tensor:
+        return self.amx.amx_linear(x, self.packed, self.bias, self.out_features, self.swiglu)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -55,8 +55,7 @@ class TorchBackend(KernelBackend):
     def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  kv_int8: bool = False) -> None:
         super().__init__(device, dtype, kv_int8)
-        self._workspaces = (torch.empty(0, dtype=dtype, device=self.device),
-                            torch.empty(0, dtype=dtype, device=self.device))
+        self._workspaces: tuple[torch.Tensor, torch.Tensor] | None = None  # allocated by the first step
 
     # ---- model build ----------------------------------------------------------------------------
 
@@ -123,7 +122,7 @@ class TorchBackend(KernelBackend):
     def _workspace(self, cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Grow-only gather buffers for K and V, so steps stop allocating (and faulting in) fresh memory."""
         need = gather_workspace_size(cache, num_blocks)
-        if self._workspaces[0].numel() < need:
+        if self._workspaces is None or self._workspaces[0].numel() < need:
             need = int(need * 1.25)  # headroom: contexts grow a block at a time
             self._workspaces = (torch.empty(need, dtype=self.dtype, device=self.device),
                                 torch.empty(need, dtype=self.dtype, device=self.device))
