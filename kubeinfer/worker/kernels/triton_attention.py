@@ -1,9 +1,9 @@
 """Paged attention as Triton kernels: the KV-cache write, chunked prefill, and (re-exported) decode.
 
 This module is the import surface of the attention kernels: :func:`write_kv_cache`,
-:func:`prefill_attention`, :func:`paged_decode_attention` (defined in
-:mod:`kubeinfer.worker.kernels.triton_decode`, with :func:`decode_partitions` and
-``DECODE_PARTITION_SIZE``) and :func:`triton_available`.
+:func:`prefill_attention`, :func:`paged_decode_attention` and :func:`decode_partitions` (defined in
+:mod:`kubeinfer.worker.kernels.triton_decode`, whose ``DECODE_PARTITION_SIZE`` sets the split-KV
+partition; set it there, this module holds no copy) and :func:`triton_available`.
 
 Cache layout (see triton_decode's docstring for the details): per layer, K and V are each
 ``[num_kv_heads, num_blocks, block_size, head_dim]`` with ``heads_first=True`` (the engine's layout),
@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from kubeinfer.worker.kernels.triton_decode import (  # noqa: F401 (re-exported: the stable surface)
-    DECODE_PARTITION_SIZE, _INTERPRET, cache_views, decode_partitions, paged_decode_attention, pow2,
-    scale_views, triton, upcast)
+    _INTERPRET, cache_views, decode_partitions, paged_decode_attention, pow2, scale_views, triton, upcast)
 
 if triton is not None:
     import triton.language as tl
