@@ -215,8 +215,8 @@ class TritonInt4Linear(Int4Linear):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__(qweight, scales, mins, group_size, bias)
-        from kubeinfer.worker.kernels import triton_matmul
-        self._matmul = getattr(triton_matmul, "w4a16_matmul_mins", None) or triton_matmul.w4a16_matmul
+        from kubeinfer.worker.kernels.triton_matmul import w4a16_matmul
+        self._matmul = w4a16_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x, self.qweight, self.scales, self.mins, self.group_size)
