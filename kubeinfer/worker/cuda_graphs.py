@@ -34,6 +34,7 @@ class DecodeGraphs:
     the cache; ``run`` returns a view of the graph's output that is valid until the next replay.
     """
 
+    @torch.inference_mode()  # the static buffers are inference tensors, written only in inference mode
     def __init__(self, model: torch.nn.Module, kv_caches: list[LayerKVCache], backend: KernelBackend,
                  max_batch_size: int, max_blocks_per_seq: int) -> None:
         if not backend.supports_cuda_graphs or backend.device.type != "cuda":
@@ -63,6 +64,7 @@ class DecodeGraphs:
         torch.cuda.synchronize(dev)
         log.info("captured CUDA graphs for decode batches of %s", self.sizes)
 
+    @torch.inference_mode()
     def run(self, step: StepInputs) -> torch.Tensor | None:
         """Replay the bucket that fits this decode step; None when none does (run it eagerly)."""
         n = len(step.input_ids)

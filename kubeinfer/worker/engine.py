@@ -61,6 +61,7 @@ class Engine:
         config = config or EngineConfig(**overrides)
         self.config = config
         device = config.resolve_device()  # a missing GPU is reported before anything is loaded
+        self.device = device
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         kv_int8 = config.kv_cache_dtype == "int8"
@@ -121,7 +122,6 @@ class Engine:
                                   kv_int8, compile_decode=config.compile)
         if device.type == "cuda" and self.backend.supports_cuda_graphs and not config.enforce_eager:
             self.runner.capture_cuda_graphs(config.max_num_seqs)
-        self.device = device
         self.requests: dict[str, _Request] = {}
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._prompt_tokens = 0
@@ -209,7 +209,7 @@ class Engine:
         reqs = [self.requests[s.request_id] for s in seqs]
         return SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                    [s.output_token_ids for s in seqs], [r.generator for r in reqs],
-                                   self.model_config.vocab_size)
+                                   self.model_config.vocab_size, self.device)
 
     def _append_token(self, seq: Sequence, token: int, row: int, result, now: float) -> RequestOutput:
         req = self.requests[seq.request_id]

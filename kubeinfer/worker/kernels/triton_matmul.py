@@ -221,5 +221,3 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, m
                    block_k=group_size)
 
 
-# quant.Int4Linear calls this name; kept until the engine calls w4a16_matmul.
-w4a16_matmul_mins = w4a16_matmul
