@@ -201,7 +201,9 @@ def test_bench_without_a_server_loads_an_in_process_stack_built_from_the_engine_
     summary = json.loads(capsys.readouterr().out)
     assert summary["completed"] == 3 and summary["output_tokens"] == 12
     assert main(["bench", *flags, *load]) == 0
-    assert "against an in-process engine" in capsys.readouterr().out
+    assert f"against an in-process engine ({model_dir}, device cpu, float32)" in capsys.readouterr().out
+    (model,) = in_process_app(build_parser().parse_args(["bench", "--device", "auto"])).models
+    assert model.engine["device"] in ("cpu", "cuda:0")  # what auto resolved to, as the report says
 
 
 # ---- the load generator ---------------------------------------------------------------------------

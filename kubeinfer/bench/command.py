@@ -50,9 +50,10 @@ def in_process_app(args: argparse.Namespace):
     of error before any weights load."""
     from kubeinfer.cli import engine_config_from_args, engine_kwargs_from_args
     from kubeinfer.serve.config import ENGINE_KEYS, AppConfig, ModelSpec
-    engine_config_from_args(args)
+    device = str(engine_config_from_args(args).resolve_device())  # "auto" made concrete, for the report
     kwargs = engine_kwargs_from_args(args)
     engine = {k: v for k, v in kwargs.items() if k in ENGINE_KEYS and v is not None}
+    engine["device"] = device
     model = ModelSpec(name="bench", uri=args.model or "builtin://smollm2-135m", quantization=args.quantization,
                       max_model_len=args.max_model_len, engine=engine, num_replicas=1)
     return AppConfig(models=[model])
@@ -89,7 +90,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             records = asyncio.run(_load_in_process(router, workload, spec))
         finally:
             shutdown_local_router(router)
-        target = f"an in-process engine ({args.model or 'the bundled model'}, device {args.device}, {args.dtype})"
+        target = (f"an in-process engine ({args.model or 'the bundled model'}, device "
+                  f"{app.models[0].engine['device']}, {args.dtype})")
     summary = summarize(records)
     if args.json:
         print(json.dumps(summary, indent=2))
