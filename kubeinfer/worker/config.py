@@ -100,7 +100,7 @@ class EngineConfig:
             if not torch.cuda.is_available():
                 raise ValueError(f"device {self.device!r} was asked for, but this machine has no CUDA device "
                                  f"that torch {torch.__version__} can use (torch.cuda.is_available() is False); "
-                                 "use --device cpu or auto")
+                                 "run it on the CPU (device cpu or auto) or where a GPU is")
             index = device.index or 0
             if index >= torch.cuda.device_count():
                 raise ValueError(f"device {self.device!r}: this machine has {torch.cuda.device_count()} CUDA "
