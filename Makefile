@@ -53,3 +53,11 @@ proto: install-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# On a CUDA machine: the CUDA tests, then benchmarks/gpu.py, then a summary table, with no install and no
+# network (the source tree on PYTHONPATH). GPU_PYTHON defaults to .venv/bin/python when it sees CUDA,
+# else python3; with OUT set the whole output also goes to $(OUT)/gpu-check.log. Without CUDA it prints
+# one line saying why it skipped and exits 0. Details: scripts/gpu_check.sh.
+.PHONY: gpu-check
+gpu-check:
+	@GPU_PYTHON="$(GPU_PYTHON)" bash scripts/gpu_check.sh
