@@ -47,8 +47,14 @@ class Ctx:
 
     def row(self, what: str, value: float | None, unit: str, target: str = "", ok: bool | None = None) -> None:
         """One summary line; ``ok`` None means the figure has no target (printed, never judged)."""
-        shown = "n/a" if value is None else (f"{value:.2f}{unit}" if unit == "x" else f"{value:,.1f} {unit}")
-        verdict = "" if ok is None else ("PASS" if ok else "MISS")
+        if value is None:
+            shown = "n/a"
+        elif unit == "x":
+            shown = f"{value:.2f}x"
+        else:
+            shown = f"{value:,.1f} {unit}".rstrip() if unit else f"{value:g}"
+        # --smoke figures are CPU timings of tiny shapes: judging them against GPU targets means nothing.
+        verdict = "" if ok is None else "(smoke)" if self.smoke else ("PASS" if ok else "MISS")
         self.summary.append((what, shown, target, verdict))
 
 
