@@ -21,17 +21,17 @@ MAX_ERR = 2e-2  # bf16 outputs of softmax-weighted N(0, 1) values: rounding is ~
 
 
 def paged_inputs(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator):
-    """Scatter contiguous ``[B, KVH, L, d]`` K/V into a blocks-first paged cache
-    ``[num_blocks, block_size, KVH, d]`` through a random block table (as a long-running pool ends up)."""
+    """Scatter contiguous ``[B, KVH, L, d]`` K/V into the engine's paged layout (heads first,
+    ``[KVH, num_blocks, block_size, d]``) through a random block table (as a long-running pool ends up)."""
     b, kvh, length, d = k.shape
     nb = -(-length // BLOCK_SIZE)
     pad = nb * BLOCK_SIZE - length
     tables = torch.randperm(b * nb, generator=gen, device=k.device).to(torch.int32).view(b, nb)
     caches = []
     for x in (k, v):
-        x = F.pad(x, (0, 0, 0, pad)).view(b, kvh, nb, BLOCK_SIZE, d).permute(0, 2, 3, 1, 4)
-        cache = torch.empty(b * nb, BLOCK_SIZE, kvh, d, dtype=x.dtype, device=x.device)
-        cache[tables.flatten().long()] = x.reshape(b * nb, BLOCK_SIZE, kvh, d)
+        x = F.pad(x, (0, 0, 0, pad)).view(b, kvh, nb, BLOCK_SIZE, d).transpose(0, 1)
+        cache = torch.empty(kvh, b * nb, BLOCK_SIZE, d, dtype=x.dtype, device=x.device)
+        cache[:, tables.flatten().long()] = x.reshape(kvh, b * nb, BLOCK_SIZE, d)
         caches.append(cache)
     lens = torch.full((b,), length, dtype=torch.int32, device=k.device)
     return caches[0], caches[1], tables, lens
@@ -46,7 +46,7 @@ def attention_case(ctx: Ctx, paged_decode_attention, extra_arg: bool, heads: int
     v = torch.randn(shape, generator=gen, device=ctx.device, dtype=ctx.dtype)
     scale = 1 / math.sqrt(d)
     kc, vc, tables, lens = paged_inputs(k, v, gen)
-    kw = {"max_seq_len": length} if extra_arg else {}
+    kw = {"heads_first": True, **({"max_seq_len": length} if extra_arg else {})}
 
     def ours():
         return paged_decode_attention(q, kc, vc, tables, lens, scale, **kw)
@@ -76,7 +76,7 @@ def section_attention(ctx: Ctx) -> None:
     models, batches, contexts = ((SMOKE_MODELS, SMOKE_BATCHES, SMOKE_CONTEXTS) if ctx.smoke
                                  else (ATTN_MODELS, BATCHES, CONTEXTS))
     copy_bps = copy_bandwidth(ctx)
-    print(f"{ctx.dtype}, block size {BLOCK_SIZE}, blocks in random order; median times "
+    print(f"{ctx.dtype}, the engine's heads-first cache, block size {BLOCK_SIZE}, blocks in random order; median times "
           f"({'triton.testing.do_bench, L2 flushed' if ctx.cuda else 'wall clock, interpreter: meaningless'}); "
           f"GB/s counts K+V once; max_seq_len passed: {extra_arg}")
     print(f"{'case':<34} {'kubeinfer':>10} {'SDPA':>10} {'ratio':>7} {'GB/s':>7} {'of copy':>8} {'max err':>8}")
