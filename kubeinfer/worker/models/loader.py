@@ -30,7 +30,7 @@ class LoadedModel:
 def resolve_model_path(path: str | None) -> str:
     """None and ``builtin://smollm2-135m`` mean the bundled default model."""
     if path is None or path == "builtin://smollm2-135m":
-        from kubeinfer.worker.models.gguf import default_model_path
+        from kubeinfer.worker.models.default_model import default_model_path
         return default_model_path()
     if not os.path.exists(path):
         raise CheckpointError(f"model path {path!r} does not exist")
