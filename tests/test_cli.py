@@ -119,6 +119,21 @@ def test_serve_settings_are_ones_the_engine_takes():
     assert EngineConfig(**serve_app("--cpus-per-replica", "2").models[0].replica_engine_kwargs()).num_threads == 2
 
 
+def test_serve_reserves_a_gpu_when_asked_for_cuda(monkeypatch):
+    """``--device cuda`` alone reserves one GPU per replica; ``auto`` does on a local Ray only where
+    torch sees a GPU (this machine has none; a GPU box is stood in for by torch's answer)."""
+    (model,) = serve_app("--device", "cuda").models
+    assert model.ray_actor_options["num_gpus"] == 1 and model.engine["device"] == "cuda"
+    (model,) = serve_app().models
+    assert "num_gpus" not in model.ray_actor_options and model.engine["device"] == "cpu"
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (model,) = serve_app().models
+    assert model.ray_actor_options["num_gpus"] == 1 and model.engine["device"] == "cuda"
+    (model,) = serve_app("--address", "auto").models  # a remote cluster: this machine's GPU says nothing
+    assert "num_gpus" not in model.ray_actor_options
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (("--device", "cuda", "--gpus-per-replica", "0"), "device 'cuda' needs a GPU reserved per replica"),
     (("--device", "cpu", "--gpus-per-replica", "1"), "reserve a GPU the replica never uses"),

@@ -26,8 +26,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "--gpu-memory-utilization leaves after the weights and activations)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                    help="where each replica runs its engine: auto means cuda with --gpus-per-replica > 0 "
-                        "and cpu without (a replica uses no GPU Ray did not reserve for it); cuda needs "
-                        "--gpus-per-replica")
+                        "and cpu without (a replica uses no GPU Ray did not reserve for it); cuda reserves "
+                        "one GPU per replica unless --gpus-per-replica says otherwise")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="on a GPU: the fraction of its memory each replica's engine may use, the KV cache "
                         "taking what weights and activations leave (default 0.9)")
@@ -40,8 +40,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
     p.add_argument("--compile", action="store_true", help="torch.compile decode steps in every replica")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
-    p.add_argument("--gpus-per-replica", type=float, default=0.0,
-                   help="GPUs each replica reserves from Ray (1 to run it on CUDA)")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs each replica reserves from Ray (default: 1 with --device cuda, or with --device "
+                        "auto on a local Ray where torch sees a GPU; else 0)")
     p.add_argument("--policy", default="power_of_two", choices=POLICY_NAMES)
     p.add_argument("--batch-window-ms", type=float, default=0.0, help="router micro-batching window (0: off)")
     p.add_argument("--max-batch-size", type=int, default=8)
@@ -65,11 +66,15 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         if args.target_ongoing_requests is not None:
             autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
     name = args.name or _default_name(args.model)
-    if args.gpus_per_replica < 0:
-        raise ValueError(f"--gpus-per-replica must be >= 0, got {args.gpus_per_replica:g}")
+    gpus = args.gpus_per_replica
+    if gpus is None:  # what a user on a GPU machine expects: the GPU, without a second flag
+        gpus = 1.0 if args.device.startswith("cuda") or (args.device == "auto" and args.address is None
+                                                         and _local_cuda()) else 0.0
+    if gpus < 0:
+        raise ValueError(f"--gpus-per-replica must be >= 0, got {gpus:g}")
     actor = {"num_cpus": args.cpus_per_replica}
-    if args.gpus_per_replica:
-        actor["num_gpus"] = args.gpus_per_replica
+    if gpus:
+        actor["num_gpus"] = gpus
     engine = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
               "compile": args.compile, "enforce_eager": args.enforce_eager, "kernel_backend": args.kernel_backend}
     if args.kv_cache_memory_gb is not None:
@@ -89,6 +94,11 @@ def _gib_to_bytes(gib: float, flag: str) -> int:
     if not gib > 0:
         raise ValueError(f"{flag} must be > 0, got {gib:g}")
     return int(gib * (1 << 30))
+
+
+def _local_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def _default_name(uri: str) -> str:
