@@ -122,7 +122,7 @@ def test_serve_settings_are_ones_the_engine_takes():
 def test_serve_reserves_a_gpu_when_asked_for_cuda(monkeypatch):
     """``--device cuda`` alone reserves one GPU per replica; ``auto`` does on a local Ray only where
     torch sees a GPU (this machine has none; a GPU box is stood in for by torch's answer)."""
-    (model,) = serve_app("--device", "cuda").models
+    (model,) = serve_app("--device", "cuda", "--address", "auto").models
     assert model.ray_actor_options["num_gpus"] == 1 and model.engine["device"] == "cuda"
     (model,) = serve_app().models
     assert "num_gpus" not in model.ray_actor_options and model.engine["device"] == "cpu"
@@ -150,7 +150,15 @@ def test_serve_refuses_a_device_its_replicas_cannot_have(flags, fragment):
 
 def test_serve_with_cuda_and_no_gpu_per_replica_is_one_line_of_error(capsys):
     from kubeinfer.cli import main
-    assert main(["serve", "--device", "cuda"]) == 2  # refused before Ray starts
+    assert main(["serve", "--device", "cuda", "--gpus-per-replica", "0"]) == 2  # refused before Ray starts
     err = capsys.readouterr().err
     assert err.startswith("kubeinfer: error: model 'smollm2-135m': device 'cuda' needs a GPU reserved per replica")
+    assert len(err.splitlines()) == 1
+
+
+def test_serve_on_cuda_without_a_gpu_is_one_line_of_error(capsys):
+    from kubeinfer.cli import main
+    assert main(["serve", "--device", "cuda"]) == 2  # this machine has no GPU: not a replica waiting for ever
+    err = capsys.readouterr().err
+    assert err.startswith("kubeinfer: error: device 'cuda' was asked for, but this machine has no CUDA device")
     assert len(err.splitlines()) == 1

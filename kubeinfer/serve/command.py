@@ -110,6 +110,11 @@ def _default_name(uri: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     app = app_config_from_args(args)  # bad flags fail before Ray starts
+    device = app.models[0].engine["device"]
+    if args.address is None and device.startswith("cuda"):
+        # A local Ray has this machine's GPUs or none: without one the replica would wait for ever.
+        from kubeinfer.worker.config import EngineConfig
+        EngineConfig(device=device).resolve_device()
     # Local runs need no token auth (Ray 2.60 turns it on by default); a cluster keeps its own setting.
     if args.address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
