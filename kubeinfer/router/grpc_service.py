@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -80,44 +81,105 @@ def timeout_of(context: grpc.aio.ServicerContext) -> float | None:
     return remaining if remaining is not None and remaining < 1e9 else None
 
 
+def _parse(message_type, data: bytes | Any):
+    """A request message from its bytes; bytes that do not parse are the client's error."""
+    if not isinstance(data, (bytes, bytearray)):
+        return data
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise RouterError(Code.INVALID_ARGUMENT, f"the request is not a valid {message_type.DESCRIPTOR.full_name} "
+                                                 "message") from None
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     """Serves kubeinfer.v1.Inference from a Router; owns nothing else. Router errors become gRPC
-    statuses with the router's message (and a ``retry-after-s`` trailer when overloaded)."""
+    statuses with the router's message (and a ``retry-after-s`` trailer when overloaded).
+
+    Its methods take parsed messages or, as ``start_grpc_server`` registers them, raw bytes, so
+    bytes that are no message get INVALID_ARGUMENT instead of the library's UNKNOWN.
+    """
 
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(self, request: pb.GenerateRequest | bytes,
+                       context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         try:
-            job = self.router.prepare(**prepare_kwargs(request))
+            request = _parse(pb.GenerateRequest, request)
+            job = await self.router.aprepare(**prepare_kwargs(request))
             chunks = [c async for c in self.router.stream(job, timeout_s=timeout_of(context))]
         except RouterError as e:
             await _abort(context, e)
         return unary_response(chunks, job.model)
 
-    async def GenerateStream(self, request: pb.GenerateRequest,
+    async def GenerateStream(self, request: pb.GenerateRequest | bytes,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
-            job = self.router.prepare(**prepare_kwargs(request))
+            request = _parse(pb.GenerateRequest, request)
+            job = await self.router.aprepare(**prepare_kwargs(request))
             async for chunk in self.router.stream(job, timeout_s=timeout_of(context)):
                 yield stream_response(chunk, job.model)
         except RouterError as e:
             await _abort(context, e)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest | bytes,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        try:
+            _parse(pb.ListModelsRequest, request)
+        except RouterError as e:
+            await _abort(context, e)
         return list_models_response(self.router)
+
+
+def _raw_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The Inference service with requests handed over as bytes (see InferenceServicer)."""
+    out = lambda m: m.SerializeToString()  # noqa: E731
+    return grpc.method_handlers_generic_handler("kubeinfer.v1.Inference", {
+        "Generate": grpc.unary_unary_rpc_method_handler(servicer.Generate, response_serializer=out),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(servicer.GenerateStream, response_serializer=out),
+        "ListModels": grpc.unary_unary_rpc_method_handler(servicer.ListModels, response_serializer=out),
+    })
+
+
+class RouterHealth(health_aio.HealthServicer):
+    """grpc.health.v1 for the router: NOT_FOUND for a service not served here; NOT_SERVING while
+    draining or while a model has no live replica (as far as the pools can tell)."""
+
+    SERVICES = ("", "kubeinfer.v1.Inference")
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self.router = router
+
+    async def Check(self, request, context):
+        if request.service not in self.SERVICES:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}"
+                                .encode("utf-8", "backslashreplace").decode("utf-8"))
+        serving = not self.router.draining and not self.router.unready_models()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving
+                                              else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: RouterError) -> None:
     trailers = ((RETRY_AFTER_KEY, f"{e.retry_after_s:.3f}"),) if e.retry_after_s is not None else ()
-    await context.abort(GRPC_CODES[e.code], e.message, trailing_metadata=trailers)
+    message = e.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    await context.abort(GRPC_CODES[e.code], message, trailing_metadata=trailers)
+
+
+MIN_MESSAGE_BYTES = 16 << 20  # so a prompt over the character limit gets the router's own answer
 
 
 async def start_grpc_server(router: Router, address: str = "127.0.0.1:9000") -> tuple[grpc.aio.Server, int]:
-    """Start a grpc.aio server with the Inference and standard Health services; returns it and its port."""
-    server = grpc.aio.server()
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(router), server)
-    health = health_aio.HealthServicer()
+    """Start a grpc.aio server with the Inference and standard Health services; returns it and its port.
+
+    Messages larger than ``max(router.max_body_bytes, MIN_MESSAGE_BYTES)`` are refused by gRPC itself
+    (RESOURCE_EXHAUSTED) before they are read.
+    """
+    limit = max(router.max_body_bytes, MIN_MESSAGE_BYTES)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+    server.add_generic_rpc_handlers((_raw_handlers(InferenceServicer(router)),))
+    health = RouterHealth(router)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(address)
     if port == 0:

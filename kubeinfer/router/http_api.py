@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from typing import Any, AsyncIterator, Awaitable, Literal, TypeVar
@@ -28,11 +29,15 @@ from kubeinfer.router.router import Router
 from kubeinfer.router.types import Chunk, Code, RouterError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _END = object()
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
                    retry_after_s: float | None = None) -> JSONResponse:
+    # Echoed input may hold a lone surrogate, which UTF-8 cannot carry: escape it.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    param = param.encode("utf-8", "backslashreplace").decode("utf-8") if param is not None else None
     headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
     return JSONResponse(error_body(message, status, param=param, code=code), status_code=status, headers=headers)
 
@@ -94,6 +99,61 @@ class _DetachedStream:
 
     def close(self) -> None:
         self._task.cancel()
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before it is parsed,
+    whether its Content-Length says so or its chunks add up to it."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(scope, receive, send)
+        seen, too_large, answered = 0, False, False
+
+        async def limited_receive():
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    too_large = True
+                    raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        async def guarded_send(message):
+            # Whatever the app makes of the interrupted read (FastAPI: a 400), the answer is the 413.
+            nonlocal answered
+            if not too_large:
+                return await send(message)
+            if not answered:
+                answered = True
+                await self._refuse(scope, receive, send)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if not answered:
+                answered = True
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        response = error_response(413, f"the request body is larger than the limit (max_body_bytes) of "
+                                       f"{self.max_bytes} bytes", code="request_too_large")
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
 
 
 class _ClientGone(Exception):
@@ -184,7 +244,10 @@ def build_http_app(router: Router) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, e: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+        if isinstance(e, _BodyTooLarge):
+            raise e  # BodyLimit answers it
+        log.exception("internal error serving %s", request.url.path)
+        return error_response(500, "internal error; the server log has the details")
 
     @app.exception_handler(_ClientGone)
     async def on_client_gone(request: Request, e: _ClientGone) -> Response:
@@ -192,10 +255,8 @@ def build_http_app(router: Router) -> FastAPI:
 
     async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest,
                        kind: Literal["completion", "chat"]) -> Response:
-        job = router.prepare(**body.prepare_kwargs())
+        job = await _unless_client_gone(request, router.aprepare(**body.prepare_kwargs(), fill_context=kind == "chat"))
         served = router.models[job.model]
-        if kind == "chat" and "max_tokens" not in job.sampling:
-            job.sampling["max_tokens"] = served.max_model_len - len(job.prompt_token_ids)
         writer = ResponseWriter(kind, job.request_id, job.model, int(time.time()), served.tokenizer, body)
         stream = _DetachedStream(router.stream(job), streaming_tasks)
         try:
@@ -229,10 +290,13 @@ def build_http_app(router: Router) -> FastAPI:
     async def health() -> JSONResponse:
         if router.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if unready := router.unready_models():
+            return JSONResponse({"status": "unavailable", "models_without_live_replica": unready}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(router.metrics.render(), media_type=CONTENT_TYPE)
 
+    app.add_middleware(BodyLimit, max_bytes=router.max_body_bytes)
     return app

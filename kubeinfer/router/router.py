@@ -34,6 +34,32 @@ class ServedModel:
     pool: WorkerPool
     uri: str = ""
     quantization: str | None = None
+    capacity: int | None = None  # sequences all its replicas run at once (None: DEFAULT_SEQS_PER_REPLICA each)
+
+
+DEFAULT_SEQS_PER_REPLICA = 64  # the engine's default max_num_seqs
+QUEUE_FACTOR = 2  # the default queue holds this many times the replicas' capacity
+SEED_RANGE = (-(1 << 63), 1 << 63)
+
+
+def _capacity(served: ServedModel) -> int:
+    if served.capacity:
+        return served.capacity
+    return DEFAULT_SEQS_PER_REPLICA * max(1, len(getattr(served.pool, "replicas", ()) or ()))
+
+
+def _check_text(value: Any, what: str) -> None:
+    """Strings must be encodable Unicode: a lone surrogate (JSON allows "\\ud800") is bad input."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RouterError(Code.INVALID_ARGUMENT, f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+
+
+def _readable(message: str, limit: int = 300) -> str:
+    """A message for a client: valid Unicode, bounded in length."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 class Router:
@@ -51,10 +77,24 @@ class Router:
         self.settings = settings or RouterSettings()
         self.models = {m.name: m for m in models}
         self.default_model = models[0].name
-        self.admission = AdmissionController(self.settings.max_queued, self.settings.max_in_flight)
+        max_queued = self.settings.max_queued
+        if max_queued is None:
+            max_queued = QUEUE_FACTOR * sum(_capacity(m) for m in models)
+        self.admission = AdmissionController(max_queued, self.settings.max_in_flight)
+        self.max_body_bytes = self.settings.body_byte_limit(max(m.max_model_len for m in models))
         self.metrics = RouterMetrics(lambda: {n: m.pool.fresh_reports() for n, m in self.models.items()})
         self._batchers: dict[str, MicroBatcher] = {}
         self.draining = False
+
+    def unready_models(self) -> list[str]:
+        """Models with no live replica, as far as their pools say: a pool that can tell exposes
+        ``live_replicas() -> int``; one that cannot is taken as serving."""
+        out = []
+        for name, served in self.models.items():
+            live = getattr(served.pool, "live_replicas", None)
+            if live is not None and live() < 1:
+                out.append(name)
+        return out
 
     # ---- request preparation (no I/O) ----------------------------------------------------------
 
@@ -68,46 +108,110 @@ class Router:
     def prepare(self, *, model: str | None = None, prompt: str | None = None,
                 prompt_token_ids: list[int] | None = None, messages: list[dict[str, str]] | None = None,
                 sampling: dict[str, Any] | None = None, request_id: str | None = None,
-                priority: int = 0) -> GenerateJob:
-        """Validate and tokenize a request; RouterError (INVALID_ARGUMENT / NOT_FOUND) if it cannot run."""
+                priority: int = 0, fill_context: bool = False) -> GenerateJob:
+        """Validate and tokenize a request; RouterError (INVALID_ARGUMENT / NOT_FOUND) if it cannot run.
+
+        Every bound that needs no tokenizer is checked first, so an oversized request costs nothing.
+        An omitted ``max_tokens`` becomes the room left in the context with ``fill_context`` (chat,
+        as vLLM does), else the default capped by that room; a given one beyond the room is refused.
+        """
+        served, sampling = self._check(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
+        if messages is not None:
+            prompt = self._render_chat(served, messages)
+        if prompt is not None:
+            ids = served.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt_token_ids)
+        if not ids:
+            raise RouterError(Code.INVALID_ARGUMENT, "the prompt is empty")
+        room = served.max_model_len - len(ids)
+        if room < 1:
+            raise RouterError(Code.INVALID_ARGUMENT,
+                              f"the prompt has {len(ids)} tokens; model {served.name!r} has a context of "
+                              f"{served.max_model_len} tokens, which must also leave room for the output")
+        if "max_tokens" not in sampling:
+            sampling["max_tokens"] = room if fill_context else min(SamplingParams().max_tokens, room)
+        elif sampling["max_tokens"] > room:
+            raise RouterError(Code.INVALID_ARGUMENT,
+                              f"max_tokens is {sampling['max_tokens']}, but the prompt has {len(ids)} tokens and "
+                              f"model {served.name!r} has a context of {served.max_model_len} tokens: "
+                              f"max_tokens may be at most {room}")
+        return GenerateJob(request_id or uuid.uuid4().hex, served.name, ids, sampling, priority)
+
+    async def aprepare(self, **kwargs: Any) -> GenerateJob:
+        """:meth:`prepare` with the cheap checks on the event loop and the tokenizing on a thread, so
+        one large prompt never stalls the other requests (nor /health)."""
+        self._check(kwargs.get("model"), kwargs.get("prompt"), kwargs.get("prompt_token_ids"),
+                    kwargs.get("messages"), kwargs.get("sampling"), kwargs.get("request_id"), kwargs.get("priority", 0))
+        return await asyncio.to_thread(self.prepare, **kwargs)
+
+    def _check(self, model, prompt, prompt_token_ids, messages, sampling, request_id, priority) -> tuple[ServedModel, dict]:
+        """The checks that need no tokenizer; the served model and a copy of ``sampling``."""
+        if model is not None:
+            if not isinstance(model, str):
+                raise RouterError(Code.INVALID_ARGUMENT, "model must be a string")
+            _check_text(model, "model")
         served = self.model(model)
         given = [x is not None for x in (prompt, prompt_token_ids, messages)]
         if sum(given) != 1:
             raise RouterError(Code.INVALID_ARGUMENT, "give exactly one of prompt, prompt_token_ids or messages")
-        sampling = dict(sampling or {})
-        try:
-            SamplingParams(**sampling, priority=priority)
-        except (ValueError, TypeError) as e:
-            raise RouterError(Code.INVALID_ARGUMENT, str(e)) from None
-        if messages is not None:
-            prompt = self._render_chat(served, messages)
+        if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 256):
+            raise RouterError(Code.INVALID_ARGUMENT, "request_id must be a string of at most 256 characters")
+        if request_id is not None:
+            _check_text(request_id, "request_id")
+        limit = self.settings.prompt_char_limit(served.max_model_len)
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise RouterError(Code.INVALID_ARGUMENT, "prompt must be a string")
-            ids = served.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt_token_ids)
-            if any(not isinstance(t, int) or not 0 <= t < served.vocab_size for t in ids):
+            if len(prompt) > limit:
+                raise RouterError(Code.INVALID_ARGUMENT, f"the prompt has {len(prompt)} characters; the limit "
+                                                         f"(max_prompt_chars) is {limit}")
+            _check_text(prompt, "prompt")
+        if messages is not None:
+            if not isinstance(messages, list) or not messages or any(
+                    not isinstance(m, dict) or not isinstance(m.get("content"), str)
+                    or m.get("role") not in ("system", "user", "assistant") for m in messages):
+                raise RouterError(Code.INVALID_ARGUMENT,
+                                  "messages must be a non-empty list of {role: system|user|assistant, content: str}")
+            total = sum(len(m["content"]) for m in messages)
+            if total > limit:
+                raise RouterError(Code.INVALID_ARGUMENT, f"the messages have {total} characters; the limit "
+                                                         f"(max_prompt_chars) is {limit}")
+            for m in messages:
+                _check_text(m["content"], "a message's content")
+        if prompt_token_ids is not None:
+            if not isinstance(prompt_token_ids, list):
+                raise RouterError(Code.INVALID_ARGUMENT, "prompt_token_ids must be a list of integers")
+            if len(prompt_token_ids) >= served.max_model_len:
+                raise RouterError(Code.INVALID_ARGUMENT,
+                                  f"the prompt has {len(prompt_token_ids)} tokens; model {served.name!r} has a "
+                                  f"context of {served.max_model_len} tokens, which must also leave room for the output")
+            if any(type(t) is not int or not 0 <= t < served.vocab_size for t in prompt_token_ids):
                 raise RouterError(Code.INVALID_ARGUMENT,
                                   f"prompt token ids must be integers in [0, {served.vocab_size})")
-        if not ids:
-            raise RouterError(Code.INVALID_ARGUMENT, "the prompt is empty")
-        if len(ids) >= served.max_model_len:
-            raise RouterError(Code.INVALID_ARGUMENT,
-                              f"the prompt has {len(ids)} tokens; model {served.name!r} has a context of "
-                              f"{served.max_model_len} tokens, which must also leave room for the output")
-        return GenerateJob(request_id or uuid.uuid4().hex, served.name, ids, sampling, priority)
+        sampling = dict(sampling or {})
+        seed = sampling.get("seed")
+        if type(seed) is int and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            raise RouterError(Code.INVALID_ARGUMENT, f"seed must be an integer in [-2**63, 2**63), got {seed}")
+        stop_ids = sampling.get("stop_token_ids")
+        if isinstance(stop_ids, list) and any(type(t) is int and not 0 <= t < served.vocab_size for t in stop_ids):
+            raise RouterError(Code.INVALID_ARGUMENT, f"stop_token_ids must be integers in [0, {served.vocab_size})")
+        stop = sampling.get("stop")
+        for s in [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []:
+            if isinstance(s, str):
+                _check_text(s, "a stop string")
+        try:
+            SamplingParams(**sampling, priority=priority)
+        except (ValueError, TypeError) as e:
+            raise RouterError(Code.INVALID_ARGUMENT, _readable(str(e))) from None
+        return served, sampling
 
     @staticmethod
     def _render_chat(served: ServedModel, messages: list[dict[str, str]]) -> str:
-        if not messages or any(not isinstance(m, dict) or not isinstance(m.get("content"), str)
-                               or m.get("role") not in ("system", "user", "assistant") for m in messages):
-            raise RouterError(Code.INVALID_ARGUMENT,
-                              "messages must be a non-empty list of {role: system|user|assistant, content: str}")
         try:
             return served.tokenizer.apply_chat_template(messages)
         except Exception as e:
-            raise RouterError(Code.INVALID_ARGUMENT, f"cannot apply the chat template: {e}") from None
+            raise RouterError(Code.INVALID_ARGUMENT, f"cannot apply the chat template: {_readable(str(e))}") from None
 
     # ---- the request path ------------------------------------------------------------------------
 
@@ -130,8 +234,18 @@ class Router:
         chunks = self._run(job, time.monotonic())
         try:
             self._update_gauges()
-            async with asyncio.timeout_at(deadline):
-                await admission.wait()
+            queue_deadline = min(deadline, loop.time() + self.settings.max_queue_wait_s)
+            try:
+                async with asyncio.timeout_at(queue_deadline):
+                    await admission.wait()
+            except TimeoutError:
+                if queue_deadline >= deadline:
+                    raise
+                self.metrics.requests.labels(job.model, "rejected").inc()
+                outcome = None
+                raise RouterError(Code.RESOURCE_EXHAUSTED,
+                                  f"overloaded: no slot within max_queue_wait_s = {self.settings.max_queue_wait_s:g} s",
+                                  retry_after_s=self.admission.retry_after_s()) from None
             self._update_gauges()
             while True:
                 async with asyncio.timeout_at(deadline):
@@ -145,13 +259,14 @@ class Router:
             outcome = "deadline"
             raise RouterError(Code.DEADLINE_EXCEEDED, f"no answer within the deadline of {timeout_s:g} s") from None
         except RouterError as e:
-            outcome = e.code.name.lower()
+            outcome = outcome and e.code.name.lower()
             raise
         finally:
             await chunks.aclose()
             admission.release()
             self._update_gauges()
-            self.metrics.requests.labels(job.model, outcome).inc()
+            if outcome is not None:
+                self.metrics.requests.labels(job.model, outcome).inc()
 
     async def _run(self, job: GenerateJob, start: float) -> AsyncIterator[Chunk]:
         served = self.models[job.model]
