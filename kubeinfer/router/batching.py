@@ -31,16 +31,18 @@ class MicroBatcher(Generic[T, R]):
     """
 
     def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], *, max_batch_size: int = 32,
-                 window_ms: float = 2.0) -> None:
+                 window_ms: float = 2.0, discard: Callable[[R], object] | None = None) -> None:
         if max_batch_size < 1 or window_ms < 0:
             raise ValueError("need max_batch_size >= 1 and window_ms >= 0")
         self._flush = flush
+        self._discard = discard or _close_result
         self.max_batch_size = max_batch_size
         self.window_s = window_ms / 1000.0
         self._pending: list[_Pending] = []
         self._full = asyncio.Event()  # wakes the collector early when a batch fills up
         self._collector: asyncio.Task | None = None
         self._flushes: set[asyncio.Task] = set()  # strong references, or the loop may drop them
+        self._releases: set[asyncio.Task] = set()
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
@@ -51,7 +53,14 @@ class MicroBatcher(Generic[T, R]):
         if self._collector is None:
             self._collector = asyncio.create_task(self._collect())
         # Cancelling this caller cancels only its own future; the collector skips it.
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Cancelled after its batch was flushed: the result (e.g. a job's open stream) has
+            # no owner now, so release it, or the job runs on with nobody reading it.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._release(future.result())
+            raise
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -92,8 +101,17 @@ class MicroBatcher(Generic[T, R]):
                     p.future.set_exception(exc)
             return
         for p, result in zip(batch, results):
-            if not p.future.done():  # its caller may have been cancelled meanwhile
+            if not p.future.done():
                 p.future.set_result(result)
+            else:  # its caller was cancelled meanwhile: nobody will use or close this result
+                self._release(result)
+
+    def _release(self, result: R) -> None:
+        outcome = self._discard(result)
+        if asyncio.iscoroutine(outcome):
+            task = asyncio.ensure_future(outcome)  # not in _flushes: aclose() must not cut it short
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     async def aclose(self) -> None:
         """Cancel the collector and any running flush; their callers see CancelledError."""
@@ -104,3 +122,9 @@ class MicroBatcher(Generic[T, R]):
         for p in self._pending:
             p.future.cancel()
         self._pending.clear()
+
+
+def _close_result(result: object):
+    """Default ``discard``: close a result that can be closed (an async stream's ``aclose()``)."""
+    aclose = getattr(result, "aclose", None)
+    return aclose() if callable(aclose) else None

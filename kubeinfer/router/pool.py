@@ -68,13 +68,20 @@ class _BatchCall:
         self.pool = pool
         self.streams = [JobStream(self, job) for job in jobs]
         self.replica_id: str | None = None
+        # Jobs closed before the replica was known: aborted as soon as its first report names it.
+        self._early_aborts: list[str] = []
         self._task = asyncio.create_task(self._pump(jobs, exclude))
 
     async def _pump(self, jobs: list[GenerateJob], exclude: str | None) -> None:
         try:
             async for index, item in self.pool._call(jobs, exclude):
                 if isinstance(item, ReplicaReport):
-                    self.replica_id = item.replica_id
+                    if self.replica_id is None:
+                        self.replica_id = item.replica_id
+                        self.pool._call_started(self.replica_id)
+                        for request_id in self._early_aborts:
+                            self.pool.spawn(self.pool.abort(self.replica_id, request_id))
+                        self._early_aborts.clear()
                     self.pool.on_report(item)
                 else:
                     self.streams[index].queue.put_nowait(item)
@@ -88,12 +95,18 @@ class _BatchCall:
         else:
             for s in self.streams:
                 s.queue.put_nowait(_DONE)
+        finally:
+            if self.replica_id is not None:
+                self.pool._call_ended(self.replica_id)
 
     async def release(self, stream: JobStream) -> None:
         # The caller may be cancelled again while it cleans up (Starlette does that), so the abort
         # runs as a task of its own that an interruption here cannot cut short.
-        if not stream.finished and self.replica_id is not None and not self._task.done():
-            self.pool.spawn(self.pool.abort(self.replica_id, stream.job.request_id))
+        if not stream.finished and not self._task.done():
+            if self.replica_id is not None:
+                self.pool.spawn(self.pool.abort(self.replica_id, stream.job.request_id))
+            else:  # the others of its batch go on, so this job must be aborted by itself
+                self._early_aborts.append(stream.job.request_id)
         if all(s.closed for s in self.streams) and not self._task.done():
             self._task.cancel()
 
@@ -104,6 +117,7 @@ class WorkerPool(ABC):
 
     def __init__(self) -> None:
         self.reports: dict[str, tuple[float, ReplicaReport]] = {}
+        self.open_calls: dict[str, int] = {}  # replica_id -> calls of this pool streaming from it
         self._background: set[asyncio.Task] = set()  # strong references, or the loop may drop them
 
     def spawn(self, coro) -> None:
@@ -122,6 +136,32 @@ class WorkerPool(ABC):
     def fresh_reports(self, max_age_s: float = 60.0) -> list[ReplicaReport]:
         now = time.monotonic()
         return [r for t, r in self.reports.values() if now - t <= max_age_s]
+
+    def _call_started(self, replica_id: str) -> None:
+        self.open_calls[replica_id] = self.open_calls.get(replica_id, 0) + 1
+
+    def _call_ended(self, replica_id: str) -> None:
+        self.open_calls[replica_id] -= 1
+        if not self.open_calls[replica_id]:
+            # The last report of a call is not sent when the call is cancelled, and even when sent
+            # it may predate the aborts still on their way: ask the now idle replica once more, so
+            # the gauges do not keep its busy figures.
+            del self.open_calls[replica_id]
+            self.spawn(self._refresh(replica_id))
+
+    async def _refresh(self, replica_id: str) -> None:
+        try:
+            report = await self.refresh_report(replica_id)
+        except Exception:  # the replica is gone: its report expires with age
+            self.reports.pop(replica_id, None)
+            return
+        if report is not None and replica_id not in self.open_calls:  # no newer call reports now
+            self.on_report(report)
+
+    async def refresh_report(self, replica_id: str) -> ReplicaReport | None:
+        """The replica's settled load, asked for when this pool's last call to it ends; None if the
+        pool cannot ask (its report then ages out after ``fresh_reports``' max age)."""
+        return None
 
     @abstractmethod
     def _call(self, jobs: list[GenerateJob], exclude: str | None) -> AsyncIterator[StreamItem]:
@@ -166,6 +206,13 @@ class LocalPool(WorkerPool):
 
     async def abort(self, replica_id: str, request_id: str) -> None:
         self.replicas[replica_id].abort(request_id)
+
+    def fresh_reports(self, max_age_s: float = 60.0) -> list[ReplicaReport]:
+        # In process, the engines themselves are at hand: read them at scrape time, never a copy.
+        return [r.report() for r in self.replicas.values()]
+
+    async def refresh_report(self, replica_id: str) -> ReplicaReport | None:
+        return await self.replicas[replica_id].settled_report()
 
     def shutdown(self) -> None:
         for replica in self.replicas.values():

@@ -17,7 +17,7 @@ from kubeinfer.router.grpc_service import (GRPC_CODES, RETRY_AFTER_KEY, list_mod
 from kubeinfer.router.pool import WorkerPool
 from kubeinfer.router.replica import StreamItem
 from kubeinfer.router.router import Router, ServedModel
-from kubeinfer.router.types import GenerateJob, RouterError
+from kubeinfer.router.types import GenerateJob, ReplicaReport, RouterError
 from kubeinfer.serve.config import AppConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ class ServePool(WorkerPool):
             await self.handle.abort.remote(request_id, pin_replica=replica_id)
         except Exception as e:  # the replica is gone, and the request with it
             log.info("abort of %s on %s failed: %s", request_id, replica_id, e)
+
+    async def refresh_report(self, replica_id: str) -> ReplicaReport | None:
+        # Pinned like an abort, so the answer is that replica's; the request router counts it as a
+        # call, but it returns at once.
+        return await self.handle.report.remote(pin_replica=replica_id)
 
 
 @serve.deployment(max_ongoing_requests=4096, graceful_shutdown_timeout_s=60)

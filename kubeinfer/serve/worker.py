@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from kubeinfer.router.replica import EngineReplica, StreamItem
-from kubeinfer.router.types import GenerateJob
+from kubeinfer.router.types import GenerateJob, ReplicaReport
 from kubeinfer.serve.config import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ class Worker:
 
     async def abort(self, request_id: str, pin_replica: str | None = None) -> None:
         self.replica.abort(request_id)
+
+    async def report(self, pin_replica: str | None = None) -> ReplicaReport:
+        """This replica's load once the adds and aborts already sent have reached the engine (the
+        router asks when its last stream here ends, so an idle replica's gauges read zero)."""
+        return await self.replica.settled_report()
 
     def record_routing_stats(self) -> dict[str, Any]:
         r = self.replica.report()

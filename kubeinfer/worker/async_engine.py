@@ -50,6 +50,11 @@ class AsyncEngine:
         accepted: concurrent.futures.Future = concurrent.futures.Future()
 
         def add() -> None:
+            # A caller cancelled before this runs has gone: never add its request (nobody would read
+            # or abort it). After this check the future can no longer be cancelled, so the request's
+            # fate is the caller's finally below, which queues its abort behind this add.
+            if not accepted.set_running_or_notify_cancel():
+                return
             try:
                 self.engine.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids)
             except Exception as e:  # handed back to the caller, never kills the loop
@@ -58,17 +63,44 @@ class AsyncEngine:
             self._queues[request_id] = (loop, queue)
             accepted.set_result(None)
 
-        self._submit(add)
-        await asyncio.wrap_future(accepted)
         finished = False
         try:
+            self._submit(add)
+            # The abort must cover this wait too: a caller cancelled here (before or after add ran)
+            # would otherwise leave its request running in the engine to the end of its context.
+            await asyncio.wrap_future(accepted)
             while not finished:
                 out: RequestOutput = await queue.get()
                 finished = out.finished
                 yield out
         finally:
             if not finished:
-                self.abort(request_id)
+                self._abort_own(request_id, queue)
+
+    def _abort_own(self, request_id: str, queue: asyncio.Queue) -> None:
+        """Abort ``request_id`` only if it is still this caller's request (its id may be reused by
+        another caller once it finished, or a refused duplicate id names someone else's request)."""
+        def do_abort() -> None:
+            entry = self._queues.get(request_id)
+            if entry is None or entry[1] is not queue:
+                return
+            del self._queues[request_id]
+            self.engine.abort(request_id)
+        self._submit(do_abort)
+
+    async def barrier(self) -> None:
+        """Return once every call queued to the engine thread before it (adds, aborts) is applied,
+        so a report read afterwards sees their effect."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        def mark() -> None:
+            if done.set_running_or_notify_cancel():
+                done.set_result(None)
+        self._submit(mark)
+        if self.alive():  # bounded: a thread that stops meanwhile never applies it
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(done), 5.0)
+            except TimeoutError:
+                pass
 
     def abort(self, request_id: str) -> None:
         def do_abort() -> None:
