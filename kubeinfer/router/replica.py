@@ -53,7 +53,7 @@ class EngineReplica:
         for job in jobs:
             self._jobs.setdefault(job.request_id, False)
         tasks = [asyncio.create_task(self._run(i, job, merged)) for i, job in enumerate(jobs)]
-        last_report = loop.time()
+        last_report = -self.REPORT_INTERVAL_S  # the first chunk brings a report with this call's jobs in
         try:
             for _ in range(len(jobs)):
                 while True:
