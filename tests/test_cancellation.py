@@ -20,7 +20,9 @@ from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc
 from kubeinfer.router.grpc_service import start_grpc_server
 from kubeinfer.router.local import build_local_router, shutdown_local_router
+from kubeinfer.router.pool import LocalPool
 from kubeinfer.router.router import Router
+from kubeinfer.router.types import ReplicaFailed
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 from kubeinfer.worker import Engine, SamplingParams
 from kubeinfer.worker.async_engine import AsyncEngine
@@ -175,6 +177,48 @@ def test_router_matrix(tiny_llama_dir, settings):
             for f in fronts:
                 assert engine_state(f.engine) == idle_state(f.engine)
         await router.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        shutdown_local_router(router)
+
+
+class FailingFirstPool(LocalPool):
+    """A LocalPool whose first try of a call fails as a dying replica's would (after its report,
+    before any token), so the router retries on the other replica: cancellations then land during
+    the failure, the retry's open and the retried stream."""
+
+    async def _call(self, jobs, exclude):
+        if exclude is None:
+            replica = self._choose(jobs[0], None)
+            yield -1, replica.report()
+            await asyncio.sleep(0)
+            raise ReplicaFailed("the replica died", replica.replica_id)
+        async for item in super()._call(jobs, exclude):
+            yield item
+
+
+def test_router_matrix_during_retries(tiny_llama_dir):
+    router = build_local_router(AppConfig(models=[tiny_spec(tiny_llama_dir)],
+                                          router=RouterSettings(max_in_flight=8, max_queued=64)))
+    local = router.models["tiny"].pool
+    router.models["tiny"].pool = FailingFirstPool(list(local.replicas.values()), local.policy)
+    fronts = [r.engine for r in local.replicas.values()]
+    rng = random.Random(18181)
+
+    async def one(sampling):
+        job = router.prepare(prompt_token_ids=prompt(rng), sampling=sampling)
+        async for _ in router.stream(job):
+            pass
+
+    async def main():
+        for _ in range(20):
+            await cancel_at_random(rng, [one(rng.choice([LONG, SHORT])) for _ in range(rng.randrange(1, 7))])
+            await settle(fronts, router)
+            for f in fronts:
+                assert engine_state(f.engine) == idle_state(f.engine)
+        assert router.metrics.retries.labels("tiny")._value.get() > 0  # the retry path really ran
 
     try:
         asyncio.run(main())
