@@ -259,3 +259,62 @@ def test_grpc_matrix(tiny_llama_dir):
         asyncio.run(main())
     finally:
         shutdown_local_router(router)
+
+
+def test_http_matrix(tiny_llama_dir):
+    """Clients of the OpenAI surface (real uvicorn on loopback) that hang up at random moments."""
+    import json
+    import socket
+
+    import uvicorn
+
+    from kubeinfer.router.http_api import build_http_app
+
+    router = build_local_router(AppConfig(models=[tiny_spec(tiny_llama_dir)],
+                                          router=RouterSettings(max_in_flight=4, max_queued=64)))
+    fronts = [r.engine for r in router.models["tiny"].pool.replicas.values()]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(build_http_app(router), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    rng = random.Random(18000)
+
+    async def main():
+        for _ in range(400):  # bounded wait for the server to listen
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        port = sock.getsockname()[1]
+
+        async def one(sampling):
+            # A plain HTTP/1.1 client: hanging up is closing the socket, as a browser or curl does.
+            body = json.dumps({"model": "tiny", "prompt": rng.choice(["The quick brown fox", "def f(x):"]),
+                               "stream": rng.random() < 0.7, "temperature": 0.0,
+                               "max_tokens": sampling["max_tokens"], "ignore_eos": True}).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                await writer.drain()
+                while await reader.read(4096):
+                    pass
+            finally:
+                writer.close()
+
+        for _ in range(12):
+            await cancel_at_random(rng, [one(rng.choice([LONG, SHORT])) for _ in range(rng.randrange(1, 7))])
+            for _ in range(2000):  # bounded: uvicorn has finished every request it read (hung up or not)
+                if not server.server_state.tasks:
+                    break
+                await asyncio.sleep(0.005)
+            await settle(fronts, router)
+            for f in fronts:
+                assert engine_state(f.engine) == idle_state(f.engine)
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        shutdown_local_router(router)
