@@ -111,6 +111,8 @@ class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` is answered 413 before it is parsed,
     whether its Content-Length says so or its chunks add up to it."""
 
+    DRAIN_BYTES = 32 << 20
+
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -121,13 +123,14 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._refuse(scope, receive, send)
-        seen, too_large, answered = 0, False, False
+        seen, too_large, answered, more = 0, False, False, True
 
         async def limited_receive():
-            nonlocal seen, too_large
+            nonlocal seen, too_large, more
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if seen > self.max_bytes:
                     too_large = True
                     raise _BodyTooLarge(self.max_bytes)
@@ -140,16 +143,25 @@ class BodyLimit:
                 return await send(message)
             if not answered:
                 answered = True
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, more)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
             if not answered:
                 answered = True
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, more)
 
-    async def _refuse(self, scope, receive, send) -> None:
+    async def _refuse(self, scope, receive, send, more: bool = True) -> None:
+        # Read (and drop) the rest of a body up to a bound first: a client still writing it would
+        # otherwise see its connection reset instead of the 413. Beyond the bound, the reset it is.
+        drained = 0
+        while more and drained <= self.DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
         response = error_response(413, f"the request body is larger than the limit (max_body_bytes) of "
                                        f"{self.max_bytes} bytes", code="request_too_large")
         response.headers["Connection"] = "close"
