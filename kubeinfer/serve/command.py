@@ -46,7 +46,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="power_of_two", choices=POLICY_NAMES)
     p.add_argument("--batch-window-ms", type=float, default=0.0, help="router micro-batching window (0: off)")
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-queued", type=int, default=1024, help="requests waiting beyond which the router says 429")
+    p.add_argument("--max-queued", type=int, default=None,
+                   help="requests waiting beyond which the router says 429 (default: twice the replicas' capacity)")
+    p.add_argument("--max-queue-wait-s", type=float, default=30.0,
+                   help="a request still queued after this long gets 429 / RESOURCE_EXHAUSTED with a retry hint")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt in characters, refused before tokenizing (default: 32 x max-model-len)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest HTTP body / gRPC message (default: room for the longest prompt, plus 1 MiB)")
     p.add_argument("--address", default=None,
                    help="an existing Ray cluster (ray://host:10001 or auto); default: start a local Ray")
     p.add_argument("--host", default="127.0.0.1", help="where the HTTP proxy listens")
@@ -86,7 +93,9 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
     # The device each replica gets follows its GPU reservation; refuse one it cannot have before Ray starts.
     model.engine["device"] = model.replica_engine_kwargs()["device"]
     router = RouterSettings(policy=args.policy, batch_window_ms=args.batch_window_ms,
-                            max_batch_size=args.max_batch_size, max_queued=args.max_queued)
+                            max_batch_size=args.max_batch_size, max_queued=args.max_queued,
+                            max_queue_wait_s=args.max_queue_wait_s, max_prompt_chars=args.max_prompt_chars,
+                            max_body_bytes=args.max_body_bytes)
     return AppConfig(models=[model], router=router)
 
 
