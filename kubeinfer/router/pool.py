@@ -152,15 +152,18 @@ class WorkerPool(ABC):
     async def _refresh(self, replica_id: str) -> None:
         try:
             report = await self.refresh_report(replica_id)
-        except Exception:  # the replica is gone: its report expires with age
-            self.reports.pop(replica_id, None)
+        except Exception:  # the replica is gone, or cannot answer: drop what it said last
+            report = None
+        if replica_id in self.open_calls:  # a newer call reports on it now
             return
-        if report is not None and replica_id not in self.open_calls:  # no newer call reports now
+        if report is None:  # a busy figure from the past says nothing true about it now
+            self.reports.pop(replica_id, None)
+        else:
             self.on_report(report)
 
     async def refresh_report(self, replica_id: str) -> ReplicaReport | None:
         """The replica's settled load, asked for when this pool's last call to it ends; None if the
-        pool cannot ask (its report then ages out after ``fresh_reports``' max age)."""
+        pool cannot ask (its last report is then dropped rather than kept as its load)."""
         return None
 
     @abstractmethod
