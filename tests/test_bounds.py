@@ -114,6 +114,7 @@ def test_a_10mb_body_is_refused_while_health_and_a_normal_request_are_served(tin
         return await big, await big_chunked, ok, alive, router.max_body_bytes
     big, big_chunked, ok, alive, limit = run(tiny_llama_dir, body)
     assert_error(big, 413, "max_body_bytes", str(limit))
+    assert big.json()["error"]["type"] == "invalid_request_error"
     assert_error(big_chunked, 413, "max_body_bytes")
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
     assert alive.json() == {"status": "ok"}

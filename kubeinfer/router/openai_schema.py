@@ -283,5 +283,6 @@ def error_body(message: str, status: int, *, param: str | None = None, code: str
 
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "invalid_request_error",
                429: "rate_limit_error", 499: "cancelled", 500: "server_error", 503: "service_unavailable",
                504: "timeout"}
