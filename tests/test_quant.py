@@ -475,3 +475,26 @@ def test_gguf_default_model_q8_0(default_reader):
     y = Int8WeightOnly().make_linear(state)(x).float()
     r = x.float() @ deq.T
     assert bool(((y - r).abs() <= _bf16_tol(x, deq, r)).all())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen_dir"])  # Qwen2: q|k|v biases, tied head
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(request, fixture, scheme):
+    """A float checkpoint loaded with a scheme is quantized matrix by matrix as it streams in (the device
+    never holds the float layers); the result is exactly that of quantizing the loaded float model."""
+    from kubeinfer.worker.models.loader import load_model
+    path = request.getfixturevalue(fixture)
+    streamed = load_model(path, torch.float32, 64, scheme).model
+    ref = quantize_model(load_model(path, torch.float32, 64).model, scheme)
+    ref.quantize_head()
+    got = {n: m for n, m in streamed.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    want = {n: m for n, m in ref.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    assert got.keys() == want.keys() and len(got) == 4 * streamed.config.num_layers + 1
+    for name, module in got.items():
+        for key, value in module.quant_state().items():
+            assert torch.equal(value, want[name].quant_state()[key]), (name, key)
+        assert (module.bias is None) == (want[name].bias is None)
+        assert module.bias is None or torch.equal(module.bias, want[name].bias)
+    params = dict(ref.named_parameters())
+    for name, value in streamed.named_parameters():
+        assert torch.equal(value, params[name]), name

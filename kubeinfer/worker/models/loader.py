@@ -60,7 +60,8 @@ def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None =
 
     ``quantization`` swaps the per-layer linears for int8 / int4 modules of the backend's kernels:
     GGUF Q8_0 / Q4_x tensors go straight into those formats, float weights are quantized one matrix
-    at a time on the device. A checkpoint saved by ``kubeinfer quantize`` loads in its own scheme.
+    at a time on the device as they load (models/quantize_on_load.py), so the device never holds the
+    float layers. A checkpoint saved by ``kubeinfer quantize`` loads in its own scheme.
     The model is returned bound to the backend's kernels (``LlamaForCausalLM.bind``).
     """
     from kubeinfer.worker import quant
@@ -81,6 +82,10 @@ def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None =
                 raise CheckpointError(f"{path}: a quantized checkpoint is one safetensors file, found {len(files)}")
             scheme, items = quant.load_quantized_tensors(files[0], config)
             return _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, path, backend)
+        if scheme is not None:
+            from kubeinfer.worker.models.quantize_on_load import quantize_while_loading
+            items = quantize_while_loading(tensors, config, scheme, backend.device)
+            return _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, path, backend)
     elif _is_gguf(path):
         from kubeinfer.worker.models import gguf
         reader = gguf.open_gguf(path)
@@ -95,11 +100,7 @@ def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None =
         raise CheckpointError(
             f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors + tokenizer.json) "
             "nor a GGUF file")
-    loaded = build_model(config, tensors, tokenizer, dtype, max_positions, source=path, backend=backend)
-    if scheme is not None:
-        quant.quantize_model(loaded.model, scheme, backend)
-        loaded.model.quantize_head(backend)
-    return _finish(loaded, backend)
+    return _finish(build_model(config, tensors, tokenizer, dtype, max_positions, source=path, backend=backend), backend)
 
 
 def _finish(loaded: LoadedModel, backend) -> LoadedModel:
