@@ -236,3 +236,18 @@ def test_a_request_waiting_past_the_queue_bound_gets_429_and_resource_exhausted(
     assert float(dict(err.trailing_metadata())[RETRY_AFTER_KEY]) > 0
     assert queued == 0  # the refused requests left the queue
     assert ok.status_code == 200
+
+
+def test_health_is_not_serving_once_a_model_has_no_live_replica(tiny_llama_dir):
+    async def body(router, http, stub, health, channel):
+        check = health_pb2.HealthCheckRequest(service="kubeinfer.v1.Inference")
+        before = (await http.get("/health"), await health.Check(check))
+        for replica in router.models["tiny"].pool.replicas.values():
+            await asyncio.to_thread(replica.engine.shutdown)  # the only replica's engine stops
+        after = (await http.get("/health"), await health.Check(check),
+                 await health.Check(health_pb2.HealthCheckRequest(service="")))
+        return before, after
+    (http_before, grpc_before), (http_after, grpc_after, overall_after) = run(tiny_llama_dir, body)
+    assert http_before.status_code == 200 and grpc_before.status == health_pb2.HealthCheckResponse.SERVING
+    assert http_after.status_code == 503 and http_after.json()["models_without_live_replica"] == ["tiny"]
+    assert grpc_after.status == overall_after.status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -68,6 +68,18 @@ def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
+def _live_replicas(pool: WorkerPool) -> int | None:
+    """How many of the pool's replicas are alive: its ``live_replicas()`` if it has one, else its
+    in-process replicas' engines asked directly; None when the pool cannot tell (a remote pool)."""
+    live = getattr(pool, "live_replicas", None)
+    if live is not None:
+        return live()
+    replicas = getattr(pool, "replicas", None)
+    if isinstance(replicas, dict) and all(hasattr(getattr(r, "engine", None), "alive") for r in replicas.values()):
+        return sum(1 for r in replicas.values() if r.engine.alive())
+    return None
+
+
 def _readable(message: str, limit: int = 300) -> str:
     """A message for a client: valid Unicode, bounded in length."""
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -99,14 +111,8 @@ class Router:
         self.draining = False
 
     def unready_models(self) -> list[str]:
-        """Models with no live replica, as far as their pools say: a pool that can tell exposes
-        ``live_replicas() -> int``; one that cannot is taken as serving."""
-        out = []
-        for name, served in self.models.items():
-            live = getattr(served.pool, "live_replicas", None)
-            if live is not None and live() < 1:
-                out.append(name)
-        return out
+        """Models with no live replica, as far as their pools can tell (see _live_replicas)."""
+        return [name for name, served in self.models.items() if _live_replicas(served.pool) == 0]
 
     # ---- request preparation (no I/O) ----------------------------------------------------------
 
