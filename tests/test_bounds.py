@@ -101,7 +101,7 @@ def assert_error(r: Resp, status: int, *words: str) -> str:
     return message
 
 
-def test_a_10mb_body_is_refused_while_health_and_a_normal_request_are_served(tiny_llama_dir):
+def test_a_10mb_prompt_is_refused_while_health_and_a_normal_request_are_served(tiny_llama_dir):
     async def body(router, http, stub, health, channel):
         data = json.dumps({"prompt": BIG}).encode()
 
@@ -110,9 +110,16 @@ def test_a_10mb_body_is_refused_while_health_and_a_normal_request_are_served(tin
                 yield data[i:i + (1 << 20)]
         big = asyncio.create_task(http.post("/v1/completions", json={"prompt": BIG}))
         big_chunked = asyncio.create_task(http.post("/v1/completions", content=chunked()))
-        ok, alive = await asyncio.gather(http.post("/v1/completions", json=NORMAL), http.get("/health"))
-        return await big, await big_chunked, ok, alive, router.max_body_bytes
-    big, big_chunked, ok, alive, limit = run(tiny_llama_dir, body)
+        big_grpc = asyncio.ensure_future(stub.Generate(pb.GenerateRequest(prompt=BIG)))
+        ok, alive, serving = await asyncio.gather(
+            http.post("/v1/completions", json=NORMAL), http.get("/health"),
+            health.Check(health_pb2.HealthCheckRequest(service="kubeinfer.v1.Inference")))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await big_grpc
+        return await big, await big_chunked, e.value, ok, alive, serving, router.max_body_bytes
+    big, big_chunked, big_grpc, ok, alive, serving, limit = run(tiny_llama_dir, body)
+    assert big_grpc.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_prompt_chars" in big_grpc.details()
+    assert serving.status == health_pb2.HealthCheckResponse.SERVING
     assert_error(big, 413, "max_body_bytes", str(limit))
     assert big.json()["error"]["type"] == "invalid_request_error"
     assert_error(big_chunked, 413, "max_body_bytes")
