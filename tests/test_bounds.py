@@ -258,3 +258,27 @@ def test_health_is_not_serving_once_a_model_has_no_live_replica(tiny_llama_dir):
     assert http_before.status_code == 200 and grpc_before.status == health_pb2.HealthCheckResponse.SERVING
     assert http_after.status_code == 503 and http_after.json()["models_without_live_replica"] == ["tiny"]
     assert grpc_after.status == overall_after.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_a_request_expected_to_wait_past_the_queue_bound_is_refused_at_once(tiny_llama_dir):
+    """One completion in the rate window (10 s) and one slot: a queued request is expected to wait
+    10 s, over a 5 s bound, so it is refused without waiting."""
+    async def body(router, http, stub, health, channel):
+        first = await http.post("/v1/completions", json=NORMAL)
+        held = router.stream(router.prepare(prompt="hold", sampling={"max_tokens": 200, "ignore_eos": True}))
+        await anext(held)
+        try:
+            r = await http.post("/v1/completions", json=NORMAL)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Generate(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=2)))
+            queued = router.admission.queued
+        finally:
+            await held.aclose()
+        return first, r, e.value, queued
+    first, r, err, queued = run(tiny_llama_dir, body, max_in_flight=1, max_queued=4, max_queue_wait_s=5.0)
+    assert first.status_code == 200
+    assert_error(r, 429, "expected wait", "max_queue_wait_s")
+    assert int(r.headers["Retry-After"]) >= 1
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "expected wait" in err.details()
+    assert float(dict(err.trailing_metadata())[RETRY_AFTER_KEY]) > 0
+    assert queued == 0

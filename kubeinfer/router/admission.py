@@ -127,6 +127,14 @@ class AdmissionController:
         estimate = (len(self._queue) + 1) / rate
         return min(self.max_retry_after_s, max(self.min_retry_after_s, estimate))
 
+    def expected_wait_s(self) -> float | None:
+        """How long the last request in the queue will likely wait for its slot, at the completion
+        rate of the last ``rate_window_s`` (see retry_after_s); None without a completion to go by."""
+        self._prune(self._clock())
+        if not self._completions:
+            return None
+        return len(self._queue) * self.rate_window_s / len(self._completions)
+
     def _prune(self, now: float) -> None:
         while self._completions and self._completions[0] < now - self.rate_window_s:
             self._completions.popleft()

@@ -245,6 +245,14 @@ class Router:
         if isinstance(admission, Rejected):
             self.metrics.requests.labels(job.model, "rejected").inc()
             raise RouterError(Code.RESOURCE_EXHAUSTED, admission.reason, retry_after_s=admission.retry_after_s)
+        expected = self.admission.expected_wait_s() if admission.state == "queued" else None
+        if expected is not None and expected > self.settings.max_queue_wait_s:
+            admission.release()  # it would wait past the bound: say so now rather than after the wait
+            self._update_gauges()
+            self.metrics.requests.labels(job.model, "rejected").inc()
+            raise RouterError(Code.RESOURCE_EXHAUSTED, f"overloaded: the expected wait of {expected:.1f} s exceeds "
+                                                       f"max_queue_wait_s = {self.settings.max_queue_wait_s:g} s",
+                              retry_after_s=self.admission.retry_after_s())
         timeout_s = min(timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
