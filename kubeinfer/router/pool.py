@@ -149,17 +149,25 @@ class WorkerPool(ABC):
             del self.open_calls[replica_id]
             self.spawn(self._refresh(replica_id))
 
+    # A remote replica may answer before the cancellation of the call reached it, so a busy answer
+    # is asked again after these pauses (bounded); an idle answer, or a new call, ends it.
+    REFRESH_RETRIES_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
     async def _refresh(self, replica_id: str) -> None:
-        try:
-            report = await self.refresh_report(replica_id)
-        except Exception:  # the replica is gone, or cannot answer: drop what it said last
-            report = None
-        if replica_id in self.open_calls:  # a newer call reports on it now
-            return
-        if report is None:  # a busy figure from the past says nothing true about it now
-            self.reports.pop(replica_id, None)
-        else:
+        for pause in (*self.REFRESH_RETRIES_S, None):
+            try:
+                report = await self.refresh_report(replica_id)
+            except Exception:  # the replica is gone, or cannot answer: drop what it said last
+                report = None
+            if replica_id in self.open_calls:  # a newer call reports on it now
+                return
+            if report is None:  # a busy figure from the past says nothing true about it now
+                self.reports.pop(replica_id, None)
+                return
             self.on_report(report)
+            if not (report.num_requests_running or report.num_requests_waiting) or pause is None:
+                return
+            await asyncio.sleep(pause)
 
     async def refresh_report(self, replica_id: str) -> ReplicaReport | None:
         """The replica's settled load, asked for when this pool's last call to it ends; None if the
