@@ -111,7 +111,8 @@ def test_engine_router_and_model_fields_reach_the_application():
                                "enable_chunked_prefill": True, "kv_cache_memory_bytes": 512 << 20, "num_threads": 1}
     assert serve["applications"][0]["args"]["router"] == {
         "policy": "prefix_affinity", "max_in_flight": 20, "max_queued": 10, "batch_window_ms": 2.5,
-        "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2}
+        "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2, "max_queue_wait_s": 30.0,
+        "max_prompt_chars": None, "max_body_bytes": None}
     assert serve["applications"][0]["name"] == "ml.demo"  # Serve-API mode: namespace.name
 
 

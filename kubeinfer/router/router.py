@@ -56,18 +56,6 @@ def _check_text(value: Any, what: str) -> None:
         raise RouterError(Code.INVALID_ARGUMENT, f"{what} is not valid Unicode (it holds a lone surrogate)") from None
 
 
-def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """``tokenizer.encode(text)``, through the backend's batch call where there is one: unlike
-    ``encode`` it releases the GIL, so a long prompt tokenized on a thread leaves the event loop free."""
-    backend = getattr(tokenizer, "backend", None)
-    if backend is None or not hasattr(backend, "encode_batch"):
-        return tokenizer.encode(text)
-    ids = backend.encode_batch([text], add_special_tokens=True)[0].ids
-    if tokenizer.add_bos and (not ids or ids[0] != tokenizer.bos_token_id):  # as Tokenizer.encode does
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids
-
-
 def _live_replicas(pool: WorkerPool) -> int | None:
     """How many of the pool's replicas are alive: its ``live_replicas()`` if it has one, else its
     in-process replicas' engines asked directly; None when the pool cannot tell (a remote pool)."""
@@ -137,7 +125,7 @@ class Router:
         if messages is not None:
             prompt = self._render_chat(served, messages)
         if prompt is not None:
-            ids = _encode(served.tokenizer, prompt)
+            ids = served.tokenizer.encode(prompt)
         else:
             ids = list(prompt_token_ids)
         if not ids:

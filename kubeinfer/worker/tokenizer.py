@@ -80,7 +80,9 @@ class Tokenizer:
             json.dump({k: v for k, v in cfg.items() if v is not None}, f, indent=2)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode holds it throughout): a long prompt tokenized on a
+        # thread then leaves the router's event loop free.
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
