@@ -149,9 +149,10 @@ class WorkerPool(ABC):
             del self.open_calls[replica_id]
             self.spawn(self._refresh(replica_id))
 
-    # A remote replica may answer before the cancellation of the call reached it, so a busy answer
-    # is asked again after these pauses (bounded); an idle answer, or a new call, ends it.
-    REFRESH_RETRIES_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    # A remote replica may answer before the cancellation of the call reached it (or while its jobs
+    # wind down), so a busy answer is asked again after these pauses (bounded, about a minute); an
+    # idle answer, or a new call, ends it.
+    REFRESH_RETRIES_S = (0.1, 0.25, 0.5) + (1.0,) * 60
 
     async def _refresh(self, replica_id: str) -> None:
         for pause in (*self.REFRESH_RETRIES_S, None):
