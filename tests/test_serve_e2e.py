@@ -141,42 +141,6 @@ def test_32_concurrent_streams_over_grpc_and_http_match_the_engine(serve_app, re
         reference[prompt].check_text(text)
 
 
-def engine_gauges(base_url: str) -> dict[str, float]:
-    import urllib.request
-    text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
-    names = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-    return {l.split("{")[0]: float(l.split()[-1]) for l in text.splitlines() if l.startswith(names)}
-
-
-def test_gauges_read_zero_once_every_client_has_left(serve_app):
-    """Issue 18: the gauges kept the load of the last report a call carried (63 running on an idle
-    server). Through Serve the router cannot see the engines, so after the clients leave it asks
-    each idle replica once; the scrape is polled (bounded) only for that request's round trip."""
-    async def main():
-        async with grpc.aio.insecure_channel(serve_app["grpc"]) as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            started = [asyncio.Event() for _ in range(16)]
-            tasks = [asyncio.create_task(grpc_stream(stub, p, e)) for p, e in zip(PROMPTS[:16], started)]
-            for e in started[:8]:  # the late ones' calls begin while the first ones run
-                await e.wait()
-            busy = engine_gauges(serve_app["http"])
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return busy
-
-    busy = asyncio.run(main())
-    assert busy["vllm:num_requests_running"] > 0
-    import time
-    for _ in range(600):
-        idle = engine_gauges(serve_app["http"])
-        if not any(idle.values()):
-            break
-        time.sleep(0.05)
-    assert idle == {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0,
-                    "vllm:kv_cache_usage_perc": 0.0}
-
-
 def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_app, reference):
     import ray
 
@@ -223,3 +187,39 @@ def retries_total(base_url: str) -> float:
     text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
     lines = [l for l in text.splitlines() if l.startswith("kubeinfer:router_retries_total")]
     return float(lines[0].split()[-1]) if lines else 0.0  # a labelled counter appears on first use
+
+
+def engine_gauges(base_url: str) -> dict[str, float]:
+    import urllib.request
+    text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
+    names = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+    return {l.split("{")[0]: float(l.split()[-1]) for l in text.splitlines() if l.startswith(names)}
+
+
+def test_gauges_read_zero_once_every_client_has_left(serve_app):
+    """Issue 18: the gauges kept the load of the last report a call carried (63 running on an idle
+    server). Through Serve the router cannot see the engines, so after the clients leave it asks
+    each idle replica once; the scrape is polled (bounded) only for that request's round trip."""
+    async def main():
+        async with grpc.aio.insecure_channel(serve_app["grpc"]) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            started = [asyncio.Event() for _ in range(16)]
+            tasks = [asyncio.create_task(grpc_stream(stub, p, e)) for p, e in zip(PROMPTS[:16], started)]
+            for e in started[:8]:  # the late ones' calls begin while the first ones run
+                await e.wait()
+            busy = engine_gauges(serve_app["http"])
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return busy
+
+    busy = asyncio.run(main())
+    assert busy["vllm:num_requests_running"] > 0
+    import time
+    for _ in range(600):
+        idle = engine_gauges(serve_app["http"])
+        if not any(idle.values()):
+            break
+        time.sleep(0.05)
+    assert idle == {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0,
+                    "vllm:kv_cache_usage_perc": 0.0}
