@@ -207,7 +207,11 @@ def test_gauges_read_zero_once_every_client_has_left(serve_app):
             tasks = [asyncio.create_task(grpc_stream(stub, p, e)) for p, e in zip(PROMPTS[:16], started)]
             for e in started[:8]:  # the late ones' calls begin while the first ones run
                 await e.wait()
-            busy = engine_gauges(serve_app["http"])
+            for _ in range(100):  # reports reach the router while streams run; bounded wait for one
+                busy = await asyncio.to_thread(engine_gauges, serve_app["http"])
+                if busy["vllm:num_requests_running"] > 0:
+                    break
+                await asyncio.sleep(0.1)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -216,7 +220,7 @@ def test_gauges_read_zero_once_every_client_has_left(serve_app):
     busy = asyncio.run(main())
     assert busy["vllm:num_requests_running"] > 0
     import time
-    for _ in range(600):
+    for _ in range(1800):  # bounded (minutes at worst on a loaded 2-core CI machine)
         idle = engine_gauges(serve_app["http"])
         if not any(idle.values()):
             break

@@ -6,18 +6,17 @@ from __future__ import annotations
 import logging
 from typing import Any, AsyncIterator
 
-import grpc
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from kubeinfer.proto import inference_pb2 as pb
-from kubeinfer.router.grpc_service import (GRPC_CODES, RETRY_AFTER_KEY, list_models_response, prepare_kwargs,
+from kubeinfer.router.grpc_service import (GRPC_CODES, RETRY_AFTER_KEY, RouterHealth, list_models_response, prepare_kwargs,
                                            stream_response, unary_response)
 from kubeinfer.router.pool import WorkerPool
 from kubeinfer.router.replica import StreamItem
 from kubeinfer.router.router import Router, ServedModel
-from kubeinfer.router.types import GenerateJob, ReplicaReport, RouterError
+from kubeinfer.router.types import Code, GenerateJob, ReplicaReport, RouterError
 from kubeinfer.serve.config import AppConfig
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ class RouterIngress:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
-            job = self.router.prepare(**prepare_kwargs(request))
+            job = await self.router.aprepare(**prepare_kwargs(request))  # tokenizes off the event loop
             chunks = [c async for c in self.router.stream(job)]
         except RouterError as e:
             _fail(grpc_context, e)
@@ -80,7 +79,7 @@ class RouterIngress:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
-            job = self.router.prepare(**prepare_kwargs(request))
+            job = await self.router.aprepare(**prepare_kwargs(request))
             async for chunk in self.router.stream(job):
                 yield stream_response(chunk, job.model)
         except RouterError as e:
@@ -89,10 +88,12 @@ class RouterIngress:
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         return list_models_response(self.router)
 
-    async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
-        status = health_pb2.HealthCheckResponse.NOT_SERVING if self.router.draining else \
-            health_pb2.HealthCheckResponse.SERVING
-        return health_pb2.HealthCheckResponse(status=status)
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
+        if request.service not in RouterHealth.SERVICES:  # the standard's answer to an unknown service
+            _fail(grpc_context, RouterError(Code.NOT_FOUND, f"unknown service {request.service!r}"))
+        serving = not self.router.draining and not self.router.unready_models()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving
+                                              else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def __del__(self) -> None:
         # Serve stops routing to a replica before deleting it; finish what is in flight.
