@@ -15,7 +15,7 @@ from kubeinfer.router.grpc_service import (GRPC_CODES, RETRY_AFTER_KEY, RouterHe
                                            stream_response, unary_response)
 from kubeinfer.router.pool import WorkerPool
 from kubeinfer.router.replica import StreamItem
-from kubeinfer.router.router import Router, ServedModel
+from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, Router, ServedModel
 from kubeinfer.router.types import Code, GenerateJob, ReplicaReport, RouterError
 from kubeinfer.serve.config import AppConfig
 
@@ -61,8 +61,13 @@ class RouterIngress:
         for spec in app.models:
             config, tokenizer = load_model_info(spec.uri)
             max_len = spec.max_model_len or config.max_position_embeddings
+            # The admission queue is sized from what the replicas run at once (the most replicas
+            # autoscaling may start): Serve hides the replicas from the pool.
+            replicas = spec.num_replicas or (spec.autoscaling or {}).get("max_replicas") or 1
+            capacity = int(spec.engine.get("max_num_seqs", DEFAULT_SEQS_PER_REPLICA)) * max(1, int(replicas))
             models.append(ServedModel(spec.name, tokenizer, max_len, config.vocab_size,
-                                      ServePool(workers[spec.name]), uri=spec.uri, quantization=spec.quantization))
+                                      ServePool(workers[spec.name]), uri=spec.uri, quantization=spec.quantization,
+                                      capacity=capacity))
         self.router = Router(models, app.router)
 
     def __serve_build_asgi_app__(self):
