@@ -18,13 +18,13 @@ Without CUDA it prints "no CUDA device: skipped" and exits 0.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from gpubench.common import cuda_event_median_ms  # benchmarks/ is on sys.path when run as a script
 from kubeinfer.worker.kernels.attention import (AttentionMetadata, LayerKVCache, PrefillChunk,
                                                 gather_workspace_size, paged_attention, write_kv)
 
@@ -42,17 +42,7 @@ NORM_ROWS = (1, 256, 4096)
 
 def bench(fn: Callable[[], object], iters: int) -> float:
     """Median milliseconds of ``fn`` over ``iters`` runs, timed with CUDA events after a warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_event_median_ms(fn, iters)
 
 
 def compare(name: str, work: float, unit: str, variants: dict[str, Callable[[], torch.Tensor]],
