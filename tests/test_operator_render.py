@@ -162,14 +162,44 @@ def test_a_gpu_is_requested_from_kubernetes_and_ray_alike():
     assert {c["image"] for c in _containers(build_rayservice(md({"image": "me/worker:1"})))} == {"me/worker:1"}
 
 
-def test_a_pvc_model_is_mounted_read_only_where_the_engine_loads_it():
-    body = md({"model": {"uri": "pvc://weights/llama/1b/"}})
-    assert _model(build_serve_config(body))["uri"] == "/models/weights/llama/1b"
-    assert _model(build_serve_config(body))["name"] == "demo"
-    pod = _worker_group(build_rayservice(body))["template"]["spec"]
-    assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["volumes"]
-    assert {"name": "model", "mountPath": "/models/weights", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+def _pod_templates(rs: dict) -> dict[str, dict]:
+    """Every pod template of a RayService, by group: the head (router, Serve controller) and each worker group."""
+    cluster = rs["spec"]["rayClusterConfig"]
+    return {"head": cluster["headGroupSpec"]["template"],
+            **{g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]}}
+
+
+def test_a_pvc_model_is_mounted_read_only_in_every_pod_that_loads_it_or_its_tokenizer(tmp_path, capsys):
+    """The workers load the weights and the head's router ingress loads the tokenizer, both from the
+    Serve config's uri: every Ray pod mounts the claim there, read-only (`kubeinfer render`, as a user
+    would run it), and the objects stay valid for Kubernetes and KubeRay."""
+    path = tmp_path / "pvc.yaml"
+    path.write_text(yaml.safe_dump(md({"model": {"uri": "pvc://weights/llama/1b/"},
+                                       "autoscaling": {"minReplicas": 0, "maxReplicas": 2}})))
+    assert main(["render", str(path)]) == 0
+    rs, service = yaml.safe_load_all(capsys.readouterr().out)
+    uri = _model(yaml.safe_load(rs["spec"]["serveConfigV2"]))["uri"]
+    assert uri == "/models/weights/llama/1b"
+    templates = _pod_templates(rs)
+    assert set(templates) == {"head", "replica"}
+    for group, template in templates.items():
+        pod = template["spec"]
+        assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} \
+            in pod["volumes"], group
+        for container in pod["containers"]:
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == "model"]
+            assert mount["readOnly"] is True and uri.startswith(mount["mountPath"] + "/"), group
+        as_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"demo-{group}"}, "spec": pod}
+        assert k8s_errors(as_pod) is None
+    assert k8s_errors(service) is None
+    if os.path.exists(KUBERAY_CRD):
+        assert schema_errors(_kuberay_schema(), rs) == []
+    # Models that are not in a claim mount nothing extra.
+    for body in (md(), md({"model": {"uri": "file:///opt/m.gguf"}})):
+        for template in _pod_templates(build_rayservice(body)).values():
+            assert [v["name"] for v in template["spec"]["volumes"]] == ["shm"]
     assert _model(build_serve_config(md({"model": {"uri": "file:///opt/m.gguf"}})))["uri"] == "/opt/m.gguf"
+    assert _model(build_serve_config(md({"model": {"uri": "pvc://weights/m"}})))["name"] == "demo"
 
 
 def test_placement_labels_and_hardening_apply_to_every_ray_pod():

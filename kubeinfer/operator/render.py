@@ -8,7 +8,8 @@ Topology (KubeRay mode): the head pod runs Ray's GCS, the Serve controller, a pr
 replicas; each worker pod runs exactly one model replica (it advertises one unit of
 ``REPLICA_RESOURCE``, which every model replica requires) and a proxy. Worker pods are sized from
 ``spec.resources``; with autoscaling, Ray's in-tree autoscaler adds and removes worker pods as Serve
-adds and removes replicas.
+adds and removes replicas. A ``pvc://`` model's claim is mounted read-only on the head too: the
+router there loads the model's tokenizer and config from the same path the workers load weights from.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from kubeinfer.operator.spec import REPLICA_RESOURCE, ModelDeploymentSpec, parse_spec, to_app_config
+from kubeinfer.operator.spec import PVC_MOUNT_ROOT, REPLICA_RESOURCE, ModelDeploymentSpec, parse_spec, to_app_config
 from kubeinfer.serve.config import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, serve_config
 
 VERSION = "0.1.0"
@@ -124,14 +125,28 @@ def _shm_volume(size_bytes: int) -> dict[str, Any]:
     return {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": _quantity(size_bytes)}}
 
 
+def _storage(spec: ModelDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The (volumeMounts, volumes) of a Ray pod that loads the model or its tokenizer: Ray's object
+    store in memory, and a pvc:// model's claim, read-only, where ``ModelSource.local_path`` points.
+    Both groups need the claim: the workers load the weights, and the head runs the router, whose
+    ingress loads the tokenizer (and the model's config) from the same path."""
+    mounts = [{"name": "shm", "mountPath": "/dev/shm"}]
+    volumes = [_shm_volume(OBJECT_STORE_BYTES)]
+    claim = spec.model.source.claim
+    if claim is not None:
+        mounts.append({"name": "model", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    return mounts, volumes
+
+
 def _head_group(spec: ModelDeploymentSpec, image: str) -> dict[str, Any]:
     cpus = str(max(1, spec.router.num_replicas))
+    mounts, volumes = _storage(spec)
     container = _container("ray-head", image, {"cpu": cpus, "memory": HEAD_MEMORY},
                            [("gcs", 6379), ("dashboard", 8265), ("client", 10001),
-                            ("serve", DEFAULT_HTTP_PORT), ("grpc", DEFAULT_GRPC_PORT)],
-                           [{"name": "shm", "mountPath": "/dev/shm"}])
+                            ("serve", DEFAULT_HTTP_PORT), ("grpc", DEFAULT_GRPC_PORT)], mounts)
     return {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": cpus, "num-gpus": "0"},
-            "template": _pod_template(spec, "ray-head", container, [_shm_volume(OBJECT_STORE_BYTES)])}
+            "template": _pod_template(spec, "ray-head", container, volumes)}
 
 
 def _worker_group(spec: ModelDeploymentSpec, image: str) -> dict[str, Any]:
@@ -139,12 +154,7 @@ def _worker_group(spec: ModelDeploymentSpec, image: str) -> dict[str, Any]:
     limits = {"cpu": res.cpu, "memory": _quantity(res.memory_bytes + OBJECT_STORE_BYTES)}
     if res.gpus:
         limits["nvidia.com/gpu"] = str(res.gpus)
-    mounts = [{"name": "shm", "mountPath": "/dev/shm"}]
-    volumes = [_shm_volume(OBJECT_STORE_BYTES)]
-    claim = spec.model.source.claim
-    if claim is not None:
-        mounts.append({"name": "model", "mountPath": f"/models/{claim}", "readOnly": True})
-        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    mounts, volumes = _storage(spec)
     container = _container("ray-worker", image, limits,
                            [("serve", DEFAULT_HTTP_PORT), ("grpc", DEFAULT_GRPC_PORT)], mounts)
     if spec.autoscaling:

@@ -55,7 +55,7 @@ BUILTIN_MODELS: Mapping[str, ModelDims] = MappingProxyType({
                               max_context=8192),
 })
 DEFAULT_MODEL_URI = "builtin://smollm2-135m"
-# Where the worker pods mount a PersistentVolumeClaim named in a pvc:// uri (see render.py).
+# Where the Ray pods (head: the router's tokenizer; workers: the weights) mount a pvc:// uri's claim (render.py).
 PVC_MOUNT_ROOT = "/models"
 # The Ray custom resource each KubeRay worker pod advertises once, so that exactly one model replica
 # lands on each worker pod and none on the head (which hosts the router).
