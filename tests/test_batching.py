@@ -82,7 +82,9 @@ def test_prefix_cache_reuses_blocks(tiny_llama_dir):
     before = engine.stats()
     out = engine.generate([prefix + tail], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
     after = engine.stats()
-    assert after.prefix_cache_hits - before.prefix_cache_hits == 200 // 16   # 12 full blocks shared
+    # Counted in tokens, once per request: 12 full blocks of 16 shared out of a 230-token prompt.
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 192
+    assert after.prefix_cache_queries - before.prefix_cache_queries == 230
     assert out.num_cached_tokens == 192
     # Only the 38 uncached prompt tokens ran, then one token per further decode step.
     assert after.computed_tokens - before.computed_tokens == (230 - 192) + 7

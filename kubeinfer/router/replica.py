@@ -38,7 +38,8 @@ class EngineReplica:
     def report(self) -> ReplicaReport:
         s = self.engine.stats()
         return ReplicaReport(self.replica_id, s.num_requests_running, s.num_requests_waiting,
-                             s.kv_cache_usage, s.num_preemptions, s.prefix_cache_queries, s.prefix_cache_hits)
+                             s.kv_cache_usage, s.num_preemptions, s.prefix_cache_queries, s.prefix_cache_hits,
+                             tuple(s.iteration_tokens.counts), s.iteration_tokens.total)
 
     async def settled_report(self) -> ReplicaReport:
         """The report once every add and abort queued so far has reached the engine (an idle
@@ -95,4 +96,4 @@ class EngineReplica:
 
 def _chunk(o: RequestOutput) -> Chunk:
     return Chunk(o.request_id, o.delta_text, o.new_token_ids, o.finish_reason, o.error,
-                 o.num_prompt_tokens, o.num_output_tokens, o.num_cached_tokens, o.logprobs)
+                 o.num_prompt_tokens, o.num_output_tokens, o.num_cached_tokens, o.logprobs, o.timings)

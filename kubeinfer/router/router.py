@@ -281,10 +281,13 @@ class Router:
             self._update_gauges()
             if outcome is not None:
                 self.metrics.requests.labels(job.model, outcome).inc()
+            if outcome == "cancelled":
+                self.metrics.record_abandoned(job.model)
 
     async def _run(self, job: GenerateJob, start: float) -> AsyncIterator[Chunk]:
         served = self.models[job.model]
         m = self.metrics
+        router_wait = time.monotonic() - start  # this body first runs once the request is admitted
         stream = await self._open(served, job)
         last = None
         try:
@@ -303,9 +306,8 @@ class Router:
                                 m.itl.labels(job.model).observe((now - last) / len(chunk.token_ids))
                             last = now
                         if chunk.finished:
-                            m.e2e.labels(job.model).observe(now - start)
-                            m.prompt_tokens.labels(job.model).inc(chunk.prompt_tokens)
-                            m.generation_tokens.labels(job.model).inc(chunk.completion_tokens)
+                            m.record_finished(job.model, chunk, e2e_s=now - start, router_wait_s=router_wait,
+                                              max_tokens=job.sampling.get("max_tokens"))
                         yield chunk
                     return
                 except ReplicaFailed as e:

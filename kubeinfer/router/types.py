@@ -64,7 +64,8 @@ class Chunk:
     """What one engine step added to one request (a stream of these makes a completion).
 
     ``finish_reason`` is set on the last chunk only: stop, length, abort, error (the engine failed
-    mid-request) or rejected (the engine refused the request); ``error`` says why for the last two. Token counts are running totals, so the last chunk carries the usage.
+    mid-request) or rejected (the engine refused the request); ``error`` says why for the last two.
+    Token counts are running totals, so the last chunk carries the usage.
     """
 
     request_id: str
@@ -76,6 +77,7 @@ class Chunk:
     completion_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[dict[int, float]] | None = None
+    timings: dict[str, float] | None = None  # on the last chunk: the engine's RequestOutput.timings
 
     @property
     def finished(self) -> bool:
@@ -94,3 +96,7 @@ class ReplicaReport:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Tokens per engine step: non-cumulative counts over ITERATION_TOKENS_BUCKETS (+Inf last), and
+    # their sum; empty from a replica that does not report them.
+    iteration_tokens: tuple[int, ...] = ()
+    iteration_tokens_sum: int = 0

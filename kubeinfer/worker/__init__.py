@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     "Engine": "kubeinfer.worker.engine",
-    "EngineStats": "kubeinfer.worker.engine",
+    "EngineStats": "kubeinfer.worker.outputs",
     "EngineConfig": "kubeinfer.worker.config",
     "RequestOutput": "kubeinfer.worker.outputs",
     "SamplingParams": "kubeinfer.worker.sampling",

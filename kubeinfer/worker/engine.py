@@ -17,7 +17,7 @@ from kubeinfer.worker.kernels.backend import select_backend
 from kubeinfer.worker.kv_sizing import kv_blocks_for_bytes, kv_bytes_per_token
 from kubeinfer.worker.model_runner import ModelRunner
 from kubeinfer.worker.models.loader import LoadedModel, load_model
-from kubeinfer.worker.outputs import RequestOutput
+from kubeinfer.worker.outputs import EngineStats, IterationTokens, RequestOutput
 from kubeinfer.worker.sampling import SamplingBatch, SamplingParams, make_generator
 from kubeinfer.worker.scheduler import Scheduler
 from kubeinfer.worker.sequence import FinishReason, Sequence
@@ -32,20 +32,15 @@ class _Request:
     generator: torch.Generator | None
 
 
-@dataclass
-class EngineStats:
-    """Counters and gauges for metrics (vLLM's names where the concept is shared)."""
-
-    num_requests_running: int
-    num_requests_waiting: int
-    kv_cache_usage: float
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    prompt_tokens: int
-    generation_tokens: int
-    computed_tokens: int       # tokens run through the model (prefix-cache hits are not)
-    num_steps: int
+def _timings(seq: Sequence, now: float) -> dict[str, float]:
+    """A finished request's phases (RequestOutput.timings); ``now`` is its end."""
+    if seq.scheduled_time is None:
+        return {"queue": now - seq.arrival_time}
+    out = {"queue": seq.scheduled_time - seq.arrival_time, "inference": now - seq.scheduled_time}
+    if seq.first_token_time is not None:
+        out["prefill"] = seq.first_token_time - seq.scheduled_time
+        out["decode"] = now - seq.first_token_time
+    return out
 
 
 class Engine:
@@ -128,6 +123,7 @@ class Engine:
         self._generation_tokens = 0
         self._num_steps = 0
         self._computed_tokens = 0
+        self._iteration_tokens = IterationTokens()
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -184,6 +180,7 @@ class Engine:
             return []
         self._num_steps += 1
         self._computed_tokens += batch.num_tokens
+        self._iteration_tokens.observe(batch.num_tokens)
         # Sequences whose prompt (or recompute) completes this step sample a token; the runner emits
         # their logits in batch order, the same order Scheduler.update returns them in.
         sampling_rows = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
@@ -252,16 +249,14 @@ class Engine:
             delta += req.detokenizer.finish()
         out = self._output(seq, list(new), delta, logprobs, req)
         out.finished, out.finish_reason, out.stop_reason, out.error = True, reason.value, stop_reason, error
+        out.timings = _timings(seq, time.monotonic())
         return out
 
     def _output(self, seq: Sequence, new: list[int], delta: str, logprobs, req: _Request | None = None) -> RequestOutput:
         req = req or self.requests[seq.request_id]
-        metrics = {"arrival_time": seq.arrival_time}
-        if seq.first_token_time is not None:
-            metrics["first_token_time"] = seq.first_token_time
         return RequestOutput(seq.request_id, new, delta, req.detokenizer.text, seq.output_token_ids,
                              num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-                             logprobs=logprobs, metrics=metrics)
+                             logprobs=logprobs)
 
     # ---- conveniences ---------------------------------------------------------------------------
 
@@ -294,4 +289,5 @@ class Engine:
             generation_tokens=self._generation_tokens,
             computed_tokens=self._computed_tokens,
             num_steps=self._num_steps,
+            iteration_tokens=IterationTokens(list(self._iteration_tokens.counts), self._iteration_tokens.total),
         )

@@ -111,8 +111,8 @@ class KVCacheManager:
         self.tables: dict[str, list[Block]] = {}
         self._hashes: dict[str, list[int]] = {}
         self._num_published: dict[str, int] = {}   # leading blocks of each table already in the cache
-        self.prefix_cache_queries = 0    # full prompt blocks looked up
-        self.prefix_cache_hits = 0       # of which found in the cache
+        self.prefix_cache_queries = 0    # prompt tokens of the requests admitted (record_prefix_lookup)
+        self.prefix_cache_hits = 0       # of which served from the cache
 
     @property
     def enable_prefix_caching(self) -> bool:
@@ -149,9 +149,15 @@ class KVCacheManager:
             if b is None:
                 break
             hits.append(b)
-        self.prefix_cache_queries += len(hashes)
-        self.prefix_cache_hits += len(hits)
         return hits
+
+    def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's prefix-cache lookup, in tokens (vLLM's meaning). The scheduler
+        calls it once per request, when it is first admitted: a request that waits is looked up again
+        every step, and counting those lookups would inflate both counters."""
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += num_prompt_tokens
+            self.prefix_cache_hits += num_hit_tokens
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, cached: list[Block] = ()) -> bool:
         """Make room for ``num_new_tokens`` more tokens after ``seq.num_computed_tokens``.

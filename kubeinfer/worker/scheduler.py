@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from kubeinfer.worker.kv_cache import KVCacheManager
@@ -120,8 +121,11 @@ class Scheduler:
             if not self.kv.allocate_slots(seq, n, cached):
                 break
             self.waiting.pop(0)
+            if seq.scheduled_time is None:
+                seq.scheduled_time = time.monotonic()
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = len(cached) * self.kv.block_size
+                self.kv.record_prefix_lookup(len(seq), seq.num_cached_tokens)
             seq.num_computed_tokens += len(cached) * self.kv.block_size
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_order)

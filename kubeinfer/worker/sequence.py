@@ -43,6 +43,7 @@ class Sequence:
     num_cached_tokens: int = 0      # prompt tokens served from the prefix cache at first scheduling
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
+    scheduled_time: float | None = None   # when the scheduler first admitted it (monotonic clock)
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:
