@@ -209,94 +209,98 @@ def test_retry_after_follows_completion_rate_within_bounds():
 
 # --- micro-batching ---------------------------------------------------------------------------
 
+# These run on looptime's fake clock: the windows are in loop time, so a loaded CI machine cannot
+# make a "late" item miss its window, and the tests can assert when each flush happened.
+def on_loop_time(test):
+    return pytest.mark.asyncio(pytest.mark.looptime(test))
+
+
 class Recorder:
     def __init__(self, fail_on: int | None = None) -> None:
         self.batches: list[list[int]] = []
+        self.times: list[float] = []  # loop time of each flush
         self.fail_on = fail_on
 
     async def __call__(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
+        self.times.append(asyncio.get_running_loop().time())
         if self.fail_on is not None and self.fail_on in items:
             raise ValueError("boom")
         return [i * 10 for i in items]
 
 
-def test_items_within_window_share_one_flush():
-    async def main():
-        rec = Recorder()
-        mb = MicroBatcher(rec, max_batch_size=16, window_ms=50)
+@on_loop_time
+async def test_items_within_window_share_one_flush():
+    rec = Recorder()
+    mb = MicroBatcher(rec, max_batch_size=16, window_ms=50)
+    t0 = asyncio.get_running_loop().time()
 
-        async def late(i):
-            await asyncio.sleep(0.01)
-            return await mb.submit(i)
+    async def after(delay_s: float, i: int) -> int:
+        await asyncio.sleep(delay_s)
+        return await mb.submit(i)
 
-        results = await asyncio.gather(mb.submit(0), mb.submit(1), late(2))
-        assert results == [0, 10, 20]
-        assert rec.batches == [[0, 1, 2]]
-
-    asyncio.run(main())
-
-
-def test_max_batch_size_splits_and_does_not_wait_for_window():
-    async def main():
-        rec = Recorder()
-        mb = MicroBatcher(rec, max_batch_size=3, window_ms=10_000)  # a full batch goes at once
-        results = await asyncio.wait_for(asyncio.gather(*(mb.submit(i) for i in range(6))), 2)
-        assert results == [i * 10 for i in range(6)]
-        assert rec.batches == [[0, 1, 2], [3, 4, 5]]
-
-    asyncio.run(main())
+    # 2 arrives 10 ms into the first item's 50 ms window; 3 arrives after it closed.
+    results = await asyncio.gather(mb.submit(0), mb.submit(1), after(0.01, 2), after(0.08, 3))
+    assert results == [0, 10, 20, 30]
+    assert rec.batches == [[0, 1, 2], [3]]
+    # Each batch goes when its first item's window ends, not before and not later.
+    assert [round(t - t0, 6) for t in rec.times] == [0.05, 0.13]
 
 
-def test_window_zero_batches_what_is_queued():
-    async def main():
-        rec = Recorder()
-        mb = MicroBatcher(rec, max_batch_size=8, window_ms=0)
-        assert await asyncio.gather(*(mb.submit(i) for i in range(4))) == [0, 10, 20, 30]
-        assert await mb.submit(9) == 90
-        assert rec.batches == [[0, 1, 2, 3], [9]]
-
-    asyncio.run(main())
-
-
-def test_flush_exception_reaches_every_caller_of_that_batch_only():
-    async def main():
-        rec = Recorder(fail_on=1)
-        mb = MicroBatcher(rec, max_batch_size=2, window_ms=20)
-        results = await asyncio.gather(*(mb.submit(i) for i in range(4)), return_exceptions=True)
-        assert [type(r) for r in results[:2]] == [ValueError, ValueError]
-        assert results[2:] == [20, 30]
-
-    asyncio.run(main())
+@on_loop_time
+async def test_max_batch_size_splits_and_does_not_wait_for_window():
+    rec = Recorder()
+    mb = MicroBatcher(rec, max_batch_size=3, window_ms=10_000)  # a full batch goes at once
+    t0 = asyncio.get_running_loop().time()
+    results = await asyncio.gather(*(mb.submit(i) for i in range(6)))
+    assert results == [i * 10 for i in range(6)]
+    assert rec.batches == [[0, 1, 2], [3, 4, 5]]
+    assert rec.times == [t0, t0]  # no window waited for
 
 
-def test_cancelled_caller_does_not_lose_the_others():
-    async def main():
-        gate = asyncio.Event()
-        batches: list[list[int]] = []
+@on_loop_time
+async def test_window_zero_batches_what_is_queued():
+    rec = Recorder()
+    mb = MicroBatcher(rec, max_batch_size=8, window_ms=0)
+    assert await asyncio.gather(*(mb.submit(i) for i in range(4))) == [0, 10, 20, 30]
+    assert await mb.submit(9) == 90
+    assert rec.batches == [[0, 1, 2, 3], [9]]
 
-        async def flush(items: list[int]) -> list[int]:
-            batches.append(list(items))
-            await gate.wait()
-            return [i * 10 for i in items]
 
-        mb = MicroBatcher(flush, max_batch_size=8, window_ms=20)
-        tasks = [asyncio.create_task(mb.submit(i)) for i in range(4)]
-        await asyncio.sleep(0)
-        tasks[1].cancel()  # while its batch is still collecting: dropped from the flush
-        while not batches:
-            await asyncio.sleep(0.005)
-        tasks[2].cancel()  # while the flush runs
-        await asyncio.sleep(0)
-        gate.set()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert results[0] == 0 and results[3] == 30
-        assert isinstance(results[1], asyncio.CancelledError)
-        assert isinstance(results[2], asyncio.CancelledError)
-        assert batches == [[0, 2, 3]]
-        await mb.aclose()
+@on_loop_time
+async def test_flush_exception_reaches_every_caller_of_that_batch_only():
+    rec = Recorder(fail_on=1)
+    mb = MicroBatcher(rec, max_batch_size=2, window_ms=20)
+    results = await asyncio.gather(*(mb.submit(i) for i in range(4)), return_exceptions=True)
+    assert [type(r) for r in results[:2]] == [ValueError, ValueError]
+    assert results[2:] == [20, 30]
 
-    asyncio.run(main())
+
+@on_loop_time
+async def test_cancelled_caller_does_not_lose_the_others():
+    gate = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        await gate.wait()
+        return [i * 10 for i in items]
+
+    mb = MicroBatcher(flush, max_batch_size=8, window_ms=20)
+    tasks = [asyncio.create_task(mb.submit(i)) for i in range(4)]
+    await asyncio.sleep(0)
+    tasks[1].cancel()  # while its batch is still collecting: dropped from the flush
+    await asyncio.sleep(0.03)  # the 20 ms window has ended: the flush started and waits at the gate
+    assert batches == [[0, 2, 3]]
+    tasks[2].cancel()  # while the flush runs
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results[0] == 0 and results[3] == 30
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert batches == [[0, 2, 3]]
+    await mb.aclose()
 
 
 def test_router_package_stays_pure():
