@@ -24,10 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc
+from kubeinfer.router.types import RETRY_AFTER_KEY, retry_hint_of  # plain data: no torch, no gRPC server
 
-# The trailer name of the proto contract (kubeinfer.router.grpc_service sets it); repeated here so
-# the client does not import the router and, through it, torch.
-RETRY_AFTER_KEY = "retry-after-s"
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                       "presence_penalty", "frequency_penalty", "seed", "logprobs")
 
@@ -54,6 +52,8 @@ class ServerError(Exception):
                     retry_after = float(value)
                 except ValueError:  # a malformed hint is no hint
                     pass
+        if retry_after is None and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            retry_after = retry_hint_of(message)  # a transport that dropped the trailer (Serve's, on a stream)
         return cls(code, message, retry_after)
 
 

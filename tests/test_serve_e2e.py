@@ -11,7 +11,11 @@ import pytest
 
 from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc
-from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kubeinfer.client import ServerError
+from kubeinfer.router.types import RETRY_AFTER_KEY
+from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec, RouterSettings
 from kubeinfer.worker import Engine, SamplingParams
 from tests.conftest import free_port
 
@@ -20,6 +24,7 @@ PROMPTS = [f"{word} number {i}" for i, word in enumerate(
     ["The quick brown fox", "Kubernetes schedules pods", "def f(x):", "héllo wörld",
      "Ray Serve runs replicas", "naïve café", "return x * 2", "emoji 🙂"] * 4)]
 APP = "kubeinfer-e2e"
+MAX_IN_FLIGHT = 40  # more than any other test here sends at once
 
 
 # fp32 GEMMs sum in an order that depends on how many rows a step has, so a request scores ~1e-4
@@ -90,8 +95,10 @@ def serve_app(ray_head, tiny_llama_dir):
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
+    # No admission queue and room for MAX_IN_FLIGHT requests: the overload test fills it.
     app = AppConfig(models=[ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=256,
-                                      engine={"num_kv_blocks": 160}, num_replicas=2)])
+                                      engine={"num_kv_blocks": 160}, num_replicas=2)],
+                    router=RouterSettings(max_in_flight=MAX_IN_FLIGHT, max_queued=0))
     serve.run(build_app(app.to_dict()), name=APP, route_prefix="/")
     try:
         yield {"http": f"http://127.0.0.1:{http_port}/v1", "grpc": f"127.0.0.1:{grpc_port}"}
@@ -139,6 +146,69 @@ def test_32_concurrent_streams_over_grpc_and_http_match_the_engine(serve_app, re
         reference[prompt].check_tokens(result["tokens"])
     for prompt, text in zip(PROMPTS[16:], results[16:]):
         reference[prompt].check_text(text)
+
+
+def test_client_errors_through_serves_grpc_proxy_keep_their_status_and_retry_hint(serve_app):
+    """The one servicer's error mapping, bound to Serve's context, through Serve's real gRPC proxy:
+    each client error keeps its status and message; overload keeps its retry hint (as the trailer on
+    a unary call; in the message on a stream, whose trailer Serve drops)."""
+    def request(**kw) -> pb.GenerateRequest:
+        return pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=kw.pop("max_tokens", 4)), **kw)
+
+    async def status_of(call) -> tuple[grpc.StatusCode, str, dict]:
+        try:
+            await call
+        except grpc.aio.AioRpcError as e:
+            return e.code(), e.details(), dict(e.trailing_metadata() or ())
+        raise AssertionError("the call succeeded")
+
+    async def stream_status(stub, req) -> grpc.aio.AioRpcError:
+        try:
+            async for _ in stub.GenerateStream(req, timeout=60):
+                pass
+        except grpc.aio.AioRpcError as e:
+            return e
+        raise AssertionError("the stream succeeded")
+
+    async def main():
+        async with grpc.aio.insecure_channel(serve_app["grpc"]) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            code, details, _ = await status_of(stub.Generate(request(model="nope"), timeout=60))
+            assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+            code, details, _ = await status_of(stub.Generate(request(max_tokens=10**6), timeout=60))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in details
+            assert (await stream_status(stub, request(model="nope"))).code() == grpc.StatusCode.NOT_FOUND
+            code, _, _ = await status_of(health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=60))
+            assert code == grpc.StatusCode.NOT_FOUND
+            ok = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=60)
+            assert ok.status == health_pb2.HealthCheckResponse.SERVING
+
+            # Fill every in-flight slot with long streams; the next request is refused at once.
+            started = [asyncio.Event() for _ in range(MAX_IN_FLIGHT)]
+            long = pb.GenerateRequest(prompt="a long one", sampling=pb.SamplingParams(
+                max_tokens=200, temperature=0.0, ignore_eos=True))
+
+            async def hold(event: asyncio.Event) -> None:
+                async for _ in stub.GenerateStream(long, timeout=300):
+                    event.set()
+
+            holders = [asyncio.create_task(hold(e)) for e in started]
+            try:
+                for e in started:
+                    await asyncio.wait_for(e.wait(), 240)
+                code, details, trailers = await status_of(stub.Generate(request(), timeout=60))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+                assert float(trailers[RETRY_AFTER_KEY]) > 0
+                err = await stream_status(stub, request())
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert ServerError.from_rpc_error(err).retry_after_s > 0  # from the trailer or the message
+            finally:
+                for t in holders:
+                    t.cancel()
+                await asyncio.gather(*holders, return_exceptions=True)
+
+    asyncio.run(main())
 
 
 def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_app, reference):

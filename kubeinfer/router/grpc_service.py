@@ -1,5 +1,5 @@
-"""The kubeinfer.v1.Inference gRPC service over a Router, and the proto <-> router conversions that
-the Ray Serve ingress shares."""
+"""The kubeinfer.v1.Inference gRPC service over a Router (one servicer, for the router's own server
+and the Ray Serve ingress alike) and the proto <-> router conversions."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from grpc_health.v1.health import aio as health_aio
 from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc
 from kubeinfer.router.router import Router
-from kubeinfer.router.types import Chunk, Code, RouterError
+from kubeinfer.router.types import RETRY_AFTER_KEY, Chunk, Code, RouterError, with_retry_hint
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                     "presence_penalty", "frequency_penalty", "seed", "logprobs")
 GRPC_CODES = {c: getattr(grpc.StatusCode, c.name) for c in Code}
-RETRY_AFTER_KEY = "retry-after-s"
 
 
 def prepare_kwargs(req: pb.GenerateRequest) -> dict[str, Any]:
@@ -76,8 +75,9 @@ def list_models_response(router: Router) -> pb.ListModelsResponse:
         for m in router.models.values()])
 
 
-def timeout_of(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
+def timeout_of(context) -> float | None:
+    """The client's deadline, where the transport tells it (Serve's context does not)."""
+    remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
     return remaining if remaining is not None and remaining < 1e9 else None
 
 
@@ -92,44 +92,103 @@ def _parse(message_type, data: bytes | Any):
                                                  "message") from None
 
 
+def client_message(e: RouterError) -> str:
+    """The status details a client reads: the router's message, valid Unicode, with the retry hint
+    spelled out (a transport may lose the trailer: Serve's proxy drops it from a failed stream)."""
+    message = with_retry_hint(e.message, e.retry_after_s)
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _trailers(e: RouterError) -> tuple[tuple[str, str], ...]:
+    return ((RETRY_AFTER_KEY, f"{e.retry_after_s:.3f}"),) if e.retry_after_s is not None else ()
+
+
+async def abort_aio(context: grpc.aio.ServicerContext, e: RouterError, *, streaming: bool) -> None:
+    """A grpc.aio server's answer to a RouterError: abort with its status, message and trailer."""
+    await context.abort(GRPC_CODES[e.code], client_message(e), trailing_metadata=_trailers(e))
+
+
+class ServeStatusError(Exception):
+    """Raised from a failed stream on Ray Serve: Serve sends the code and details set on its
+    context when the method raises."""
+
+
+async def fail_on_serve_context(context, e: RouterError, *, streaming: bool) -> None:
+    """Ray Serve's gRPC proxy applies the code, details and trailers set on its context when a
+    unary method returns, so a unary call sets them and returns (its caller then returns an empty
+    message, which the client never sees behind the error status). A stream that fails before its
+    first message can only raise: Serve keeps the code and details, and drops the trailer."""
+    context.set_code(GRPC_CODES[e.code])
+    context.set_details(client_message(e))
+    if e.retry_after_s is not None:
+        context.set_trailing_metadata(list(_trailers(e)))
+    if streaming:
+        raise ServeStatusError(client_message(e))
+
+
+def health_response(router: Router, service: str) -> health_pb2.HealthCheckResponse:
+    """grpc.health.v1's answer for ``service``: NOT_FOUND (a RouterError) for a service not served
+    here; NOT_SERVING while draining or while a model has no live replica (as far as the pools can
+    tell); else SERVING."""
+    if service not in HEALTH_SERVICES:
+        raise RouterError(Code.NOT_FOUND, f"unknown service {service!r}")
+    serving = not router.draining and not router.unready_models()
+    return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving
+                                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+HEALTH_SERVICES = ("", "kubeinfer.v1.Inference")
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
-    """Serves kubeinfer.v1.Inference from a Router; owns nothing else. Router errors become gRPC
-    statuses with the router's message (and a ``retry-after-s`` trailer when overloaded).
+    """The one implementation of kubeinfer.v1.Inference (and grpc.health.v1's Check) over a Router,
+    for every transport: the router's own grpc.aio server and the Ray Serve ingress. Owns nothing
+    but the router reference and ``fail``, the transport's way to answer a RouterError (``abort_aio``
+    or ``fail_on_serve_context``), chosen when it is built.
 
     Its methods take parsed messages or, as ``start_grpc_server`` registers them, raw bytes, so
-    bytes that are no message get INVALID_ARGUMENT instead of the library's UNKNOWN.
+    bytes that are no message get INVALID_ARGUMENT instead of the library's UNKNOWN. Every client
+    error is a RouterError, so a status is never UNKNOWN or INTERNAL for bad input.
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, fail=abort_aio) -> None:
         self.router = router
+        self._fail = fail
 
-    async def Generate(self, request: pb.GenerateRequest | bytes,
-                       context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(self, request: pb.GenerateRequest | bytes, context) -> pb.GenerateResponse:
         try:
             request = _parse(pb.GenerateRequest, request)
-            job = await self.router.aprepare(**prepare_kwargs(request))
+            job = await self.router.aprepare(**prepare_kwargs(request))  # tokenizes off the event loop
             chunks = [c async for c in self.router.stream(job, timeout_s=timeout_of(context))]
         except RouterError as e:
-            await _abort(context, e)
+            await self._fail(context, e, streaming=False)
+            return pb.GenerateResponse()
         return unary_response(chunks, job.model)
 
     async def GenerateStream(self, request: pb.GenerateRequest | bytes,
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+                             context) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             request = _parse(pb.GenerateRequest, request)
             job = await self.router.aprepare(**prepare_kwargs(request))
             async for chunk in self.router.stream(job, timeout_s=timeout_of(context)):
                 yield stream_response(chunk, job.model)
         except RouterError as e:
-            await _abort(context, e)
+            await self._fail(context, e, streaming=True)
 
-    async def ListModels(self, request: pb.ListModelsRequest | bytes,
-                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest | bytes, context) -> pb.ListModelsResponse:
         try:
             _parse(pb.ListModelsRequest, request)
         except RouterError as e:
-            await _abort(context, e)
+            await self._fail(context, e, streaming=False)
+            return pb.ListModelsResponse()
         return list_models_response(self.router)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
+        try:
+            return health_response(self.router, request.service)
+        except RouterError as e:
+            await self._fail(context, e, streaming=False)
+            return health_pb2.HealthCheckResponse()
 
 
 def _raw_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
@@ -143,28 +202,15 @@ def _raw_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
 
 
 class RouterHealth(health_aio.HealthServicer):
-    """grpc.health.v1 for the router: NOT_FOUND for a service not served here; NOT_SERVING while
-    draining or while a model has no live replica (as far as the pools can tell)."""
+    """grpc.health.v1 on the router's own server: the library's Watch and set(), with Check
+    answered by the servicer's (``health_response``)."""
 
-    SERVICES = ("", "kubeinfer.v1.Inference")
-
-    def __init__(self, router: Router) -> None:
+    def __init__(self, servicer: InferenceServicer) -> None:
         super().__init__()
-        self.router = router
+        self._servicer = servicer
 
     async def Check(self, request, context):
-        if request.service not in self.SERVICES:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}"
-                                .encode("utf-8", "backslashreplace").decode("utf-8"))
-        serving = not self.router.draining and not self.router.unready_models()
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving
-                                              else health_pb2.HealthCheckResponse.NOT_SERVING)
-
-
-async def _abort(context: grpc.aio.ServicerContext, e: RouterError) -> None:
-    trailers = ((RETRY_AFTER_KEY, f"{e.retry_after_s:.3f}"),) if e.retry_after_s is not None else ()
-    message = e.message.encode("utf-8", "backslashreplace").decode("utf-8")
-    await context.abort(GRPC_CODES[e.code], message, trailing_metadata=trailers)
+        return await self._servicer.Check(request, context)
 
 
 MIN_MESSAGE_BYTES = 16 << 20  # so a prompt over the character limit gets the router's own answer
@@ -178,8 +224,9 @@ async def start_grpc_server(router: Router, address: str = "127.0.0.1:9000") -> 
     """
     limit = max(router.max_body_bytes, MIN_MESSAGE_BYTES)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
-    server.add_generic_rpc_handlers((_raw_handlers(InferenceServicer(router)),))
-    health = RouterHealth(router)
+    servicer = InferenceServicer(router)
+    server.add_generic_rpc_handlers((_raw_handlers(servicer),))
+    health = RouterHealth(servicer)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(address)
     if port == 0:

@@ -6,8 +6,25 @@ Both sides of a Ray Serve call pickle these, so they stay small dataclasses of b
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+# The gRPC trailer that carries a RESOURCE_EXHAUSTED answer's retry hint, in seconds (the proto's
+# contract). The hint is also spelled out at the end of the status message (``with_retry_hint``),
+# because a transport may drop trailers: Ray Serve's proxy does, from a stream that fails.
+RETRY_AFTER_KEY = "retry-after-s"
+_RETRY_HINT = re.compile(r"\(retry after ([0-9.]+) s\)$")
+
+
+def with_retry_hint(message: str, retry_after_s: float | None) -> str:
+    return message if retry_after_s is None else f"{message} (retry after {retry_after_s:.1f} s)"
+
+
+def retry_hint_of(message: str) -> float | None:
+    """The hint ``with_retry_hint`` wrote at the end of ``message``, else None."""
+    m = _RETRY_HINT.search(message or "")
+    return float(m.group(1)) if m else None
 
 
 class Code(enum.Enum):

@@ -11,12 +11,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from kubeinfer.proto import inference_pb2 as pb
-from kubeinfer.router.grpc_service import (GRPC_CODES, RETRY_AFTER_KEY, RouterHealth, list_models_response, prepare_kwargs,
-                                           stream_response, unary_response)
+from kubeinfer.router.grpc_service import InferenceServicer, fail_on_serve_context
 from kubeinfer.router.pool import WorkerPool
 from kubeinfer.router.replica import StreamItem
 from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, Router, ServedModel
-from kubeinfer.router.types import Code, GenerateJob, ReplicaReport, RouterError
+from kubeinfer.router.types import GenerateJob, ReplicaReport
 from kubeinfer.serve.config import AppConfig
 
 log = logging.getLogger(__name__)
@@ -69,50 +68,29 @@ class RouterIngress:
                                       ServePool(workers[spec.name]), uri=spec.uri, quantization=spec.quantization,
                                       capacity=capacity))
         self.router = Router(models, app.router)
+        self.grpc = InferenceServicer(self.router, fail=fail_on_serve_context)
 
     def __serve_build_asgi_app__(self):
         from kubeinfer.router.http_api import build_http_app
         return build_http_app(self.router)
 
+    # Serve's gRPC proxy calls the ingress method named like the RPC; each hands over to the one
+    # servicer (the router's own gRPC server runs the same one), bound to Serve's context.
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
-        try:
-            job = await self.router.aprepare(**prepare_kwargs(request))  # tokenizes off the event loop
-            chunks = [c async for c in self.router.stream(job)]
-        except RouterError as e:
-            _fail(grpc_context, e)
-        return unary_response(chunks, job.model)
+        return await self.grpc.Generate(request, grpc_context)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateStreamResponse]:
-        try:
-            job = await self.router.aprepare(**prepare_kwargs(request))
-            async for chunk in self.router.stream(job):
-                yield stream_response(chunk, job.model)
-        except RouterError as e:
-            _fail(grpc_context, e)
+        async for message in self.grpc.GenerateStream(request, grpc_context):
+            yield message
 
-    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
-        return list_models_response(self.router)
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
+        return await self.grpc.ListModels(request, grpc_context)
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
-        if request.service not in RouterHealth.SERVICES:  # the standard's answer to an unknown service
-            _fail(grpc_context, RouterError(Code.NOT_FOUND, f"unknown service {request.service!r}"))
-        serving = not self.router.draining and not self.router.unready_models()
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving
-                                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await self.grpc.Check(request, grpc_context)
 
     async def __del__(self) -> None:
         # Serve stops routing to a replica before deleting it; finish what is in flight.
         await self.router.drain(timeout_s=30.0)
         await self.router.aclose()
 
-
-class _StatusError(Exception):
-    pass
-
-
-def _fail(grpc_context, e: RouterError):
-    grpc_context.set_code(GRPC_CODES[e.code])
-    grpc_context.set_details(e.message)
-    if e.retry_after_s is not None:
-        grpc_context.set_trailing_metadata([(RETRY_AFTER_KEY, f"{e.retry_after_s:.3f}")])
-    raise _StatusError(e.message)
