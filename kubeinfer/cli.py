@@ -6,35 +6,73 @@ import argparse
 import sys
 from typing import Sequence
 
-from kubeinfer.serve.config import KERNEL_BACKENDS
+from dataclasses import Field, fields
+from typing import Any, Mapping
+
+_SCALARS = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def engine_flag(f: Field) -> str:
+    """The command-line flag of EngineConfig field ``f``: its ``flag`` metadata (names users already
+    type, ``--no-...`` for a bool that defaults to True), else ``--`` + the name with dashes."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _flag_dest(f: Field) -> str:
+    return engine_flag(f)[2:].replace("-", "_")
+
+
+def _command_line_fields() -> list[Field]:
+    from kubeinfer.worker.config import NOT_ON_COMMAND_LINE, EngineConfig
+    return [f for f in fields(EngineConfig) if f.name not in NOT_ON_COMMAND_LINE]
+
+
+def _choice(choices: tuple, flag: str):
+    """argparse type of a field whose choices include "none": the word parses as None."""
+    def parse(text: str):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(choices)})")
+        return None if text == "none" else text
+    parse.__name__ = flag
+    return parse
+
+
+def add_engine_args(p: argparse.ArgumentParser, help_overrides: Mapping[str, str] | None = None) -> None:
+    """One flag per EngineConfig field (but NOT_ON_COMMAND_LINE), with the field's type, choices, help
+    and default (COMMAND_LINE_DEFAULTS where the command line's differs): every command that builds an
+    engine (generate, serve, bench, eval) gets the same flags, defaults and meanings from here.
+    ``help_overrides`` (field -> help) words a flag for one command, e.g. serve's ``--device``."""
+    from kubeinfer.worker.config import COMMAND_LINE_DEFAULTS
+    group = p.add_argument_group("engine settings (kubeinfer.worker.EngineConfig)")
+    for f in _command_line_fields():
+        meta, flag = f.metadata, engine_flag(f)
+        help_text = (help_overrides or {}).get(f.name) or meta["help"]
+        default = COMMAND_LINE_DEFAULTS.get(f.name, f.default)
+        kind = _SCALARS[f.type.replace(" | None", "")]
+        if kind is bool:
+            # A bool flag turns the field away from its default: --enforce-eager, --no-prefix-caching.
+            if flag.startswith("--no-") != bool(default):
+                raise TypeError(f"EngineConfig.{f.name}: flag {flag} does not turn its default {default} around")
+            if default:
+                help_text = f"turn off what is on by default: {help_text}"
+            group.add_argument(flag, dest=_flag_dest(f), action="store_true", help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"type": float if meta.get("gib") else kind, "default": default,
+                                  "metavar": meta.get("metavar")}
+        choices = meta.get("choices")
+        if choices and "none" in choices:
+            kwargs.update(type=_choice(choices, flag), metavar="{" + ",".join(choices) + "}")
+            default = "none" if default is None else default
+        elif choices:
+            kwargs["choices"] = choices
+        if default is not None:
+            help_text += f" (default: {default})"
+        group.add_argument(flag, dest=_flag_dest(f), help=help_text, **kwargs)
 
 
 def _add_engine_args(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
-    p.add_argument("--model", default=None, help=model_help or
-                   "Hugging Face folder or GGUF file (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where the engine runs: auto is the first CUDA GPU when torch sees one, else the CPU")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                   help="weight-only quantization at load time (GGUF Q8_0/Q4_x load directly)")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 32)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
-                   help="memory for the paged KV cache (default: 1 GiB on a CPU; on a GPU, what "
-                        "--gpu-memory-utilization leaves after the weights and activations)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="on a GPU: the fraction of its memory the engine may use (default 0.9)")
-    p.add_argument("--enforce-eager", action="store_true", help="on a GPU: no CUDA graphs for decode steps")
-    p.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS,
-                   help="the kernels of every layer: auto picks the fastest for the device and dtype; "
-                        "torch is the reference path")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile decode steps (faster decode; the first step compiles for tens of seconds)")
+    """``add_engine_args`` with the --model help worded for one command (kubeinfer.bench uses it)."""
+    add_engine_args(p, {"model": model_help} if model_help else None)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -52,19 +90,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
-    """The EngineConfig keywords the engine flags set (validated by EngineConfig)."""
-    kv_bytes = None
-    if args.kv_cache_memory_gb is not None:
-        if not args.kv_cache_memory_gb > 0:
-            raise ValueError(f"--kv-cache-memory-gb must be > 0, got {args.kv_cache_memory_gb:g}")
-        kv_bytes = int(args.kv_cache_memory_gb * (1 << 30))
-    return dict(model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
-                quantization_group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype,
-                kernel_backend=args.kernel_backend, max_model_len=args.max_model_len,
-                kv_cache_memory_bytes=kv_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
-                enforce_eager=args.enforce_eager, compile=args.compile)
+    """The EngineConfig keywords the engine flags set, one per flag (validated by EngineConfig)."""
+    kwargs = {}
+    for f in _command_line_fields():
+        value = getattr(args, _flag_dest(f))
+        if f.type == "bool" and engine_flag(f).startswith("--no-"):
+            value = not value
+        elif f.metadata.get("gib") and value is not None:
+            if not value > 0:
+                raise ValueError(f"{engine_flag(f)} must be > 0, got {value:g}")
+            value = int(value * (1 << 30))
+        kwargs[f.name] = value
+    return kwargs
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -173,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stream from a running server instead of loading the model here")
     gen.add_argument("--application", default=None,
                      help="with --server: the Serve application, when the cluster runs several")
-    _add_engine_args(gen)
+    add_engine_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -191,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-eval-tokens", type=int, default=8192)
     ppl.add_argument("--window", type=int, default=512)
     ppl.add_argument("--chunk", type=int, default=32, help="tokens per prefill step (keys come from the cache)")
-    _add_engine_args(ppl)
+    add_engine_args(ppl)
     ppl.set_defaults(func=cmd_eval)
 
     from kubeinfer.bench.command import add_bench_parser

@@ -104,7 +104,17 @@ def test_serve_flags_reach_the_application():
     assert "kv_cache_memory_bytes" not in model.engine  # a GPU replica sizes its pool itself
     (model,) = serve_app("--kv-cache-memory-gb", "2").models
     assert (model.engine["device"], model.engine["kv_cache_memory_bytes"]) == ("cpu", 2 << 30)
-    assert "gpu_memory_utilization" not in model.engine  # the engine's default then
+    # Every engine flag reaches the replicas, at the same defaults as generate's.
+    assert {k: model.engine[k] for k in ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
+                                         "block_size", "enable_chunked_prefill")} == \
+        {"gpu_memory_utilization": 0.9, "max_num_seqs": 64, "max_num_batched_tokens": 512, "block_size": 16,
+         "enable_chunked_prefill": True}
+    (model,) = serve_app("--group-size", "64", "--quantization", "int4", "--max-num-batched-tokens", "256",
+                         "--kv-cache-dtype", "int8", "--no-chunked-prefill", "--threads", "3").models
+    assert (model.quantization, model.engine["quantization_group_size"], model.engine["max_num_batched_tokens"],
+            model.engine["kv_cache_dtype"], model.engine["enable_chunked_prefill"],
+            model.engine["num_threads"]) == ("int4", 64, 256, "int8", False, 3)
+    assert serve_app("--quantization", "none").models[0].quantization is None
 
 
 def test_serve_settings_are_ones_the_engine_takes():

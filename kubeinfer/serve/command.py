@@ -8,37 +8,30 @@ import signal
 import sys
 import threading
 
-from kubeinfer.serve.config import (DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, GRPC_SERVICER_FUNCTIONS, KERNEL_BACKENDS,
-                                    POLICY_NAMES, AppConfig, ModelSpec, RouterSettings)
+from kubeinfer.serve.config import (DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, GRPC_SERVICER_FUNCTIONS, POLICY_NAMES,
+                                    AppConfig, ModelSpec, RouterSettings)
+
+DEFAULT_MODEL_URI = "builtin://smollm2-135m"
+# serve's words for flags whose meaning differs for a Ray replica; the rest are EngineConfig's help.
+_HELP = {
+    "model": "Hugging Face folder, GGUF file or builtin://smollm2-135m (default: the bundled SmolLM2-135M-Instruct)",
+    "device": "where each replica runs its engine: auto means cuda with --gpus-per-replica > 0 and cpu without "
+              "(a replica uses no GPU Ray did not reserve for it); cuda reserves one GPU per replica unless "
+              "--gpus-per-replica says otherwise",
+    "kv_cache_memory_bytes": "memory for each replica's paged KV cache (default: 1 GiB on a CPU; on a GPU, what "
+                             "--gpu-memory-utilization leaves after the weights and activations)",
+    "num_threads": "torch intra-op threads of each replica (default: its --cpus-per-replica)",
+}
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from kubeinfer.cli import add_engine_args
     p = sub.add_parser("serve", help="serve a model over gRPC and OpenAI-compatible HTTP with Ray Serve")
-    p.add_argument("--model", default="builtin://smollm2-135m",
-                   help="Hugging Face folder, GGUF file or builtin://smollm2-135m (the default)")
     p.add_argument("--name", default=None, help="the model name clients send (default: from the model)")
-    p.add_argument("--quantization", default=None, choices=["int8", "int4"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
-                   help="memory for each replica's paged KV cache (default: 1 GiB on a CPU; on a GPU, what "
-                        "--gpu-memory-utilization leaves after the weights and activations)")
-    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where each replica runs its engine: auto means cuda with --gpus-per-replica > 0 "
-                        "and cpu without (a replica uses no GPU Ray did not reserve for it); cuda reserves "
-                        "one GPU per replica unless --gpus-per-replica says otherwise")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="on a GPU: the fraction of its memory each replica's engine may use, the KV cache "
-                        "taking what weights and activations leave (default 0.9)")
-    p.add_argument("--enforce-eager", action="store_true", help="on a GPU: no CUDA graphs for decode steps")
-    p.add_argument("--kernel-backend", default="auto", choices=KERNEL_BACKENDS,
-                   help="the kernels of every layer: auto picks the fastest for the device and dtype")
     p.add_argument("--replicas", type=int, default=None, help="fixed number of worker replicas (default 1)")
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling: lower bound (0 scales to zero)")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscaling: upper bound")
     p.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
-    p.add_argument("--compile", action="store_true", help="torch.compile decode steps in every replica")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs each replica reserves from Ray (default: 1 with --device cuda, or with --device "
@@ -60,6 +53,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
     p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
     p.add_argument("--app-name", default="kubeinfer")
+    add_engine_args(p, _HELP)  # the same engine flags and defaults as generate, bench and eval
     p.set_defaults(func=cmd_serve)
 
 
@@ -72,7 +66,14 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
                        "max_replicas": args.max_replicas or max(1, args.min_replicas or 1)}
         if args.target_ongoing_requests is not None:
             autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
-    name = args.name or _default_name(args.model)
+    from kubeinfer.cli import engine_kwargs_from_args
+    engine = engine_kwargs_from_args(args)
+    uri = engine.pop("model") or DEFAULT_MODEL_URI
+    quantization, max_model_len = engine.pop("quantization"), engine.pop("max_model_len")
+    # Unset (None) settings are left to the engine's defaults for the replica's device; ModelSpec
+    # refuses a setting it does not pass to replicas (ENGINE_KEYS), and a test keeps the two in step.
+    engine = {k: v for k, v in engine.items() if v is not None}
+    name = args.name or _default_name(uri)
     gpus = args.gpus_per_replica
     if gpus is None:  # what a user on a GPU machine expects: the GPU, without a second flag
         gpus = 1.0 if args.device.startswith("cuda") or (args.device == "auto" and args.address is None
@@ -82,14 +83,8 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
     actor = {"num_cpus": args.cpus_per_replica}
     if gpus:
         actor["num_gpus"] = gpus
-    engine = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
-              "compile": args.compile, "enforce_eager": args.enforce_eager, "kernel_backend": args.kernel_backend}
-    if args.kv_cache_memory_gb is not None:
-        engine["kv_cache_memory_bytes"] = _gib_to_bytes(args.kv_cache_memory_gb, "--kv-cache-memory-gb")
-    if args.gpu_memory_utilization is not None:
-        engine["gpu_memory_utilization"] = args.gpu_memory_utilization
-    model = ModelSpec(name=name, uri=args.model, quantization=args.quantization, max_model_len=args.max_model_len,
-                      engine=engine, num_replicas=args.replicas, autoscaling=autoscaling, ray_actor_options=actor)
+    model = ModelSpec(name=name, uri=uri, quantization=quantization, max_model_len=max_model_len, engine=engine,
+                      num_replicas=args.replicas, autoscaling=autoscaling, ray_actor_options=actor)
     # The device each replica gets follows its GPU reservation; refuse one it cannot have before Ray starts.
     model.engine["device"] = model.replica_engine_kwargs()["device"]
     router = RouterSettings(policy=args.policy, batch_window_ms=args.batch_window_ms,
@@ -97,12 +92,6 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
                             max_queue_wait_s=args.max_queue_wait_s, max_prompt_chars=args.max_prompt_chars,
                             max_body_bytes=args.max_body_bytes)
     return AppConfig(models=[model], router=router)
-
-
-def _gib_to_bytes(gib: float, flag: str) -> int:
-    if not gib > 0:
-        raise ValueError(f"{flag} must be > 0, got {gib:g}")
-    return int(gib * (1 << 30))
 
 
 def _local_cuda() -> bool:

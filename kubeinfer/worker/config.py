@@ -1,20 +1,68 @@
-"""Engine settings."""
+"""Engine settings: the one definition of each, from which the command-line flags of every command
+are generated (``kubeinfer.cli.add_engine_args``) and to which the ModelDeployment CRD's fields map
+(``crd`` metadata; tests/test_settings_consistency.py keeps the CRD and docs/crd.md in step).
+
+torch-free at import (torch is imported where a dtype or device is resolved): the operator, whose
+image has no torch, reads these fields, defaults and help texts too.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
 
 from kubeinfer.worker.kv_sizing import DTYPE_BYTES, KV_CACHE_DTYPES
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-assert set(_DTYPES) == set(DTYPE_BYTES)
+if TYPE_CHECKING:
+    import torch
+
 KERNEL_BACKENDS = ("auto", "torch", "cpp", "triton")
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+# "none" is accepted wherever a quantization is named (the CRD's default is none); it means None.
+QUANTIZATIONS = ("none", "int8", "int4")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # The CPU's KV pool when no size is given (on CUDA the pool is sized from the free memory instead).
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+# Defaults that differ by use, named here so that no layer spells its own. Every other default is
+# EngineConfig's, everywhere.
+# - kubeinfer generate / serve / bench / eval cap the context at 4096 tokens, where a library user's
+#   None takes the model's own: that can be 128k tokens for a model given with --model, and the
+#   engine refuses a max_model_len that one sequence of cannot fit the default 1 GiB CPU KV pool.
+COMMAND_LINE_DEFAULTS: Mapping[str, Any] = MappingProxyType({"max_model_len": 4096})
+# - A ModelDeployment's replica runs in a pod of fixed memory (resources.memory, 4Gi by default), and
+#   on a CPU the operator sizes its KV pool for maxModelLen x maxNumSeqs tokens (operator/capacity.py):
+#   2048 x 16 for the builtin model is 1.4 GiB of KV, which fits 4Gi beside the weights and runtime;
+#   the command line's 4096 x 64 would need 11 GiB.
+DEPLOYMENT_DEFAULTS: Mapping[str, Any] = MappingProxyType({"max_model_len": 2048, "max_num_seqs": 16})
+
+# EngineConfig fields that no command-line flag sets, and why.
+NOT_ON_COMMAND_LINE: Mapping[str, str] = MappingProxyType({
+    "seed": "the engine never reads it (per-request seeds are SamplingParams.seed, the commands' --seed)",
+})
+# EngineConfig fields that a ModelDeployment does not set, and why (fields with ``crd`` metadata map to
+# the CRD; a test fails for a field in neither).
+NOT_IN_CRD: Mapping[str, str] = MappingProxyType({
+    "device": "follows spec.resources.gpus: cuda with a GPU, cpu without, never detection (spec.to_app_config)",
+    "num_threads": "follows spec.resources.cpu (whole cores): torch would count the node's cores, not the pod's",
+    "num_kv_blocks": "a device-local override of the pool size; a deployment sizes it with kvCacheMemory",
+    "quantization_group_size": "the capacity check sizes int4 weights for the default groups of 32",
+    "seed": "the engine never reads it",
+})
+
+
+def _setting(default: Any, help: str, *, crd: str | None = None, flag: str | None = None,
+             choices: tuple | None = None, metavar: str | None = None, gib: bool = False) -> Any:
+    """An EngineConfig field with what the command line and the CRD need to know about it.
+
+    ``help``: the flag's help and the meaning of the field. ``crd``: the field's path under a
+    ModelDeployment's ``spec`` (``engine.maxNumSeqs``). ``flag``: the command-line flag when it is not
+    ``--`` + the name with dashes (names users already type); a bool that defaults to True gets a
+    ``--no-...`` flag. ``gib``: the flag takes GiB (a float), the field bytes."""
+    meta = {"help": help, "crd": crd, "flag": flag, "choices": choices, "metavar": metavar, "gib": gib}
+    return field(default=default, metadata=MappingProxyType(meta))
 
 
 @dataclass
@@ -33,39 +81,72 @@ class EngineConfig:
     when that is None too, 1 GiB on a CPU, and on CUDA ``gpu_memory_utilization`` of the device's
     memory less the weights and a profiled forward pass's activation peak (vLLM's rule).
     ``max_model_len`` None means the model's own context length. ``quantization`` ("int8" or
-    "int4") quantizes the linear layers' weights at load time (GGUF Q8_0 / Q4_0 / Q4_1 tensors load
-    straight into those formats); a checkpoint written by ``kubeinfer quantize`` is detected by itself.
-    ``enforce_eager`` turns off CUDA graphs for decode steps. ``compile`` runs decode-only steps
-    through ``torch.compile`` (one dynamic-shape graph, built on the first decode step, tens of
-    seconds on a small CPU): it fuses the many small ops of a decode step.
+    "int4"; "none" is None) quantizes the linear layers' weights at load time (GGUF Q8_0 / Q4_0 / Q4_1
+    tensors load straight into those formats); a checkpoint written by ``kubeinfer quantize`` is
+    detected by itself. ``enforce_eager`` turns off CUDA graphs for decode steps. ``compile`` runs
+    decode-only steps through ``torch.compile`` (one dynamic-shape graph, built on the first decode
+    step, tens of seconds on a small CPU): it fuses the many small ops of a decode step.
+    Each field's ``metadata["help"]`` is its one-line description (the flags' help).
     """
 
-    model: str | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    quantization: str | None = None
-    quantization_group_size: int | None = None
-    kv_cache_dtype: str = "auto"
-    kernel_backend: str = "auto"
-    max_model_len: int | None = None
-    block_size: int = 16
-    kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float = 0.9
-    num_kv_blocks: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    num_threads: int | None = None
-    enforce_eager: bool = False
-    compile: bool = False
-    seed: int = 0
+    model: str | None = _setting(
+        None, "Hugging Face folder or GGUF file (default: the bundled SmolLM2-135M-Instruct)", crd="model.uri")
+    device: str = _setting(
+        "auto", "where the engine runs: auto is the first CUDA GPU when torch sees one, else the CPU",
+        metavar="{auto,cpu,cuda,cuda:N}")
+    dtype: str = _setting(
+        "float32", "activations and unquantized weights (bfloat16 is the usual choice on GPUs)",
+        crd="engine.dtype", choices=tuple(DTYPE_BYTES))
+    quantization: str | None = _setting(
+        None, "weight-only quantization of the linear layers at load time (GGUF Q8_0/Q4_x load directly)",
+        crd="model.quantization", choices=QUANTIZATIONS)
+    quantization_group_size: int | None = _setting(
+        None, "int4 group size: 32, 64 or 128 (default 32)", flag="--group-size")
+    kv_cache_dtype: str = _setting(
+        "auto", "KV-cache element type: auto (the model dtype) or int8 (plus an fp32 scale per token and head)",
+        crd="engine.kvCacheDtype", choices=KV_CACHE_DTYPES)
+    kernel_backend: str = _setting(
+        "auto", "the kernels of every layer: auto picks the fastest for the device and dtype; torch is the "
+        "reference path", crd="engine.kernelBackend", choices=KERNEL_BACKENDS)
+    max_model_len: int | None = _setting(
+        None, "longest sequence (prompt + generated tokens); None (EngineConfig's default) is the model's own "
+        "context length",
+        crd="model.maxModelLen")
+    block_size: int = _setting(
+        16, "tokens per paged KV-cache block", crd="engine.kvBlockSize", choices=BLOCK_SIZES)
+    kv_cache_memory_bytes: int | None = _setting(
+        None, "memory for the paged KV cache (default: 1 GiB on a CPU; on a GPU, what --gpu-memory-utilization "
+        "leaves after the weights and activations)", crd="engine.kvCacheMemory", flag="--kv-cache-memory-gb",
+        gib=True)
+    gpu_memory_utilization: float = _setting(
+        0.9, "on a GPU: the fraction of its memory the engine may use for weights, activations and the KV cache",
+        crd="engine.gpuMemoryUtilization")
+    num_kv_blocks: int | None = _setting(
+        None, "KV-cache blocks, overriding --kv-cache-memory-gb (default: as many as fit in that memory)")
+    max_num_seqs: int = _setting(64, "most sequences batched in one engine step", crd="engine.maxNumSeqs")
+    max_num_batched_tokens: int = _setting(
+        512, "most tokens (prefill chunks plus decodes) in one engine step", crd="engine.maxNumBatchedTokens")
+    enable_prefix_caching: bool = _setting(
+        True, "reuse the KV blocks of prompt prefixes shared between requests", crd="engine.prefixCaching",
+        flag="--no-prefix-caching")
+    enable_chunked_prefill: bool = _setting(
+        True, "split long prompts across steps (when off, max_num_batched_tokens must hold the longest prompt)",
+        crd="engine.chunkedPrefill", flag="--no-chunked-prefill")
+    num_threads: int | None = _setting(None, "torch intra-op threads (default: torch's)", flag="--threads")
+    enforce_eager: bool = _setting(
+        False, "on a GPU: run every step eagerly, no CUDA graphs for decode steps", crd="engine.enforceEager")
+    compile: bool = _setting(
+        False, "torch.compile decode steps (faster decode; the first step compiles for tens of seconds)",
+        crd="engine.compile")
+    seed: int = _setting(0, "unused by the engine (sampling seeds are per request)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if isinstance(self.quantization, str) and self.quantization.strip().lower() == "none":
+            self.quantization = None
         if self.quantization is not None:
             from kubeinfer.worker.quant import get_scheme
             get_scheme(self.quantization, self.quantization_group_size)  # ValueError naming the problem
@@ -75,8 +156,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be 'auto' (the model dtype) or 'int8', got {self.kv_cache_dtype!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernel_backend!r}")
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
         if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -89,10 +170,12 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        import torch
+        return getattr(torch, self.dtype)
 
     def resolve_device(self) -> torch.device:
         """The device this engine runs on; ValueError (one readable line) when it is not there."""
+        import torch
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
