@@ -2,7 +2,7 @@ import pytest
 from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
 
 from kubeinfer.worker.detokenizer import IncrementalDetokenizer
-from kubeinfer.worker.sampling import SamplingParams
+from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.tokenizer import Tokenizer
 
 # Multi-byte text the tokenizer never saw in training, so it falls back to single-byte tokens that

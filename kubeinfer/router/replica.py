@@ -9,7 +9,7 @@ from typing import AsyncIterator, Union
 from kubeinfer.router.types import Chunk, GenerateJob, ReplicaReport
 from kubeinfer.worker.async_engine import AsyncEngine
 from kubeinfer.worker.outputs import RequestOutput
-from kubeinfer.worker.sampling import SamplingParams
+from kubeinfer.worker.sampling_params import SamplingParams
 
 # A replica's stream: ``(index, Chunk)`` for the index-th job of the call, and ``(-1, report)``
 # first (so the caller learns which replica it reached) and last (its load after the call).

@@ -19,7 +19,7 @@ from kubeinfer.router.metrics import RouterMetrics
 from kubeinfer.router.pool import JobStream, WorkerPool
 from kubeinfer.router.types import Chunk, Code, GenerateJob, ReplicaFailed, RouterError
 from kubeinfer.serve.config import RouterSettings
-from kubeinfer.worker.sampling import SamplingParams
+from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.tokenizer import Tokenizer
 
 

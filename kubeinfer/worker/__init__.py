@@ -13,7 +13,7 @@ _EXPORTS = {
     "EngineStats": "kubeinfer.worker.outputs",
     "EngineConfig": "kubeinfer.worker.config",
     "RequestOutput": "kubeinfer.worker.outputs",
-    "SamplingParams": "kubeinfer.worker.sampling",
+    "SamplingParams": "kubeinfer.worker.sampling_params",
 }
 __all__ = list(_EXPORTS)
 

@@ -12,7 +12,7 @@ from typing import AsyncIterator, Callable
 
 from kubeinfer.worker.engine import Engine
 from kubeinfer.worker.outputs import RequestOutput
-from kubeinfer.worker.sampling import SamplingParams
+from kubeinfer.worker.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

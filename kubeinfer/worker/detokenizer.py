@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubeinfer.worker.sampling import SamplingParams
+from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.tokenizer import Tokenizer
 
 # Prompt tokens decoded as context for the first output tokens (as vLLM): decoders such as

@@ -18,7 +18,8 @@ from kubeinfer.worker.kv_sizing import kv_blocks_for_bytes, kv_bytes_per_token
 from kubeinfer.worker.model_runner import ModelRunner
 from kubeinfer.worker.models.loader import LoadedModel, load_model
 from kubeinfer.worker.outputs import EngineStats, IterationTokens, RequestOutput
-from kubeinfer.worker.sampling import SamplingBatch, SamplingParams, make_generator
+from kubeinfer.worker.sampling import SamplingBatch, make_generator
+from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.scheduler import Scheduler
 from kubeinfer.worker.sequence import FinishReason, Sequence
 

@@ -9,7 +9,7 @@ import math
 import torch
 
 from kubeinfer.worker.engine import Engine
-from kubeinfer.worker.sampling import SamplingParams
+from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.scheduler import ScheduledBatch
 from kubeinfer.worker.sequence import Sequence
 

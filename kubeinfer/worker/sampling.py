@@ -1,90 +1,21 @@
-"""Per-request sampling parameters and the batched sampler that turns logits into next tokens."""
+"""The batched sampler that turns logits into next tokens, for requests' SamplingParams."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-MAX_LOGPROBS = 20
+from kubeinfer.worker.sampling_params import SamplingParams
+
 # Smaller temperatures are raised to this: dividing by, say, 1e-30 overflows logits to inf and
 # softmax to NaN, while 1e-5 is already indistinguishable from greedy.
 MIN_TEMPERATURE = 1e-5
 TOP_P_CANDIDATES = 256  # top-p first looks for each nucleus among this many best tokens
-
-
-@dataclass
-class SamplingParams:
-    """One request's decoding settings, with vLLM's names, defaults and meanings.
-
-    Invariant: every field is in range once constructed (``__post_init__`` raises ``ValueError``
-    naming the field otherwise); ``stop`` is always a list of non-empty strings and ``top_k`` is 0
-    when disabled (-1 is accepted as vLLM's older spelling of "disabled").
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    priority: int = 0
-
-    def __post_init__(self) -> None:
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens)
-        _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", ">= 0", self.temperature)
-        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _check(_is_int(self.top_k) and (self.top_k >= 1 or self.top_k in (0, -1)), "top_k",
-               "0 or -1 (disabled) or an integer >= 1", self.top_k)
-        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
-        _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty", "> 0", self.repetition_penalty)
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check(_is_num(value) and -2 <= value <= 2, name, "in [-2, 2]", value)
-        _check(self.seed is None or _is_int(self.seed), "seed", "None or an integer", self.seed)
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop)
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               "integers >= 0", self.stop_token_ids)
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-               "logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
-        _check(_is_int(self.priority), "priority", "an integer", self.priority)
-        if self.top_k == -1:
-            self.top_k = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check(ok: bool, name: str, allowed: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

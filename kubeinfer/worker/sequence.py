@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from kubeinfer.worker.sampling import SamplingParams
+from kubeinfer.worker.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
