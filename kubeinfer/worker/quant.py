@@ -76,7 +76,7 @@ FORMAT = "kubeinfer-quant-v1"
 INT4_GROUP_SIZES = (32, 64, 128)
 # The per-layer Linear modules quantize_model swaps (paths inside a DecoderLayer).
 QUANTIZED_LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-_QUANT_MODULE_RE = re.compile(r"layers\.(\d+)\.(attn\.qkv_proj|attn\.o_proj|mlp\.gate_up_proj|mlp\.down_proj)")
+_QUANT_MODULE_RE = re.compile(r"layers\.(\d+)\.(" + "|".join(map(re.escape, QUANTIZED_LINEARS)) + ")")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP16_MAX = 65504.0
 # Rows quantized / packed per step: bounds the float and int32 temporaries for big matrices. A
