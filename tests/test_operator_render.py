@@ -106,9 +106,11 @@ def test_engine_router_and_model_fields_reach_the_application():
     model = _model(serve)
     assert (model["name"], model["uri"], model["quantization"], model["max_model_len"]) == \
         ("chat", "builtin://smollm2-135m", "int4", 1024)
-    assert model["engine"] == {"device": "cpu", "dtype": "bfloat16", "kv_cache_dtype": "int8", "block_size": 32, "max_num_seqs": 8,
-                               "max_num_batched_tokens": 256, "enable_prefix_caching": False,
-                               "enable_chunked_prefill": True, "kv_cache_memory_bytes": 512 << 20, "num_threads": 1}
+    assert model["engine"] == {"device": "cpu", "dtype": "bfloat16", "kv_cache_dtype": "int8", "kernel_backend": "auto",
+                               "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 256,
+                               "enable_prefix_caching": False, "enable_chunked_prefill": True,
+                               "kv_cache_memory_bytes": 512 << 20, "gpu_memory_utilization": 0.9,
+                               "enforce_eager": False, "compile": False, "num_threads": 1}
     assert serve["applications"][0]["args"]["router"] == {
         "policy": "prefix_affinity", "max_in_flight": 20, "max_queued": 10, "batch_window_ms": 2.5,
         "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2, "max_queue_wait_s": 30.0,
@@ -288,7 +290,12 @@ BAD_SPECS = {
     "context too long": ({"model": {"maxModelLen": 9000}}, "exceeds the model's context length 8192"),
     "both scalings": ({"replicas": 1, "autoscaling": {"maxReplicas": 2}}, "not both"),
     "min above max": ({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas <= maxReplicas"),
-    "utilization zero": ({"engine": {"gpuMemoryUtilization": 0}}, "gpuMemoryUtilization must be a fraction in (0, 1]"),
+    "utilization zero": ({"engine": {"gpuMemoryUtilization": 0}}, "spec.engine.gpuMemoryUtilization must be in (0, 1]"),
+    "no sequences": ({"engine": {"maxNumSeqs": 0}}, "spec.engine.maxNumSeqs must be >= 1, got 0"),
+    "odd block size": ({"engine": {"kvBlockSize": 12}}, "spec.engine.kvBlockSize must be one of 8, 16"),
+    "unknown kernels": ({"engine": {"kernelBackend": "cuda"}}, "spec.engine.kernelBackend must be one of auto"),
+    "compile not a bool": ({"engine": {"compile": 1}}, "spec.engine.compile must be true or false, got 1"),
+    "seqs not an integer": ({"engine": {"maxNumSeqs": "8"}}, "spec.engine.maxNumSeqs must be an integer"),
     "utilization above one": ({"engine": {"gpuMemoryUtilization": 1.5}}, "gpuMemoryUtilization"),
     "enforceEager not a bool": ({"engine": {"enforceEager": "yes"}}, "enforceEager must be true or false"),
     "no chunked prefill": ({"engine": {"chunkedPrefill": False}}, "maxNumBatchedTokens (512) >= spec.model.maxModelLen"),

@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kubeinfer.operator.spec import DTYPE_BYTES, ModelDims
+from kubeinfer.operator.spec import ModelDims
 from kubeinfer.worker import kv_sizing
+from kubeinfer.worker.kv_sizing import DTYPE_BYTES
 
 if TYPE_CHECKING:
     from kubeinfer.operator.spec import ModelDeploymentSpec
@@ -49,7 +50,7 @@ def kv_required_bytes(spec: ModelDeploymentSpec) -> int | None:
     if per_token is None:
         return None
     return kv_sizing.kv_bytes_for_tokens(spec.model.max_model_len, spec.engine.max_num_seqs, per_token,
-                                         spec.engine.kv_block_size)
+                                         spec.engine.block_size)
 
 
 def kv_pool_bytes(spec: ModelDeploymentSpec) -> int | None:
@@ -127,7 +128,7 @@ def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
     per_token = kv_bytes_per_token(dims, spec.engine.dtype, spec.engine.kv_cache_dtype)
     if per_token is not None:
         # The engine refuses to start when one maxModelLen sequence does not fit the pool.
-        tokens = kv_sizing.kv_blocks_for_bytes(kv, per_token, spec.engine.kv_block_size) * spec.engine.kv_block_size
+        tokens = kv_sizing.kv_blocks_for_bytes(kv, per_token, spec.engine.block_size) * spec.engine.block_size
         if tokens < spec.model.max_model_len:
             return CapacityEstimate(
                 fits=False, message=f"the KV cache ({_gib(kv)}) holds {tokens} tokens, fewer than "

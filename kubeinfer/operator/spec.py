@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields, make_dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from kubernetes.utils.quantity import parse_quantity
 
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
-# torch-free (the operator image has no torch): the engine allocates by the same definitions.
-from kubeinfer.worker.kv_sizing import DTYPE_BYTES, KV_CACHE_DTYPES
+# torch-free (the operator image has no torch): the engine's own definitions of its settings and sizes.
+from kubeinfer.worker.config import DEPLOYMENT_DEFAULTS, QUANTIZATIONS, EngineConfig
 
 
 class SpecError(ValueError):
@@ -143,7 +143,7 @@ class ModelSettings:
     source: ModelSource
     name: str
     quantization: str | None = None
-    max_model_len: int = 2048
+    max_model_len: int = DEPLOYMENT_DEFAULTS["max_model_len"]
     dims: ModelDims = field(default_factory=ModelDims)
 
     def __post_init__(self) -> None:
@@ -151,7 +151,7 @@ class ModelSettings:
             ModelSpec(name=self.name)  # the serving contract's own rule for model names
         except ValueError as e:
             raise SpecError(f"spec.model.name: {e}") from None
-        if self.quantization not in (None, "int8", "int4"):
+        if self.quantization not in (None, *QUANTIZATIONS[1:]):  # "none" is parsed as None
             raise SpecError(f"spec.model.quantization must be none, int8 or int4, got {self.quantization!r}")
         if self.max_model_len < 1:
             raise SpecError(f"spec.model.maxModelLen must be >= 1, got {self.max_model_len}")
@@ -160,42 +160,52 @@ class ModelSettings:
                             f"length {self.dims.max_context}")
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    """``spec.engine``: the engine's batching and KV-cache knobs (``EngineConfig``'s, renamed).
+def _crd_fields(section: str) -> dict[str, Field]:
+    """The EngineConfig fields a ModelDeployment sets under ``spec.<section>``, by their CRD key."""
+    return {f.metadata["crd"].partition(".")[2]: f for f in fields(EngineConfig)
+            if (f.metadata.get("crd") or "").partition(".")[0] == section}
 
-    ``kv_cache_memory_bytes`` None sizes the KV pool for ``max_model_len x max_num_seqs`` tokens on
-    a CPU when the model's dimensions are known (see capacity.kv_pool_bytes); on a GPU the engine
-    sizes it from ``gpu_memory_utilization``. ``enforce_eager`` (no CUDA graphs) matters on a GPU only.
-    """
 
-    dtype: str = "float32"
-    kv_block_size: int = 16
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    prefix_caching: bool = True
-    chunked_prefill: bool = True
-    kv_cache_dtype: str = "auto"
-    kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
+def deployment_default(f: Field) -> Any:
+    """A setting's default in a ModelDeployment: EngineConfig's, unless DEPLOYMENT_DEFAULTS says otherwise."""
+    return DEPLOYMENT_DEFAULTS.get(f.name, f.default)
 
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
-            raise SpecError(f"spec.engine.dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        if self.kv_block_size not in (8, 16, 32, 64, 128):
-            raise SpecError(f"spec.engine.kvBlockSize must be 8, 16, 32, 64 or 128, got {self.kv_block_size}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise SpecError(f"spec.engine.kvCacheDtype must be auto or int8, got {self.kv_cache_dtype!r}")
-        util = self.gpu_memory_utilization
-        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
-            raise SpecError(f"spec.engine.gpuMemoryUtilization must be a fraction in (0, 1], got {util!r}")
-        if not isinstance(self.enforce_eager, bool):
-            raise SpecError(f"spec.engine.enforceEager must be true or false, got {self.enforce_eager!r}")
-        for label, value in (("maxNumSeqs", self.max_num_seqs), ("maxNumBatchedTokens", self.max_num_batched_tokens),
-                             ("kvCacheMemory", self.kv_cache_memory_bytes or 1)):
-            if value < 1:
-                raise SpecError(f"spec.engine.{label} must be >= 1, got {value}")
+
+# spec.engine's keys and the EngineConfig fields they set: taken from EngineConfig's own ``crd``
+# metadata, so the parser, the Serve config and the CRD name the same settings (a test holds the CRD
+# schema and docs/crd.md to this list).
+ENGINE_FIELDS: Mapping[str, Field] = MappingProxyType(_crd_fields("engine"))
+_TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _check_engine(self) -> None:
+    for key, f in ENGINE_FIELDS.items():
+        value, kind = getattr(self, f.name), f.type.replace(" | None", "")
+        if value is None and "None" in f.type:
+            continue
+        ok = {"bool": isinstance(value, bool), "str": isinstance(value, str),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
+        if not ok:
+            raise SpecError(f"spec.engine.{key} must be {_TYPE_WORDS[kind]}, got {value!r}")
+    try:  # EngineConfig's own checks (torch-free when no quantization is given), in the CRD's names
+        EngineConfig(device="cpu", **{f.name: getattr(self, f.name) for f in ENGINE_FIELDS.values()})
+    except ValueError as e:
+        message = str(e)
+        for key, f in sorted(ENGINE_FIELDS.items(), key=lambda kv: -len(kv[1].name)):
+            message = re.sub(rf"\b{f.name}\b", f"spec.engine.{key}", message)
+        raise SpecError(message) from None
+
+
+# ``spec.engine``, parsed: a frozen dataclass with EngineConfig's field names, types and (deployment)
+# defaults for each of ENGINE_FIELDS, built from that list rather than spelled out a second time.
+# ``kv_cache_memory_bytes`` None sizes the KV pool for ``max_model_len x max_num_seqs`` tokens on a CPU
+# when the model's dimensions are known (capacity.kv_pool_bytes); on a GPU the engine sizes it from
+# ``gpu_memory_utilization``.
+EngineSettings = make_dataclass(
+    "EngineSettings", [(f.name, f.type, field(default=deployment_default(f))) for f in ENGINE_FIELDS.values()],
+    frozen=True, namespace={"__post_init__": _check_engine, "__module__": __name__,
+                            "__doc__": "``spec.engine`` as EngineConfig keywords (see ENGINE_FIELDS)."})
 
 
 @dataclass(frozen=True)
@@ -301,7 +311,7 @@ class ModelDeploymentSpec:
             raise SpecError("set spec.replicas or spec.autoscaling, not both")
         if self.replicas is not None and self.replicas < 0:
             raise SpecError(f"spec.replicas must be >= 0, got {self.replicas}")
-        if not self.engine.chunked_prefill and self.engine.max_num_batched_tokens < self.model.max_model_len:
+        if not self.engine.enable_chunked_prefill and self.engine.max_num_batched_tokens < self.model.max_model_len:
             raise SpecError(f"spec.engine.chunkedPrefill: false needs maxNumBatchedTokens "
                             f"({self.engine.max_num_batched_tokens}) >= spec.model.maxModelLen ({self.model.max_model_len})")
         if self.ray_address is not None and not _RAY_ADDRESS.match(self.ray_address):
@@ -349,13 +359,9 @@ def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
             quantization=None if quantization in (None, "none") else quantization,
             dims=_model_dims(source, model), **_pick(model, {"maxModelLen": "max_model_len"}))
         engine = _section(spec, "engine")
-        engine_settings = EngineSettings(
-            **_pick(engine, {"dtype": "dtype", "kvBlockSize": "kv_block_size", "maxNumSeqs": "max_num_seqs",
-                             "maxNumBatchedTokens": "max_num_batched_tokens", "prefixCaching": "prefix_caching",
-                             "chunkedPrefill": "chunked_prefill", "kvCacheDtype": "kv_cache_dtype",
-                             "gpuMemoryUtilization": "gpu_memory_utilization", "enforceEager": "enforce_eager"}),
-            kv_cache_memory_bytes=None if engine.get("kvCacheMemory") is None
-            else parse_bytes(engine["kvCacheMemory"], "spec.engine.kvCacheMemory"))
+        engine_settings = EngineSettings(**{
+            f.name: parse_bytes(engine[key], f"spec.engine.{key}") if f.name.endswith("_bytes") else engine[key]
+            for key, f in ENGINE_FIELDS.items() if engine.get(key) is not None})
         autoscaling = None
         if spec.get("autoscaling") is not None:
             auto = _section(spec, "autoscaling")
@@ -406,19 +412,16 @@ def to_app_config(spec: ModelDeploymentSpec, *, pin_to_worker_pods: bool = False
     # must fail at start with the engine's message, not fall back to a CPU many times slower; and a
     # CPU replica on a node with GPUs sees them all (Ray leaves CUDA_VISIBLE_DEVICES alone when none
     # is reserved) but must not take one that Ray may give to a GPU replica.
-    engine: dict[str, Any] = {
-        "device": "cuda" if res.gpus else "cpu",
-        "dtype": spec.engine.dtype, "kv_cache_dtype": spec.engine.kv_cache_dtype,
-        "block_size": spec.engine.kv_block_size, "max_num_seqs": spec.engine.max_num_seqs,
-        "max_num_batched_tokens": spec.engine.max_num_batched_tokens,
-        "enable_prefix_caching": spec.engine.prefix_caching, "enable_chunked_prefill": spec.engine.chunked_prefill}
+    engine: dict[str, Any] = {"device": "cuda" if res.gpus else "cpu",
+                              **{f.name: getattr(spec.engine, f.name) for f in ENGINE_FIELDS.values()}}
+    # On a CPU the pool is what the capacity check counted (room for maxNumSeqs full sequences);
+    # None leaves the engine to size it (a GPU's free memory, or a model of unknown size).
     pool = kv_pool_bytes(spec)
-    if pool is not None:
-        engine["kv_cache_memory_bytes"] = pool
-    if res.gpus:
-        engine["gpu_memory_utilization"] = spec.engine.gpu_memory_utilization
-        engine["enforce_eager"] = spec.engine.enforce_eager
+    if pool is None:
+        del engine["kv_cache_memory_bytes"]
     else:
+        engine["kv_cache_memory_bytes"] = pool
+    if not res.gpus:
         # torch sizes its thread pool from the host's cores, not the pod's CPU limit: oversubscribed.
         engine["num_threads"] = max(1, int(res.cpu_cores))
     model = ModelSpec(
