@@ -234,3 +234,15 @@ def test_every_crd_engine_field_reaches_the_engine_under_its_engine_config_name(
         assert model.engine[f.name] == want, key
     if not gpus:  # what a CPU replica hands EngineConfig is accepted (a GPU one needs a GPU to resolve)
         assert EngineConfig(**model.replica_engine_kwargs()).block_size == spec["engine"]["kvBlockSize"]
+
+
+def test_the_operator_reads_the_settings_without_torch():
+    """The operator's image has no torch: EngineConfig's definitions and checks must import without it."""
+    import subprocess
+    import sys
+    code = ("import sys; from kubeinfer.operator.render import build_rayservice; "
+            "build_rayservice({'metadata': {'name': 'a', 'uid': 'u'}, "
+            "'spec': {'model': {'quantization': 'int4'}, 'engine': {'maxNumSeqs': 8}}}); "
+            "from kubeinfer.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
