@@ -215,7 +215,7 @@ def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
 
 
 def _exponential(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Exp(1) noise drawn as -log(U): the same law as ``exponential_`` but ~3x faster on CPU.
+    """Exp(1) noise drawn as -log(U): the same law as ``exponential_``, and cheaper on a CPU.
 
     U in [0, 1) makes the noise positive (U = 0 gives inf: that token just loses the race). A
     generator's draws are made on its own device, so a CPU generator also serves GPU logits.
@@ -226,7 +226,7 @@ def _exponential(shape: torch.Size, generator: torch.Generator | None, device: t
 
 def first_max(logits: Tensor) -> Tensor:
     """Greedy token per row: ``max``'s indices follow argmax's rule (the first maximum, NaN wins)
-    and cost 2.6x less on a CPU (64 x 49152 fp32: 0.83 against 2.16 ms, every decode step)."""
+    and cost less than ``argmax`` on a CPU, every decode step."""
     return logits.max(dim=-1).indices
 
 

@@ -20,7 +20,6 @@ class ScheduledBatch:
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -132,7 +131,7 @@ class Scheduler:
             (decodes if n == 1 else prefills).append((seq, n))
             budget -= n
 
-        batch = ScheduledBatch(preempted=preempted)
+        batch = ScheduledBatch()
         for seq, n in decodes + prefills:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)

@@ -65,9 +65,5 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
-    @property
     def priority(self) -> int:
         return self.params.priority
