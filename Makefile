@@ -35,8 +35,8 @@ $(VENV)/bin/helm:
 	chmod +x $@.tmp && $@.tmp version --short && mv $@.tmp $@
 
 # Serves the default model on a local Ray: gRPC on 127.0.0.1:9000, OpenAI-compatible HTTP on
-# 127.0.0.1:8000 (Ctrl-C stops it). It ships as Q4_1: int4 runs it at its shipped size, ~3.2-3.5x
-# faster than fp32 on a CPU.
+# 127.0.0.1:8000 (Ctrl-C stops it). It ships as Q4_1, so int4 runs it at its shipped size (how
+# fast, on which CPU: docs/benchmarks.md).
 run: install
 	$(VENV)/bin/kubeinfer serve --quantization int4 --max-model-len 2048
 
