@@ -46,6 +46,7 @@ test: install-test
 bench: install-test
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/faults.py
 
 # Regenerates the gRPC stubs in kubeinfer/proto/ from proto/ (a test fails when they are stale).
 proto: install-test
