@@ -24,7 +24,9 @@ big prompt   a 10 MB prompt (HTTP, then gRPC) while /health is polled every 50 m
 max_tokens   max_tokens beyond the context (HTTP and gRPC): 400 / INVALID_ARGUMENT.
 
 The times are the client's (time.perf_counter). The bounds are the issue's; a violated bound prints
-FAIL and the run still exits 0 unless --strict (the tests never assert on a time).
+FAIL and the run still exits 0 unless --strict (the tests never assert on a time). A server that never
+becomes ready ends the run with exit status 2. The server's Ray is killed by any `ray stop` on the
+machine (the test suite's Ray fixture runs one when it ends): run it when no test session is running.
 """
 
 from __future__ import annotations
@@ -111,6 +113,10 @@ def free_port() -> int:
 # The server
 
 
+class ServerNotReady(RuntimeError):
+    """The server exited, or did not answer a completion in time, before the faults could run."""
+
+
 class Server:
     """`kubeinfer serve` as a subprocess in its own session; ``stop()`` is Ctrl-C, then escalates."""
 
@@ -154,7 +160,7 @@ class Server:
         deadline = t0 + self.ready_timeout_s
         while time.perf_counter() < deadline:
             if not self.alive():
-                raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{self.log_tail()}")
+                raise ServerNotReady(f"the server exited with status {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 async with session.get(f"{self.http}/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
                     healthy = r.status == 200
@@ -168,7 +174,7 @@ class Server:
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
             await asyncio.sleep(1.0)
-        raise RuntimeError(f"the server was not ready after {self.ready_timeout_s:.0f} s:\n{self.log_tail()}")
+        raise ServerNotReady(f"the server was not ready after {self.ready_timeout_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> float | None:
         """Ctrl-C and wait; SIGTERM, then SIGKILL to the whole session if it does not go. Seconds taken."""
@@ -439,7 +445,7 @@ async def fault_disconnect(scale: Scale, session, base, client, early: bool = Fa
              + ("" if fresh_ok else f" (FAIL: it must stream, its first token within {MAX_QUEUE_WAIT_S:g} s)")
              + ("" if early or streaming else "; no stream had a token when the clients left (FAIL)")]
     what = "before their first token" if early else "mid-stream"
-    return Row(f"{n} clients disconnect {what}", saw, "-", _s(engine_idle) if engine_idle is not None
+    return Row(f"{n} clients disconnect {what}", saw, f"next request {_s(after.t_first)}", _s(engine_idle) if engine_idle is not None
                else f"not idle after {scale.recovery_poll_s:g} s", f"engine idle <= {RECOVERY_BOUND_S:g} s", passed, notes)
 
 
@@ -548,7 +554,7 @@ def _fmt_gauges(g: dict[str, float]) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("fault", "clients saw", "max wait", "recovery", "bound", "result")
+    head = ("fault", "clients saw", "max wait (to first token or refusal)", "recovery", "bound", "result")
     cells = [[r.fault, r.saw, r.max_wait, r.recovery, r.bound, "PASS" if r.passed else "FAIL"] for r in rows]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
@@ -616,6 +622,9 @@ def main() -> int:
     try:
         server.start()
         rows = asyncio.run(run_faults(server, scale, faults))
+    except ServerNotReady as e:
+        print(f"faults: {e}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: stopping the server", file=sys.stderr, flush=True)
         raise
