@@ -3,6 +3,7 @@
     python benchmarks/engine.py            # the full run (`make bench`)
     python benchmarks/engine.py --compile  # adds rows with torch.compile'd decode steps (torch path)
     python benchmarks/engine.py --quick    # fewer requests and tokens, for a smoke check
+    KUBEINFER_CPU_ISA=avx2 python benchmarks/engine.py  # the C++ kernels' lower ISA tier, forced
 
 Prints batch-1 decode tokens/s (fp32, int8, int4), offline throughput (continuous batching vs static
 batches of 16), TTFT / inter-token latency percentiles, achieved bandwidth, KV-cache waste and
@@ -41,15 +42,17 @@ def weight_bytes(engine: Engine) -> int:
     With a quantized or packed head the embedding is only used for one-row lookups, so it is not counted.
     """
     from kubeinfer.worker.kernels.packed_linear import PackedLinear
-    from kubeinfer.worker.kernels.quant_linear import AtenInt4Linear, AtenInt8Linear, CppInt8Linear
+    from kubeinfer.worker.kernels.quant_linear import AtenInt4Linear, AtenInt8Linear, CppInt4Linear
     from kubeinfer.worker.quant import Int4Linear, Int8Linear
     model = engine.runner.model
     total = 0
     for _, mod in model.named_modules():
         if isinstance(mod, AtenInt4Linear):
             read = [mod.packed, mod.scales_and_zeros, mod.bias]
+        elif isinstance(mod, CppInt4Linear):
+            read = [mod.qs, mod.kernel_scales, mod.kernel_mins, mod.bias]
         elif isinstance(mod, AtenInt8Linear):
-            read = [mod.qweight, mod.scales if isinstance(mod, CppInt8Linear) else mod.scales_bf16, mod.bias]
+            read = [mod.qweight, mod.scales_bf16, mod.bias]
         elif isinstance(mod, PackedLinear):
             total += mod.weight_nbytes
             read = [mod.bias]
@@ -183,6 +186,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved batch-1 decode rounds (best one counts)")
     ap.add_argument("--compile", action="store_true",
                     help="also run the decode and throughput rows with torch.compile'd decode steps")
+    ap.add_argument("--no-transformers", action="store_true",
+                    help="skip the transformers rows (decode and ppl sections only): kubeinfer against itself, "
+                         "e.g. one ISA tier against another")
     ap.add_argument("--sections", default="decode,throughput,ppl",
                     help="comma-separated subset of decode, throughput, ppl")
     args = ap.parse_args()
@@ -192,11 +198,16 @@ def main() -> None:
     n_req = 16 if args.quick else args.requests
     ppl_tokens = 512 if args.quick else args.ppl_tokens
 
-    print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch={torch.__version__} "
+    from kubeinfer.worker.kernels.cpu import ENV_VAR, cpu_tiers, selected_tier
+    print(f"machine: {platform.machine()} {cpu_model()} cpus={os.cpu_count()} torch={torch.__version__} "
           f"threads={torch.get_num_threads()}")
+    print(f"C++ kernels' ISA tier: {selected_tier()} (this CPU runs {', '.join(cpu_tiers()) or 'none'}; "
+          f"{ENV_VAR}={os.environ.get(ENV_VAR, 'unset')})")
     path = default_model_path()
     print(f"model: {os.path.basename(path)} (SmolLM2-135M-Instruct; transformers runs it dequantized to fp32)")
-    hf = load_hf(path)
+    if args.no_transformers and "throughput" in sections:
+        ap.error("--no-transformers leaves the throughput section without its baseline: pick decode,ppl")
+    hf = None if args.no_transformers else load_hf(path)
 
     if "decode" in sections:
         bench_decode(hf, args.decode_tokens, compile_modes, args.rounds)
@@ -205,6 +216,14 @@ def main() -> None:
     del hf
     if "ppl" in sections:
         bench_ppl(ppl_tokens)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 def bench_decode(hf, decode_tokens: int, compile_modes: tuple[bool, ...], rounds: int) -> None:
@@ -225,8 +244,8 @@ def bench_decode(hf, decode_tokens: int, compile_modes: tuple[bool, ...], rounds
         best = {scheme: (0.0, 0.0) for scheme in engines}
         per_round: list[dict[str, float]] = []
         for r in range(rounds):
-            round_hf = hf_decode_tps(hf, prompt_ids, decode_tokens)
-            hf_tps = max(hf_tps, round_hf)
+            round_hf = hf_decode_tps(hf, prompt_ids, decode_tokens) if hf is not None else float("nan")
+            hf_tps = max(hf_tps, round_hf) if hf is not None else round_hf
             line = [f"transformers {round_hf:.1f}"]
             measured = {"transformers": round_hf}
             for scheme, engine in engines.items():

@@ -83,15 +83,29 @@ def _dequantized_twin(quantized: Engine, float_engine: Engine) -> Engine:
     return float_engine
 
 
+@pytest.mark.parametrize("tier", [None, "avx2"])  # the CPU's best ISA tier, and the lowest forced
+@pytest.mark.parametrize("chunk", [None, 1])       # prefill chunks (the GEMM paths), one token a step (GEMVs)
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantized_engine_computes_with_its_quantized_weights(tiny_llama_dir, scheme):
-    """The int kernels (bf16 activations) agree with fp32 math on the same dequantized weights."""
+def test_quantized_engine_computes_with_its_quantized_weights(tiny_llama_dir, scheme, chunk, tier, monkeypatch):
+    """The int kernels (Q8 activations in the C++ GEMVs, bf16 ones in aten's kernels and the GEMMs)
+    agree with fp32 math on the same dequantized weights, at each ISA tier."""
+    from kubeinfer.worker.kernels.cpu import cpu_tiers
+    if tier is not None:
+        if tier not in cpu_tiers():
+            pytest.skip(f"this CPU cannot run the {tier} tier")
+        monkeypatch.setenv("KUBEINFER_CPU_ISA", tier)
     ids = list(range(3, 60))
     q_engine = Engine(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=32, quantization=scheme)
+    if tier is not None:
+        if q_engine.backend.name != "cpp":
+            pytest.skip("the C++ kernels are not built here")
+        assert q_engine.backend.kernels.tier == tier
     twin = _dequantized_twin(q_engine, Engine(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=32))
-    q, ref = prompt_logits(q_engine, ids), prompt_logits(twin, ids)
-    # bf16 activations in both kernels; torch's int4 kernel also rounds scales and zeros to bf16.
-    assert (q - ref).abs().max() / ref.abs().max() < (0.03 if scheme == "int8" else 0.06)
+    q, ref = prompt_logits(q_engine, ids, chunk=chunk), prompt_logits(twin, ids, chunk=chunk)
+    # torch's int4 kernel also rounds scales and zeros to bf16; the decode GEMVs' int8 activations
+    # (7 bits of each block's largest value) round coarser than bf16's 8 bits per value.
+    bound = {("int8", None): 0.03, ("int4", None): 0.06, ("int8", 1): 0.06, ("int4", 1): 0.08}[scheme, chunk]
+    assert (q - ref).abs().max() / ref.abs().max() < bound
     assert (q.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 

@@ -45,14 +45,10 @@ class CppBackend(TorchBackend):
         from kubeinfer.worker.kernels import quant_linear as ql
         if self.dtype != torch.float32:  # bf16 activations: aten's kernels are the fast path
             return super().quantized_linear(scheme, state, bias)
-        q = state["qweight"]
         if scheme.name == "int8":
-            if not ql.aten_int8_fits(q.shape[1]):
-                return super().quantized_linear(scheme, state, bias)
-            return ql.CppInt8Linear(q, state["scales"], bias, kernels=self.kernels)
-        if not ql.aten_int4_fits(q.shape[0], 2 * q.shape[1], scheme.group_size):
-            return super().quantized_linear(scheme, state, bias)
-        return ql.CppInt4Linear(q, state["scales"], state["mins"], scheme.group_size, bias, kernels=self.kernels)
+            return ql.CppInt8Linear(state["qweight"], state["scales"], bias, kernels=self.kernels)
+        return ql.CppInt4Linear(state["qweight"], state["scales"], state["mins"], scheme.group_size, bias,
+                                kernels=self.kernels)
 
     def prepare_model(self, model: nn.Module) -> None:
         if self.dtype == torch.bfloat16:

@@ -2,10 +2,11 @@
 //
 // At batch 1 a decode step's tensors are a few KB, so a torch op costs its dispatch (5-30 us on a
 // 2-core VM), not its arithmetic. These kernels fold RMSNorm (with the residual add), rotary and
-// the SwiGLU gate into one call each, take the greedy argmax of a step's logits, and run the int8
-// weight-only matmul for decode-sized batches at close to memory bandwidth (with AVX512-VNNI on
-// int8-rounded activations). paged_attention.cpp holds the decode attention and K/V write,
-// amx_linear.cpp the bf16 AMX matmul.
+// the SwiGLU gate into one call each and take the greedy argmax of a step's logits.
+// paged_attention.cpp holds the decode attention and K/V write, quant_gemv.cpp the int8 / int4
+// weight-only matmuls for decode-sized batches, amx_linear.cpp the bf16 AMX matmul.
+// Every source is built once per ISA tier (kernels/cpu.py); the AVX-512 paths below exist in the
+// avx512 and amx tiers' builds, the avx2 tier's build takes the scalar loops (vectorized by gcc).
 // The norm, rotary and SwiGLU kernels take fp32 or bf16 tensors and compute in fp32 (bf16 is read
 // by widening to fp32 and written rounded to nearest even); the matmul kernels take fp32
 // activations. The int8 KV cache and fp16 stay on the torch path (kernels/attention.py).
@@ -25,29 +26,6 @@
 using namespace kubeinfer;
 
 namespace {
-
-// sum_k x[k] * w[k] for int8 w. The AVX-512 path keeps four independent accumulators so the FMA
-// latency chain does not cap throughput (one chain reaches ~5 GB/s of weights per core, four ~2x).
-inline float dot_i8(const float* x, const int8_t* w, int64_t n) {
-  int64_t k = 0;
-  float acc = 0.f;
-#if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (; k + 64 <= n; k += 64) {
-    __m512i b = _mm512_loadu_si512(w + k);
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(b))), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16),
-                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 1))), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32),
-                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 2))), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48),
-                         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 3))), a3);
-  }
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#endif
-  for (; k < n; ++k) acc += x[k] * static_cast<float>(w[k]);
-  return acc;
-}
 
 // o = row / rms(row) * w for one row of H values, in fp32, rounded once to T.
 template <typename T>
@@ -243,112 +221,20 @@ torch::Tensor greedy_argmax(const torch::Tensor& logits) {
   return out;
 }
 
-// y [M, N] = x [M, K] @ (qweight [N, K] int8 * scales [N]).T for a few rows M (decode): each weight
-// row is read once and dotted with every x row while it sits in L1; fp32 accumulation.
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// int8_gemv's VNNI path: x is quantized to int8 per 64 inputs (scale max|x| / 127, like llama.cpp's
-// Q8 activations), so 64 weights cost one vpdpbusd instead of 16 widenings and FMAs. vpdpbusd
-// multiplies unsigned by signed bytes: it takes |w| and x with w's sign moved onto it.
-void int8_gemv_vnni(const float* xp, const int8_t* wp, const float* sp, float* yp, int64_t M, int64_t K, int64_t N) {
-  const int64_t KB = K / 64;
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> sx(M * KB);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < KB; ++b) {
-      const float* xb = xp + m * K + b * 64;
-      float amax = 0.f;
-      for (int i = 0; i < 64; ++i) amax = std::max(amax, std::abs(xb[i]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      sx[m * KB + b] = amax / 127.f;
-      for (int i = 0; i < 64; ++i) xq[m * K + b * 64 + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
-    }
-  }
-  const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, K));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* w = wp + n * K;
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xm = xq.data() + m * K;
-        const float* sxm = sx.data() + m * KB;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t b = 0; b < KB; ++b) {
-          const __m512i wv = _mm512_loadu_si512(w + b * 64);
-          const __mmask64 neg = _mm512_movepi8_mask(wv);
-          const __m512i xv = _mm512_loadu_si512(xm + b * 64);
-          const __m512i xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xs);
-          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sxm[b]), acc);
-        }
-        yp[m * N + n] = _mm512_reduce_add_ps(acc) * sp[n];
-      }
-    }
-  });
-}
-#endif
-
-torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales) {
-  check_f32(x, "x");
-  check_f32(scales, "scales");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
-  TORCH_CHECK(qweight.scalar_type() == torch::kInt8 && qweight.is_contiguous() && qweight.dim() == 2 &&
-                  qweight.size(1) == x.size(1) && scales.is_contiguous() && scales.size(0) == qweight.size(0),
-              "qweight must be int8 [N, K] with scales [N]");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* wp = qweight.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (K % 64 == 0) {
-    int8_gemv_vnni(xp, wp, sp, yp, M, K, N);
-    return y;
-  }
-#endif
-  // ~64 KB of weights per task: enough to amortize the thread hand-off, fine enough to balance.
-  const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, K));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* w = wp + n * K;
-      for (int64_t m = 0; m < M; ++m) {
-        yp[m * N + n] = dot_i8(xp + m * K, w, K) * sp[n];
-      }
-    }
-  });
-  return y;
-}
+// quant_gemv.cpp
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales);
+torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales,
+                      const torch::Tensor& mins, int64_t group_size);
+torch::Tensor q4_dequant(const torch::Tensor& qs, const torch::Tensor& scales, const torch::Tensor& mins,
+                         int64_t group_size, int64_t row0, int64_t rows);
 
 namespace kubeinfer {  // amx_linear.cpp
 bool amx_available();
-bool aten_int4_layout_known();
 torch::Tensor amx_pack_weight(const torch::Tensor& weight, bool swiglu);
 torch::Tensor amx_pack_int4(const torch::Tensor& packed, const torch::Tensor& scales_and_zeros, int64_t K, int64_t G);
 torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                          int64_t N, bool swiglu);
 }  // namespace kubeinfer
-
-// From this many rows an int4 linear dequantizes its weight to bf16 tiles and runs on AMX: at 32
-// rows that took ~0.6 of aten's time per SmolLM2 layer, at 512 rows ~0.1; at 4 rows aten wins.
-constexpr int64_t kInt4AmxRows = 16;
-
-// x [M, K] fp32 @ an aten-packed int4 weight [N, K] -> [M, N] fp32, in one call (from Python the
-// casts and the op cost 14-24 us more per linear at batch 1, measured on the 576x832 qkv of
-// SmolLM2). Few rows run aten's int4 kernel on bf16 x; kInt4AmxRows or more run amx_pack_int4 +
-// amx_linear where the CPU has AMX.
-torch::Tensor int4pack_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t group_size,
-                              const torch::Tensor& scales_and_zeros) {
-  check_f32(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  auto xb = x.to(torch::kBFloat16).contiguous();
-  if (M >= kInt4AmxRows && N % 64 == 0 && K % 32 == 0 && group_size % 32 == 0 && K % group_size == 0 &&
-      packed.is_contiguous() && scales_and_zeros.scalar_type() == torch::kBFloat16 &&
-      kubeinfer::amx_available() && kubeinfer::aten_int4_layout_known()) {
-    const auto tiles = kubeinfer::amx_pack_int4(packed, scales_and_zeros.contiguous(), K, group_size);
-    return kubeinfer::amx_linear(xb, tiles, c10::nullopt, N, false).to(torch::kFloat32);
-  }
-  return at::_weight_int4pack_mm_for_cpu(xb, packed, group_size, scales_and_zeros).to(torch::kFloat32);
-}
 
 // paged_attention.cpp
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
@@ -360,18 +246,22 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The engine steps in a thread beside the server's event loop: let it run while a kernel does.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  m.attr("int8_vnni") = true;   // int8_gemv rounds activations to int8 (K % 64 == 0)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  m.attr("int8_vnni") = true;   // the quantized dot products use vpdpbusd
 #else
-  m.attr("int8_vnni") = false;  // int8_gemv computes in fp32
+  m.attr("int8_vnni") = false;  // vpmaddubsw + vpmaddwd
 #endif
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32 or bf16)", nogil);
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x, then RMSNorm of the residual (fp32 or bf16)", nogil);
   m.def("rotary_", &rotary_, "rotary embedding in place on the first heads (fp32 or bf16)", nogil);
   m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(gate) * up over a fused [T, 2I] tensor (fp32 or bf16)", nogil);
   m.def("write_kv", &write_kv, "store K/V at their paged-cache slots (fp32 or bf16)", nogil);
-  m.def("int8_gemv", &int8_gemv, "int8 weight-only matmul for a few rows (fp32 activations)", nogil);
-  m.def("int4pack_linear", &int4pack_linear, "aten's int4 CPU matmul for fp32 activations", nogil);
+  m.def("int8_gemv", &int8_gemv, "int8 weight-only matmul for a few rows on Q8 activations (fp32 in and out)",
+        nogil);
+  m.def("q4_gemv", &q4_gemv, "int4 (Q4 layout) weight-only matmul for a few rows on Q8 activations",
+        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), nogil);
+  m.def("q4_dequant", &q4_dequant, "rows of a Q4-layout weight dequantized to fp32", py::arg("qs"),
+        py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("row0"), py::arg("rows"), nogil);
   m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
   m.def("greedy_argmax", &greedy_argmax, "first-maximum index per row of fp32 or bf16 logits (NaN wins)", nogil);
   m.def("amx_available", &kubeinfer::amx_available, "built with AMX, and the OS grants this process its tiles");

@@ -8,7 +8,8 @@ so a module's ``forward`` is its kernel call and never asks where it runs:
 * ``AtenInt8Linear`` / ``AtenInt4Linear``: torch's CPU weight-only kernels, which are fast only with
   bf16 activations (so activations are cast to bf16 and back). ``AtenInt4Linear`` keeps only aten's
   packed weight; ``quant_state()`` recovers the canonical nibbles from it bit for bit.
-* ``CppInt8Linear`` / ``CppInt4Linear``: fp32 activations through the C++ CPU kernels.
+* ``CppInt8Linear`` / ``CppInt4Linear``: fp32 activations through the C++ CPU kernels (Q8
+  activations times the int8 weights, or the int4 ones in the kernels' own Q4 layout).
 * ``TritonInt8Linear`` / ``TritonInt4Linear``: the Triton W8A16 / W4A16 matmuls on the canonical
   state (CUDA, or Triton's interpreter).
 
@@ -103,19 +104,27 @@ class AtenInt8Linear(Int8Linear):
         return y.mul_(self.scales)
 
 
-class CppInt8Linear(AtenInt8Linear):
-    """fp32 activations on the C++ kernels: ``int8_gemv`` for decode-sized inputs (VNNI where the
-    CPU has it), the bf16 GEMM for many rows."""
+class CppInt8Linear(Int8Linear):
+    """fp32 activations on the C++ kernels: ``int8_gemv`` (Q8 activations, integer dot products) for
+    decode-sized inputs, a GEMM on the integer weights converted a block at a time from
+    ``INT8_GEMM_MIN_ROWS`` rows. Any K (no aten kernel, so no K % 16 rule); the weight is held once,
+    as ``qweight``."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
                  kernels: ModuleType) -> None:
         super().__init__(qweight, scales, bias)
         self._gemv = kernels.int8_gemv
+        self._gemm_dtype = gemm_dtype()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < INT8_GEMM_MIN_ROWS:  # the decode path first: paid 120 times per token
             return _with_bias(self._gemv(x.contiguous(), self.qweight, self.scales), self.bias)
         return _with_bias(self._gemm(x).to(x.dtype), self.bias)
+
+    def _gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """Weight rows converted a cache-sized block at a time (the integers are exact in bf16)."""
+        return _blocked_gemm(x2, self.out_features, self.in_features, self._gemm_dtype,
+                             lambda r0, rows: self.qweight[r0:r0 + rows].to(self._gemm_dtype)).mul_(self.scales)
 
 
 class TritonInt8Linear(Int8Linear):
@@ -195,18 +204,80 @@ class AtenInt4Linear(Int4Linear):
         return _with_bias(y, self.bias).view(*x.shape[:-1], self.out_features)
 
 
-class CppInt4Linear(AtenInt4Linear):
-    """fp32 activations on the C++ kernels: aten's int4 kernel with its two bf16 casts called from
-    C++, or from 16 rows on an AMX CPU the weight dequantized into AMX tiles."""
+class CppInt4Linear(Int4Linear):
+    """fp32 activations on the C++ kernels, with the weight in the kernels' Q4 layout (packed once
+    here; the canonical nibbles are dropped and ``quant_state()`` recovers them exactly):
+    ``q4_gemv`` (Q8 activations, integer dot products) for decode-sized inputs, and from
+    ``INT8_GEMM_MIN_ROWS`` rows a GEMM on the weight dequantized a block of rows at a time."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, *, kernels: ModuleType) -> None:
         super().__init__(qweight, scales, mins, group_size, bias)
-        self._int4pack_linear = kernels.int4pack_linear
+        self.register_buffer("qs", pack_q4(self.qweight), persistent=False)
+        self.qweight = None
+        # The kernels read fp16 or fp32 scales; other float dtypes widen to fp32 (exactly).
+        kernel_dtype = self.scales.dtype if self.scales.dtype in (torch.float16, torch.float32) else torch.float32
+        self.register_buffer("kernel_scales", self.scales.to(kernel_dtype).contiguous(), persistent=False)
+        self.register_buffer("kernel_mins", self.mins.to(kernel_dtype).contiguous(), persistent=False)
+        self._gemv, self._dequant = kernels.q4_gemv, kernels.q4_dequant
+        self._gemm_dtype = gemm_dtype()
+
+    def quant_state(self) -> dict[str, torch.Tensor]:
+        return {"qweight": unpack_q4(self.qs), "scales": self.scales, "mins": self.mins}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._int4pack_linear(x, self.packed, self.group_size, self.scales_and_zeros)
+        if x.shape[0] < INT8_GEMM_MIN_ROWS:
+            y = self._gemv(x.contiguous(), self.qs, self.kernel_scales, self.kernel_mins, self.group_size)
+        else:
+            y = _blocked_gemm(x, self.out_features, self.in_features, self._gemm_dtype,
+                              lambda r0, rows: self._dequant(self.qs, self.kernel_scales, self.kernel_mins,
+                                                             self.group_size, r0, rows).to(self._gemm_dtype))
         return _with_bias(y, self.bias)
+
+
+def gemm_dtype() -> torch.dtype:
+    """The prefill GEMMs' operand dtype: bf16 where this CPU multiplies bf16 natively (AVX512-BF16 or
+    AMX), fp32 elsewhere (oneDNN's bf16 matmul without them is slower than fp32)."""
+    from kubeinfer.worker.kernels.packed_linear import packing_supported
+    return torch.bfloat16 if packing_supported() else torch.float32
+
+
+def _blocked_gemm(x2: torch.Tensor, n: int, k: int, dtype: torch.dtype, weight_rows) -> torch.Tensor:
+    """fp32 ``x2 @ W.T`` with W's rows made by ``weight_rows(r0, rows)`` in ``dtype`` a block at a
+    time: a whole LM head at once would be a tens-of-MB temporary per call."""
+    xd = x2.to(dtype)
+    rows = max(64, GEMM_BLOCK_ELEMS // k)
+    if rows >= n:
+        return F.linear(xd, weight_rows(0, n)).float()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
+    for r0 in range(0, n, rows):
+        w = weight_rows(r0, min(rows, n - r0))
+        y[:, r0:r0 + w.shape[0]] = F.linear(xd, w)
+    return y
+
+
+def pack_q4(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical nibbles (``quant.pack_int4``: even k low) -> the kernels' Q4 layout, same size: per
+    block of 32 inputs 16 bytes, byte j holding k = j (low nibble) and k = j + 16 (high)."""
+    n, half = qweight.shape
+    if half % 16:
+        raise ValueError(f"the Q4 layout needs K % 32 == 0, got K={2 * half}")
+    out = torch.empty(n, half, dtype=torch.uint8)
+    for r0 in range(0, n, _PACK_ROWS):
+        q = unpack_int4(qweight[r0:r0 + _PACK_ROWS]).view(-1, half // 16, 2, 16)
+        out[r0:r0 + q.shape[0]] = (q[:, :, 0] | (q[:, :, 1] << 4)).view(q.shape[0], half)
+    return out
+
+
+def unpack_q4(qs: torch.Tensor) -> torch.Tensor:
+    """The kernels' Q4 layout -> canonical nibbles (inverse of ``pack_q4``)."""
+    n, half = qs.shape
+    out = torch.empty(n, half, dtype=torch.uint8)
+    for r0 in range(0, n, _PACK_ROWS):
+        b = qs[r0:r0 + _PACK_ROWS].view(-1, half // 16, 16)
+        q = torch.stack((b & 0xF, b >> 4), dim=2).view(b.shape[0], 2 * half)
+        out[r0:r0 + b.shape[0]] = pack_int4(q)
+    return out
 
 
 class TritonInt4Linear(Int4Linear):

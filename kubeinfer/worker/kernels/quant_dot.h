@@ -1,0 +1,133 @@
+// Integer dot products for the weight-only quantized linears, in the manner of llama.cpp's ggml-cpu
+// (Q8 activations times Q8 / Q4 weights), for every ISA tier the kernels are built for.
+//
+// Activations are rounded to int8 per block of 32 inputs (scale max|x| / 127, "Q8"), so a block of
+// weights costs one integer dot product and one fp32 multiply-add by its scale, instead of 32
+// widenings and FMAs. The avx2 tier multiplies bytes with vpmaddubsw (unsigned by signed, so the
+// int8 x int8 dot moves w's sign onto x: |w| * sign(x, w)) and sums pairs with vpmaddwd; the
+// avx512 and amx tiers (built with AVX512-VNNI) do both in one vpdpbusd.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "quant_dot.h needs the avx2 tier's instructions (AVX2, FMA, F16C) at least"
+#endif
+
+namespace kubeinfer {
+
+constexpr int64_t kQ8Block = 32;
+
+// Rows of activations rounded to int8 per block of 32. K is padded with zeros to a whole block, so
+// a tail block's dot product may read a full 32 bytes of x (never of the weights).
+struct Q8Rows {
+  int64_t KB = 0;           // blocks per row, the partial tail block included
+  std::vector<int8_t> q;    // [M, KB * 32]
+  std::vector<float> d;     // [M, KB]: the block's scale, max|x| / 127
+  // [M, KB]: d * sum(q) over the block, the rounded x's sum (the int4 weights' min term). Not x's
+  // exact sum: with it the min term would not cancel the rounding error of the q * scale term, and
+  // the int4 error would be that of all-positive weights 0..15, ~2x the int8 one on real models.
+  std::vector<float> xsum;
+
+  const int8_t* row(int64_t m) const { return q.data() + m * KB * kQ8Block; }
+};
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One full block: rounds to nearest even (as torch.round does), so a test can replay it exactly.
+inline void quantize_block32(const float* x, int8_t* q, float* d, float* xsum) {
+  const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
+               v3 = _mm256_loadu_ps(x + 24);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                    _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+  const float mx = hmax(amax);
+  *d = mx / 127.f;
+  const __m256 inv = _mm256_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, inv), kRound));
+  const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, inv), kRound));
+  const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, inv), kRound));
+  const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, inv), kRound));
+  const __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+  *xsum = *d * hsum(_mm256_cvtepi32_ps(isum));  // exact: |sum| <= 32 * 127
+  // The packs work per 128-bit lane: the permute puts the eight 4-byte groups back in order.
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+// x [M, K] fp32 (row stride K) -> Q8 rows.
+inline void quantize_q8(const float* x, int64_t M, int64_t K, Q8Rows& out) {
+  const int64_t full = K / kQ8Block, tail = K % kQ8Block;
+  out.KB = full + (tail ? 1 : 0);
+  out.q.assign(M * out.KB * kQ8Block, 0);
+  out.d.assign(M * out.KB, 0.f);
+  out.xsum.assign(M * out.KB, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    int8_t* qm = out.q.data() + m * out.KB * kQ8Block;
+    float* dm = out.d.data() + m * out.KB;
+    float* sm = out.xsum.data() + m * out.KB;
+    for (int64_t b = 0; b < full; ++b) quantize_block32(xm + b * kQ8Block, qm + b * kQ8Block, dm + b, sm + b);
+    if (tail) {
+      const float* xb = xm + full * kQ8Block;
+      float mx = 0.f;
+      for (int64_t i = 0; i < tail; ++i) mx = std::max(mx, std::fabs(xb[i]));
+      const float inv = mx > 0.f ? 127.f / mx : 0.f;
+      int32_t isum = 0;
+      for (int64_t i = 0; i < tail; ++i) {
+        qm[full * kQ8Block + i] = static_cast<int8_t>(std::nearbyintf(xb[i] * inv));
+        isum += qm[full * kQ8Block + i];
+      }
+      dm[full] = mx / 127.f;
+      sm[full] = dm[full] * static_cast<float>(isum);
+    }
+  }
+}
+
+// Eight int32 partial sums of w[i] * x[i] over 32 int8 pairs.
+inline __m256i dot32_i8(__m256i w, __m256i x) {
+  const __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+  // |w| * |x| <= 128 * 127: a pair's sum fits vpmaddubsw's saturating int16.
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+#endif
+}
+
+// The same for 32 unsigned 4-bit values (0..15) by int8: no sign trick needed.
+inline __m256i dot32_u4(__m256i q, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+#endif
+}
+
+// The Q4 layout's 16 bytes of a block -> 32 values 0..15 in k order: byte j holds k = j in its low
+// nibble and k = j + 16 in its high one (llama.cpp's Q4 order: one shift and mask per block).
+inline __m256i unpack_q4_block(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
+}
+
+}  // namespace kubeinfer

@@ -1,0 +1,202 @@
+"""ISA tiers of the C++ CPU kernels (kernels/cpu.py) and the quantized kernels at every tier this
+machine can run (lower tiers forced), against torch references."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from kubeinfer.worker.kernels import cpu
+from kubeinfer.worker.kernels.quant_linear import CppInt4Linear, CppInt8Linear, pack_q4, unpack_q4
+from kubeinfer.worker.quant import Int4WeightOnly, Int8WeightOnly
+
+AVX2 = {"avx2", "fma", "f16c"}
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
+AMX = AVX512 | {"amx_tile", "amx_bf16", "amx_int8"}
+
+
+# ---- tier selection (pure logic: no build) ----
+
+@pytest.mark.parametrize("flags,want", [
+    (set(), []), ({"avx2", "fma"}, []), (AVX2, ["avx2"]), (AVX2 | {"avx512f", "avx512bw"}, ["avx2"]),
+    (AVX512 - {"avx512_bf16"}, ["avx2"]),  # Ice Lake: AVX-512 and VNNI without BF16
+    (AVX512, ["avx2", "avx512"]), (AMX, ["avx2", "avx512", "amx"]),
+    (AMX - {"avx512_vnni"}, ["avx2"]),       # a tier needs every lower one
+])
+def test_supported_tiers_from_cpu_flags(flags, want):
+    assert cpu.supported_tiers(frozenset(flags)) == want
+
+
+def test_choose_tier_takes_the_best_or_a_forced_lower_one(caplog):
+    assert cpu.choose_tier(None, ["avx2", "avx512"]) == "avx512"
+    assert cpu.choose_tier("", ["avx2", "avx512"]) == "avx512"
+    assert cpu.choose_tier("avx2", ["avx2", "avx512"]) == "avx2"
+    assert cpu.choose_tier(" AVX512 ", ["avx2", "avx512", "amx"]) == "avx512"
+    assert cpu.choose_tier(None, []) is None
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        assert cpu.choose_tier("amx", ["avx2", "avx512"]) == "avx512"  # the CPU lacks it: clamped, said why
+    assert "KUBEINFER_CPU_ISA=amx" in caplog.text and "amx_tile" in caplog.text and "avx512" in caplog.text
+    with pytest.raises(ValueError, match="not an ISA tier.*avx2, avx512, amx"):
+        cpu.choose_tier("sse4", ["avx2"])
+
+
+def test_tier_flags_are_fixed_never_the_build_machines():
+    assert cpu.tier_cflags("avx2") == ["-mavx2", "-mfma", "-mf16c"]
+    assert not any(f.startswith("-mavx512") or f.startswith("-mamx") for f in cpu.tier_cflags("avx2"))
+    assert "-mavx512vnni" in cpu.tier_cflags("avx512") and not any("amx" in f for f in cpu.tier_cflags("avx512"))
+    assert {"-mavx2", "-mavx512bf16", "-mamx-tile"} <= set(cpu.tier_cflags("amx"))
+    assert not any("native" in f for t in cpu.TIERS for f in cpu.tier_cflags(t))
+
+
+def test_env_var_forces_a_lower_tier(monkeypatch):
+    here = cpu.cpu_tiers()
+    if not here:
+        pytest.skip("this CPU has no ISA tier")
+    monkeypatch.setenv(cpu.ENV_VAR, "avx2")
+    assert cpu.selected_tier() == "avx2"
+    monkeypatch.delenv(cpu.ENV_VAR)
+    assert cpu.selected_tier() == here[-1]
+    monkeypatch.setenv(cpu.ENV_VAR, "amx")
+    assert cpu.selected_tier() == ("amx" if "amx" in here else here[-1])
+
+
+def test_loading_a_tier_this_cpu_lacks_is_refused():
+    missing = [t for t in cpu.TIERS if t not in cpu.cpu_tiers()]
+    if not missing:
+        pytest.skip("this CPU runs every tier")
+    with pytest.raises(ValueError, match=f"cannot run the {missing[0]} tier"):
+        cpu.load_cpu_kernels(missing[0])
+    with pytest.raises(ValueError, match="unknown ISA tier"):
+        cpu.load_cpu_kernels("avx1024")
+
+
+# ---- the kernels, at every tier this CPU runs ----
+
+@pytest.fixture(scope="module", params=cpu.cpu_tiers() or [None])
+def kernels(request):
+    if request.param is None:
+        pytest.skip("this CPU has no ISA tier")
+    module = cpu.load_cpu_kernels(request.param)
+    if module is None:
+        pytest.skip("the C++ CPU kernels could not be built (no compiler?)")
+    assert module.tier == request.param
+    return module
+
+
+def test_avx2_build_holds_no_avx512_instructions(kernels):
+    if kernels.tier != "avx2" or shutil.which("objdump") is None:
+        pytest.skip("checks the avx2 build, with objdump")
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", kernels.__file__], capture_output=True,
+                         text=True, check=True).stdout
+    assert "%ymm" in asm                                 # it is vectorized
+    assert "%zmm" not in asm and "{%k" not in asm        # but never with AVX-512 registers or masks
+    assert "vpdpbusd" not in asm and "tdpb" not in asm   # nor VNNI or AMX
+
+
+def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation rounding, replayed: per block of 32 (zero-padded), scale max|x| / 127,
+    round half to even."""
+    m, k = x.shape
+    kb = (k + 31) // 32
+    padded = torch.zeros(m, kb * 32)
+    padded[:, :k] = x
+    blocks = padded.view(m, kb, 32)
+    amax = blocks.abs().amax(-1)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inv[..., None]), amax / 127
+
+
+SHAPES = [(1, 576, 200), (2, 100, 7), (3, 33, 9), (4, 31, 5), (5, 1536, 577), (1, 64, 1)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_int8_gemv_is_q8_activations_times_int8_weights(kernels, m, k, n):
+    torch.manual_seed(m * k + n)
+    scheme = Int8WeightOnly()
+    state = scheme.quantize(torch.randn(n, k))
+    x = torch.randn(m, k)
+    x[0, :16] *= 50  # one loud block: its coarse step must not leak into the other blocks
+    got = kernels.int8_gemv(x, state["qweight"], state["scales"].float())
+    q, d = _q8(x)
+    w = torch.zeros(n, q.shape[1] * 32)
+    w[:, :k] = state["qweight"].float()
+    # Integer dot products per block are exact; only the fp32 scale multiply-adds round.
+    emulated = (torch.einsum("mbk,nbk->mnb", q.double(), w.view(n, -1, 32).double()) * d.double()[:, None]).sum(-1)
+    emulated = emulated * state["scales"].double()
+    torch.testing.assert_close(got.double(), emulated, rtol=1e-5, atol=1e-5 * float(emulated.abs().max()))
+    # And within the activation rounding of the fp32 reference: |err| <= sum_k |w| * step / 2.
+    deq = scheme.dequantize(state)
+    step = (d / 2).repeat_interleave(32, dim=1)[:, :k]
+    bound = step @ deq.abs().T + 1e-4 * (x.abs() @ deq.abs().T)
+    assert bool(((got - x @ deq.T).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m,n", [(1, 200), (3, 9), (5, 7)])
+def test_q4_gemv_is_q8_activations_times_q4_weights(kernels, group_size, scale_dtype, m, n):
+    torch.manual_seed(group_size + m + n)
+    k = 384
+    scheme = Int4WeightOnly(group_size)
+    state = scheme.quantize(torch.randn(n, k))
+    scales, mins = state["scales"].to(scale_dtype), state["mins"].to(scale_dtype)
+    x = torch.randn(m, k)
+    got = kernels.q4_gemv(x, pack_q4(state["qweight"]), scales, mins, group_size)
+    # sum_k (q s + min) xq d per block = s * d * sum(q xq) + min * d * sum(xq).
+    q, d = _q8(x)
+    nib = scheme.dequantize({"qweight": state["qweight"], "scales": torch.ones_like(scales),
+                             "mins": torch.zeros_like(mins)}).double()  # the integers q
+    s = scales.double().repeat_interleave(group_size // 32, dim=1)   # [n, kb]
+    mn = mins.double().repeat_interleave(group_size // 32, dim=1)
+    isum = torch.einsum("mbk,nbk->mnb", q.double(), nib.view(n, -1, 32))
+    xsum = q.double().sum(-1) * d.double()
+    emulated = (isum * s[None] * d.double()[:, None]).sum(-1) + (mn[None] * xsum[:, None]).sum(-1)
+    torch.testing.assert_close(got.double(), emulated, rtol=1e-5, atol=1e-5 * float(emulated.abs().max()))
+    ref = x @ scheme.dequantize(state).T
+    assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_q4_layout_round_trips_and_dequantizes_exactly(kernels, group_size):
+    scheme = Int4WeightOnly(group_size)
+    state = scheme.quantize(torch.randn(37, 256))
+    qs = pack_q4(state["qweight"])
+    assert qs.shape == state["qweight"].shape and torch.equal(unpack_q4(qs), state["qweight"])
+    want = scheme.dequantize(state)
+    got = kernels.q4_dequant(qs, state["scales"], state["mins"], group_size, 3, 30)
+    torch.testing.assert_close(got, want[3:33], rtol=1e-6, atol=1e-6)  # one FMA against mul + add
+
+
+def test_quant_kernels_reject_bad_inputs(kernels):
+    state = Int4WeightOnly(32).quantize(torch.randn(8, 64))
+    qs = pack_q4(state["qweight"])
+    with pytest.raises(RuntimeError, match="group_size"):
+        kernels.q4_gemv(torch.randn(1, 64), qs, state["scales"], state["mins"], 48)
+    with pytest.raises(RuntimeError, match="float16 or both float32"):
+        kernels.q4_gemv(torch.randn(1, 64), qs, state["scales"].bfloat16(), state["mins"].bfloat16(), 32)
+    with pytest.raises(RuntimeError, match="K = 64"):
+        kernels.q4_gemv(torch.randn(1, 32), qs, state["scales"], state["mins"], 32)
+    with pytest.raises(RuntimeError, match="rows out of range"):
+        kernels.q4_dequant(qs, state["scales"], state["mins"], 32, 4, 5)
+    with pytest.raises(RuntimeError, match="int8"):
+        kernels.int8_gemv(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])  # the GEMV below INT8_GEMM_MIN_ROWS, the blocked GEMM above
+def test_cpp_quantized_modules_match_their_reference(kernels, rows):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 96)
+    for scheme, cls in ((Int8WeightOnly(), CppInt8Linear), (Int4WeightOnly(32), CppInt4Linear)):
+        state, bias = scheme.quantize(torch.randn(67, 96)), torch.randn(67)
+        args = [state[key] for key in scheme.state_keys]
+        args += [scheme.group_size] if scheme.name == "int4" else []
+        mod = cls(*args, bias, kernels=kernels)
+        want = x @ scheme.dequantize(state).T + bias
+        err = float((mod(x) - want).abs().max() / want.abs().max())
+        assert err < 0.02, (scheme.name, err)  # Q8 activations, or bf16 operands in the GEMM
+        assert all(torch.equal(mod.quant_state()[key], state[key]) for key in scheme.state_keys)
+    assert mod.qweight is None and mod.qs.numel() == 67 * 48  # one copy of the int4 weight: the Q4 layout
