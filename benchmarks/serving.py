@@ -42,10 +42,10 @@ from kubeinfer.bench.workloads import SIMPLE_PROMPTS, SharedPrefixWorkload, Simp
 from kubeinfer.client import AsyncClient
 from kubeinfer.router.grpc_service import start_grpc_server
 from kubeinfer.router.policies import make_policy
-from kubeinfer.router.pool import LocalPool
-from kubeinfer.router.replica import EngineReplica
+from kubeinfer.local.pool import LocalPool
+from kubeinfer.local.replica import EngineReplica
 from kubeinfer.router.router import Router, ServedModel
-from kubeinfer.serve.config import RouterSettings
+from kubeinfer.router.settings import RouterSettings
 from kubeinfer.worker import Engine, EngineConfig, SamplingParams
 from kubeinfer.worker.async_engine import AsyncEngine
 
@@ -93,7 +93,7 @@ def load_engines(n: int) -> list[Engine]:
 async def serving(engines: list[Engine], settings: RouterSettings) -> AsyncIterator[tuple[Router, AsyncClient]]:
     """A router over fresh AsyncEngines of ``engines``, served by gRPC on loopback, and a client to it.
 
-    The same assembly as ``kubeinfer.router.local.build_served_model``, over engines already loaded.
+    The same assembly as ``kubeinfer.local.router.build_served_model``, over engines already loaded.
     """
     replicas = [EngineReplica(AsyncEngine(e), f"{MODEL_NAME}-{i}") for i, e in enumerate(engines)]
     first = engines[0]

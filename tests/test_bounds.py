@@ -22,7 +22,7 @@ from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc
 from kubeinfer.router.grpc_service import RETRY_AFTER_KEY, start_grpc_server
 from kubeinfer.router.http_api import build_http_app
-from kubeinfer.router.local import build_local_router, shutdown_local_router
+from kubeinfer.local.router import build_local_router, shutdown_local_router
 from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, QUEUE_FACTOR
 from kubeinfer.router.types import Code, RouterError
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings

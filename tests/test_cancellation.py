@@ -19,8 +19,8 @@ import pytest
 from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc
 from kubeinfer.router.grpc_service import start_grpc_server
-from kubeinfer.router.local import build_local_router, shutdown_local_router
-from kubeinfer.router.pool import LocalPool
+from kubeinfer.local.router import build_local_router, shutdown_local_router
+from kubeinfer.local.pool import LocalPool
 from kubeinfer.router.router import Router
 from kubeinfer.router.types import ReplicaFailed
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings

@@ -17,7 +17,7 @@ from kubeinfer.bench.report import RequestRecord, format_report, summarize
 from kubeinfer.bench.workloads import SharedPrefixWorkload, SimpleWorkload, make_workload
 from kubeinfer.cli import main
 from kubeinfer.client import AsyncClient, Client, ServerError
-from kubeinfer.router.local import build_local_router
+from kubeinfer.local.router import build_local_router
 from kubeinfer.serve.config import AppConfig, ModelSpec
 from kubeinfer.worker.tokenizer import Tokenizer
 from tests.test_grpc_server import Server

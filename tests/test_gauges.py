@@ -16,9 +16,9 @@ from typing import AsyncIterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubeinfer.router.local import build_local_router, shutdown_local_router
+from kubeinfer.local.router import build_local_router, shutdown_local_router
 from kubeinfer.router.pool import WorkerPool
-from kubeinfer.router.replica import StreamItem
+from kubeinfer.router.types import StreamItem
 from kubeinfer.router.router import Router, ServedModel
 from kubeinfer.router.types import GenerateJob
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings

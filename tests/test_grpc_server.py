@@ -11,9 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc
 from kubeinfer.router.grpc_service import RETRY_AFTER_KEY, start_grpc_server
-from kubeinfer.router.local import build_local_router, build_served_model, shutdown_local_router
-from kubeinfer.router.pool import LocalPool
-from kubeinfer.router.replica import EngineReplica
+from kubeinfer.local.router import build_local_router, build_served_model, shutdown_local_router
+from kubeinfer.local.pool import LocalPool
+from kubeinfer.local.replica import EngineReplica
 from kubeinfer.router.router import Router
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 from kubeinfer.worker import Engine, SamplingParams

@@ -18,7 +18,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubeinfer.router.http_api import build_http_app
-from kubeinfer.router.local import build_local_router, shutdown_local_router
+from kubeinfer.local.router import build_local_router, shutdown_local_router
 from kubeinfer.router.router import Router
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 from kubeinfer.worker import Engine, SamplingParams

@@ -229,7 +229,11 @@ def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_ap
             await started.wait()
             # The router may send a whole micro-batch to one replica: kill one that is running
             # requests, so the kill always hits work in flight.
-            running = [(await r.record_routing_stats.remote())["num_requests_running"] for r in replicas]
+            for _ in range(200):  # bounded: a replica's stats may lag its first requests
+                running = [(await r.record_routing_stats.remote())["num_requests_running"] for r in replicas]
+                if max(running) > 0:
+                    break
+                await asyncio.sleep(0.02)
             victim = replicas[max(range(len(replicas)), key=running.__getitem__)]
             ray.kill(victim, no_restart=True)
             # Sent after the kill, before Serve has noticed it: some go to the dead replica first.

@@ -13,7 +13,7 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubeinfer.router.local import build_local_router, shutdown_local_router
+from kubeinfer.local.router import build_local_router, shutdown_local_router
 from kubeinfer.router.metrics import RouterMetrics
 from kubeinfer.router.types import ReplicaReport
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings

@@ -2,7 +2,7 @@
 
 With ``--server HOST:PORT`` it loads a running server over gRPC. Without it, it runs the whole
 stack in this process (the engine built from the engine flags, the router and a loopback gRPC
-server; ``kubeinfer.router.local``) and loads that, so one command measures an engine on a given
+server; ``kubeinfer.local.router``) and loads that, so one command measures an engine on a given
 ``--device`` without deploying anything.
 """
 
@@ -84,7 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         target = args.server
     else:
         app = in_process_app(args)  # bad flags fail before the model loads
-        from kubeinfer.router.local import build_local_router, shutdown_local_router
+        from kubeinfer.local.router import build_local_router, shutdown_local_router
         router = build_local_router(app)
         try:
             records = asyncio.run(_load_in_process(router, workload, spec))

@@ -173,10 +173,10 @@ class PrefixAffinity(RoutingPolicy):
 
 
 POLICIES: dict[str, Callable[..., RoutingPolicy]] = {
-    "round_robin": RoundRobin,
-    "power_of_two": PowerOfTwoChoices,
+    "power_of_two": PowerOfTwoChoices,  # the default first
     "least_loaded": LeastLoaded,
     "prefix_affinity": PrefixAffinity,
+    "round_robin": RoundRobin,
 }
 
 

@@ -18,7 +18,7 @@ from kubeinfer.router.batching import MicroBatcher
 from kubeinfer.router.metrics import RouterMetrics
 from kubeinfer.router.pool import JobStream, WorkerPool
 from kubeinfer.router.types import Chunk, Code, GenerateJob, ReplicaFailed, RouterError
-from kubeinfer.serve.config import RouterSettings
+from kubeinfer.router.settings import RouterSettings
 from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.tokenizer import Tokenizer
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 # The gRPC trailer that carries a RESOURCE_EXHAUSTED answer's retry hint, in seconds (the proto's
 # contract). The hint is also spelled out at the end of the status message (``with_retry_hint``),
@@ -117,3 +117,8 @@ class ReplicaReport:
     # their sum; empty from a replica that does not report them.
     iteration_tokens: tuple[int, ...] = ()
     iteration_tokens_sum: int = 0
+
+
+# A replica's stream: ``(index, Chunk)`` for the index-th job of the call, and ``(-1, report)``
+# first (so the caller learns which replica it reached) and last (its load after the call).
+StreamItem = tuple[int, Union[Chunk, ReplicaReport]]

@@ -13,7 +13,7 @@ from ray.serve.handle import DeploymentHandle
 from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.router.grpc_service import InferenceServicer, fail_on_serve_context
 from kubeinfer.router.pool import WorkerPool
-from kubeinfer.router.replica import StreamItem
+from kubeinfer.router.types import StreamItem
 from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, Router, ServedModel
 from kubeinfer.router.types import GenerateJob, ReplicaReport
 from kubeinfer.serve.config import AppConfig

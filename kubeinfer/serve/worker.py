@@ -7,7 +7,8 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from kubeinfer.router.replica import EngineReplica, StreamItem
+from kubeinfer.local.replica import EngineReplica
+from kubeinfer.router.types import StreamItem
 from kubeinfer.router.types import GenerateJob, ReplicaReport
 from kubeinfer.serve.config import ModelSpec
 

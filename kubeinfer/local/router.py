@@ -7,8 +7,8 @@ the router in a program of their own.
 from __future__ import annotations
 
 from kubeinfer.router.policies import make_policy
-from kubeinfer.router.pool import LocalPool
-from kubeinfer.router.replica import EngineReplica
+from kubeinfer.local.pool import LocalPool
+from kubeinfer.local.replica import EngineReplica
 from kubeinfer.router.router import Router, ServedModel
 from kubeinfer.serve.config import AppConfig, ModelSpec
 from kubeinfer.worker import Engine, EngineConfig

@@ -1,19 +1,16 @@
-"""A worker replica: one engine behind the call the router makes (in process or as a Ray Serve
-deployment's method)."""
+"""An engine as a router replica: the worker side of the router's replica contract
+(``kubeinfer.router.types``), run in the process that holds the engine (the local stack, or a Ray
+Serve worker deployment)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Union
+from typing import AsyncIterator
 
-from kubeinfer.router.types import Chunk, GenerateJob, ReplicaReport
+from kubeinfer.router.types import Chunk, GenerateJob, ReplicaReport, StreamItem
 from kubeinfer.worker.async_engine import AsyncEngine
 from kubeinfer.worker.outputs import RequestOutput
 from kubeinfer.worker.sampling_params import SamplingParams
-
-# A replica's stream: ``(index, Chunk)`` for the index-th job of the call, and ``(-1, report)``
-# first (so the caller learns which replica it reached) and last (its load after the call).
-StreamItem = tuple[int, Union[Chunk, ReplicaReport]]
 
 
 class EngineReplica:
