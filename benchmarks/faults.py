@@ -565,8 +565,8 @@ FAULTS = ("overload", "disconnect", "big_prompt", "max_tokens", "disconnect_earl
 SURFACES = ["http", "grpc"]  # the streams alternate between these (--surfaces)
 
 
-async def run_faults(server: Server, scale: Scale, faults: list[str]) -> list[Row]:
-    rows: list[Row] = []
+async def run_faults(server: Server, scale: Scale, faults: list[str], rows: list[Row]) -> None:
+    """Run ``faults`` in order, appending one row each (two for big_prompt) to ``rows``."""
     # One connection per simultaneous HTTP stream (limit=0), as separate clients would have.
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         ready_s = await server.wait_ready(session)
@@ -574,25 +574,29 @@ async def run_faults(server: Server, scale: Scale, faults: list[str]) -> list[Ro
               f"gRPC {server.grpc_address})", flush=True)
         async with AsyncClient(server.grpc_address) as client:
             for name in faults:
-                if not server.alive():
-                    rows.append(Row(name, f"server died (status {server.proc.returncode})", "-", "-", "-", False,
-                                    [f"{name}: server log tail:\n{server.log_tail()}"]))
-                    continue
                 t = time.perf_counter()
                 print(f"-- {name} ...", flush=True)
-                if name == "overload":
-                    rows.append(await fault_overload(scale, session, server.http, client))
-                elif name == "disconnect":
-                    rows.append(await fault_disconnect(scale, session, server.http, client))
-                elif name == "disconnect_early":
-                    rows.append(await fault_disconnect(scale, session, server.http, client, early=True))
-                elif name == "big_prompt":
-                    rows.append(await fault_big_prompt(scale, "http", session, server.http, client))
-                    rows.append(await fault_big_prompt(scale, "grpc", session, server.http, client))
-                elif name == "max_tokens":
-                    rows.append(await fault_max_tokens(session, server.http, client))
+                try:
+                    if not server.alive():
+                        raise RuntimeError(f"the server has exited (status {server.proc.returncode})")
+                    if name == "overload":
+                        rows.append(await fault_overload(scale, session, server.http, client))
+                    elif name == "disconnect":
+                        rows.append(await fault_disconnect(scale, session, server.http, client))
+                    elif name == "disconnect_early":
+                        rows.append(await fault_disconnect(scale, session, server.http, client, early=True))
+                    elif name == "big_prompt":
+                        rows.append(await fault_big_prompt(scale, "http", session, server.http, client))
+                        rows.append(await fault_big_prompt(scale, "grpc", session, server.http, client))
+                    elif name == "max_tokens":
+                        rows.append(await fault_max_tokens(session, server.http, client))
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, RuntimeError) as e:
+                    # The server went away (or stopped answering) mid-fault: a FAIL row, not a traceback.
+                    alive = "running" if server.alive() else f"exited with status {server.proc.returncode}"
+                    rows.append(Row(name, f"no answer: {type(e).__name__}", "-", "-", "-", False,
+                                    [f"{name}: {type(e).__name__}: {e}; the server {alive}; its log's tail:\n"
+                                     f"{server.log_tail(10)}"]))
                 print(f"   ({time.perf_counter() - t:.1f} s)", flush=True)
-    return rows
 
 
 def main() -> int:
@@ -621,7 +625,7 @@ def main() -> int:
     rows: list[Row] = []
     try:
         server.start()
-        rows = asyncio.run(run_faults(server, scale, faults))
+        asyncio.run(run_faults(server, scale, faults, rows))
     except ServerNotReady as e:
         print(f"faults: {e}", file=sys.stderr, flush=True)
         return 2
