@@ -79,12 +79,6 @@ def test_engine_flags_reach_the_engine_config():
         engine_config_from_args(build_parser().parse_args(["generate", "x", "--gpu-memory-utilization", "1.5"]))
 
 
-def test_the_clis_kernel_backends_are_the_engines():
-    from kubeinfer.serve.config import KERNEL_BACKENDS
-    from kubeinfer.worker.config import KERNEL_BACKENDS as ENGINE_BACKENDS
-    assert KERNEL_BACKENDS == ENGINE_BACKENDS
-
-
 # ---- kubeinfer serve's flags ------------------------------------------------------------------------
 
 def serve_app(*flags: str):

@@ -19,6 +19,7 @@ from kubeinfer.router.metrics import RouterMetrics
 from kubeinfer.router.pool import JobStream, WorkerPool
 from kubeinfer.router.types import Chunk, Code, GenerateJob, ReplicaFailed, RouterError
 from kubeinfer.router.settings import RouterSettings
+from kubeinfer.worker.config import EngineConfig  # torch-free: the definitions only
 from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.tokenizer import Tokenizer
 
@@ -37,7 +38,8 @@ class ServedModel:
     capacity: int | None = None  # sequences all its replicas run at once (None: DEFAULT_SEQS_PER_REPLICA each)
 
 
-DEFAULT_SEQS_PER_REPLICA = 64  # the engine's default max_num_seqs
+# What a replica runs at once when the router is not told its engine settings: EngineConfig's default.
+DEFAULT_SEQS_PER_REPLICA: int = EngineConfig.__dataclass_fields__["max_num_seqs"].default
 QUEUE_FACTOR = 2  # the default queue holds this many times the replicas' capacity
 SEED_RANGE = (-(1 << 63), 1 << 63)
 

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kubeinfer.router.settings import POLICY_NAMES, RouterSettings  # noqa: F401 (POLICY_NAMES: for the CLI)
+from kubeinfer.worker.config import QUANTIZATIONS  # torch-free: the one list of quantization names
 
-QUANTIZATIONS = (None, "int8", "int4")
 # Ray Serve's AutoscalingConfig field names, passed through unchanged.
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
                     "upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s",
@@ -27,8 +27,6 @@ ENGINE_KEYS = ("device", "dtype", "kv_cache_dtype", "block_size", "kv_cache_memo
 # EngineConfig.device's values, checked here too (without torch) so that `kubeinfer serve` and the
 # operator refuse a bad one before any replica starts.
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
-# EngineConfig.kernel_backend's values (kubeinfer.worker.config.KERNEL_BACKENDS, which imports torch).
-KERNEL_BACKENDS = ("auto", "torch", "cpp", "triton")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,126}$")
@@ -64,8 +62,11 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"model name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-'")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be int8, int4 or unset, got {self.quantization!r}")
+        if isinstance(self.quantization, str) and self.quantization.strip().lower() == "none":
+            self.quantization = None  # as EngineConfig reads it (the CRD's default is none)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or unset, "
+                             f"got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         unknown = set(self.engine) - set(ENGINE_KEYS)
