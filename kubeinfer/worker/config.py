@@ -40,7 +40,7 @@ DEPLOYMENT_DEFAULTS: Mapping[str, Any] = MappingProxyType({"max_model_len": 2048
 
 # EngineConfig fields that no command-line flag sets, and why.
 NOT_ON_COMMAND_LINE: Mapping[str, str] = MappingProxyType({
-    "seed": "the engine never reads it (per-request seeds are SamplingParams.seed, the commands' --seed)",
+    "seed": "the commands' --seed is already each request's sampling seed (SamplingParams.seed), which wins",
 })
 # EngineConfig fields that a ModelDeployment does not set, and why (fields with ``crd`` metadata map to
 # the CRD; a test fails for a field in neither).
@@ -49,7 +49,7 @@ NOT_IN_CRD: Mapping[str, str] = MappingProxyType({
     "num_threads": "follows spec.resources.cpu (whole cores): torch would count the node's cores, not the pod's",
     "num_kv_blocks": "a device-local override of the pool size; a deployment sizes it with kvCacheMemory",
     "quantization_group_size": "the capacity check sizes int4 weights for the default groups of 32",
-    "seed": "the engine never reads it",
+    "seed": "not worth a CRD field: a request's own seed gives reproducible samples on any replica",
 })
 
 
@@ -138,7 +138,8 @@ class EngineConfig:
     compile: bool = _setting(
         False, "torch.compile decode steps (faster decode; the first step compiles for tens of seconds)",
         crd="engine.compile")
-    seed: int = _setting(0, "unused by the engine (sampling seeds are per request)")
+    seed: int = _setting(0, "seeds the engine's generator for requests without a seed of their own, so an "
+                               "engine's sampling is reproducible from its start (a request's seed wins)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):

@@ -115,7 +115,7 @@ class Engine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
         self.runner = ModelRunner(loaded.model, self.backend, num_blocks, config.block_size, self.max_model_len,
-                                  kv_int8, compile_decode=config.compile)
+                                  kv_int8, compile_decode=config.compile, seed=config.seed)
         if device.type == "cuda" and self.backend.supports_cuda_graphs and not config.enforce_eager:
             self.runner.capture_cuda_graphs(config.max_num_seqs)
         self.requests: dict[str, _Request] = {}

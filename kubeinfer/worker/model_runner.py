@@ -8,7 +8,7 @@ from kubeinfer.worker.kernels.attention import LayerKVCache
 from kubeinfer.worker.kernels.backend import KernelBackend, StepInputs
 from kubeinfer.worker.models.config import ModelConfig
 from kubeinfer.worker.models.llama import LlamaForCausalLM
-from kubeinfer.worker.sampling import Sampler, SamplerOutput, SamplingBatch
+from kubeinfer.worker.sampling import Sampler, SamplerOutput, SamplingBatch, make_generator
 from kubeinfer.worker.scheduler import ScheduledBatch
 
 
@@ -37,7 +37,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaForCausalLM, backend: KernelBackend, num_blocks: int, block_size: int,
-                 max_model_len: int, kv_int8: bool = False, compile_decode: bool = False) -> None:
+                 max_model_len: int, kv_int8: bool = False, compile_decode: bool = False, seed: int | None = None) -> None:
         self.model = model
         self.backend = backend
         self.device = backend.device
@@ -50,7 +50,8 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.kv_caches = allocate_kv_caches(model.config, num_blocks, block_size, backend.dtype, kv_int8,
                                             self.device)
-        self.sampler = Sampler(backend.greedy_argmax, full_vocab_filters=self.device.type == "cuda")
+        self.sampler = Sampler(backend.greedy_argmax, full_vocab_filters=self.device.type == "cuda",
+                               generator=make_generator(seed, self.device))
         self.graphs = None  # DecodeGraphs, set by capture_cuda_graphs
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:

@@ -257,11 +257,15 @@ class Sampler:
     with the kernel backend's ``greedy_argmax`` (one C++ pass on a CPU); everything else widens them
     to fp32 first. The caller's logits are never modified. ``full_vocab_filters`` (on a GPU) ranks
     the whole vocabulary for top-k/top-p, so that sampling never waits on the device mid-step.
+    ``generator`` (the engine's, seeded from ``EngineConfig.seed``) draws for the rows without a
+    seed of their own, so an engine's unseeded sampling is reproducible from its start.
     """
 
-    def __init__(self, greedy_argmax: Callable[[Tensor], Tensor] = first_max, full_vocab_filters: bool = False) -> None:
+    def __init__(self, greedy_argmax: Callable[[Tensor], Tensor] = first_max, full_vocab_filters: bool = False,
+                 generator: torch.Generator | None = None) -> None:
         self._greedy_argmax = greedy_argmax
         self._full_vocab = full_vocab_filters
+        self._generator = generator  # draws for rows without a seed of their own (None: torch's global RNG)
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[1] != batch.vocab_size or logits.shape[0] != batch.greedy.shape[0]:
@@ -284,7 +288,8 @@ class Sampler:
             processed = apply_min_p(processed, batch.min_p)
         probs = processed.softmax(dim=-1)
         # Greedy rows' noise is irrelevant (their argmax replaces the draw) but must not be garbage.
-        noise = _exponential(probs.shape, None, probs.device) if batch.any_unseeded_random else torch.ones_like(probs)
+        noise = (_exponential(probs.shape, self._generator, probs.device) if batch.any_unseeded_random
+                 else torch.ones_like(probs))
         for row, gen in batch.seeded:
             noise[row] = _exponential(probs.shape[1:], gen, probs.device)
         token_ids = (probs / noise).argmax(dim=-1)
