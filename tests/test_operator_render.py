@@ -241,7 +241,7 @@ def test_service_selects_the_healthy_serve_pods_and_exposes_grpc_and_http():
         {("grpc", 9000, "grpc"), ("http", 8000, "serve")}
     ports = {p["name"] for c in _containers(build_rayservice(md())) for p in c["ports"]}
     assert {"grpc", "serve"} <= ports  # the Service's named target ports exist on the pods
-    assert service_endpoint(md()) == "demo.ml.svc:9000"
+    assert service_endpoint(parse_spec(md())) == "demo.ml.svc:9000"
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

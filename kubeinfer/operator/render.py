@@ -58,9 +58,8 @@ def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
             "controller": True, "blockOwnerDeletion": True}
 
 
-def service_endpoint(body: Mapping[str, Any]) -> str:
+def service_endpoint(spec: ModelDeploymentSpec) -> str:
     """The in-cluster gRPC address of the rendered Service (``status.endpoint`` in KubeRay mode)."""
-    spec = parse_spec(body)
     return f"{spec.name}.{spec.namespace}.svc:{DEFAULT_GRPC_PORT}"
 
 

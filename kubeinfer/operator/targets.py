@@ -55,7 +55,7 @@ class KubeRayTarget:
         self._kube = kube
 
     def endpoint(self, spec: ModelDeploymentSpec) -> str:
-        return f"{spec.name}.{spec.namespace}.svc:{DEFAULT_GRPC_PORT}"
+        return render.service_endpoint(spec)
 
     async def deploy(self, body: Mapping[str, Any], spec: ModelDeploymentSpec) -> None:
         rayservice, service = render.build_rayservice(body), render.build_service(body)
