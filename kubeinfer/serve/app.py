@@ -27,7 +27,10 @@ def worker_options(spec: ModelSpec, policy: str) -> dict[str, Any]:
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
     }
     if spec.autoscaling is not None:
-        options["autoscaling_config"] = dict(spec.autoscaling)
+        # A ``policy`` (kubeinfer's LLM policy with its kwargs) goes to Ray as given; without one Ray
+        # keeps its default policy on ongoing requests. Ray wraps either in its delays and bounds.
+        options["autoscaling_config"] = {k: v for k, v in spec.autoscaling.items()
+                                         if k != "policy" or v is not None}
     else:
         options["num_replicas"] = spec.num_replicas
     return options

@@ -13,12 +13,30 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kubeinfer.router.settings import POLICY_NAMES, RouterSettings  # noqa: F401 (POLICY_NAMES: for the CLI)
+from kubeinfer.serve.autoscaling import POLICY_FUNCTION, PolicySettings
 from kubeinfer.worker.config import QUANTIZATIONS  # torch-free: the one list of quantization names
 
-# Ray Serve's AutoscalingConfig field names, passed through unchanged.
+# Ray Serve's AutoscalingConfig field names, passed through unchanged. ``policy`` may only name
+# kubeinfer's LLM policy (``kubeinfer.serve.autoscaling``); without it Ray's default policy scales on
+# ongoing requests.
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
                     "upscale_delay_s", "downscale_delay_s", "downscale_to_zero_delay_s",
-                    "metrics_interval_s", "look_back_period_s", "upscaling_factor", "downscaling_factor")
+                    "metrics_interval_s", "look_back_period_s", "upscaling_factor", "downscaling_factor",
+                    "policy")
+
+
+def check_autoscaling_policy(policy: object) -> None:
+    """ValueError unless ``policy`` is an ``autoscaling_config.policy`` this app can run: Ray's
+    shape (``policy_function``, ``policy_kwargs``) naming kubeinfer's policy with valid settings."""
+    if not isinstance(policy, dict) or set(policy) - {"policy_function", "policy_kwargs"}:
+        raise ValueError(f"autoscaling policy must be {{policy_function, policy_kwargs}}, got {policy!r}")
+    if policy.get("policy_function") != POLICY_FUNCTION:
+        raise ValueError(f"autoscaling policy_function must be {POLICY_FUNCTION}, got "
+                         f"{policy.get('policy_function')!r}")
+    try:
+        PolicySettings(**(policy.get("policy_kwargs") or {}))
+    except TypeError as e:
+        raise ValueError(f"autoscaling policy_kwargs: {e}") from None
 # The EngineConfig fields a deployment may set (the rest are fixed by the model entry itself).
 ENGINE_KEYS = ("device", "dtype", "kv_cache_dtype", "block_size", "kv_cache_memory_bytes", "num_kv_blocks",
                "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
@@ -46,7 +64,8 @@ class ModelSpec:
 
     Invariants: exactly one of ``num_replicas`` / ``autoscaling`` is set (``num_replicas`` defaults
     to 1 when neither is given); ``engine`` and ``autoscaling`` only carry known keys; the engine's
-    ``device`` and ``gpu_memory_utilization``, when set, are values EngineConfig takes.
+    ``device`` and ``gpu_memory_utilization``, when set, are values EngineConfig takes; an
+    autoscaling ``policy`` is kubeinfer's LLM policy with valid ``policy_kwargs``.
     ``ray_actor_options`` is Ray's (``num_cpus``, ``num_gpus``, ``memory``, ``resources``).
     """
 
@@ -82,6 +101,8 @@ class ModelSpec:
             unknown = set(self.autoscaling) - set(AUTOSCALING_KEYS)
             if unknown:
                 raise ValueError(f"unknown autoscaling settings {sorted(unknown)}")
+            if self.autoscaling.get("policy") is not None:
+                check_autoscaling_policy(self.autoscaling["policy"])
             lo, hi = self.autoscaling.get("min_replicas", 1), self.autoscaling.get("max_replicas", 1)
             if not 0 <= lo <= hi:
                 raise ValueError(f"need 0 <= min_replicas <= max_replicas, got {lo} and {hi}")

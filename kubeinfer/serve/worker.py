@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -10,6 +11,7 @@ from ray import serve
 from kubeinfer.local.replica import EngineReplica
 from kubeinfer.router.types import StreamItem
 from kubeinfer.router.types import GenerateJob, ReplicaReport
+from kubeinfer.serve.autoscaling import LatencyWindow, replica_stats
 from kubeinfer.serve.config import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,9 @@ log = logging.getLogger(__name__)
 class Worker:
     """Owns one Engine (stepped by an AsyncEngine thread, so the replica's event loop never blocks
     on a forward pass) and its EngineReplica adapter. Reports its load to Serve's request router
-    through ``record_routing_stats``; fails its health check if the engine thread has died."""
+    through ``record_routing_stats`` and its LLM signals to Serve's autoscaler through
+    ``record_autoscaling_stats`` (both read the one ReplicaReport); fails its health check if the
+    engine thread has died."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         from kubeinfer.worker import Engine, EngineConfig
@@ -31,11 +35,16 @@ class Worker:
         engine = AsyncEngine(Engine(EngineConfig(**model.replica_engine_kwargs())))
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.replica = EngineReplica(engine, replica_id)
+        self.latency = LatencyWindow()
+        self._preemptions = (time.monotonic(), 0)  # (when, count) at the last autoscaling push
         log.info("worker %s serves %s from %s", replica_id, model.name, model.uri)
 
     async def generate_batch(self, jobs: list[GenerateJob], exclude_replica: str | None = None
                              ) -> AsyncIterator[StreamItem]:
         async for item in self.replica.generate_batch(jobs):
+            chunk = item[1]
+            if item[0] >= 0 and chunk.finished:  # the engine's own phases of a finished request
+                self.latency.add(chunk.timings, chunk.completion_tokens, time.monotonic())
             yield item
 
     async def abort(self, request_id: str, pin_replica: str | None = None) -> None:
@@ -50,6 +59,15 @@ class Worker:
         r = self.replica.report()
         return {"num_requests_waiting": r.num_requests_waiting, "num_requests_running": r.num_requests_running,
                 "kv_cache_usage": r.kv_cache_usage}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The custom metrics ``kubeinfer.serve.autoscaling``'s policies read (see replica_stats)."""
+        r = self.replica.report()
+        now = time.monotonic()
+        then, count = self._preemptions
+        self._preemptions = (now, r.num_preemptions)
+        rate = max(0, r.num_preemptions - count) / (now - then) if now > then else 0.0
+        return replica_stats(r, rate, self.latency.p90(now))
 
     def check_health(self) -> None:
         if not self.replica.engine.alive():

@@ -1,0 +1,204 @@
+"""LLM-aware autoscaling for the Worker deployment, inside Ray Serve's own machinery.
+
+Signal path: the engine's gauges (``EngineReplica.report()``, the numbers the ``vllm:*`` metrics
+show) and the finished requests' engine timings -> ``Worker.record_autoscaling_stats`` (via
+``replica_stats``) -> Serve's controller, which averages each replica's samples over
+``look_back_period_s`` -> ``AutoscalingContext.aggregated_metrics`` -> ``LLMAutoscalingPolicy``
+(named in ``autoscaling_config.policy``) -> Ray's wrapper (up/down delays, scaling factors, min/max).
+
+Pure: no Ray import, so the policies run in unit tests and in benchmarks/autoscaling.py on a
+stand-in context. Ray pickles this module by value to the controller, so it imports only the
+standard library.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+# The custom metric names a Worker replica reports (one sample per metrics push).
+KV_CACHE_USAGE = "kv_cache_usage"            # fraction of KV blocks in use, vllm:kv_cache_usage_perc
+WAITING = "num_requests_waiting"             # vllm:num_requests_waiting
+RUNNING = "num_requests_running"             # vllm:num_requests_running
+PREEMPTIONS_PER_S = "preemptions_per_s"      # rate of vllm:num_preemptions over the last push interval
+TTFT_P90_S = "ttft_p90_s"                    # engine-side TTFT (queue + prefill) of recent finished requests
+ITL_P90_S = "itl_p90_s"                      # engine-side mean inter-token latency of recent requests
+
+POLICIES = ("ongoingRequests", "kvCache", "queue", "latency")
+POLICY_FUNCTION = "kubeinfer.serve.autoscaling:LLMAutoscalingPolicy"
+# The key in Ray's policy_state where the last decision's reason is kept (the CR status shows it).
+DECISION_KEY = "kubeinfer_decision"
+_QUEUE_REF_KEY = "kubeinfer_queue_ref"  # (time, total waiting) the latency policy measures growth from
+
+
+class LatencyWindow:
+    """The engine timings of the requests that finished in the last ``window_s`` seconds, for
+    TTFT / ITL percentiles. Owns a bounded deque; ``now`` is any monotonic clock in seconds."""
+
+    def __init__(self, window_s: float = 30.0, max_samples: int = 512) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float, float | None]] = deque(maxlen=max_samples)
+
+    def add(self, timings: Mapping[str, float] | None, completion_tokens: int, now: float) -> None:
+        """Records one finished request from its RequestOutput.timings (the engine's phases):
+        TTFT = queue + prefill, ITL = decode / (tokens - 1). A request with no first token adds nothing."""
+        if not timings or "prefill" not in timings:
+            return
+        itl = timings["decode"] / (completion_tokens - 1) if completion_tokens > 1 else None
+        self._samples.append((now, timings.get("queue", 0.0) + timings["prefill"], itl))
+
+    def p90(self, now: float) -> tuple[float, float]:
+        """(TTFT p90, ITL p90) over the window; 0.0 where there is no sample."""
+        while self._samples and now - self._samples[0][0] > self.window_s:
+            self._samples.popleft()
+        return (_p90([s[1] for s in self._samples]),
+                _p90([s[2] for s in self._samples if s[2] is not None]))
+
+
+def _p90(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, math.ceil(0.9 * len(values)) - 1)]
+
+
+def replica_stats(report: Any, preemptions_per_s: float, latency: tuple[float, float]) -> dict[str, float]:
+    """One replica's custom autoscaling metrics from its ReplicaReport (the one source of the
+    gauges), its preemption rate and its (TTFT p90, ITL p90)."""
+    return {KV_CACHE_USAGE: float(report.kv_cache_usage), WAITING: float(report.num_requests_waiting),
+            RUNNING: float(report.num_requests_running), PREEMPTIONS_PER_S: float(preemptions_per_s),
+            TTFT_P90_S: float(latency[0]), ITL_P90_S: float(latency[1])}
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The policy and its targets: what ``autoscaling_config.policy.policy_kwargs`` holds.
+
+    Hysteresis: a policy scales up when its load ratio (signal / target) exceeds ``1 + up_tolerance``
+    and down when it falls under ``1 - down_tolerance``; in between it holds the current target
+    (which also resets Ray's delay timers, so noise never accumulates into a scale change). Steps:
+    up by at most ``max(1, ceil(n * (max_scale_up_factor - 1)))``, down by at most
+    ``max(1, floor(n * max_scale_down_fraction))`` replicas per decision.
+    """
+
+    policy: str = "kvCache"
+    target_kv_cache_usage: float = 0.7
+    target_queue_length: float = 2.0
+    ttft_seconds: float = 1.0
+    queue_horizon_seconds: float = 30.0
+    up_tolerance: float = 0.1
+    down_tolerance: float = 0.3
+    max_scale_up_factor: float = 2.0
+    max_scale_down_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES[1:]:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES[1:])}, got {self.policy!r}")
+        if not 0 < self.target_kv_cache_usage <= 1:
+            raise ValueError(f"target_kv_cache_usage must be in (0, 1], got {self.target_kv_cache_usage!r}")
+        for name in ("target_queue_length", "ttft_seconds", "max_scale_down_fraction"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.queue_horizon_seconds < 0 or self.up_tolerance < 0 or not 0 <= self.down_tolerance < 1:
+            raise ValueError("need queue_horizon_seconds >= 0, up_tolerance >= 0 and 0 <= down_tolerance < 1")
+        if not self.max_scale_up_factor > 1 or self.max_scale_down_fraction > 1:
+            raise ValueError("need max_scale_up_factor > 1 and 0 < max_scale_down_fraction <= 1")
+
+    def kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _per_replica(ctx: Any, name: str) -> list[float]:
+    """The named metric for each running replica (0.0 for one that has not reported yet)."""
+    values = (ctx.aggregated_metrics or {}).get(name, {})
+    return [float(values.get(r, 0.0)) for r in ctx.running_replicas]
+
+
+def _latest(ctx: Any, name: str) -> list[float]:
+    """Each running replica's newest raw sample of the metric (falls back to the aggregate)."""
+    raw = (ctx.raw_metrics or {}).get(name, {})
+    agg = (ctx.aggregated_metrics or {}).get(name, {})
+    out = []
+    for r in ctx.running_replicas:
+        series = raw.get(r)
+        out.append(float(series[-1].value) if series else float(agg.get(r, 0.0)))
+    return out
+
+
+def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any]) -> tuple[float, str]:
+    """The policy's load / target (1.0 = on target) and a short reason; updates ``state`` with the
+    latency policy's queue reference."""
+    n = max(1, len(ctx.running_replicas))
+    if s.policy == "kvCache":
+        kv = sum(_per_replica(ctx, KV_CACHE_USAGE)) / n
+        ratio, why = kv / s.target_kv_cache_usage, f"kvCache {kv:.2f} vs {s.target_kv_cache_usage:.2f}"
+        if any(p > 0 for p in _per_replica(ctx, PREEMPTIONS_PER_S)):
+            # Preemption means a replica ran out of blocks: recompute wastes its step time, so add
+            # capacity now rather than when the mean catches up.
+            ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9 + 1 / n), why + ", preempting"
+        return ratio, why
+    waiting = sum(_per_replica(ctx, WAITING))
+    if s.policy == "queue":
+        return waiting / n / s.target_queue_length, f"queue {waiting / n:.2f}/replica vs {s.target_queue_length:g}"
+    # latency: measured TTFT against the SLO, and the queue a replica will hold ``queue_horizon_seconds``
+    # from now at the current growth, so that a burst scales up before the finished requests show it.
+    ttfts = [t for t in _per_replica(ctx, TTFT_P90_S) if t > 0]
+    ttft = sum(ttfts) / len(ttfts) if ttfts else 0.0
+    now = ctx.current_time or 0.0
+    t0, w0 = state.get(_QUEUE_REF_KEY) or (now, waiting)
+    growth = (waiting - w0) / (now - t0) if now - t0 > 0 else 0.0
+    if now - t0 >= max(1.0, s.queue_horizon_seconds / 6) or _QUEUE_REF_KEY not in state:
+        state[_QUEUE_REF_KEY] = (now, waiting)
+    projected = max(waiting, waiting + growth * s.queue_horizon_seconds) / n
+    ratio = max(ttft / s.ttft_seconds, projected / s.target_queue_length)
+    return ratio, f"latency ttft p90 {ttft:.2f}s vs {s.ttft_seconds:g}s, queue {projected:.1f}/replica projected"
+
+
+def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
+    """The desired replica count for ``ctx`` (an AutoscalingContext) under ``s``, and the policy
+    state to keep. Invariants: the result is within the context's capacity-adjusted [min, max];
+    it never drops below the replicas whose latest sample still holds running requests; one call
+    moves the target by a bounded step; inside the hysteresis band it is the current target."""
+    state = dict(ctx.policy_state or {})
+    lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+    current = ctx.target_num_replicas
+    n = len(ctx.running_replicas)
+    if n == 0:  # nothing reports yet: hold; Ray's cold-start path scales from zero on queued requests
+        return max(lo, min(hi, current)), state
+    ratio, why = load_ratio(ctx, s, state)
+    desired = current
+    if ratio > 1 + s.up_tolerance:
+        step = max(1, math.ceil(n * (s.max_scale_up_factor - 1)))
+        desired = min(max(current, n) + step, max(current + 1, math.ceil(n * ratio)))
+    elif ratio < 1 - s.down_tolerance:
+        step = max(1, math.floor(n * s.max_scale_down_fraction))
+        busy = sum(1 for r in _latest(ctx, RUNNING) if r > 0)
+        # Aim inside the band (not at its upper edge), so the first noisy sample after a scale-down
+        # does not scale straight back up.
+        aim = math.ceil(n * ratio / (1 - s.down_tolerance / 2))
+        desired = min(current, max(current - step, aim, busy))
+    desired = max(lo, min(hi, desired))
+    state[DECISION_KEY] = f"{why}: {current} -> {desired}" if desired != current else f"{why}: hold {current}"
+    return desired, state
+
+
+class LLMAutoscalingPolicy:
+    """Ray Serve custom autoscaling policy (``policy_function`` = POLICY_FUNCTION): Ray builds one
+    instance per deployment with ``policy_kwargs`` (PolicySettings' fields) and calls it with an
+    AutoscalingContext each control-loop tick. Stateless itself: what it keeps between ticks lives
+    in the returned policy_state, which Ray hands back in the next context."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.settings = PolicySettings(**kwargs)
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        return decide(ctx, self.settings)
+
+
+def ray_policy(settings: PolicySettings | None) -> dict[str, Any] | None:
+    """``autoscaling_config.policy`` for ``settings`` (None: Ray's default ongoing-requests policy)."""
+    if settings is None:
+        return None
+    return {"policy_function": POLICY_FUNCTION, "policy_kwargs": settings.kwargs()}

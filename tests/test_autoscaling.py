@@ -1,0 +1,174 @@
+"""LLM autoscaling (issue 15): the policies on recorded metric sequences, run through Ray Serve's own
+wrapper (delays, scaling factors) exactly as the Serve controller calls them; the worker's signals;
+and the surfaces that carry a policy (Serve config, CR spec, `kubeinfer serve` flags)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from kubeinfer.serve.autoscaling import (DECISION_KEY, KV_CACHE_USAGE, PREEMPTIONS_PER_S, RUNNING, TTFT_P90_S,
+                                         WAITING, LatencyWindow, LLMAutoscalingPolicy, PolicySettings, ray_policy,
+                                         replica_stats)
+
+ray_serve = pytest.importorskip("ray.serve")
+from ray.serve._private.common import DeploymentID, ReplicaID  # noqa: E402
+from ray.serve.autoscaling_policy import _apply_autoscaling_config  # noqa: E402
+from ray.serve.config import AutoscalingConfig, AutoscalingContext  # noqa: E402
+
+TICK_S = 0.5
+DEP = DeploymentID(name="worker-m", app_name="app")
+
+
+class Controller:
+    """Serve's controller loop in miniature: replicas' metrics in, the wrapped policy called each
+    tick, its decision bounded and applied at once (replica start-up is not modelled here)."""
+
+    def __init__(self, policy: dict, replicas: int = 1, **config) -> None:
+        cfg = {"min_replicas": 1, "max_replicas": 8, "upscale_delay_s": 2.0, "downscale_delay_s": 10.0, **config}
+        self.config = AutoscalingConfig(**cfg, policy=ray_policy(PolicySettings(**policy)))
+        self.policy = _apply_autoscaling_config(LLMAutoscalingPolicy(**policy))
+        self.target = replicas
+        self.state: dict = {}
+        self.now = 1000.0
+        self.history: list[int] = []
+
+    def tick(self, **per_replica_metrics: float | list[float]) -> int:
+        """One control-loop tick with every replica reporting the given metrics (a list gives each
+        replica its own value); returns the new target."""
+        ids = [ReplicaID(f"r{i}", DEP) for i in range(self.target)]
+        metrics = {}
+        for name, v in per_replica_metrics.items():
+            values = v if isinstance(v, list) else [v] * len(ids)
+            metrics[name] = {r: float(values[i % len(values)]) for i, r in enumerate(ids)}
+        ctx = AutoscalingContext(
+            deployment_id=DEP, deployment_name=DEP.name, app_name=DEP.app_name, current_num_replicas=len(ids),
+            target_num_replicas=self.target, running_replicas=ids, total_num_requests=0.0,
+            total_queued_requests=0.0, aggregated_metrics=metrics, raw_metrics={},
+            capacity_adjusted_min_replicas=self.config.min_replicas,
+            capacity_adjusted_max_replicas=self.config.max_replicas, policy_state=dict(self.state),
+            last_scale_up_time=None, last_scale_down_time=None, current_time=self.now, config=self.config)
+        import ray.serve.autoscaling_policy as ap
+        real_time = ap.time.time
+        ap.time.time = lambda: self.now  # Ray's delay logic reads the wall clock; replay runs on ours
+        try:
+            decision, self.state = self.policy(ctx)
+        finally:
+            ap.time.time = real_time
+        self.target = max(self.config.min_replicas, min(self.config.max_replicas, int(decision)))
+        self.now += TICK_S
+        self.history.append(self.target)
+        return self.target
+
+    def run(self, seconds: float, **metrics) -> list[int]:
+        return [self.tick(**metrics) for _ in range(int(seconds / TICK_S))]
+
+
+def ticks(seconds: float) -> int:
+    return int(seconds / TICK_S)
+
+
+def test_kv_cache_scales_up_within_the_delay_and_holds_on_noise():
+    c = Controller({"policy": "kvCache", "target_kv_cache_usage": 0.7})
+    seq = c.run(10, kv_cache_usage=0.5, num_requests_running=4)
+    assert set(seq) == {1}
+    up = c.run(3, kv_cache_usage=0.95, num_requests_running=8)
+    assert up[ticks(2.0) - 1] == 1 and up[-1] >= 2  # not before the 2 s delay, soon after it
+    assert "kvCache 0.95" in c.state[DECISION_KEY]
+    # Noise around the target, inside the band: no change in a minute.
+    before = c.target
+    for i in range(ticks(60)):
+        c.tick(kv_cache_usage=[0.62, 0.76][i % 2], num_requests_running=4)
+    assert set(c.history[-ticks(60):]) == {before}
+
+
+def test_kv_cache_preemption_scales_up_early():
+    c = Controller({"policy": "kvCache"})
+    c.run(3, kv_cache_usage=0.6, preemptions_per_s=0.5, num_requests_running=8)
+    assert c.target == 2  # the mean is under target, but a replica preempts
+
+
+def test_scale_down_waits_for_the_down_delay_and_steps_are_bounded():
+    c = Controller({"policy": "kvCache", "max_scale_down_fraction": 0.25}, replicas=8)
+    seq = c.run(9, kv_cache_usage=0.05, num_requests_running=0)
+    assert set(seq) == {8}  # downscale_delay_s is 10
+    seq = c.run(2, kv_cache_usage=0.05, num_requests_running=0)
+    assert seq[-1] == 6  # at most a quarter of 8 per decision
+    c.run(60, kv_cache_usage=0.05, num_requests_running=0)
+    assert c.target == 1  # down to min_replicas, never below
+
+
+def test_scale_down_keeps_the_replicas_that_hold_running_requests():
+    c = Controller({"policy": "queue", "target_queue_length": 2}, replicas=6)
+    c.run(60, num_requests_waiting=0, num_requests_running=[1, 1, 1, 0, 0, 0], kv_cache_usage=0.1)
+    assert c.target == 3
+
+
+def test_max_replicas_bounds_scale_up():
+    c = Controller({"policy": "queue", "target_queue_length": 1}, max_replicas=4)
+    c.run(30, num_requests_waiting=50, num_requests_running=8)
+    assert c.target == 4 and max(c.history) == 4
+    # Bounded steps on the way: at most doubling per decision.
+    assert all(b <= 2 * a for a, b in zip(c.history, c.history[1:]))
+
+
+def test_queue_policy_holds_under_target_and_scales_on_a_rising_queue():
+    c = Controller({"policy": "queue", "target_queue_length": 2}, replicas=2)
+    for i in range(ticks(30)):
+        c.tick(num_requests_waiting=[1.5, 2.1][i % 2], num_requests_running=8)
+    assert set(c.history) == {2}
+    c.run(3, num_requests_waiting=6, num_requests_running=8)
+    assert c.target >= 3
+
+
+def test_latency_policy_scales_on_queue_growth_before_ttft_breaches():
+    c = Controller({"policy": "latency", "ttft_seconds": 2.0, "target_queue_length": 4,
+                    "queue_horizon_seconds": 30})
+    c.run(10, ttft_p90_s=0.5, num_requests_waiting=0, num_requests_running=4)
+    assert c.target == 1
+    # TTFT still well under the SLO, but the queue grows by 0.5 requests a second.
+    for i in range(ticks(8)):
+        c.tick(ttft_p90_s=0.6, num_requests_waiting=0.25 * i, num_requests_running=8)
+    assert c.target >= 2
+    c2 = Controller({"policy": "latency", "ttft_seconds": 2.0})
+    c2.run(3, ttft_p90_s=3.0, num_requests_waiting=0, num_requests_running=8)
+    assert c2.target >= 2  # a breached SLO scales up by itself
+
+
+def test_policy_settings_refuse_bad_values_naming_the_field():
+    for kwargs, field in [({"policy": "cpu"}, "policy"), ({"target_kv_cache_usage": 1.5}, "target_kv_cache_usage"),
+                          ({"target_kv_cache_usage": 0}, "target_kv_cache_usage"),
+                          ({"ttft_seconds": 0}, "ttft_seconds"), ({"target_queue_length": -1}, "target_queue_length")]:
+        with pytest.raises(ValueError, match=field):
+            PolicySettings(**kwargs)
+
+
+def test_latency_window_and_replica_stats():
+    w = LatencyWindow(window_s=10)
+    for i in range(10):
+        w.add({"queue": 0.1 * i, "prefill": 0.1, "decode": 0.9}, 10, now=float(i))
+    w.add({"queue": 5.0}, 0, now=9.0)  # never got a first token: no TTFT sample
+    ttft, itl = w.p90(now=9.0)
+    assert ttft == pytest.approx(0.9) and itl == pytest.approx(0.1)
+    assert w.p90(now=100.0) == (0.0, 0.0)  # old samples leave the window
+    report = SimpleNamespace(kv_cache_usage=0.5, num_requests_waiting=3, num_requests_running=7)
+    stats = replica_stats(report, 0.25, (0.9, 0.1))
+    assert stats == {KV_CACHE_USAGE: 0.5, WAITING: 3.0, RUNNING: 7.0, PREEMPTIONS_PER_S: 0.25,
+                     TTFT_P90_S: 0.9, "itl_p90_s": 0.1}
+
+
+def test_worker_reports_the_replica_report_and_a_preemption_rate():
+    import time
+    from kubeinfer.router.types import ReplicaReport
+    from kubeinfer.serve.worker import Worker
+    worker = Worker.func_or_class.__new__(Worker.func_or_class)  # no engine: only the stats path
+    report = ReplicaReport("r0", num_requests_running=5, num_requests_waiting=2, kv_cache_usage=0.4,
+                           num_preemptions=10)
+    worker.replica = SimpleNamespace(report=lambda: report)
+    worker.latency = LatencyWindow()
+    worker._preemptions = (time.monotonic() - 2.0, 4)
+    stats = worker.record_autoscaling_stats()
+    assert stats[RUNNING] == 5 and stats[WAITING] == 2 and stats[KV_CACHE_USAGE] == 0.4
+    assert stats[PREEMPTIONS_PER_S] == pytest.approx(3.0, rel=0.05)  # 6 preemptions in ~2 s
+    assert all(isinstance(v, float) for v in stats.values())  # what Ray accepts
