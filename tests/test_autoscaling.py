@@ -165,10 +165,79 @@ def test_worker_reports_the_replica_report_and_a_preemption_rate():
     worker = Worker.func_or_class.__new__(Worker.func_or_class)  # no engine: only the stats path
     report = ReplicaReport("r0", num_requests_running=5, num_requests_waiting=2, kv_cache_usage=0.4,
                            num_preemptions=10)
-    worker.replica = SimpleNamespace(report=lambda: report)
+    worker.replica = SimpleNamespace(report=lambda: report,
+                                     engine=SimpleNamespace(shutdown=lambda timeout: None))
     worker.latency = LatencyWindow()
     worker._preemptions = (time.monotonic() - 2.0, 4)
     stats = worker.record_autoscaling_stats()
     assert stats[RUNNING] == 5 and stats[WAITING] == 2 and stats[KV_CACHE_USAGE] == 0.4
     assert stats[PREEMPTIONS_PER_S] == pytest.approx(3.0, rel=0.05)  # 6 preemptions in ~2 s
     assert all(isinstance(v, float) for v in stats.values())  # what Ray accepts
+
+
+# ---- surfaces: the CR spec, the rendered Serve config, `kubeinfer serve` ---------------------------
+
+def _md(autoscaling: dict | None, **spec) -> dict:
+    body = {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "demo", "namespace": "ml", "uid": "u-1", "generation": 1}, "spec": spec}
+    if autoscaling is not None:
+        body["spec"]["autoscaling"] = autoscaling
+    return body
+
+
+@pytest.mark.parametrize("auto, field", [
+    ({"maxReplicas": 2, "policy": "cpu"}, "spec.autoscaling.policy"),
+    ({"maxReplicas": 2, "policy": "kvCache", "targetKvCacheUsage": 1.5}, "spec.autoscaling.targetKvCacheUsage"),
+    ({"maxReplicas": 2, "policy": "kvCache", "targetKvCacheUsage": 0}, "spec.autoscaling.targetKvCacheUsage"),
+    ({"maxReplicas": 2, "policy": "latency", "ttftSeconds": -1}, "spec.autoscaling.ttftSeconds"),
+    ({"maxReplicas": 2, "policy": "latency", "ttftSeconds": "1s"}, "spec.autoscaling.ttftSeconds"),
+    ({"maxReplicas": 2, "policy": "queue", "targetQueueLength": 0}, "spec.autoscaling.targetQueueLength"),
+    ({"maxReplicas": 2, "policy": "queue", "ttftSeconds": 1}, "spec.autoscaling.ttftSeconds"),
+    ({"maxReplicas": 2, "targetKvCacheUsage": 0.5}, "spec.autoscaling.targetKvCacheUsage"),
+])
+def test_the_operator_refuses_bad_policy_values_naming_the_field(auto, field):
+    from kubeinfer.operator.spec import SpecError, parse_spec
+    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+        parse_spec(_md(auto))
+
+
+def test_the_rendered_serve_config_carries_the_policy():
+    import yaml
+    from kubeinfer.operator.render import build_rayservice, build_serve_config
+    body = _md({"maxReplicas": 4, "policy": "latency", "ttftSeconds": 0.5, "targetQueueLength": 3})
+    for config in (build_serve_config(body),
+                   yaml.safe_load(build_rayservice(body)["spec"]["serveConfigV2"])):
+        auto = config["applications"][0]["args"]["models"][0]["autoscaling"]
+        assert auto["policy"]["policy_function"] == "kubeinfer.serve.autoscaling:LLMAutoscalingPolicy"
+        assert auto["policy"]["policy_kwargs"]["policy"] == "latency"
+        assert auto["policy"]["policy_kwargs"]["ttft_seconds"] == 0.5
+        assert auto["policy"]["policy_kwargs"]["target_queue_length"] == 3
+        # What Ray itself makes of it: its AutoscalingConfig loads our policy class.
+        cfg = AutoscalingConfig(**auto)
+        assert cfg.policy.get_policy() is LLMAutoscalingPolicy
+    default = build_serve_config(_md({"maxReplicas": 4}))["applications"][0]["args"]["models"][0]["autoscaling"]
+    assert "policy" not in default  # ongoingRequests: Ray's default policy, unchanged
+
+
+def _serve_app(*flags: str):
+    from kubeinfer.cli import build_parser
+    from kubeinfer.serve.command import app_config_from_args
+    return app_config_from_args(build_parser().parse_args(["serve", "--device", "cpu", *flags]))
+
+
+def test_serve_flags_choose_the_policy():
+    app = _serve_app("--max-replicas", "4", "--autoscaling-policy", "kvCache", "--target-kv-cache-usage", "0.6",
+                     "--upscale-delay-s", "1", "--downscale-delay-s", "5")
+    auto = app.models[0].autoscaling
+    assert auto["upscale_delay_s"] == 1 and auto["downscale_delay_s"] == 5
+    assert auto["policy"]["policy_kwargs"]["policy"] == "kvCache"
+    assert auto["policy"]["policy_kwargs"]["target_kv_cache_usage"] == 0.6
+    assert "policy" not in _serve_app("--max-replicas", "4").models[0].autoscaling
+    for flags, fragment in [(["--max-replicas", "2", "--autoscaling-policy", "kvCache", "--target-kv-cache-usage",
+                              "2"], "--target-kv-cache-usage"),
+                            (["--max-replicas", "2", "--ttft-seconds", "1"], "--ttft-seconds"),
+                            (["--ttft-seconds", "1"], "--autoscaling-policy"),
+                            (["--max-replicas", "2", "--autoscaling-policy", "latency", "--ttft-seconds", "0"],
+                             "--ttft-seconds")]:
+        with pytest.raises(ValueError, match=fragment):
+            _serve_app(*flags)

@@ -57,7 +57,8 @@ def test_examples_are_accepted_and_parse(name):
     assert parse_spec(apply_defaults(SCHEMA, doc)) == parse_spec(doc)
 
 
-@pytest.mark.parametrize("spec", [{}, {"autoscaling": {"maxReplicas": 3}}, {"resources": {"gpus": 1}}])
+@pytest.mark.parametrize("spec", [{}, {"autoscaling": {"maxReplicas": 3}}, {"resources": {"gpus": 1}},
+                                  {"autoscaling": {"maxReplicas": 3, "policy": "latency", "ttftSeconds": 0.5}}])
 def test_crd_defaults_equal_parse_spec_defaults(spec):
     """The operator fills in the same defaults as the API server (kmock and old CRDs apply none)."""
     obj = _md(spec)
@@ -99,6 +100,19 @@ INVALID = {
                           ("cel", "spec.autoscaling", "initialReplicas")),
     "zero delay without zero min": ({"autoscaling": {"maxReplicas": 2, "downscaleToZeroDelaySeconds": 60}},
                                     ("cel", "spec.autoscaling", "needs minReplicas: 0")),
+    "unknown autoscaling policy": ({"autoscaling": {"maxReplicas": 2, "policy": "cpu"}},
+                                   ("schema", "spec.autoscaling.policy", "enum")),
+    "KV target above 1": ({"autoscaling": {"maxReplicas": 2, "policy": "kvCache", "targetKvCacheUsage": 1.2}},
+                          ("schema", "spec.autoscaling.targetKvCacheUsage", "maximum")),
+    "KV target of 0": ({"autoscaling": {"maxReplicas": 2, "policy": "kvCache", "targetKvCacheUsage": 0}},
+                       ("schema", "spec.autoscaling.targetKvCacheUsage", "minimum")),
+    "TTFT SLO of 0": ({"autoscaling": {"maxReplicas": 2, "policy": "latency", "ttftSeconds": 0}},
+                      ("schema", "spec.autoscaling.ttftSeconds", "minimum")),
+    "policy target without autoscaling": ({"targetKvCacheUsage": 0.7}, ("schema", "spec", "additionalProperties")),
+    "KV target for the queue policy": ({"autoscaling": {"maxReplicas": 2, "policy": "queue", "targetKvCacheUsage": 0.5}},
+                                       ("cel", "spec.autoscaling", "targetKvCacheUsage needs policy: kvCache")),
+    "TTFT SLO for the default policy": ({"autoscaling": {"maxReplicas": 2, "ttftSeconds": 1}},
+                                        ("cel", "spec.autoscaling", "ttftSeconds needs policy: latency")),
     "unknown uri scheme": ({"model": {"uri": "s3://bucket/model"}}, ("cel", "spec.model", "builtin://NAME")),
     "no chunked prefill, small batch": ({"engine": {"chunkedPrefill": False, "maxNumBatchedTokens": 512}},
                                         ("cel", "spec", "maxNumBatchedTokens >= model.maxModelLen")),

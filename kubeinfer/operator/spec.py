@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 from kubernetes.utils.quantity import parse_quantity
 
+from kubeinfer.operator.autoscaling_spec import parse_policy
+from kubeinfer.serve.autoscaling import PolicySettings, ray_policy
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 # torch-free (the operator image has no torch): the engine's own definitions of its settings and sizes.
 from kubeinfer.worker.config import DEPLOYMENT_DEFAULTS, QUANTIZATIONS, EngineConfig
@@ -213,7 +215,9 @@ class Autoscaling:
     """``spec.autoscaling``: Ray Serve's autoscaling_config for the model's worker replicas.
 
     Invariants: ``0 <= min_replicas <= max_replicas``, ``max_replicas >= 1``, ``initial_replicas``
-    within them, delays >= 0, ``downscale_to_zero_delay_s`` only with ``min_replicas == 0``.
+    within them, delays >= 0, ``downscale_to_zero_delay_s`` only with ``min_replicas == 0``;
+    ``policy`` None is Ray's default (ongoing requests), else kubeinfer's LLM policy
+    (kubeinfer.operator.autoscaling_spec parses it).
     """
 
     max_replicas: int
@@ -223,6 +227,7 @@ class Autoscaling:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     downscale_to_zero_delay_s: float | None = None
+    policy: PolicySettings | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -243,7 +248,7 @@ class Autoscaling:
         ray = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                "initial_replicas": self.initial_replicas, "target_ongoing_requests": self.target_ongoing_requests,
                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-               "downscale_to_zero_delay_s": self.downscale_to_zero_delay_s}
+               "downscale_to_zero_delay_s": self.downscale_to_zero_delay_s, "policy": ray_policy(self.policy)}
         return {k: v for k, v in ray.items() if v is not None}
 
 
@@ -341,6 +346,13 @@ def _model_dims(source: ModelSource, model: Mapping[str, Any]) -> ModelDims:
                      head_dim=arch.get("headDim"), hidden_size=hidden, max_context=arch.get("maxContext"))
 
 
+def _policy(auto: Mapping[str, Any]) -> PolicySettings | None:
+    try:
+        return parse_policy(auto)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
 def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
     """The ModelDeployment object (``metadata`` + ``spec``) as a validated ModelDeploymentSpec.
     Missing fields take the CRD's defaults. Raises SpecError naming the first problem."""
@@ -371,7 +383,7 @@ def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
                 "minReplicas": "min_replicas", "maxReplicas": "max_replicas", "initialReplicas": "initial_replicas",
                 "targetOngoingRequests": "target_ongoing_requests", "upscaleDelaySeconds": "upscale_delay_s",
                 "downscaleDelaySeconds": "downscale_delay_s",
-                "downscaleToZeroDelaySeconds": "downscale_to_zero_delay_s"}))
+                "downscaleToZeroDelaySeconds": "downscale_to_zero_delay_s"}), policy=_policy(auto))
         resources = Resources(**{k: str(v) if k != "gpus" else v for k, v in _pick(_section(spec, "resources"), {
             "cpu": "cpu", "memory": "memory", "gpus": "gpus", "gpuMemory": "gpu_memory"}).items()})
         try:

@@ -10,6 +10,7 @@ import threading
 
 from kubeinfer.serve.config import (DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, GRPC_SERVICER_FUNCTIONS, POLICY_NAMES,
                                     AppConfig, ModelSpec, RouterSettings)
+from kubeinfer.serve.autoscaling import POLICIES, PolicySettings, ray_policy
 
 DEFAULT_MODEL_URI = "builtin://smollm2-135m"
 # serve's words for flags whose meaning differs for a Ray replica; the rest are EngineConfig's help.
@@ -32,6 +33,16 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling: lower bound (0 scales to zero)")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscaling: upper bound")
     p.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
+    p.add_argument("--autoscaling-policy", default=None, choices=POLICIES,
+                   help="autoscaling: what the replica count follows (default ongoingRequests, Ray's own policy)")
+    p.add_argument("--target-kv-cache-usage", type=float, default=None,
+                   help="autoscaling policy kvCache: mean KV-cache usage to hold, in (0, 1] (default 0.7)")
+    p.add_argument("--target-queue-length", type=float, default=None,
+                   help="autoscaling policy queue / latency: waiting requests per replica to stay under (default 2)")
+    p.add_argument("--ttft-seconds", type=float, default=None,
+                   help="autoscaling policy latency: p90 time-to-first-token SLO in seconds (default 1)")
+    p.add_argument("--upscale-delay-s", type=float, default=None, help="autoscaling: Ray's upscale_delay_s")
+    p.add_argument("--downscale-delay-s", type=float, default=None, help="autoscaling: Ray's downscale_delay_s")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs each replica reserves from Ray (default: 1 with --device cuda, or with --device "
@@ -57,15 +68,48 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+# --flag -> (PolicySettings field, the policies that read it); as the CRD's targets.
+_POLICY_TARGETS = {"target_kv_cache_usage": ("kvCache",), "target_queue_length": ("queue", "latency"),
+                   "ttft_seconds": ("latency",)}
+
+
+def _autoscaling_policy(args: argparse.Namespace) -> dict | None:
+    """``autoscaling_config.policy`` from the flags (None: Ray's default); ValueError naming the flag."""
+    policy = args.autoscaling_policy or "ongoingRequests"
+    kwargs = {"policy": policy}
+    for name, readers in _POLICY_TARGETS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if policy not in readers:
+            raise ValueError(f"--{name.replace('_', '-')} is only read by --autoscaling-policy "
+                             f"{' or '.join(readers)}, not {policy}")
+        kwargs[name] = value
+    if policy == "ongoingRequests":
+        return None
+    try:
+        return ray_policy(PolicySettings(**kwargs))
+    except ValueError as e:  # PolicySettings names the field; the user typed the flag
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
+
+
 def app_config_from_args(args: argparse.Namespace) -> AppConfig:
     autoscaling = None
-    if any(v is not None for v in (args.min_replicas, args.max_replicas, args.target_ongoing_requests)):
+    auto_flags = (args.min_replicas, args.max_replicas, args.target_ongoing_requests, args.autoscaling_policy,
+                  args.upscale_delay_s, args.downscale_delay_s)
+    if any(v is not None for v in auto_flags):
         if args.replicas is not None:
             raise ValueError("give --replicas or the autoscaling flags, not both")
         autoscaling = {"min_replicas": 1 if args.min_replicas is None else args.min_replicas,
                        "max_replicas": args.max_replicas or max(1, args.min_replicas or 1)}
-        if args.target_ongoing_requests is not None:
-            autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
+        for key in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"):
+            if getattr(args, key) is not None:
+                autoscaling[key] = getattr(args, key)
+        autoscaling["policy"] = _autoscaling_policy(args)
+        if autoscaling["policy"] is None:
+            del autoscaling["policy"]
+    elif any(getattr(args, name) is not None for name in _POLICY_TARGETS):
+        raise ValueError("the autoscaling policy targets need --autoscaling-policy")
     from kubeinfer.cli import engine_kwargs_from_args
     engine = engine_kwargs_from_args(args)
     uri = engine.pop("model") or DEFAULT_MODEL_URI
