@@ -98,15 +98,22 @@ class _BatchCall:
                 self.pool._call_ended(self.replica_id)
 
     async def release(self, stream: JobStream) -> None:
-        # The caller may be cancelled again while it cleans up (Starlette does that), so the abort
-        # runs as a task of its own that an interruption here cannot cut short.
-        if not stream.finished and not self._task.done():
+        if self._task.done():
+            return
+        if all(s.closed for s in self.streams):
+            # Cancelling the call aborts every job still live in it, on the replica (its stream's
+            # contract), so no abort call is sent: after a mass disconnect, hundreds of them pinned
+            # to a replica that Serve still counts as full queued up in Serve's request router and
+            # stalled the gauges' refresh and new requests behind them.
+            self._task.cancel()
+        elif not stream.finished:
+            # The others of its batch go on, so this job is aborted by itself. The caller may be
+            # cancelled again while it cleans up (Starlette does that), so the abort runs as a task
+            # of its own that an interruption here cannot cut short.
             if self.replica_id is not None:
                 self.pool.spawn(self.pool.abort(self.replica_id, stream.job.request_id))
-            else:  # the others of its batch go on, so this job must be aborted by itself
+            else:  # aborted as soon as the call's first report names its replica
                 self._early_aborts.append(stream.job.request_id)
-        if all(s.closed for s in self.streams) and not self._task.done():
-            self._task.cancel()
 
 
 class WorkerPool(ABC):
