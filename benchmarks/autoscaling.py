@@ -1,0 +1,336 @@
+"""Autoscaling policies at cluster scale, simulated (issue 15): replays arrival traces against a fleet
+of modelled replicas under each policy and prints SLO attainment, p99 TTFT and replica-seconds.
+
+What is real and what is modelled:
+- the policies are the real ones: Ray Serve 2.60's default (``ongoingRequests``) and kubeinfer's
+  ``LLMAutoscalingPolicy``, each wrapped in Ray's own ``_apply_autoscaling_config`` (delays, scaling
+  factors) and called with a real ``AutoscalingContext``, as Serve's controller calls them;
+- the metrics pipeline follows Ray's defaults: each replica pushes a sample every 10 s
+  (RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S) and the controller averages a replica's samples
+  over ``look_back_period_s`` (30 s); the policy runs every control tick (1 s here; Ray's 0.1 s
+  matters little, its delays are wall-clock);
+- a replica is a model of the engine: continuous batching with up to MAX_NUM_SEQS sequences, chunked
+  prefill of up to STEP_TOKENS tokens a step, a paged KV pool of KV_TOKENS tokens (preemption by
+  recompute when it runs out), and the step time calibrated below;
+- routing is power-of-two choices on running + waiting (our router's default policy); a new replica
+  serves after START_S; a replica being removed takes no new requests and leaves when its last stream
+  ends (Serve drains); replica-seconds count from start request to exit.
+
+Calibration (the default model, SmolLM2-135M, bf16 on the 2-core AVX-512 dev VM, docs/benchmarks.md):
+batch-1 decode ~130 tok/s gives STEP_BASE_S 7.7 ms; the offline run's ~590 output tok/s at up to 64
+sequences gives ~1.5 ms per extra decoding sequence (STEP_PER_SEQ_S); prefill GEMMs at ~0.3 TFLOPS,
+2 x 135M FLOPs per token, give ~0.9 ms per prompt token (STEP_PER_PREFILL_TOKEN_S). KV: 1 GiB (the CPU
+default pool) at 30 layers x 3 KV heads x 64 x 2 (K and V) x 2 bytes = 23 KB per token, ~46k tokens.
+
+    python benchmarks/autoscaling.py [--seconds 1800] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ray.serve._private.common import DeploymentID, ReplicaID
+from ray.serve.autoscaling_policy import _apply_autoscaling_config, replica_queue_length_autoscaling_policy
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
+import ray.serve.autoscaling_policy as ray_policy_module
+
+from kubeinfer.serve.autoscaling import (KV_CACHE_USAGE, PREEMPTIONS_PER_S, RUNNING, TTFT_P90_S, WAITING,
+                                         LLMAutoscalingPolicy, PolicySettings, ray_policy)
+
+STEP_BASE_S = 0.0077
+STEP_PER_SEQ_S = 0.0015
+STEP_PER_PREFILL_TOKEN_S = 0.0009
+MAX_NUM_SEQS = 64
+STEP_TOKENS = 512
+KV_TOKENS = 46_000
+START_S = 20.0          # a new replica's Ray actor start and model load
+PUSH_S, LOOK_BACK_S, TICK_S = 10.0, 30.0, 1.0
+SLO_TTFT_S = 2.0
+DEP = DeploymentID(name="worker", app_name="sim")
+
+
+@dataclass
+class Req:
+    arrival: float
+    prompt: int
+    output: int
+    prefilled: int = 0
+    first_token: float | None = None
+    start_d: int = 0          # the replica's decode counter when this request started decoding
+
+
+@dataclass
+class Replica:
+    rid: ReplicaID
+    ready_at: float
+    draining: bool = False
+    waiting: deque = field(default_factory=deque)
+    prefilling: list = field(default_factory=list)
+    decoding: dict = field(default_factory=dict)   # id(req) -> req
+    finish_heap: list = field(default_factory=list)  # (decode count at finish, id(req))
+    d: int = 0                # decode steps done
+    kv_used: int = 0
+    preemptions: int = 0
+    busy_until: float = 0.0
+    samples: deque = field(default_factory=deque)  # (time, metrics dict)
+    ttfts: deque = field(default_factory=deque)    # (finish time, ttft) for the TTFT p90 signal
+    last_preempt: tuple = (0.0, 0)
+    armed: bool = False       # a step event for this replica is pending
+
+    def load(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.decoding)
+
+
+class Fleet:
+    """The replicas and the request lifecycle; ``step`` advances one replica by one engine step."""
+
+    def __init__(self, initial: int) -> None:
+        self.replicas: list[Replica] = []
+        self.retired_seconds = 0.0
+        self.started: dict[ReplicaID, float] = {}
+        self.next_id = 0
+        self.done: list[Req] = []
+        for _ in range(initial):
+            self.add(0.0, ready=True)
+
+    def add(self, now: float, ready: bool = False) -> Replica:
+        r = Replica(ReplicaID(f"r{self.next_id}", DEP), now if ready else now + START_S)
+        self.next_id += 1
+        self.replicas.append(r)
+        self.started[r.rid] = now
+        return r
+
+    def serving(self, now: float) -> list[Replica]:
+        return [r for r in self.replicas if not r.draining and r.ready_at <= now]
+
+    def route(self, req: Req, now: float, rng: random.Random) -> Replica | None:
+        live = self.serving(now)
+        if not live:
+            return None
+        a, b = rng.choice(live), rng.choice(live)
+        r = a if a.load() <= b.load() else b
+        r.waiting.append(req)
+        return r
+
+    def step(self, r: Replica, now: float) -> float:
+        """One engine step of ``r`` starting at ``now``; returns its duration (0 when idle)."""
+        while r.waiting and len(r.prefilling) + len(r.decoding) < MAX_NUM_SEQS and \
+                r.kv_used + r.waiting[0].prompt + 16 <= KV_TOKENS:
+            req = r.waiting.popleft()
+            req.prefilled = 0
+            r.prefilling.append(req)
+            r.kv_used += req.prompt
+        b = len(r.decoding)
+        if b + len(r.prefilling) == 0:
+            return 0.0
+        budget, chunk = STEP_TOKENS - b, 0
+        finished_prefill = []
+        for req in r.prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, req.prompt - req.prefilled)
+            req.prefilled += take
+            budget -= take
+            chunk += take
+            if req.prefilled == req.prompt:
+                finished_prefill.append(req)
+        dt = STEP_BASE_S + STEP_PER_SEQ_S * b + STEP_PER_PREFILL_TOKEN_S * chunk
+        end = now + dt
+        r.d += 1
+        r.kv_used += b
+        for req in finished_prefill:
+            r.prefilling.remove(req)
+            if req.first_token is None:
+                req.first_token = end
+            req.start_d = r.d
+            r.decoding[id(req)] = req
+            heapq.heappush(r.finish_heap, (r.d + req.output - 1, id(req)))
+        while r.finish_heap and r.finish_heap[0][0] <= r.d:
+            _, key = heapq.heappop(r.finish_heap)
+            req = r.decoding.pop(key, None)
+            if req is None:
+                continue
+            r.kv_used -= req.prompt + (r.d - req.start_d)
+            r.ttfts.append((end, req.first_token - req.arrival))
+            self.done.append(req)
+        while r.kv_used > KV_TOKENS and r.decoding:  # out of blocks: preempt the newest, recompute later
+            key, req = max(r.decoding.items(), key=lambda kv: kv[1].start_d)
+            del r.decoding[key]
+            r.kv_used -= req.prompt + (r.d - req.start_d)
+            req.prompt += r.d - req.start_d  # recompute prompt + what it generated
+            req.output -= r.d - req.start_d
+            r.waiting.appendleft(req)
+            r.preemptions += 1
+        return dt
+
+    def sample(self, r: Replica, now: float) -> None:
+        while r.ttfts and now - r.ttfts[0][0] > 30.0:
+            r.ttfts.popleft()
+        t = sorted(x[1] for x in r.ttfts)
+        then, count = r.last_preempt
+        r.last_preempt = (now, r.preemptions)
+        r.samples.append((now, {KV_CACHE_USAGE: r.kv_used / KV_TOKENS, WAITING: float(len(r.waiting)),
+                                RUNNING: float(len(r.prefilling) + len(r.decoding)),
+                                PREEMPTIONS_PER_S: (r.preemptions - count) / max(1e-9, now - then),
+                                TTFT_P90_S: t[min(len(t) - 1, math.ceil(0.9 * len(t)) - 1)] if t else 0.0}))
+        while r.samples and now - r.samples[0][0] > LOOK_BACK_S:
+            r.samples.popleft()
+
+
+class Sample:
+    """Ray's TimeStampedValue, as far as the policy reads it."""
+
+    def __init__(self, timestamp: float, value: float) -> None:
+        self.timestamp, self.value = timestamp, value
+
+
+def context(fleet: Fleet, target: int, state: dict, config: AutoscalingConfig, now: float) -> AutoscalingContext:
+    live = [r for r in fleet.replicas if not r.draining and r.ready_at <= now and r.samples]
+    ids = [r.rid for r in live]
+    agg: dict[str, dict] = {}
+    raw: dict[str, dict] = {}
+    for r in live:
+        for name in r.samples[-1][1]:
+            values = [s[1][name] for s in r.samples]
+            agg.setdefault(name, {})[r.rid] = sum(values) / len(values)
+            raw.setdefault(name, {})[r.rid] = [Sample(s[0], s[1][name]) for s in r.samples]
+    ongoing = sum(agg.get(WAITING, {}).values()) + sum(agg.get(RUNNING, {}).values())
+    return AutoscalingContext(
+        deployment_id=DEP, deployment_name=DEP.name, app_name=DEP.app_name, current_num_replicas=len(ids),
+        target_num_replicas=target, running_replicas=ids, total_num_requests=ongoing, total_queued_requests=0.0,
+        aggregated_metrics=agg, raw_metrics=raw, capacity_adjusted_min_replicas=config.min_replicas,
+        capacity_adjusted_max_replicas=config.max_replicas, policy_state=dict(state), last_scale_up_time=None,
+        last_scale_down_time=None, current_time=now, config=config)
+
+
+def simulate(arrivals: list[Req], policy: str, seconds: float, seed: int, **config) -> dict[str, float]:
+    """One trace under one policy; the policy's name or 'ongoingRequests' with its target."""
+    rng = random.Random(seed)
+    settings = None if policy == "ongoingRequests" else PolicySettings(policy=policy, ttft_seconds=SLO_TTFT_S)
+    cfg = AutoscalingConfig(**config, policy=ray_policy(settings)) if settings else AutoscalingConfig(**config)
+    fn = _apply_autoscaling_config(LLMAutoscalingPolicy(**settings.kwargs()) if settings
+                                   else replica_queue_length_autoscaling_policy)
+    fleet = Fleet(cfg.initial_replicas or cfg.min_replicas)
+    target, state = len(fleet.replicas), {}
+    seq = iter(range(1 << 62))
+    events: list = [(a.arrival, 0, next(seq), a) for a in arrivals]
+    events += [(k * TICK_S, 1, next(seq), None) for k in range(int(seconds / TICK_S))]
+    heapq.heapify(events)
+    parked: deque[Req] = deque()  # arrivals while no replica serves (the router holds them)
+    clock = [0.0]
+    ray_policy_module.time.time = lambda: clock[0]  # Ray's delay logic reads the wall clock
+    next_push: dict = {}
+
+    def wake(r: Replica, at: float) -> None:
+        if not r.armed:
+            r.armed = True
+            heapq.heappush(events, (max(at, r.ready_at), 2, next(seq), r))
+
+    while events:
+        now, kind, _, obj = heapq.heappop(events)
+        clock[0] = now
+        if kind == 0:
+            r = fleet.route(obj, now, rng)
+            if r is None:
+                parked.append(obj)
+            else:
+                wake(r, now)
+        elif kind == 2:
+            obj.armed = False
+            dt = fleet.step(obj, now)
+            if dt > 0:
+                wake(obj, now + dt)
+        else:  # control tick: metrics pushes, the policy, replica changes
+            for r in fleet.replicas:
+                if r.ready_at <= now and next_push.get(r.rid, r.ready_at) <= now:
+                    fleet.sample(r, now)
+                    next_push[r.rid] = now + PUSH_S
+            decision, state = fn(context(fleet, target, state, cfg, now))
+            target = max(cfg.min_replicas, min(cfg.max_replicas, int(math.ceil(decision))))
+            active = [r for r in fleet.replicas if not r.draining]
+            for _ in range(target - len(active)):
+                fleet.add(now)
+            for r in sorted(active, key=Replica.load)[:max(0, len(active) - target)]:
+                r.draining = True  # Serve stops the least loaded first here; it drains its streams
+            while parked and fleet.serving(now):
+                wake(fleet.route(parked.popleft(), now, rng), now)
+            for r in list(fleet.replicas):
+                if r.draining and r.load() == 0:
+                    fleet.retired_seconds += now - fleet.started[r.rid]
+                    fleet.replicas.remove(r)
+                    next_push.pop(r.rid, None)
+    end = max(seconds, max((q.first_token or 0) for q in fleet.done))
+    replica_s = fleet.retired_seconds + sum(end - fleet.started[r.rid] for r in fleet.replicas)
+    ttfts = sorted(q.first_token - q.arrival for q in fleet.done)
+    lost = len(arrivals) - len(fleet.done)
+    return {"attainment": sum(t <= SLO_TTFT_S for t in ttfts) / len(arrivals),
+            "p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else float("inf"),
+            "replica_s": replica_s, "peak": fleet.next_id, "unfinished": lost}
+
+
+def _size(rng: random.Random, median: float, cap: int) -> int:
+    return max(1, min(cap, int(rng.lognormvariate(math.log(median), 0.8))))
+
+
+def trace(kind: str, seconds: float, seed: int) -> list[Req]:
+    """Arrivals (inference-perf style): ``bursty`` is Poisson at BASE_RPS with bursts at BURST_RPS
+    (60 s long, one every ~5 min on average); ``diurnal`` ramps BASE_RPS -> PEAK_RPS -> BASE_RPS over
+    the run (thinned Poisson). Prompts median 256 tokens (cap 2048), outputs median 128 (cap 512)."""
+    rng = random.Random(seed)
+    bursts, t = [], rng.expovariate(1 / 150)
+    while t < seconds:
+        bursts.append((t, t + 60))
+        t += 60 + rng.expovariate(1 / 240)
+
+    def rate(t: float) -> float:
+        if kind == "diurnal":
+            return BASE_RPS + (PEAK_RPS - BASE_RPS) * math.sin(math.pi * t / seconds) ** 2
+        return BURST_RPS if any(a <= t < b for a, b in bursts) else BASE_RPS
+
+    top = max(BURST_RPS, PEAK_RPS)
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(top)
+        if t >= seconds:
+            return out
+        if rng.random() < rate(t) / top:
+            out.append(Req(t, _size(rng, 256, 2048), _size(rng, 128, 512)))
+
+
+BASE_RPS, BURST_RPS, PEAK_RPS = 5.0, 30.0, 30.0
+SCALING = {"min_replicas": 2, "max_replicas": 40, "initial_replicas": 4, "upscale_delay_s": 15.0,
+           "downscale_delay_s": 120.0, "look_back_period_s": LOOK_BACK_S}
+RUNS = [("ongoingRequests", {"target_ongoing_requests": 2.0}), ("ongoingRequests", {"target_ongoing_requests": 16.0}),
+        ("kvCache", {}), ("queue", {}), ("latency", {})]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=1800.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    print(f"SLO: TTFT <= {SLO_TTFT_S:g} s; replicas {SCALING['min_replicas']}-{SCALING['max_replicas']}, "
+          f"upscale delay {SCALING['upscale_delay_s']:g} s, downscale delay {SCALING['downscale_delay_s']:g} s, "
+          f"replica start {START_S:g} s; {args.seconds:g} s per trace, seed {args.seed}\n")
+    print("| trace | policy | SLO attainment | p99 TTFT | replica-seconds | replicas started | unfinished |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in ("bursty", "diurnal"):
+        arrivals = trace(kind, args.seconds, args.seed)
+        for policy, extra in RUNS:
+            t0 = time.perf_counter()
+            fresh = [Req(a.arrival, a.prompt, a.output) for a in arrivals]
+            m = simulate(fresh, policy, args.seconds, args.seed, **SCALING, **extra)
+            label = policy + (f" (target {extra['target_ongoing_requests']:g})" if extra else "")
+            print(f"| {kind} ({len(arrivals)} requests) | {label} | {100 * m['attainment']:.1f}% | "
+                  f"{m['p99']:.2f} s | {m['replica_s']:,.0f} | {m['peak']} | {m['unfinished']} |", flush=True)
+            del t0
+
+
+if __name__ == "__main__":
+    main()
