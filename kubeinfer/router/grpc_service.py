@@ -26,6 +26,8 @@ def prepare_kwargs(req: pb.GenerateRequest) -> dict[str, Any]:
     sampling: dict[str, Any] = {f: getattr(s, f) for f in _SAMPLING_FIELDS if s.HasField(f)}
     sampling.update(stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                     include_stop_str_in_output=s.include_stop_str_in_output)
+    if s.HasField("structured_output"):
+        sampling["structured_output"] = _structured_output(s.structured_output)
     kwargs: dict[str, Any] = {"model": req.model or None, "sampling": sampling,
                               "request_id": req.request_id or None, "priority": req.priority}
     which = req.WhichOneof("input")
@@ -36,6 +38,18 @@ def prepare_kwargs(req: pb.GenerateRequest) -> dict[str, Any]:
     elif which == "chat":
         kwargs["messages"] = [{"role": m.role, "content": m.content} for m in req.chat.messages]
     return kwargs
+
+
+def _structured_output(so: pb.StructuredOutput) -> dict[str, Any]:
+    """``StructuredOutputParams`` keyword arguments; an unset oneof is left for the router to refuse."""
+    kind = so.WhichOneof("kind")
+    if kind == "json_schema":
+        return {"json": so.json_schema}
+    if kind == "choice":
+        return {"choice": list(so.choice.choices)}
+    if kind == "json_object":
+        return {"json_object": so.json_object}
+    return {kind: getattr(so, kind)} if kind else {}
 
 
 def _logprobs(chunk: Chunk) -> list[pb.TokenLogprob]:

@@ -65,6 +65,13 @@ class _GenerateRequest(BaseModel):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     priority: int = 0
+    # structured output: OpenAI's response_format, or one of vLLM's guided_* extras
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
     def sampling(self) -> dict[str, Any]:
         """``SamplingParams`` keyword arguments: the fields the client set (the rest keep vLLM's defaults)."""
@@ -75,7 +82,32 @@ class _GenerateRequest(BaseModel):
         out = {f: getattr(self, f) for f in _SAMPLING_FIELDS if getattr(self, f) is not None}
         if self.max_tokens is not None:
             out["max_tokens"] = self.max_tokens
+        structured = self.structured_output()
+        if structured is not None:
+            out["structured_output"] = structured
         return out
+
+    def structured_output(self) -> dict[str, Any] | None:
+        """``StructuredOutputParams`` keyword arguments from response_format or a guided_* field
+        (at most one of them); None when the output is free text. Whether the schema, regex or
+        grammar compiles is the router's check (kubeinfer.worker.structured_output)."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        if self.response_format is not None:
+            spec = _response_format(self.response_format)
+            if spec is not None:
+                given.append(("response_format", spec))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                given.append((name, {key: value}))
+        if self.guided_decoding_backend not in (None, "xgrammar", "auto"):
+            raise UnsupportedField("guided_decoding_backend", "the only guided decoding backend is xgrammar, got "
+                                                              f"{self.guided_decoding_backend!r}")
+        if len(given) > 1:
+            raise UnsupportedField(given[1][0], "give one structured-output constraint, got "
+                                                f"{', '.join(name for name, _ in given)}")
+        return given[0][1] if given else None
 
     @property
     def include_usage(self) -> bool:
@@ -112,6 +144,27 @@ class CompletionRequest(_GenerateRequest):
         return kwargs
 
 
+def _response_format(fmt: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's ``response_format`` as StructuredOutputParams keyword arguments (None for text).
+    ``json_schema.strict`` is accepted either way: the schema is always enforced (xgrammar's strict
+    mode: no properties or items the schema does not name), as vLLM does."""
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise UnsupportedField("response_format", "response_format json_schema needs "
+                                                      "{\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+        if "strict" in spec and not isinstance(spec["strict"], (bool, type(None))):
+            raise UnsupportedField("response_format", "response_format.json_schema.strict must be a boolean")
+        return {"json": spec["schema"]}
+    raise UnsupportedField("response_format", "response_format type must be text, json_object or json_schema, "
+                                              f"got {kind!r}")
+
+
 class TextPart(BaseModel):
     """One text part of a chat message's content (the only kind of part served)."""
 
@@ -136,14 +189,11 @@ class ChatCompletionRequest(_GenerateRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
     def prepare_kwargs(self) -> dict[str, Any]:
         """``Router.prepare`` keyword arguments."""
         if self.tools:
             raise UnsupportedField("tools", "tools are not supported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise UnsupportedField("response_format", "only response_format {\"type\": \"text\"} is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs: true")
         sampling = self.sampling()

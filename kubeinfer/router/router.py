@@ -70,6 +70,18 @@ def _live_replicas(pool: WorkerPool) -> int | None:
     return None
 
 
+def _check_grammar(spec: dict) -> None:
+    """A structured-output constraint must parse into a grammar: INVALID_ARGUMENT with the grammar
+    engine's message otherwise (the engine compiles it against the vocabulary). Slow for a large
+    schema: call it off the event loop."""
+    from kubeinfer.worker.sampling_params import StructuredOutputParams
+    from kubeinfer.worker.structured_output import GrammarError, validate  # imports xgrammar: only when used
+    try:
+        validate(spec if isinstance(spec, StructuredOutputParams) else StructuredOutputParams(**spec))
+    except GrammarError as e:
+        raise RouterError(Code.INVALID_ARGUMENT, _readable(str(e), 1000)) from None
+
+
 def _readable(message: str, limit: int = 300) -> str:
     """A message for a client: valid Unicode, bounded in length."""
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -124,6 +136,8 @@ class Router:
         as vLLM does), else the default capped by that room; a given one beyond the room is refused.
         """
         served, sampling = self._check(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
+        if sampling.get("structured_output") is not None:
+            _check_grammar(sampling["structured_output"])
         if messages is not None:
             prompt = self._render_chat(served, messages)
         if prompt is not None:
@@ -147,8 +161,9 @@ class Router:
         return GenerateJob(request_id or uuid.uuid4().hex, served.name, ids, sampling, priority)
 
     async def aprepare(self, **kwargs: Any) -> GenerateJob:
-        """:meth:`prepare` with the cheap checks on the event loop and the tokenizing on a thread, so
-        one large prompt never stalls the other requests (nor /health)."""
+        """:meth:`prepare` with the cheap checks on the event loop and the tokenizing (and a
+        structured-output grammar's parsing) on a thread, so one large prompt or schema never stalls
+        the other requests (nor /health)."""
         self._check(kwargs.get("model"), kwargs.get("prompt"), kwargs.get("prompt_token_ids"),
                     kwargs.get("messages"), kwargs.get("sampling"), kwargs.get("request_id"), kwargs.get("priority", 0))
         return await asyncio.to_thread(self.prepare, **kwargs)

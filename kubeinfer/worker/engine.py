@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ class _Request:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
+    grammar: Any = None  # xgrammar GrammarMatcher of a constrained request (structured_output.py), else None
 
 
 def _timings(seq: Sequence, now: float) -> dict[str, float]:
@@ -125,6 +127,8 @@ class Engine:
         self._num_steps = 0
         self._computed_tokens = 0
         self._iteration_tokens = IterationTokens()
+        self._structured = None  # StructuredOutput, made on the first constrained request
+        self._num_constrained = 0  # live requests with a grammar: 0 keeps the step free of grammar work
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -151,11 +155,13 @@ class Engine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
                              f"{self.max_model_len} tokens, which must also leave room for at least one output token")
+        grammar = self._grammar_matcher(params) if params.structured_output is not None else None
         seq = Sequence(request_id, prompt_token_ids, params)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
-        self.requests[request_id] = _Request(seq, detok, make_generator(params.seed, self.device))
+        self.requests[request_id] = _Request(seq, detok, make_generator(params.seed, self.device), grammar)
+        self._num_constrained += grammar is not None
         self.scheduler.add(seq)
         self._prompt_tokens += len(prompt_token_ids)
         return request_id
@@ -165,6 +171,7 @@ class Engine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        self._num_constrained -= req.grammar is not None
         req.seq.finish_reason = FinishReason.ABORT
         self.scheduler.remove(req.seq)
         return True
@@ -205,9 +212,23 @@ class Engine:
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         reqs = [self.requests[s.request_id] for s in seqs]
-        return SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
-                                   [s.output_token_ids for s in seqs], [r.generator for r in reqs],
-                                   self.model_config.vocab_size, self.device)
+        batch = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                                    [s.output_token_ids for s in seqs], [r.generator for r in reqs],
+                                    self.model_config.vocab_size, self.device)
+        if self._num_constrained:
+            rows = [(i, r.grammar) for i, r in enumerate(reqs) if r.grammar is not None]
+            if rows:
+                batch.token_bitmask = self._structured.fill_bitmask(rows, len(reqs))
+                batch.bitmask_rows = [i for i, _ in rows]
+        return batch
+
+    def _grammar_matcher(self, params: SamplingParams):
+        """A matcher for a constrained request; ValueError (GrammarError) if its grammar does not
+        compile. The compile runs here, on the engine's thread, once per distinct spec (cached)."""
+        if self._structured is None:
+            from kubeinfer.worker.structured_output import StructuredOutput  # xgrammar only when used
+            self._structured = StructuredOutput(self.tokenizer, self.model_config.vocab_size, self.config.max_num_seqs)
+        return self._structured.matcher(params.structured_output)
 
     def _append_token(self, seq: Sequence, token: int, row: int, result, now: float) -> RequestOutput:
         req = self.requests[seq.request_id]
@@ -225,7 +246,15 @@ class Engine:
                     entry.setdefault(t, lp)
             logprobs = [entry]
         reason = stop_reason = None
-        if token in self._eos and not params.ignore_eos:
+        # Only a newly sampled token advances the matcher: a preempted request's recompute re-reads
+        # its tokens without sampling them again, so no token is accepted twice.
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            return self._finish(seq, FinishReason.ERROR, new=[token], logprobs=logprobs,
+                                error=f"structured output: the grammar rejected token {token}")
+        if req.grammar is not None and req.grammar.is_terminated():  # it accepted a stop token
+            reason, stop_reason = FinishReason.STOP, None
+            delta = ""
+        elif token in self._eos and not params.ignore_eos:
             reason, stop_reason = FinishReason.STOP, None
             delta = ""
         elif token in params.stop_token_ids:
@@ -244,6 +273,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason, *, stop_reason=None, new: list[int] = (),
                 delta: str = "", logprobs=None, error: str | None = None) -> RequestOutput:
         req = self.requests.pop(seq.request_id)
+        self._num_constrained -= req.grammar is not None
         seq.finish_reason = reason
         self.scheduler.remove(seq)
         if reason is not FinishReason.ERROR:

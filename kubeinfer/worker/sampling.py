@@ -54,13 +54,15 @@ class SamplingBatch:
     any_unseeded_random: bool
     max_logprobs: int | None             # largest `logprobs` asked for, None when no row asked
     max_top_k: int = 0                   # largest top_k of a sampled row (read on the host, no sync)
+    token_bitmask: Tensor | None = None  # [B, ceil(V/32)] int32 grammar masks (structured output), or None
+    bitmask_rows: list[int] | None = None  # the rows token_bitmask applies to (the constrained ones)
 
     @property
     def plain_greedy(self) -> bool:
         """Every row takes its argmax of the raw logits: no penalties, no logprobs. The sampler then
         needs the logits in no particular float dtype (the argmax of bf16 logits is that of their
         fp32 widening)."""
-        return self.all_greedy and not self.any_penalty and self.max_logprobs is None
+        return self.all_greedy and not self.any_penalty and self.max_logprobs is None and self.token_bitmask is None
 
     @property
     def any_penalty(self) -> bool:
@@ -250,7 +252,9 @@ class SamplerOutput:
 class Sampler:
     """Stateless: logits [B, V] + SamplingBatch -> SamplerOutput, one batched call per engine step.
 
-    Order, as in vLLM: penalties, then (greedy rows) argmax, or (other rows) temperature, top-k,
+    Order, as in vLLM: the grammar mask of constrained rows (structured output: forbidden tokens'
+    logits become -inf, so every later step, logprobs included, sees the masked distribution),
+    penalties, then (greedy rows) argmax, or (other rows) temperature, top-k,
     top-p, min-p and a draw. Seeded rows draw from their own generator via the exponential race
     (argmax of probs / Exp(1) noise), so their tokens do not depend on the rest of the batch.
     Logits may be fp32 or the model's dtype: a plain-greedy batch takes its argmax as they are,
@@ -273,7 +277,12 @@ class Sampler:
                              f"({batch.greedy.shape[0]} rows, vocab {batch.vocab_size})")
         if batch.plain_greedy:
             return SamplerOutput(self._greedy_argmax(logits))
-        logits = logits.float()
+        widened = logits.float()
+        if batch.token_bitmask is not None:
+            from kubeinfer.worker.structured_output import apply_bitmask  # only constrained batches need xgrammar
+            widened = widened if widened is not logits else logits.clone()  # never mask the caller's tensor
+            apply_bitmask(widened, batch.token_bitmask, batch.bitmask_rows)
+        logits = widened
         if batch.any_penalty:
             logits = apply_penalties(logits, seen_mask=batch.seen_mask, repetition_penalty=batch.repetition_penalty,
                                      output_counts=batch.output_counts, presence_penalty=batch.presence_penalty,

@@ -3,10 +3,65 @@ without a tensor library; the engine's sampler (kubeinfer.worker.sampling) reads
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+
+
+@dataclass
+class StructuredOutputParams:
+    """One request's output constraint (vLLM's guided decoding): exactly one of a JSON schema
+    (``json``), any JSON object (``json_object``, OpenAI's ``response_format: json_object``), a
+    regular expression, a list of choices, or an EBNF grammar (xgrammar's dialect).
+
+    Invariant once constructed: exactly one kind is set; ``json`` is the schema as a JSON text (a
+    dict is serialised as given: its key order is the order of the output's properties); ``choice``
+    is a non-empty list of strings. Whether the text compiles is the grammar engine's to say
+    (kubeinfer.worker.structured_output), not this torch-free class's.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            self.json = json.dumps(self.json, ensure_ascii=False)  # key order kept: it is the output's order
+        _check(self.json is None or isinstance(self.json, str), "structured_output.json",
+               "a JSON schema (an object, or its JSON text)", self.json)
+        _check(self.regex is None or isinstance(self.regex, str), "structured_output.regex", "a string", self.regex)
+        _check(self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip()),
+               "structured_output.grammar", "a non-empty EBNF string", self.grammar)
+        if self.choice is not None:
+            _check(isinstance(self.choice, (list, tuple)) and len(self.choice) > 0
+                   and all(isinstance(c, str) for c in self.choice),
+                   "structured_output.choice", "a non-empty list of strings", self.choice)
+            self.choice = list(self.choice)
+        _check(isinstance(self.json_object, bool), "structured_output.json_object", "a boolean", self.json_object)
+        kinds = [k for k, v in self._kinds() if v]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one structured-output constraint (json, regex, choice, grammar or "
+                             f"json_object), got {', '.join(kinds) or 'none'}")
+
+    def _kinds(self) -> list[tuple[str, bool]]:
+        return [("json", self.json is not None), ("regex", self.regex is not None),
+                ("choice", self.choice is not None), ("grammar", self.grammar is not None),
+                ("json_object", self.json_object)]
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self._kinds() if v)
+
+    def key(self) -> tuple[str, str]:
+        """(kind, text): equal keys compile to the same grammar."""
+        kind = self.kind
+        text = {"json": self.json, "regex": self.regex, "grammar": self.grammar, "json_object": "",
+                "choice": json.dumps(self.choice, ensure_ascii=False)}[kind]
+        return kind, text
 
 
 @dataclass
@@ -15,7 +70,8 @@ class SamplingParams:
 
     Invariant: every field is in range once constructed (``__post_init__`` raises ``ValueError``
     naming the field otherwise); ``stop`` is always a list of non-empty strings and ``top_k`` is 0
-    when disabled (-1 is accepted as vLLM's older spelling of "disabled").
+    when disabled (-1 is accepted as vLLM's older spelling of "disabled"); ``structured_output``
+    is None or a StructuredOutputParams (a dict of its fields is converted).
     """
 
     max_tokens: int = 16
@@ -34,6 +90,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    # A grammar the output must match (the engine masks the logits of every other token).
+    structured_output: StructuredOutputParams | None = None
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens)
@@ -58,6 +116,10 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
         _check(_is_int(self.priority), "priority", "an integer", self.priority)
+        if isinstance(self.structured_output, dict):  # the shape it travels in from the router
+            self.structured_output = StructuredOutputParams(**self.structured_output)
+        _check(self.structured_output is None or isinstance(self.structured_output, StructuredOutputParams),
+               "structured_output", "None or a StructuredOutputParams", self.structured_output)
         if self.top_k == -1:
             self.top_k = 0
 
