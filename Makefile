@@ -47,6 +47,7 @@ bench: install-test
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/faults.py
+	$(PY) benchmarks/autoscaling.py
 
 # Regenerates the gRPC stubs in kubeinfer/proto/ from proto/ (a test fails when they are stale).
 proto: install-test

@@ -50,12 +50,12 @@ class Controller:
             capacity_adjusted_max_replicas=self.config.max_replicas, policy_state=dict(self.state),
             last_scale_up_time=None, last_scale_down_time=None, current_time=self.now, config=self.config)
         import ray.serve.autoscaling_policy as ap
-        real_time = ap.time.time
-        ap.time.time = lambda: self.now  # Ray's delay logic reads the wall clock; replay runs on ours
+        real_time = ap.time
+        ap.time = SimpleNamespace(time=lambda: self.now)  # Ray's delay logic reads its module's clock
         try:
             decision, self.state = self.policy(ctx)
         finally:
-            ap.time.time = real_time
+            ap.time = real_time
         self.target = max(self.config.min_replicas, min(self.config.max_replicas, int(decision)))
         self.now += TICK_S
         self.history.append(self.target)
@@ -147,8 +147,9 @@ def test_policy_settings_refuse_bad_values_naming_the_field():
 def test_latency_window_and_replica_stats():
     w = LatencyWindow(window_s=10)
     for i in range(10):
-        w.add({"queue": 0.1 * i, "prefill": 0.1, "decode": 0.9}, 10, now=float(i))
-    w.add({"queue": 5.0}, 0, now=9.0)  # never got a first token: no TTFT sample
+        w.first_token(0.1 * (i + 1), now=float(i))
+        w.finished({"queue": 0.0, "prefill": 0.1, "decode": 0.9}, 10, now=float(i))
+    w.finished({"queue": 5.0}, 0, now=9.0)  # never got a first token: no ITL sample
     ttft, itl = w.p90(now=9.0)
     assert ttft == pytest.approx(0.9) and itl == pytest.approx(0.1)
     assert w.p90(now=100.0) == (0.0, 0.0)  # old samples leave the window
@@ -241,3 +242,41 @@ def test_serve_flags_choose_the_policy():
                              "--ttft-seconds")]:
         with pytest.raises(ValueError, match=fragment):
             _serve_app(*flags)
+
+
+def test_the_simulator_runs_each_policy_and_loses_no_request():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import autoscaling as sim
+    finally:
+        sys.path.pop(0)
+    arrivals = sim.trace("bursty", 120, seed=1)
+    for policy, extra, targets, _ in sim.RUNS:
+        fresh = [sim.Req(a.arrival, a.prompt, a.output) for a in arrivals]
+        m = sim.simulate(fresh, policy, 120, 1, targets, **sim.SCALING, **extra)
+        assert m["unfinished"] == 0 and 0 < m["attainment"] <= 1 and m["replica_s"] >= 2 * 120, (policy, m)
+
+
+def test_worker_samples_ttft_at_the_first_token_and_itl_at_the_end():
+    import asyncio
+    from kubeinfer.router.types import Chunk, ReplicaReport
+    from kubeinfer.serve.worker import Worker
+
+    async def fake_batch(jobs):
+        yield -1, ReplicaReport("r0")
+        yield 0, Chunk("a", token_ids=[1])
+        yield 1, Chunk("b", finish_reason="rejected", error="no")  # no token: no TTFT sample
+        yield 0, Chunk("a", token_ids=[2], finish_reason="stop", completion_tokens=5,
+                       timings={"queue": 0.0, "prefill": 0.1, "decode": 0.4})
+
+    worker = Worker.func_or_class.__new__(Worker.func_or_class)
+    worker.replica = SimpleNamespace(generate_batch=fake_batch, engine=SimpleNamespace(shutdown=lambda timeout: None))
+    worker.latency = LatencyWindow()
+
+    async def run():
+        return [item async for item in worker.generate_batch([object(), object()])]
+    assert len(asyncio.run(run())) == 4  # every item still reaches the router
+    assert len(worker.latency._ttft) == 1
+    assert worker.latency.p90(worker.latency._ttft[0][0])[1] == pytest.approx(0.1)  # 0.4 s / 4 gaps

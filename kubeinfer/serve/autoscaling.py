@@ -1,7 +1,7 @@
 """LLM-aware autoscaling for the Worker deployment, inside Ray Serve's own machinery.
 
 Signal path: the engine's gauges (``EngineReplica.report()``, the numbers the ``vllm:*`` metrics
-show) and the finished requests' engine timings -> ``Worker.record_autoscaling_stats`` (via
+show) and the replica's recent latencies (LatencyWindow) -> ``Worker.record_autoscaling_stats`` (via
 ``replica_stats``) -> Serve's controller, which averages each replica's samples over
 ``look_back_period_s`` -> ``AutoscalingContext.aggregated_metrics`` -> ``LLMAutoscalingPolicy``
 (named in ``autoscaling_config.policy``) -> Ray's wrapper (up/down delays, scaling factors, min/max).
@@ -23,38 +23,42 @@ KV_CACHE_USAGE = "kv_cache_usage"            # fraction of KV blocks in use, vll
 WAITING = "num_requests_waiting"             # vllm:num_requests_waiting
 RUNNING = "num_requests_running"             # vllm:num_requests_running
 PREEMPTIONS_PER_S = "preemptions_per_s"      # rate of vllm:num_preemptions over the last push interval
-TTFT_P90_S = "ttft_p90_s"                    # engine-side TTFT (queue + prefill) of recent finished requests
+TTFT_P90_S = "ttft_p90_s"                    # replica-side TTFT (call in -> first token) of recent requests
 ITL_P90_S = "itl_p90_s"                      # engine-side mean inter-token latency of recent requests
 
 POLICIES = ("ongoingRequests", "kvCache", "queue", "latency")
 POLICY_FUNCTION = "kubeinfer.serve.autoscaling:LLMAutoscalingPolicy"
 # The key in Ray's policy_state where the last decision's reason is kept (the CR status shows it).
 DECISION_KEY = "kubeinfer_decision"
-_QUEUE_REF_KEY = "kubeinfer_queue_ref"  # (time, total waiting) the latency policy measures growth from
+_QUEUE_REF_KEY = "kubeinfer_queue_ref"  # (time, requests held) the latency policy measures growth from
+_CAPACITY_KEY = "kubeinfer_capacity"    # the latency policy's learned requests per replica at the SLO
 
 
 class LatencyWindow:
-    """The engine timings of the requests that finished in the last ``window_s`` seconds, for
-    TTFT / ITL percentiles. Owns a bounded deque; ``now`` is any monotonic clock in seconds."""
+    """Recent latencies of one replica for the TTFT / ITL percentiles: a TTFT sample when a request's
+    first token leaves the engine (so a burst shows while its requests still stream), an ITL sample
+    when it finishes (the engine's decode phase / its tokens). Owns two bounded deques of the last
+    ``window_s`` seconds; ``now`` is any monotonic clock in seconds."""
 
     def __init__(self, window_s: float = 30.0, max_samples: int = 512) -> None:
         self.window_s = window_s
-        self._samples: deque[tuple[float, float, float | None]] = deque(maxlen=max_samples)
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._itl: deque[tuple[float, float]] = deque(maxlen=max_samples)
 
-    def add(self, timings: Mapping[str, float] | None, completion_tokens: int, now: float) -> None:
-        """Records one finished request from its RequestOutput.timings (the engine's phases):
-        TTFT = queue + prefill, ITL = decode / (tokens - 1). A request with no first token adds nothing."""
-        if not timings or "prefill" not in timings:
-            return
-        itl = timings["decode"] / (completion_tokens - 1) if completion_tokens > 1 else None
-        self._samples.append((now, timings.get("queue", 0.0) + timings["prefill"], itl))
+    def first_token(self, ttft_s: float, now: float) -> None:
+        self._ttft.append((now, ttft_s))
+
+    def finished(self, timings: Mapping[str, float] | None, completion_tokens: int, now: float) -> None:
+        """Records one finished request's ITL from its RequestOutput.timings (decode / (tokens - 1))."""
+        if timings and "decode" in timings and completion_tokens > 1:
+            self._itl.append((now, timings["decode"] / (completion_tokens - 1)))
 
     def p90(self, now: float) -> tuple[float, float]:
         """(TTFT p90, ITL p90) over the window; 0.0 where there is no sample."""
-        while self._samples and now - self._samples[0][0] > self.window_s:
-            self._samples.popleft()
-        return (_p90([s[1] for s in self._samples]),
-                _p90([s[2] for s in self._samples if s[2] is not None]))
+        for samples in (self._ttft, self._itl):
+            while samples and now - samples[0][0] > self.window_s:
+                samples.popleft()
+        return _p90([s[1] for s in self._ttft]), _p90([s[1] for s in self._itl])
 
 
 def _p90(values: list[float]) -> float:
@@ -110,7 +114,7 @@ class PolicySettings:
         return asdict(self)
 
 
-def _per_replica(ctx: Any, name: str) -> list[float]:
+def _mean(ctx: Any, name: str) -> list[float]:
     """The named metric for each running replica (0.0 for one that has not reported yet)."""
     values = (ctx.aggregated_metrics or {}).get(name, {})
     return [float(values.get(r, 0.0)) for r in ctx.running_replicas]
@@ -123,13 +127,15 @@ def _latest(ctx: Any, name: str) -> list[float]:
     out = []
     for r in ctx.running_replicas:
         series = raw.get(r)
-        out.append(float(series[-1].value) if series else float(agg.get(r, 0.0)))
+        out.append(float(max(series, key=lambda v: v.timestamp).value) if series else float(agg.get(r, 0.0)))
     return out
 
 
-def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any]) -> tuple[float, str]:
-    """The policy's load / target (1.0 = on target) and a short reason; updates ``state`` with the
-    latency policy's queue reference."""
+def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any = None) -> tuple[float, str]:
+    """The policy's load / target (1.0 = on target) and a short reason, from per-replica ``values``
+    (``_mean``: the look-back means, the default; ``_latest``: the newest samples); updates
+    ``state`` with the latency policy's queue reference and learned capacity."""
+    _per_replica = values or _mean
     n = max(1, len(ctx.running_replicas))
     if s.policy == "kvCache":
         kv = sum(_per_replica(ctx, KV_CACHE_USAGE)) / n
@@ -138,22 +144,46 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any]) -> tuple[floa
             # Preemption means a replica ran out of blocks: recompute wastes its step time, so add
             # capacity now rather than when the mean catches up.
             ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9 + 1 / n), why + ", preempting"
+        waiting = sum(_per_replica(ctx, WAITING)) / n
+        if waiting >= s.target_queue_length:
+            # Requests wait while blocks are free: another limit binds (max_num_seqs, the step's
+            # token budget); the KV target cannot be reached by this fleet, so it is over capacity.
+            ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9 + 1 / n), why + f", {waiting:.1f} waiting/replica"
         return ratio, why
     waiting = sum(_per_replica(ctx, WAITING))
     if s.policy == "queue":
         return waiting / n / s.target_queue_length, f"queue {waiting / n:.2f}/replica vs {s.target_queue_length:g}"
-    # latency: measured TTFT against the SLO, and the queue a replica will hold ``queue_horizon_seconds``
-    # from now at the current growth, so that a burst scales up before the finished requests show it.
+    # latency: p90 TTFT against the SLO. TTFT lags load (it is sampled at first tokens and averaged
+    # over the look-back window), so the leading signal is the requests the replicas hold (running +
+    # waiting), projected ``queue_horizon_seconds`` ahead at its growth, against what a replica holds
+    # at the SLO. That capacity is learned here (requests per replica x SLO / TTFT, from samples where
+    # TTFT is within 0.8-1.25x the SLO: far below it TTFT does not track load, far above it is a
+    # backlog's past),
+    # smoothed in policy_state;
+    # until then ``target_queue_length`` waiting requests per replica stand in for it.
     ttfts = [t for t in _per_replica(ctx, TTFT_P90_S) if t > 0]
     ttft = sum(ttfts) / len(ttfts) if ttfts else 0.0
+    held = waiting + sum(_per_replica(ctx, RUNNING))
+    capacity = state.get(_CAPACITY_KEY)
+    if 0.8 * s.ttft_seconds <= ttft <= 1.25 * s.ttft_seconds and held > 0:
+        estimate = held / n * s.ttft_seconds / ttft
+        capacity = estimate if capacity is None else 0.9 * capacity + 0.1 * estimate
+        state[_CAPACITY_KEY] = capacity
     now = ctx.current_time or 0.0
-    t0, w0 = state.get(_QUEUE_REF_KEY) or (now, waiting)
-    growth = (waiting - w0) / (now - t0) if now - t0 > 0 else 0.0
+    signal = held if capacity is not None else waiting
+    t0, q0 = state.get(_QUEUE_REF_KEY) or (now, signal)
+    growth = (signal - q0) / (now - t0) if now - t0 > 0 else 0.0
     if now - t0 >= max(1.0, s.queue_horizon_seconds / 6) or _QUEUE_REF_KEY not in state:
-        state[_QUEUE_REF_KEY] = (now, waiting)
-    projected = max(waiting, waiting + growth * s.queue_horizon_seconds) / n
-    ratio = max(ttft / s.ttft_seconds, projected / s.target_queue_length)
-    return ratio, f"latency ttft p90 {ttft:.2f}s vs {s.ttft_seconds:g}s, queue {projected:.1f}/replica projected"
+        state[_QUEUE_REF_KEY] = (now, signal)
+    projected = max(signal, signal + growth * s.queue_horizon_seconds) / n
+    ratio = projected / (capacity or s.target_queue_length)
+    if ttft > s.ttft_seconds or capacity is None:
+        # Over the SLO TTFT decides too; under it, load against the learned capacity does: TTFT has a
+        # floor (a long prompt's prefill) that more replicas do not lower, so it cannot say when
+        # fewer replicas would still do.
+        ratio = max(ratio, ttft / s.ttft_seconds)
+    return ratio, (f"latency ttft p90 {ttft:.2f}s vs {s.ttft_seconds:g}s, {projected:.1f} requests/replica "
+                   f"projected vs {capacity or s.target_queue_length:.1f}")
 
 
 def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
@@ -167,7 +197,13 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
     n = len(ctx.running_replicas)
     if n == 0:  # nothing reports yet: hold; Ray's cold-start path scales from zero on queued requests
         return max(lo, min(hi, current)), state
+    # Up on the newest samples, down only when both they and the look-back means are low: a burst
+    # shows one metrics push after it starts, instead of after the mean has caught up, and a
+    # momentary lull does not remove replicas.
     ratio, why = load_ratio(ctx, s, state)
+    fresh, fresh_why = load_ratio(ctx, s, dict(state), _latest)
+    if fresh > ratio:
+        ratio, why = fresh, fresh_why + " (newest samples)"
     desired = current
     if ratio > 1 + s.up_tolerance:
         step = max(1, math.ceil(n * (s.max_scale_up_factor - 1)))

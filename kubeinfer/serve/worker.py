@@ -41,10 +41,17 @@ class Worker:
 
     async def generate_batch(self, jobs: list[GenerateJob], exclude_replica: str | None = None
                              ) -> AsyncIterator[StreamItem]:
+        start, waiting_first = time.monotonic(), set(range(len(jobs)))
         async for item in self.replica.generate_batch(jobs):
-            chunk = item[1]
-            if item[0] >= 0 and chunk.finished:  # the engine's own phases of a finished request
-                self.latency.add(chunk.timings, chunk.completion_tokens, time.monotonic())
+            index, chunk = item
+            if index >= 0:  # a Chunk: feed the latency signals (TTFT at its first token, ITL at its end)
+                if index in waiting_first and (chunk.token_ids or chunk.finished):
+                    waiting_first.discard(index)
+                    if chunk.token_ids:
+                        now = time.monotonic()
+                        self.latency.first_token(now - start, now)
+                if chunk.finished:
+                    self.latency.finished(chunk.timings, chunk.completion_tokens, time.monotonic())
             yield item
 
     async def abort(self, request_id: str, pin_replica: str | None = None) -> None:
