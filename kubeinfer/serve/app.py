@@ -15,12 +15,17 @@ from kubeinfer.serve.request_router import PolicyRequestRouter
 from kubeinfer.serve.worker import Worker
 
 ROUTING_STATS_PERIOD_S = 2.0
+# Backpressure is the router's (its bounded admission queue), not Serve's: with a Serve limit near
+# the router's in-flight bound, a replica winding down a mass disconnect looks full, Serve probes it
+# with backoff, and the abort and report calls the router pins to it wait behind the probes.
+WORKER_MAX_ONGOING_REQUESTS = 4096
 
 
 def worker_options(spec: ModelSpec, policy: str) -> dict[str, Any]:
     """The Worker deployment's Serve options for one model (replicas or autoscaling passed through)."""
     options: dict[str, Any] = {
         "name": f"worker-{spec.name}",
+        "max_ongoing_requests": WORKER_MAX_ONGOING_REQUESTS,
         "ray_actor_options": dict(spec.ray_actor_options) or {"num_cpus": 1},
         "request_router_config": RequestRouterConfig(
             request_router_class=PolicyRequestRouter, request_router_kwargs={"policy": policy},

@@ -31,8 +31,18 @@ class ServePool(WorkerPool):
         self.handle = handle
 
     async def _call(self, jobs: list[GenerateJob], exclude: str | None) -> AsyncIterator[StreamItem]:
-        async for item in self.stream_handle.generate_batch.remote(jobs, exclude_replica=exclude):
-            yield item
+        response = self.stream_handle.generate_batch.remote(jobs, exclude_replica=exclude)
+        ended = False
+        try:
+            async for item in response:
+                yield item
+            ended = True
+        finally:
+            if not ended:
+                # A call closed early is cancelled explicitly: a cancelled wait on a Serve response
+                # only stops the waiting, and a call not yet assigned to a replica then still runs
+                # there to its end with nobody reading it (seen after 300 clients left at once).
+                response.cancel()
 
     async def abort(self, replica_id: str, request_id: str) -> None:
         try:
