@@ -48,6 +48,7 @@ bench: install-test
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/faults.py
 	$(PY) benchmarks/autoscaling.py
+	$(PY) benchmarks/structured.py
 
 # Regenerates the gRPC stubs in kubeinfer/proto/ from proto/ (a test fails when they are stale).
 proto: install-test
