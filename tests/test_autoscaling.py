@@ -280,3 +280,77 @@ def test_worker_samples_ttft_at_the_first_token_and_itl_at_the_end():
     assert len(asyncio.run(run())) == 4  # every item still reaches the router
     assert len(worker.latency._ttft) == 1
     assert worker.latency.p90(worker.latency._ttft[0][0])[1] == pytest.approx(0.1)  # 0.4 s / 4 gaps
+
+
+# ---- end to end on the session's local Ray ------------------------------------------------------------
+
+def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_request(ray_head, tiny_llama_dir):
+    """One replica whose engine holds 2 sequences; 8 concurrent streams leave 6 waiting, which the
+    kvCache policy reads as over capacity (another limit binds): Serve adds a replica; when the load
+    ends it goes back to one. Every stream completes."""
+    import asyncio
+    import time
+
+    import grpc
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from kubeinfer.proto import inference_pb2_grpc as pb_grpc
+    from kubeinfer.serve.app import build_app
+    from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
+    from tests.conftest import free_port
+    from tests.test_serve_e2e import grpc_stream
+
+    app_name = "kubeinfer-autoscaling"
+    ray.init(address=ray_head["address"], log_to_driver=False)
+    serve.shutdown()  # one Serve per Ray: another module's app may be running
+    grpc_port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
+    auto = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "upscale_delay_s": 0.5,
+            "downscale_delay_s": 3.0, "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
+            "policy": ray_policy(PolicySettings(policy="kvCache"))}
+    app = AppConfig(models=[ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=256,
+                                      engine={"num_kv_blocks": 160, "max_num_seqs": 2}, autoscaling=auto)])
+
+    def running() -> int:
+        states = serve.status().applications[app_name].deployments["worker-tiny"].replica_states
+        return states.get("RUNNING", 0)
+
+    async def load(until) -> list[dict]:
+        results = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            meta = (("application", app_name),)
+
+            async def one(i):
+                return await grpc_stream(_Stub(stub, meta), f"prompt {i}")
+            while not until():
+                results += await asyncio.gather(*(one(i) for i in range(8)))
+        return results
+
+    try:
+        serve.run(build_app(app.to_dict()), name=app_name, route_prefix="/auto")
+        assert running() == 1
+        deadline = time.monotonic() + 60
+        results = asyncio.run(load(lambda: running() >= 2 or time.monotonic() > deadline))
+        assert running() == 2, "no scale-up under load"
+        assert results and all(r["error"] is None and len(r["tokens"]) == 64 for r in results)
+        deadline = time.monotonic() + 60
+        while running() > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert running() == 1, "no scale-down after the load ended"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+class _Stub:
+    """The Inference stub with the Serve ``application`` metadata on every call."""
+
+    def __init__(self, stub, metadata) -> None:
+        self._stub, self._metadata = stub, metadata
+
+    def GenerateStream(self, request, timeout=None):  # noqa: N802 (the proto's method name)
+        return self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
