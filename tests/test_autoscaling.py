@@ -354,3 +354,27 @@ class _Stub:
 
     def GenerateStream(self, request, timeout=None):  # noqa: N802 (the proto's method name)
         return self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
+
+
+def test_status_and_event_follow_a_scale_change():
+    from kubeinfer.operator.autoscaling_status import scale_change
+    from kubeinfer.operator.spec import parse_spec
+    spec = parse_spec(_md({"maxReplicas": 4, "policy": "kvCache"}))
+    now = "2026-12-06T12:00:00Z"
+    auto, event = scale_change(spec, {}, 1, now)
+    assert auto == {"policy": "kvCache"} and event is None  # first observation: no Event
+    auto, event = scale_change(spec, {"replicas": 2, "autoscaling": {"policy": "kvCache"}}, 3, now)
+    assert auto == {"policy": "kvCache", "lastScale": "2 -> 3", "lastScaleTime": now}
+    assert event == "kvCache: 2 -> 3 replicas (up)"
+    assert scale_change(spec, {"replicas": 3, "autoscaling": auto}, 3, now) == (None, None)
+    fixed = parse_spec(_md(None, replicas=2))
+    assert scale_change(fixed, {"replicas": 1}, 2, now) == (None, None)
+
+
+def test_a_policy_logs_each_change_of_mind_once(caplog):
+    import logging
+    c = Controller({"policy": "queue", "target_queue_length": 1}, max_replicas=4)
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        c.run(10, num_requests_waiting=10, num_requests_running=4)
+    lines = [r.getMessage() for r in caplog.records if "kubeinfer autoscaling" in r.getMessage()]
+    assert 1 <= len(lines) <= 3 and "queue" in lines[0]  # 1 -> 2 -> 4, not one line per tick

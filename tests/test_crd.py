@@ -70,6 +70,7 @@ def test_status_as_the_operator_writes_it_is_accepted():
     obj = _md({})
     obj["status"] = {"observedGeneration": 2, "phase": "Ready", "replicas": 1, "readyReplicas": 1,
                      "endpoint": "demo.default.svc:9000",
+                     "autoscaling": {"policy": "kvCache", "lastScale": "2 -> 3", "lastScaleTime": "2026-01-01T00:00:00Z"},
                      "conditions": [{"type": "Ready", "status": "True", "reason": "ReplicasReady",
                                      "message": "1/1 replicas ready", "lastTransitionTime": "2026-01-01T00:00:00Z",
                                      "observedGeneration": 2}],

@@ -14,6 +14,7 @@ from typing import Any, Mapping, NoReturn
 import aiohttp
 import kopf
 
+from kubeinfer.operator.autoscaling_status import scale_change
 from kubeinfer.operator.capacity import estimate_capacity
 from kubeinfer.operator.kube import KubeClient, connection_info, is_transient, load_configuration
 from kubeinfer.operator.render import GROUP, API_VERSION, PLURAL
@@ -172,6 +173,12 @@ async def refresh_status(body: kopf.Body, status: kopf.Status, patch: kopf.Patch
             raise
         raise kopf.TemporaryError(f"cannot read the deployment's state: {e}", delay=memo.config.retry_delay_s)
     _write_status(body, patch, obs, target.endpoint(spec), status.get("observedGeneration"))
+    if obs.phase in ("Ready", "Degraded"):  # a count Serve's autoscaler set, not a deploy in progress
+        auto, message = scale_change(spec, status, obs.replicas, now_rfc3339())
+        if auto is not None:
+            patch.status["autoscaling"] = auto
+        if message is not None:
+            kopf.event(body, type="Normal", reason="Scaled", message=message)
 
 
 @kopf.on.delete(*RESOURCE, registry=registry)

@@ -13,6 +13,7 @@ standard library.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -32,6 +33,8 @@ POLICY_FUNCTION = "kubeinfer.serve.autoscaling:LLMAutoscalingPolicy"
 DECISION_KEY = "kubeinfer_decision"
 _QUEUE_REF_KEY = "kubeinfer_queue_ref"  # (time, requests held) the latency policy measures growth from
 _CAPACITY_KEY = "kubeinfer_capacity"    # the latency policy's learned requests per replica at the SLO
+_WISH_KEY = "kubeinfer_wish"            # the last desired count, so a decision is logged once
+_log = logging.getLogger("ray.serve")
 
 
 class LatencyWindow:
@@ -217,6 +220,11 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
         desired = min(current, max(current - step, aim, busy))
     desired = max(lo, min(hi, desired))
     state[DECISION_KEY] = f"{why}: {current} -> {desired}" if desired != current else f"{why}: hold {current}"
+    if desired != current and state.get(_WISH_KEY) != desired:
+        # Once per change of mind, not per tick: the reason for the Serve controller's log, next to
+        # Ray's own "Upscaling ..." lines (Serve's REST API does not carry it).
+        _log.info("kubeinfer autoscaling %s: %s", getattr(ctx, "deployment_name", "?"), state[DECISION_KEY])
+    state[_WISH_KEY] = desired
     return desired, state
 
 
