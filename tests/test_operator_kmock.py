@@ -283,6 +283,7 @@ class FakeServeApi:
         self.app_status: dict[str, str] = {}
         self.puts: list[dict[str, Any]] = []
         self.unavailable_puts = 0  # answer this many PUTs with 503, as a Ray head that is restarting
+        self.worker_targets: dict[str, int] = {}  # app -> the worker's target_num_replicas (default 2)
         self.app = web.Application()
         self.app.router.add_get("/api/serve/applications/", self.get)
         self.app.router.add_put("/api/serve/applications/", self.put)
@@ -298,7 +299,8 @@ class FakeServeApi:
                                       "router": {"status": "HEALTHY", "target_num_replicas": 1,
                                                  "replicas": [{"state": "RUNNING"}]},
                                       worker: {"status": "HEALTHY" if running else "UPDATING",
-                                               "target_num_replicas": 2, "replicas": running}}}
+                                               "target_num_replicas": self.worker_targets.get(name, 2),
+                                               "replicas": running}}}
         return web.json_response({"applications": applications})
 
     async def put(self, request: web.Request) -> web.Response:
@@ -352,3 +354,28 @@ async def test_an_unavailable_serve_api_is_retried(cluster):
         warnings = [e for e in events(kmock, "remote") if e["type"] == "Warning"]
         assert warnings and all(e["reason"] == "TargetUnavailable" and "HTTP 503" in e["message"] for e in warnings)
         assert not operator.done()
+
+
+async def test_an_autoscaled_deployment_reports_each_scale_change(cluster):
+    kmock = cluster
+    fake = FakeServeApi()
+    async with TestServer(fake.app, host="127.0.0.1") as server, running_operator():
+        address = f"http://127.0.0.1:{server.port}"
+        body = model_deployment("auto", "uid-a", rayAddress=address,
+                                autoscaling={"maxReplicas": 4, "policy": "kvCache"})
+        del body["spec"]["replicas"]
+        await kmock.post(url(MD), json=body)
+        app = f"{NS}.auto"
+        await eventually(lambda: app in fake.apps, "the application applied")
+        policy = fake.apps[app]["args"]["models"][0]["autoscaling"]["policy"]
+        assert policy["policy_kwargs"]["policy"] == "kvCache"
+        fake.worker_targets[app] = 1  # initialReplicas defaults to minReplicas
+        fake.app_status[app] = "RUNNING"
+        await eventually(lambda: phase(kmock, "auto") == "Ready", "phase Ready")
+        assert get(kmock, MD, "auto")["status"]["autoscaling"] == {"policy": "kvCache"}
+
+        fake.worker_targets[app] = 3  # Serve's autoscaler adds replicas
+        await eventually(lambda: (get(kmock, MD, "auto")["status"].get("autoscaling") or {}).get("lastScale")
+                         == "1 -> 3", "status.autoscaling.lastScale")
+        scaled = [e for e in events(kmock, "auto") if e["reason"] == "Scaled"]
+        assert [e["message"] for e in scaled] == ["kvCache: 1 -> 3 replicas (up)"]

@@ -172,13 +172,15 @@ async def refresh_status(body: kopf.Body, status: kopf.Status, patch: kopf.Patch
         if not is_transient(e):
             raise
         raise kopf.TemporaryError(f"cannot read the deployment's state: {e}", delay=memo.config.retry_delay_s)
-    _write_status(body, patch, obs, target.endpoint(spec), status.get("observedGeneration"))
-    if obs.phase in ("Ready", "Degraded"):  # a count Serve's autoscaler set, not a deploy in progress
+    if obs.phase != "Failed" and obs.reason not in ("TargetUnreachable", "RayServiceMissing", "ApplicationMissing"):
+        # Before the status write: a scale-up also moves the phase to Deploying ("Scaling") while
+        # the new replica starts, and the count it reports is the one Serve's autoscaler set.
         auto, message = scale_change(spec, status, obs.replicas, now_rfc3339())
         if auto is not None:
             patch.status["autoscaling"] = auto
         if message is not None:
             kopf.event(body, type="Normal", reason="Scaled", message=message)
+    _write_status(body, patch, obs, target.endpoint(spec), status.get("observedGeneration"))
 
 
 @kopf.on.delete(*RESOURCE, registry=registry)
