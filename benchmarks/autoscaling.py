@@ -28,6 +28,7 @@ default pool) at 30 layers x 3 KV heads x 64 x 2 (K and V) x 2 bytes = 23 KB per
 from __future__ import annotations
 
 import argparse
+import logging
 import heapq
 import math
 import random
@@ -342,6 +343,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=1800.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the policies' decision log, per run
     print(f"SLO: TTFT <= {SLO_TTFT_S:g} s; replicas {SCALING['min_replicas']}-{SCALING['max_replicas']}, "
           f"upscale delay {SCALING['upscale_delay_s']:g} s, downscale delay {SCALING['downscale_delay_s']:g} s, "
           f"replica start {START_S:g} s; {args.seconds:g} s per trace, seed {args.seed}\n")

@@ -378,3 +378,17 @@ def test_a_policy_logs_each_change_of_mind_once(caplog):
         c.run(10, num_requests_waiting=10, num_requests_running=4)
     lines = [r.getMessage() for r in caplog.records if "kubeinfer autoscaling" in r.getMessage()]
     assert 1 <= len(lines) <= 3 and "queue" in lines[0]  # 1 -> 2 -> 4, not one line per tick
+
+
+def test_replicas_still_starting_are_not_asked_for_again():
+    from kubeinfer.serve.autoscaling import decide
+    ids = [ReplicaID(f"r{i}", DEP) for i in range(2)]
+
+    def ctx(target):
+        return SimpleNamespace(running_replicas=ids, target_num_replicas=target, policy_state={},
+                               capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=10,
+                               aggregated_metrics={WAITING: {r: 3.0 for r in ids}, RUNNING: {r: 2.0 for r in ids}},
+                               raw_metrics={}, current_time=0.0, deployment_name="w")
+    settings = PolicySettings(policy="queue", target_queue_length=2)  # load 1.5x: 2 reporting need 3
+    assert decide(ctx(2), settings)[0] == 3
+    assert decide(ctx(4), settings)[0] == 4  # 2 more already starting: hold, not 5

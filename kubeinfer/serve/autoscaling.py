@@ -34,6 +34,7 @@ DECISION_KEY = "kubeinfer_decision"
 _QUEUE_REF_KEY = "kubeinfer_queue_ref"  # (time, requests held) the latency policy measures growth from
 _CAPACITY_KEY = "kubeinfer_capacity"    # the latency policy's learned requests per replica at the SLO
 _WISH_KEY = "kubeinfer_wish"            # the last desired count, so a decision is logged once
+_LOGGED_KEY = "kubeinfer_logged_at"     # when the last decision was logged
 _log = logging.getLogger("ray.serve")
 
 
@@ -178,6 +179,8 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
     growth = (signal - q0) / (now - t0) if now - t0 > 0 else 0.0
     if now - t0 >= max(1.0, s.queue_horizon_seconds / 6) or _QUEUE_REF_KEY not in state:
         state[_QUEUE_REF_KEY] = (now, signal)
+    if values is _latest:
+        growth = 0.0  # the newest samples already lead; growth is measured on the means' basis
     projected = max(signal, signal + growth * s.queue_horizon_seconds) / n
     ratio = projected / (capacity or s.target_queue_length)
     if ttft > s.ttft_seconds or capacity is None:
@@ -209,8 +212,10 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
         ratio, why = fresh, fresh_why + " (newest samples)"
     desired = current
     if ratio > 1 + s.up_tolerance:
+        # Sized from the replicas that report (``n``): replicas still starting already count in
+        # ``current``, and asking again for them would overshoot.
         step = max(1, math.ceil(n * (s.max_scale_up_factor - 1)))
-        desired = min(max(current, n) + step, max(current + 1, math.ceil(n * ratio)))
+        desired = max(current, n + 1, min(n + step, math.ceil(n * ratio)))
     elif ratio < 1 - s.down_tolerance:
         step = max(1, math.floor(n * s.max_scale_down_fraction))
         busy = sum(1 for r in _latest(ctx, RUNNING) if r > 0)
@@ -220,10 +225,12 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
         desired = min(current, max(current - step, aim, busy))
     desired = max(lo, min(hi, desired))
     state[DECISION_KEY] = f"{why}: {current} -> {desired}" if desired != current else f"{why}: hold {current}"
-    if desired != current and state.get(_WISH_KEY) != desired:
-        # Once per change of mind, not per tick: the reason for the Serve controller's log, next to
-        # Ray's own "Upscaling ..." lines (Serve's REST API does not carry it).
+    now = ctx.current_time or 0.0
+    if desired != current and state.get(_WISH_KEY) != desired and now - state.get(_LOGGED_KEY, -1e18) >= 10:
+        # Once per change of mind and at most every 10 s, not per tick: the reason for the Serve
+        # controller's log, next to Ray's own "Upscaling ..." lines (Serve's REST API does not carry it).
         _log.info("kubeinfer autoscaling %s: %s", getattr(ctx, "deployment_name", "?"), state[DECISION_KEY])
+        state[_LOGGED_KEY] = now
     state[_WISH_KEY] = desired
     return desired, state
 
