@@ -162,9 +162,8 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
     # waiting), projected ``queue_horizon_seconds`` ahead at its growth, against what a replica holds
     # at the SLO. That capacity is learned here (requests per replica x SLO / TTFT, from samples where
     # TTFT is within 0.8-1.25x the SLO: far below it TTFT does not track load, far above it is a
-    # backlog's past),
-    # smoothed in policy_state;
-    # until then ``target_queue_length`` waiting requests per replica stand in for it.
+    # backlog's past), smoothed in policy_state; until then ``target_queue_length`` waiting requests
+    # per replica stand in for it.
     ttfts = [t for t in _per_replica(ctx, TTFT_P90_S) if t > 0]
     ttft = sum(ttfts) / len(ttfts) if ttfts else 0.0
     held = waiting + sum(_per_replica(ctx, RUNNING))
