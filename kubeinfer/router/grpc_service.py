@@ -7,8 +7,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health_pb2
 
 from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc
@@ -215,16 +214,15 @@ def _raw_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     })
 
 
-class RouterHealth(health_aio.HealthServicer):
-    """grpc.health.v1 on the router's own server: the library's Watch and set(), with Check
-    answered by the servicer's (``health_response``)."""
-
-    def __init__(self, servicer: InferenceServicer) -> None:
-        super().__init__()
-        self._servicer = servicer
-
-    async def Check(self, request, context):
-        return await self._servicer.Check(request, context)
+def _health_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """grpc.health.v1's Check, answered by the servicer's own (as on Ray Serve, which routes Check to
+    the ingress): one health implementation, whose answer follows the router's state at each call.
+    Watch is not offered (UNIMPLEMENTED); Kubernetes' gRPC probes and load balancers call Check."""
+    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            servicer.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
+    })
 
 
 MIN_MESSAGE_BYTES = 16 << 20  # so a prompt over the character limit gets the router's own answer
@@ -239,13 +237,9 @@ async def start_grpc_server(router: Router, address: str = "127.0.0.1:9000") -> 
     limit = max(router.max_body_bytes, MIN_MESSAGE_BYTES)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
     servicer = InferenceServicer(router)
-    server.add_generic_rpc_handlers((_raw_handlers(servicer),))
-    health = RouterHealth(servicer)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_generic_rpc_handlers((_raw_handlers(servicer), _health_handlers(servicer)))
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
-    for service in ("", "kubeinfer.v1.Inference"):
-        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, port
