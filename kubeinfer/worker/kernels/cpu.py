@@ -144,11 +144,14 @@ def _load(tier: str) -> ModuleType | None:
         _put_ninja_on_path()
         from torch.utils.cpp_extension import load
         cflags = ["-O3", *tier_cflags(tier), "-fopenmp", "-fvisibility=hidden", f"-DKUBEINFER_HEADERS={_headers_digest()}"]
-        # One build directory per tier (never the machine's flags): torch rebuilds it when a source
-        # or a flag changes (its version hash), and a header's change reaches it through that flag.
-        # Hidden visibility keeps two tiers' builds loaded in one process from binding each
-        # other's functions.
-        module = load(name=f"kubeinfer_cpu_{tier}", sources=_SOURCES, verbose=False, extra_cflags=cflags,
+        # One build directory per tier (never the machine's flags) and per installed copy of the
+        # sources: torch rebuilds a directory when a source or a flag changes (its version hash; a
+        # header's change reaches it through that flag), and its build file names the sources by
+        # path, so two checkouts sharing one directory (CI beside a dev tree) would rebuild it for
+        # each other on every load. Hidden visibility keeps two tiers' builds loaded in one process
+        # from binding each other's functions.
+        where = hashlib.sha256(os.path.realpath(_DIR).encode()).hexdigest()[:8]
+        module = load(name=f"kubeinfer_cpu_{tier}_{where}", sources=_SOURCES, verbose=False, extra_cflags=cflags,
                       extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, a read-only cache dir: the torch path still works
         log.warning("C++ CPU kernels (%s tier) unavailable, using the torch path (%s: %s)", tier, type(e).__name__, e)
