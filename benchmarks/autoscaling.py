@@ -32,6 +32,7 @@ import logging
 import heapq
 import math
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -338,11 +339,91 @@ RUNS = [("ongoingRequests", {"target_ongoing_requests": 2.0}, {}, "ongoingReques
         ("latency", {}, {"ttft_seconds": 0.75 * SLO_TTFT_S}, f"latency (ttftSeconds {0.75 * SLO_TTFT_S:g})")]
 
 
+def real_run(policies: list[str], seconds: float, seed: int) -> None:
+    """``--real``: the same comparison on this machine's local Ray, at 1-2 replicas of the default
+    model (1 CPU each): a Poisson load at LOW_RPS, HIGH_RPS for the middle third, then LOW_RPS again;
+    replica-seconds from Serve's status polled each second."""
+    import asyncio
+    import os
+
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from kubeinfer.client import AsyncClient
+    from kubeinfer.serve.app import build_app
+    from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(grpc_options=gRPCOptions(port=9123, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
+    print("| policy | requests | SLO attainment | p99 TTFT | replica-seconds | errors |\n|---|---|---|---|---|---|")
+    for policy in policies:
+        auto = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "upscale_delay_s": 5.0,
+                "downscale_delay_s": 15.0, "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
+        if policy == "ongoingRequests":
+            auto["target_ongoing_requests"] = 2.0
+        else:
+            auto["policy"] = ray_policy(PolicySettings(policy=policy, ttft_seconds=SLO_TTFT_S))
+        app = AppConfig(models=[ModelSpec(name="m", uri="builtin://smollm2-135m", engine={"max_num_seqs": 16},
+                                          ray_actor_options={"num_cpus": 1}, autoscaling=auto)])
+        serve.run(build_app(app.to_dict()), name="auto", route_prefix="/")
+        rng = random.Random(seed)
+        ttfts: list[float] = []
+        errors = 0
+        replica_s = 0.0
+
+        async def one(client: AsyncClient, delay: float) -> None:
+            nonlocal errors
+            await asyncio.sleep(delay)
+            start = time.monotonic()
+            try:
+                async for _ in client.stream(" ".join(rng.choice(WORDS) for _ in range(40)), max_tokens=32,
+                                             timeout=120):
+                    ttfts.append(time.monotonic() - start)
+                    break
+            except Exception:
+                errors += 1
+
+        async def load() -> None:
+            nonlocal replica_s
+            async with AsyncClient("127.0.0.1:9123", application="auto") as client:
+                t, tasks = 0.0, []
+                while t < seconds:
+                    rate = HIGH_RPS if seconds / 3 <= t < 2 * seconds / 3 else LOW_RPS
+                    t += rng.expovariate(rate)
+                    tasks.append(asyncio.create_task(one(client, t)))
+                done = asyncio.gather(*tasks)
+                while not done.done():
+                    states = serve.status().applications["auto"].deployments["worker-m"].replica_states
+                    replica_s += sum(states.get(k, 0) for k in ("RUNNING", "STARTING", "STOPPING"))
+                    await asyncio.sleep(1.0)
+                await done
+        asyncio.run(load())
+        ttfts.sort()
+        n = len(ttfts) + errors
+        print(f"| {policy} | {n} | {100 * sum(x <= SLO_TTFT_S for x in ttfts) / max(1, n):.1f}% | "
+              f"{ttfts[int(0.99 * (len(ttfts) - 1))] if ttfts else float('nan'):.2f} s | {replica_s:,.0f} | {errors} |",
+              flush=True)
+        serve.delete("auto")
+    serve.shutdown()
+    ray.shutdown()
+
+
+LOW_RPS, HIGH_RPS = 0.5, 4.0
+WORDS = "the quick brown fox jumps over a lazy dog while kubernetes schedules pods on nodes".split()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=1800.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", nargs="*", metavar="POLICY",
+                   help="instead: a short run on a local Ray with these policies (default ongoingRequests latency)")
     args = p.parse_args()
+    if args.real is not None:
+        real_run(args.real or ["ongoingRequests", "latency"], args.seconds if args.seconds != 1800.0 else 180.0,
+                 args.seed)
+        return
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the policies' decision log, per run
     print(f"SLO: TTFT <= {SLO_TTFT_S:g} s; replicas {SCALING['min_replicas']}-{SCALING['max_replicas']}, "
           f"upscale delay {SCALING['upscale_delay_s']:g} s, downscale delay {SCALING['downscale_delay_s']:g} s, "
