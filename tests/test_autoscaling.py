@@ -125,11 +125,12 @@ def test_queue_policy_holds_under_target_and_scales_on_a_rising_queue():
 def test_latency_policy_scales_on_queue_growth_before_ttft_breaches():
     c = Controller({"policy": "latency", "ttft_seconds": 2.0, "target_queue_length": 4,
                     "queue_horizon_seconds": 30})
-    c.run(10, ttft_p90_s=0.5, num_requests_waiting=0, num_requests_running=4)
+    # Before a capacity is learned, target_ongoing_requests (2) requests per replica stand in for it.
+    c.run(10, ttft_p90_s=0.5, num_requests_waiting=0, num_requests_running=1.5)
     assert c.target == 1
-    # TTFT still well under the SLO, but the queue grows by 0.5 requests a second.
-    for i in range(ticks(8)):
-        c.tick(ttft_p90_s=0.6, num_requests_waiting=0.25 * i, num_requests_running=8)
+    # TTFT still well under the SLO and the count under 2, but the queue grows by 0.5 requests a second.
+    for i in range(ticks(3)):
+        c.tick(ttft_p90_s=0.6, num_requests_waiting=0.25 * i, num_requests_running=1)
     assert c.target >= 2
     c2 = Controller({"policy": "latency", "ttft_seconds": 2.0})
     c2.run(3, ttft_p90_s=3.0, num_requests_waiting=0, num_requests_running=8)

@@ -162,8 +162,7 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
     # waiting), projected ``queue_horizon_seconds`` ahead at its growth, against what a replica holds
     # at the SLO. That capacity is learned here (requests per replica x SLO / TTFT, from samples where
     # TTFT is within 0.8-1.25x the SLO: far below it TTFT does not track load, far above it is a
-    # backlog's past), smoothed in policy_state; until then ``target_queue_length`` waiting requests
-    # per replica stand in for it.
+    # backlog's past), smoothed in policy_state.
     ttfts = [t for t in _per_replica(ctx, TTFT_P90_S) if t > 0]
     ttft = sum(ttfts) / len(ttfts) if ttfts else 0.0
     held = waiting + sum(_per_replica(ctx, RUNNING))
@@ -173,7 +172,10 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
         capacity = estimate if capacity is None else 0.9 * capacity + 0.1 * estimate
         state[_CAPACITY_KEY] = capacity
     now = ctx.current_time or 0.0
-    signal = held if capacity is not None else waiting
+    # Until a capacity is learned, the deployment's target_ongoing_requests (Ray's default policy's
+    # target, 2 unless set) stands in: the policy starts as cautious as Ray's and learns from there.
+    fallback = getattr(getattr(ctx, "config", None), "target_ongoing_requests", None) or s.target_queue_length
+    signal = held
     t0, q0 = state.get(_QUEUE_REF_KEY) or (now, signal)
     growth = (signal - q0) / (now - t0) if now - t0 > 0 else 0.0
     if now - t0 >= max(1.0, s.queue_horizon_seconds / 6) or _QUEUE_REF_KEY not in state:
@@ -181,14 +183,14 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
     if values is _latest:
         growth = 0.0  # the newest samples already lead; growth is measured on the means' basis
     projected = max(signal, signal + growth * s.queue_horizon_seconds) / n
-    ratio = projected / (capacity or s.target_queue_length)
+    ratio = projected / (capacity or fallback)
     if ttft > s.ttft_seconds or capacity is None:
         # Over the SLO TTFT decides too; under it, load against the learned capacity does: TTFT has a
         # floor (a long prompt's prefill) that more replicas do not lower, so it cannot say when
         # fewer replicas would still do.
         ratio = max(ratio, ttft / s.ttft_seconds)
     return ratio, (f"latency ttft p90 {ttft:.2f}s vs {s.ttft_seconds:g}s, {projected:.1f} requests/replica "
-                   f"projected vs {capacity or s.target_queue_length:.1f}")
+                   f"projected vs {capacity or fallback:.1f}")
 
 
 def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
