@@ -123,7 +123,7 @@ def test_queue_policy_holds_under_target_and_scales_on_a_rising_queue():
 
 
 def test_latency_policy_scales_on_queue_growth_before_ttft_breaches():
-    c = Controller({"policy": "latency", "ttft_seconds": 2.0, "target_queue_length": 4,
+    c = Controller({"policy": "latency", "ttft_seconds": 2.0,
                     "queue_horizon_seconds": 30})
     # Before a capacity is learned, target_ongoing_requests (2) requests per replica stand in for it.
     c.run(10, ttft_p90_s=0.5, num_requests_waiting=0, num_requests_running=1.5)
@@ -195,6 +195,7 @@ def _md(autoscaling: dict | None, **spec) -> dict:
     ({"maxReplicas": 2, "policy": "latency", "ttftSeconds": "1s"}, "spec.autoscaling.ttftSeconds"),
     ({"maxReplicas": 2, "policy": "queue", "targetQueueLength": 0}, "spec.autoscaling.targetQueueLength"),
     ({"maxReplicas": 2, "policy": "queue", "ttftSeconds": 1}, "spec.autoscaling.ttftSeconds"),
+    ({"maxReplicas": 2, "policy": "latency", "targetQueueLength": 1}, "spec.autoscaling.targetQueueLength"),
     ({"maxReplicas": 2, "targetKvCacheUsage": 0.5}, "spec.autoscaling.targetKvCacheUsage"),
 ])
 def test_the_operator_refuses_bad_policy_values_naming_the_field(auto, field):
@@ -206,14 +207,14 @@ def test_the_operator_refuses_bad_policy_values_naming_the_field(auto, field):
 def test_the_rendered_serve_config_carries_the_policy():
     import yaml
     from kubeinfer.operator.render import build_rayservice, build_serve_config
-    body = _md({"maxReplicas": 4, "policy": "latency", "ttftSeconds": 0.5, "targetQueueLength": 3})
+    body = _md({"maxReplicas": 4, "policy": "latency", "ttftSeconds": 0.5, "targetOngoingRequests": 3})
     for config in (build_serve_config(body),
                    yaml.safe_load(build_rayservice(body)["spec"]["serveConfigV2"])):
         auto = config["applications"][0]["args"]["models"][0]["autoscaling"]
         assert auto["policy"]["policy_function"] == "kubeinfer.serve.autoscaling:LLMAutoscalingPolicy"
         assert auto["policy"]["policy_kwargs"]["policy"] == "latency"
         assert auto["policy"]["policy_kwargs"]["ttft_seconds"] == 0.5
-        assert auto["policy"]["policy_kwargs"]["target_queue_length"] == 3
+        assert auto["target_ongoing_requests"] == 3  # what latency starts from, before it learns
         # What Ray itself makes of it: its AutoscalingConfig loads our policy class.
         cfg = AutoscalingConfig(**auto)
         assert cfg.policy.get_policy() is LLMAutoscalingPolicy

@@ -16,7 +16,7 @@ DEFAULT_POLICY = "ongoingRequests"  # Ray Serve's own policy, unchanged
 # CRD field -> (PolicySettings field, the policies that read it).
 TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "targetKvCacheUsage": ("target_kv_cache_usage", ("kvCache",)),
-    "targetQueueLength": ("target_queue_length", ("queue", "latency")),
+    "targetQueueLength": ("target_queue_length", ("queue",)),
     "ttftSeconds": ("ttft_seconds", ("latency",)),
 }
 

@@ -174,7 +174,7 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
     now = ctx.current_time or 0.0
     # Until a capacity is learned, the deployment's target_ongoing_requests (Ray's default policy's
     # target, 2 unless set) stands in: the policy starts as cautious as Ray's and learns from there.
-    fallback = getattr(getattr(ctx, "config", None), "target_ongoing_requests", None) or s.target_queue_length
+    fallback = getattr(getattr(ctx, "config", None), "target_ongoing_requests", None) or 2.0
     signal = held
     t0, q0 = state.get(_QUEUE_REF_KEY) or (now, signal)
     growth = (signal - q0) / (now - t0) if now - t0 > 0 else 0.0

@@ -38,7 +38,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-kv-cache-usage", type=float, default=None,
                    help="autoscaling policy kvCache: mean KV-cache usage to hold, in (0, 1] (default 0.7)")
     p.add_argument("--target-queue-length", type=float, default=None,
-                   help="autoscaling policy queue / latency: waiting requests per replica to stay under (default 2)")
+                   help="autoscaling policy queue: waiting requests per replica to stay under (default 2)")
     p.add_argument("--ttft-seconds", type=float, default=None,
                    help="autoscaling policy latency: p90 time-to-first-token SLO in seconds (default 1)")
     p.add_argument("--upscale-delay-s", type=float, default=None, help="autoscaling: Ray's upscale_delay_s")
@@ -69,7 +69,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # --flag -> (PolicySettings field, the policies that read it); as the CRD's targets.
-_POLICY_TARGETS = {"target_kv_cache_usage": ("kvCache",), "target_queue_length": ("queue", "latency"),
+_POLICY_TARGETS = {"target_kv_cache_usage": ("kvCache",), "target_queue_length": ("queue",),
                    "ttft_seconds": ("latency",)}
 
 
