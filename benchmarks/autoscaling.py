@@ -354,7 +354,7 @@ def real_run(policies: list[str], seconds: float, seed: int) -> None:
     from kubeinfer.serve.app import build_app
     from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # our own, not a test's
     serve.start(grpc_options=gRPCOptions(port=9123, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
     print("| policy | requests | SLO attainment | p99 TTFT | replica-seconds | errors |\n|---|---|---|---|---|---|")
     for policy in policies:
