@@ -106,20 +106,58 @@ def free_port() -> int:
 def ray_head():
     """One local Ray head for the whole session (starting Ray costs seconds), with its dashboard on
     loopback so the Serve REST API answers; yields ``{"address", "dashboard"}``. Token auth is off
-    (Ray 2.60 turns it on by default), as for any local run."""
+    (Ray 2.60 turns it on by default), as for any local run.
+
+    The head runs in the foreground (``--block``) in a process group of its own, with its own temp
+    dir, and the teardown stops that group only: ``ray stop --force`` would kill every Ray on the
+    machine (a benchmark's server, another checkout's test session, a developer's `make run`)."""
     import shutil
+    import signal
+    import socket
     import subprocess
     import sys
+    import tempfile
+    import time
+    import urllib.request
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     if ray_bin is None:
         pytest.skip("the ray command is not installed in this environment")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     port, dash = free_port(), free_port()
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", f"--port={port}",
-                    "--dashboard-host", "127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                    "--disable-usage-stats"],
-                   check=True, capture_output=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    temp_dir = tempfile.mkdtemp(prefix="kubeinfer-ray-")  # short: Ray's socket paths must stay < 108 bytes
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "2", f"--port={port}",
+                             f"--temp-dir={temp_dir}", "--dashboard-host", "127.0.0.1", f"--dashboard-port={dash}",
+                             "--include-dashboard=true", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+    def stop() -> None:
+        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
     try:
+        deadline = time.monotonic() + 180  # bounded; Ray starts in seconds, minutes on a loaded machine
+        while True:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray start --head exited with status {head.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    pass
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Ray head did not come up within 180 s") from None
+                time.sleep(0.5)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
+        stop()
