@@ -16,6 +16,7 @@ Imports neither torch nor the router, so a program that only talks to a server s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence
 
@@ -118,10 +119,24 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str
                   frequency_penalty: float | None = None, seed: int | None = None,
                   stop: Sequence[str] | str = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                   logprobs: int | None = None, include_stop_str_in_output: bool = False,
-                  request_id: str = "", priority: int = 0) -> pb.GenerateRequest:
-    """A GenerateRequest from plain arguments; exactly one of prompt, messages, prompt_token_ids."""
+                  request_id: str = "", priority: int = 0, guided_json: dict | str | None = None,
+                  guided_regex: str | None = None, guided_choice: Sequence[str] | None = None,
+                  guided_grammar: str | None = None, json_object: bool = False) -> pb.GenerateRequest:
+    """A GenerateRequest from plain arguments; exactly one of prompt, messages, prompt_token_ids.
+
+    At most one structured-output constraint, with vLLM's names: ``guided_json`` (a JSON schema, as
+    a dict or JSON text), ``guided_regex``, ``guided_choice``, ``guided_grammar`` (EBNF), or
+    ``json_object=True`` (any JSON object)."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+    constraints = {"json_schema": guided_json if guided_json is None or isinstance(guided_json, str)
+                   else json.dumps(guided_json),
+                   "regex": guided_regex, "grammar": guided_grammar,
+                   "choice": None if guided_choice is None else pb.Choices(choices=list(guided_choice)),
+                   "json_object": True if json_object else None}
+    constraints = {k: v for k, v in constraints.items() if v is not None}
+    if len(constraints) > 1:
+        raise ValueError(f"give at most one structured-output constraint, got {sorted(constraints)}")
     values = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                   repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                   frequency_penalty=frequency_penalty, seed=seed, logprobs=logprobs)
@@ -129,6 +144,8 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str
                                  stop=[stop] if isinstance(stop, str) else list(stop),
                                  stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
                                  include_stop_str_in_output=include_stop_str_in_output)
+    if constraints:
+        sampling.structured_output.CopyFrom(pb.StructuredOutput(**constraints))
     req = pb.GenerateRequest(model=model, sampling=sampling, request_id=request_id, priority=priority)
     if prompt is not None:
         req.prompt = prompt

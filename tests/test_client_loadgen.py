@@ -16,7 +16,7 @@ from kubeinfer.bench.loadgen import LoadSpec, arrival_times, run_load_at
 from kubeinfer.bench.report import RequestRecord, format_report, summarize
 from kubeinfer.bench.workloads import SharedPrefixWorkload, SimpleWorkload, make_workload
 from kubeinfer.cli import main
-from kubeinfer.client import AsyncClient, Client, ServerError
+from kubeinfer.client import AsyncClient, Client, ServerError, build_request
 from kubeinfer.local.router import build_local_router
 from kubeinfer.serve.config import AppConfig, ModelSpec
 from kubeinfer.worker.tokenizer import Tokenizer
@@ -157,6 +157,25 @@ def test_exactly_one_input_is_required(address):
             client.generate()
         with pytest.raises(ValueError):
             client.generate(PROMPT, prompt_token_ids=[1, 2])
+
+
+def test_structured_output_arguments_constrain_the_output(address):
+    """vLLM's guided_* names reach the server's grammar engine: even a random-weight model's sampled
+    output is exactly what the constraint allows."""
+    with Client(address) as client:
+        choice = client.generate(PROMPT, max_tokens=16, temperature=1.0, seed=3, guided_choice=["yes", "no"])
+        assert choice.text in ("yes", "no") and choice.finish_reason == "stop"
+        digits = client.generate(PROMPT, max_tokens=16, temperature=1.0, seed=4, guided_regex=r"[0-9]{3}")
+        assert len(digits.text) == 3 and digits.text.isdigit()
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        obj = client.generate(PROMPT, max_tokens=32, temperature=1.0, seed=5, guided_json=schema)
+        assert obj.finish_reason == "stop" and isinstance(json.loads(obj.text)["ok"], bool)
+        with pytest.raises(ServerError) as info:
+            client.generate(PROMPT, max_tokens=4, guided_regex="(unclosed")
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ValueError, match="at most one"):
+        build_request(PROMPT, guided_regex="a", json_object=True)
 
 
 # ---- the command line -----------------------------------------------------------------------------
