@@ -136,6 +136,25 @@ class Router:
         as vLLM does), else the default capped by that room; a given one beyond the room is refused.
         """
         served, sampling = self._check(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
+        return self._tokenize(served, sampling, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
+                              request_id=request_id, priority=priority, fill_context=fill_context)
+
+    async def aprepare(self, *, model: str | None = None, prompt: str | None = None,
+                       prompt_token_ids: list[int] | None = None, messages: list[dict[str, str]] | None = None,
+                       sampling: dict[str, Any] | None = None, request_id: str | None = None,
+                       priority: int = 0, fill_context: bool = False) -> GenerateJob:
+        """:meth:`prepare` with the cheap checks on the event loop and the tokenizing (and a
+        structured-output grammar's parsing) on a thread, so one large prompt or schema never stalls
+        the other requests (nor /health)."""
+        served, sampling = self._check(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
+        return await asyncio.to_thread(self._tokenize, served, sampling, prompt=prompt,
+                                       prompt_token_ids=prompt_token_ids, messages=messages, request_id=request_id,
+                                       priority=priority, fill_context=fill_context)
+
+    def _tokenize(self, served: ServedModel, sampling: dict[str, Any], *, prompt, prompt_token_ids, messages,
+                  request_id, priority, fill_context) -> GenerateJob:
+        """The work after :meth:`_check`: the grammar's parse, the chat template, tokenizing, and the
+        checks that need the token count."""
         if sampling.get("structured_output") is not None:
             _check_grammar(sampling["structured_output"])
         if messages is not None:
@@ -159,14 +178,6 @@ class Router:
                               f"model {served.name!r} has a context of {served.max_model_len} tokens: "
                               f"max_tokens may be at most {room}")
         return GenerateJob(request_id or uuid.uuid4().hex, served.name, ids, sampling, priority)
-
-    async def aprepare(self, **kwargs: Any) -> GenerateJob:
-        """:meth:`prepare` with the cheap checks on the event loop and the tokenizing (and a
-        structured-output grammar's parsing) on a thread, so one large prompt or schema never stalls
-        the other requests (nor /health)."""
-        self._check(kwargs.get("model"), kwargs.get("prompt"), kwargs.get("prompt_token_ids"),
-                    kwargs.get("messages"), kwargs.get("sampling"), kwargs.get("request_id"), kwargs.get("priority", 0))
-        return await asyncio.to_thread(self.prepare, **kwargs)
 
     def _check(self, model, prompt, prompt_token_ids, messages, sampling, request_id, priority) -> tuple[ServedModel, dict]:
         """The checks that need no tokenizer; the served model and a copy of ``sampling``."""

@@ -19,7 +19,7 @@ TOP_P_CANDIDATES = 256  # top-p first looks for each nucleus among this many bes
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A private RNG for a request with a seed (None without one: such rows share the global RNG)."""
+    """A private RNG seeded with ``seed`` (a request's own, or the engine's for its unseeded rows), or None."""
     if seed is None:
         return None
     g = torch.Generator(device=device)
