@@ -72,8 +72,20 @@ class Usage:
 
 
 @dataclass
+class Choice:
+    """One of a request's ``n`` choices."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
 class Completion:
-    """A whole completion: the text, its token ids, why it ended (stop | length | abort) and usage."""
+    """A whole completion: the text, its token ids, why it ended (stop | length | abort) and usage
+    (the prompt counted once, every choice's tokens summed). ``choices`` holds all ``n`` choices in
+    index order; ``text``, ``token_ids`` and ``finish_reason`` are choice 0's."""
 
     text: str
     token_ids: list[int]
@@ -81,11 +93,13 @@ class Completion:
     usage: Usage
     request_id: str = ""
     model: str = ""
+    choices: list[Choice] = field(default_factory=list)
 
 
 @dataclass
 class StreamDelta:
-    """What one streamed message added. ``finish_reason`` and ``usage`` are set on the last one only."""
+    """What one streamed message added to choice ``index`` (with ``n`` > 1 the choices' messages
+    interleave). ``finish_reason`` and ``usage`` are set on each choice's last one only."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
@@ -93,12 +107,13 @@ class StreamDelta:
     usage: Usage | None = None
     request_id: str = ""
     model: str = ""
+    index: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.GenerateStreamResponse) -> StreamDelta:
         last = bool(m.finish_reason)
         return cls(m.text, list(m.token_ids), m.finish_reason or None,
-                   Usage.from_pb(m.usage) if last else None, m.request_id, m.model)
+                   Usage.from_pb(m.usage) if last else None, m.request_id, m.model, m.index)
 
 
 @dataclass
@@ -121,8 +136,9 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str
                   logprobs: int | None = None, include_stop_str_in_output: bool = False,
                   request_id: str = "", priority: int = 0, guided_json: dict | str | None = None,
                   guided_regex: str | None = None, guided_choice: Sequence[str] | None = None,
-                  guided_grammar: str | None = None, json_object: bool = False) -> pb.GenerateRequest:
+                  guided_grammar: str | None = None, json_object: bool = False, n: int = 1) -> pb.GenerateRequest:
     """A GenerateRequest from plain arguments; exactly one of prompt, messages, prompt_token_ids.
+    ``n`` choices are sampled from the prompt (with a seed s, choice i uses s + i).
 
     At most one structured-output constraint, with vLLM's names: ``guided_json`` (a JSON schema, as
     a dict or JSON text), ``guided_regex``, ``guided_choice``, ``guided_grammar`` (EBNF), or
@@ -146,7 +162,9 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str
                                  include_stop_str_in_output=include_stop_str_in_output)
     if constraints:
         sampling.structured_output.CopyFrom(pb.StructuredOutput(**constraints))
-    req = pb.GenerateRequest(model=model, sampling=sampling, request_id=request_id, priority=priority)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    req = pb.GenerateRequest(model=model, sampling=sampling, request_id=request_id, priority=priority, n=n)
     if prompt is not None:
         req.prompt = prompt
     elif messages is not None:
@@ -158,7 +176,9 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str
 
 
 def _completion(r: pb.GenerateResponse) -> Completion:
-    return Completion(r.text, list(r.token_ids), r.finish_reason, Usage.from_pb(r.usage), r.request_id, r.model)
+    choices = [Choice(c.index, c.text, list(c.token_ids), c.finish_reason) for c in r.choices]
+    return Completion(r.text, list(r.token_ids), r.finish_reason, Usage.from_pb(r.usage), r.request_id, r.model,
+                      choices)
 
 
 def _models(r: pb.ListModelsResponse) -> list[ModelInfo]:

@@ -258,7 +258,8 @@ def test_bad_sampling_value_is_400_naming_the_field(server, field, value):
     assert e.value.body["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("extra, field", [({"n": 2}, "n"), ({"echo": True}, "echo"), ({"best_of": 3}, "best_of")])
+@pytest.mark.parametrize("extra, field", [({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
+                                          ({"logit_bias": {"5": 1.0}}, "logit_bias")])
 def test_unsupported_values_are_400(server, extra, field):
     with pytest.raises(openai.BadRequestError) as e:
         server.client.completions.create(model=MODEL, prompt="hi", extra_body=extra)

@@ -63,6 +63,8 @@ class InferenceServicer:
 
     def GenerateStream(self, request, context):
         """One message per engine step that produced text; the last one carries finish_reason and usage.
+        With n > 1 the choices' messages are interleaved, each tagged with its choice's index, and
+        each choice's last message carries its finish_reason and usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2
 
 from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.proto import inference_pb2_grpc as pb_grpc
+from kubeinfer.router.parallel import check_n, expand, stream_choices
 from kubeinfer.router.router import Router
 from kubeinfer.router.types import RETRY_AFTER_KEY, Chunk, Code, RouterError, with_retry_hint
 
@@ -65,8 +66,8 @@ def _usage(chunk: Chunk) -> pb.Usage:
                     cached_prompt_tokens=chunk.cached_tokens)
 
 
-def stream_response(chunk: Chunk, model: str) -> pb.GenerateStreamResponse:
-    msg = pb.GenerateStreamResponse(request_id=chunk.request_id, model=model, text=chunk.text,
+def stream_response(chunk: Chunk, model: str, request_id: str, index: int = 0) -> pb.GenerateStreamResponse:
+    msg = pb.GenerateStreamResponse(request_id=request_id, model=model, text=chunk.text, index=index,
                                     token_ids=chunk.token_ids, logprobs=_logprobs(chunk))
     if chunk.finished:
         msg.finish_reason = chunk.finish_reason
@@ -74,12 +75,24 @@ def stream_response(chunk: Chunk, model: str) -> pb.GenerateStreamResponse:
     return msg
 
 
-def unary_response(chunks: list[Chunk], model: str) -> pb.GenerateResponse:
-    last = chunks[-1]
-    return pb.GenerateResponse(
-        request_id=last.request_id, model=model, text="".join(c.text for c in chunks),
-        token_ids=[t for c in chunks for t in c.token_ids], finish_reason=last.finish_reason or "",
-        usage=_usage(last), logprobs=[lp for c in chunks for lp in _logprobs(c)])
+def unary_response(items: list[tuple[int, Chunk]], model: str, request_id: str) -> pb.GenerateResponse:
+    """The response for a request's ``(index, chunk)`` pairs: every choice, choice 0's at the top,
+    the prompt counted once in the usage."""
+    per_choice: dict[int, list[Chunk]] = {}
+    for index, chunk in items:
+        per_choice.setdefault(index, []).append(chunk)
+    choices = [pb.Choice(index=i, text="".join(c.text for c in chunks),
+                         token_ids=[t for c in chunks for t in c.token_ids],
+                         finish_reason=chunks[-1].finish_reason or "",
+                         logprobs=[lp for c in chunks for lp in _logprobs(c)])
+               for i, chunks in sorted(per_choice.items())]
+    lasts = [chunks[-1] for _, chunks in sorted(per_choice.items())]
+    usage = _usage(lasts[0])
+    usage.completion_tokens = sum(c.completion_tokens for c in lasts)
+    first = choices[0]
+    return pb.GenerateResponse(request_id=request_id, model=model, text=first.text, token_ids=first.token_ids,
+                               finish_reason=first.finish_reason, usage=usage, logprobs=first.logprobs,
+                               choices=choices)
 
 
 def list_models_response(router: Router) -> pb.ListModelsResponse:
@@ -171,20 +184,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(self, request: pb.GenerateRequest | bytes, context) -> pb.GenerateResponse:
         try:
             request = _parse(pb.GenerateRequest, request)
+            n = check_n(request.n or 1, self.router.settings)
             job = await self.router.aprepare(**prepare_kwargs(request))  # tokenizes off the event loop
-            chunks = [c async for c in self.router.stream(job, timeout_s=timeout_of(context))]
+            items = [item async for item in stream_choices(self.router, expand(job, n), timeout_s=timeout_of(context))]
         except RouterError as e:
             await self._fail(context, e, streaming=False)
             return pb.GenerateResponse()
-        return unary_response(chunks, job.model)
+        return unary_response(items, job.model, job.request_id)
 
     async def GenerateStream(self, request: pb.GenerateRequest | bytes,
                              context) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             request = _parse(pb.GenerateRequest, request)
+            n = check_n(request.n or 1, self.router.settings)
             job = await self.router.aprepare(**prepare_kwargs(request))
-            async for chunk in self.router.stream(job, timeout_s=timeout_of(context)):
-                yield stream_response(chunk, job.model)
+            async for index, chunk in stream_choices(self.router, expand(job, n), timeout_s=timeout_of(context)):
+                yield stream_response(chunk, job.model, job.request_id, index)
         except RouterError as e:
             await self._fail(context, e, streaming=True)
 

@@ -18,13 +18,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubeinfer.router.metrics import CONTENT_TYPE
-from kubeinfer.router.openai_schema import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ResponseWriter,
-    UnsupportedField,
-    error_body,
-)
+from kubeinfer.router.openai_response import ResponseWriter
+from kubeinfer.router.openai_schema import ChatCompletionRequest, CompletionRequest, UnsupportedField, error_body
+from kubeinfer.router.parallel import check_n, expand, stream_choices
 from kubeinfer.router.router import Router
 from kubeinfer.router.types import Chunk, Code, RouterError
 
@@ -58,7 +54,8 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
 
 
 class _DetachedStream:
-    """Runs one ``Router.stream`` in a task of its own and hands its chunks to one reader.
+    """Runs one request's ``stream_choices`` in a task of its own and hands its ``(index, chunk)``
+    items to one reader.
 
     Once its client has gone, Starlette (anyio) cancels a streaming response's task again at every
     await; iterated there, the router's cleanup is cancelled at its own first await (the batch
@@ -67,13 +64,13 @@ class _DetachedStream:
     chunks in order, then None (again on every later call) or the stream's error.
     """
 
-    def __init__(self, chunks: AsyncIterator[Chunk], tasks: set[asyncio.Task]) -> None:
+    def __init__(self, chunks: AsyncIterator[tuple[int, Chunk]], tasks: set[asyncio.Task]) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task = asyncio.create_task(self._pump(chunks))
         tasks.add(self._task)  # the loop keeps only weak references to tasks
         self._task.add_done_callback(tasks.discard)
 
-    async def _pump(self, chunks: AsyncIterator[Chunk]) -> None:
+    async def _pump(self, chunks: AsyncIterator[tuple[int, Chunk]]) -> None:
         try:
             async for chunk in chunks:
                 self._queue.put_nowait(chunk)
@@ -82,7 +79,7 @@ class _DetachedStream:
         else:
             self._queue.put_nowait(_END)
 
-    async def next(self) -> Chunk | None:
+    async def next(self) -> tuple[int, Chunk] | None:
         item = await self._queue.get()
         if item is _END:
             self._queue.put_nowait(_END)
@@ -91,7 +88,7 @@ class _DetachedStream:
             raise item
         return item
 
-    async def collect(self) -> list[Chunk]:
+    async def collect(self) -> list[tuple[int, Chunk]]:
         chunks = []
         while (chunk := await self.next()) is not None:
             chunks.append(chunk)
@@ -210,20 +207,19 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(writer: ResponseWriter, first: Chunk, stream: _DetachedStream) -> AsyncIterator[str]:
+async def _events(writer: ResponseWriter, first: tuple[int, Chunk], stream: _DetachedStream) -> AsyncIterator[str]:
     try:
-        chunk, is_first = first, True
+        item = first
         while True:
-            for data in writer.stream_chunks(chunk, is_first):
+            for data in writer.stream_chunks(*item):
                 yield _sse(data)
-            is_first = False
-            if chunk.finished:
+            if writer.done:
                 break
-            chunk = await stream.next()
-            if chunk is None:  # the router's invariant says this cannot happen
+            item = await stream.next()
+            if item is None:  # the router's invariant says this cannot happen
                 raise RouterError(Code.INTERNAL, "the stream ended without a finish reason")
         if writer.include_usage:
-            yield _sse(writer.usage_chunk(chunk))
+            yield _sse(writer.usage_chunk())
     except RouterError as e:  # the status line is gone: report it in the stream, as vLLM does
         yield _sse(error_body(e.message, e.code.http_status, code=e.code.name.lower()))
     finally:
@@ -267,10 +263,12 @@ def build_http_app(router: Router) -> FastAPI:
 
     async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest,
                        kind: Literal["completion", "chat"]) -> Response:
+        n = check_n(body.num_choices, router.settings)
         job = await _unless_client_gone(request, router.aprepare(**body.prepare_kwargs(), fill_context=kind == "chat"))
         served = router.models[job.model]
-        writer = ResponseWriter(kind, job.request_id, job.model, int(time.time()), served.tokenizer, body)
-        stream = _DetachedStream(router.stream(job), streaming_tasks)
+        writer = ResponseWriter(kind, job.request_id, job.model, int(time.time()), served.tokenizer, body,
+                                prompt_token_ids=job.prompt_token_ids, n=n)
+        stream = _DetachedStream(stream_choices(router, expand(job, n)), streaming_tasks)
         try:
             if not body.stream:
                 return JSONResponse(writer.response(await _unless_client_gone(request, stream.collect())))

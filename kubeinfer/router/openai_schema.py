@@ -1,16 +1,16 @@
-"""OpenAI's request and response shapes for completions and chat, and their mapping onto the
-Router: request bodies become ``Router.prepare`` keyword arguments, streams of ``Chunk`` become
-OpenAI's response objects and stream chunks. Pure data conversion, no I/O.
+"""OpenAI's request shapes for completions and chat, and their mapping onto the Router: request
+bodies become ``Router.prepare`` keyword arguments (responses: kubeinfer.router.openai_response).
+Pure data conversion, no I/O.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from kubeinfer.router.types import Chunk
-from kubeinfer.worker.tokenizer import Tokenizer
+from kubeinfer.router.tools import ToolPlan, plan_tools
 
 
 class UnsupportedField(ValueError):
@@ -75,8 +75,6 @@ class _GenerateRequest(BaseModel):
 
     def sampling(self) -> dict[str, Any]:
         """``SamplingParams`` keyword arguments: the fields the client set (the rest keep vLLM's defaults)."""
-        if self.n not in (None, 1):
-            raise UnsupportedField("n", f"n must be 1 (one choice per request), got {self.n}")
         if self.logit_bias:
             raise UnsupportedField("logit_bias", "logit_bias is not supported")
         out = {f: getattr(self, f) for f in _SAMPLING_FIELDS if getattr(self, f) is not None}
@@ -110,6 +108,13 @@ class _GenerateRequest(BaseModel):
         return given[0][1] if given else None
 
     @property
+    def num_choices(self) -> int:
+        """``n``, at least 1 (the router bounds it from above: ``RouterSettings.max_n``)."""
+        if self.n is not None and self.n < 1:
+            raise UnsupportedField("n", f"n must be at least 1, got {self.n}")
+        return self.n or 1
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -122,16 +127,26 @@ class CompletionRequest(_GenerateRequest):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra
 
-    def prepare_kwargs(self) -> dict[str, Any]:
-        """``Router.prepare`` keyword arguments."""
+    def _prompt(self) -> str | list[int]:
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise UnsupportedField("prompt", f"give one prompt per request, got {len(prompt)}")
             prompt = prompt[0]
-        if self.echo:
-            raise UnsupportedField("echo", "echo is not supported")
+        return prompt
+
+    def prompt_text(self) -> str | None:
+        """The prompt as the client wrote it, when it is text (``echo`` returns it)."""
+        prompt = self._prompt()
+        return prompt if isinstance(prompt, str) else None
+
+    def prepare_kwargs(self) -> dict[str, Any]:
+        """``Router.prepare`` keyword arguments. ``echo`` with ``logprobs`` asks the engine for as
+        many prompt logprobs; ``max_tokens: 0`` with ``echo`` (scoring only) runs one token, which
+        the response drops."""
+        prompt = self._prompt()
         if self.best_of not in (None, 1):
             raise UnsupportedField("best_of", f"best_of must be 1, got {self.best_of}")
         if self.suffix:
@@ -139,6 +154,11 @@ class CompletionRequest(_GenerateRequest):
         sampling = self.sampling()
         if self.logprobs is not None:
             sampling["logprobs"] = self.logprobs
+        if self.echo and self.max_tokens == 0:
+            sampling["max_tokens"] = 1
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        if wanted:
+            sampling["prompt_logprobs"] = max(wanted)
         kwargs = {"model": self.model, "sampling": sampling, "priority": self.priority}
         kwargs["prompt" if isinstance(prompt, str) else "prompt_token_ids"] = prompt
         return kwargs
@@ -173,12 +193,44 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message; the Router checks the role and renders the chat template."""
+    """One chat message; the Router checks the role and renders the chat template. An assistant
+    message may carry ``tool_calls`` (then its content may be null), a ``tool`` message a tool's
+    result for ``tool_call_id``."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: str
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        """The message as chat templates take it (transformers' convention): text content, and
+        tool calls' arguments as objects ("developer" is OpenAI's newer name for system)."""
+        if self.content is None and not self.tool_calls:
+            raise UnsupportedField("messages", f"messages[{index}] has no content")
+        content = self.content or ""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": content if isinstance(content, str) else "".join(p.text for p in content)}
+        if self.tool_calls:
+            out["tool_calls"] = [_template_call(index, c) for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def _template_call(index: int, call: dict[str, Any]) -> dict[str, Any]:
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
+        raise UnsupportedField("messages", f"messages[{index}].tool_calls: each needs "
+                                           "{\"function\": {\"name\": str, \"arguments\": JSON text}}")
+    try:
+        arguments = json.loads(fn.get("arguments") or "{}")
+    except ValueError:
+        arguments = fn["arguments"]  # not JSON: the template gets the text as it came
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}}
 
 
 class ChatCompletionRequest(_GenerateRequest):
@@ -188,12 +240,21 @@ class ChatCompletionRequest(_GenerateRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Any = None  # checked by kubeinfer.router.tools, which names the bad part
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    _plan: ToolPlan | None = PrivateAttr(default=None)
+
+    def tool_plan(self) -> ToolPlan:
+        """What ``tools`` and ``tool_choice`` ask for (UnsupportedField for bad ones)."""
+        if self._plan is None:
+            self._plan = plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls, UnsupportedField)
+        return self._plan
 
     def prepare_kwargs(self) -> dict[str, Any]:
-        """``Router.prepare`` keyword arguments."""
-        if self.tools:
-            raise UnsupportedField("tools", "tools are not supported")
+        """``Router.prepare`` keyword arguments; a forced tool call (``tool_choice`` required or a
+        named function) is a structured-output constraint, so it excludes another one."""
+        plan = self.tool_plan()
         if self.top_logprobs is not None and not self.logprobs:
             raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs: true")
         sampling = self.sampling()
@@ -201,129 +262,17 @@ class ChatCompletionRequest(_GenerateRequest):
             sampling["max_tokens"] = self.max_completion_tokens
         if self.logprobs:
             sampling["logprobs"] = self.top_logprobs or 0
-        # "developer" is OpenAI's newer name for the system role.
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                    for m in self.messages]
-        return {"model": self.model, "messages": messages, "sampling": sampling, "priority": self.priority}
+        if plan.structured_output is not None:
+            if "structured_output" in sampling:
+                raise UnsupportedField("tool_choice", f"tool_choice {self.tool_choice!r} constrains the output: "
+                                                      "it cannot be combined with response_format or guided_*")
+            sampling["structured_output"] = plan.structured_output
+        messages = [m.for_template(i) for i, m in enumerate(self.messages)]
+        return {"model": self.model, "messages": messages, "sampling": sampling, "priority": self.priority,
+                "tools": plan.tools}
 
 
-# ---- responses ---------------------------------------------------------------------------------
-
-
-def usage(last: Chunk) -> dict[str, Any]:
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
-
-
-# vLLM's stand-in for a -inf logprob (a token top-k / top-p filtered out): JSON has no infinity.
-_MIN_LOGPROB = -9999.0
-
-
-def _finite(logprob: float | None) -> float | None:
-    return None if logprob is None else max(logprob, _MIN_LOGPROB)
-
-
-def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def completion_logprobs(tokenizer: Tokenizer, chunks: list[Chunk], text_offset: int) -> dict[str, Any] | None:
-    """OpenAI's legacy logprobs object for these chunks' tokens; offsets start at ``text_offset``."""
-    if not any(c.logprobs for c in chunks):
-        return None
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for c in chunks:
-        for token, top in zip(c.token_ids, c.logprobs or []):
-            text = _token_text(tokenizer, token)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(_finite(top.get(token)))
-            out["top_logprobs"].append({_token_text(tokenizer, t): _finite(lp) for t, lp in top.items()})
-            out["text_offset"].append(text_offset)
-            text_offset += len(text)
-    return out
-
-
-def chat_logprobs(tokenizer: Tokenizer, chunks: list[Chunk], top_n: int) -> dict[str, Any] | None:
-    """OpenAI's chat logprobs object (``{"content": [...]}``) for these chunks' tokens."""
-    if not any(c.logprobs for c in chunks):
-        return None
-
-    def entry(token: int, logprob: float | None) -> dict[str, Any]:
-        text = _token_text(tokenizer, token)
-        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
-
-    content = []
-    for c in chunks:
-        for token, top in zip(c.token_ids, c.logprobs or []):
-            best = sorted(top.items(), key=lambda kv: -kv[1])[:top_n]
-            content.append({**entry(token, top.get(token)), "top_logprobs": [entry(t, lp) for t, lp in best]})
-    return {"content": content}
-
-
-class ResponseWriter:
-    """Renders one request's chunks as OpenAI objects, for completions or chat.
-
-    Owns the response id, creation time and, for completions, the running text offset of logprobs;
-    one writer per request, fed its chunks in order.
-    """
-
-    def __init__(self, kind: Literal["completion", "chat"], request_id: str, model: str, created: int,
-                 tokenizer: Tokenizer, request: CompletionRequest | ChatCompletionRequest) -> None:
-        self.chat = kind == "chat"
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
-        self.model = model
-        self.created = created
-        self.tokenizer = tokenizer
-        self.include_usage = request.include_usage
-        self.top_logprobs = (request.top_logprobs or 0) if self.chat else 0
-        self._offset = 0
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-        if self.include_usage:
-            out["usage"] = None
-        return out
-
-    def _logprobs(self, chunks: list[Chunk]) -> dict[str, Any] | None:
-        if self.chat:
-            return chat_logprobs(self.tokenizer, chunks, self.top_logprobs)
-        logprobs = completion_logprobs(self.tokenizer, chunks, self._offset)
-        self._offset += sum(len(c.text) for c in chunks)
-        return logprobs
-
-    def stream_chunks(self, chunk: Chunk, first: bool) -> list[dict[str, Any]]:
-        """The stream chunks for one router chunk (none when it adds nothing a client sees)."""
-        out = []
-        if self.chat and first:
-            out.append(self._envelope("chat.completion.chunk", [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
-        if not (chunk.text or chunk.finished or chunk.logprobs):
-            return out
-        choice = {"index": 0, "logprobs": self._logprobs([chunk]), "finish_reason": chunk.finish_reason}
-        if self.chat:
-            choice["delta"] = {"content": chunk.text} if chunk.text else {}
-        else:
-            choice["text"] = chunk.text
-        out.append(self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice]))
-        return out
-
-    def usage_chunk(self, last: Chunk) -> dict[str, Any]:
-        """The extra last stream chunk that ``stream_options.include_usage`` asks for."""
-        return {**self._envelope("chat.completion.chunk" if self.chat else "text_completion", []),
-                "usage": usage(last)}
-
-    def response(self, chunks: list[Chunk]) -> dict[str, Any]:
-        """The whole (non-streaming) response for a finished request's chunks."""
-        text, last = "".join(c.text for c in chunks), chunks[-1]
-        choice: dict[str, Any] = {"index": 0, "logprobs": self._logprobs(chunks), "finish_reason": last.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice], "usage": usage(last)}
+# ---- errors ------------------------------------------------------------------------------------
 
 
 def error_body(message: str, status: int, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:

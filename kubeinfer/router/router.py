@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from kubeinfer.router.admission import AdmissionController, Rejected
+from kubeinfer.router.admission import Admission, AdmissionController, Rejected
 from kubeinfer.router.batching import MicroBatcher
 from kubeinfer.router.metrics import RouterMetrics
 from kubeinfer.router.pool import JobStream, WorkerPool
@@ -42,6 +42,7 @@ class ServedModel:
 DEFAULT_SEQS_PER_REPLICA: int = EngineConfig.__dataclass_fields__["max_num_seqs"].default
 QUEUE_FACTOR = 2  # the default queue holds this many times the replicas' capacity
 SEED_RANGE = (-(1 << 63), 1 << 63)
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, for the template to render
 
 
 def _capacity(served: ServedModel) -> int:
@@ -128,7 +129,7 @@ class Router:
     def prepare(self, *, model: str | None = None, prompt: str | None = None,
                 prompt_token_ids: list[int] | None = None, messages: list[dict[str, str]] | None = None,
                 sampling: dict[str, Any] | None = None, request_id: str | None = None,
-                priority: int = 0, fill_context: bool = False) -> GenerateJob:
+                priority: int = 0, fill_context: bool = False, tools: list[dict] | None = None) -> GenerateJob:
         """Validate and tokenize a request; RouterError (INVALID_ARGUMENT / NOT_FOUND) if it cannot run.
 
         Every bound that needs no tokenizer is checked first, so an oversized request costs nothing.
@@ -137,28 +138,29 @@ class Router:
         """
         served, sampling = self._check(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
         return self._tokenize(served, sampling, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
-                              request_id=request_id, priority=priority, fill_context=fill_context)
+                              request_id=request_id, priority=priority, fill_context=fill_context, tools=tools)
 
     async def aprepare(self, *, model: str | None = None, prompt: str | None = None,
                        prompt_token_ids: list[int] | None = None, messages: list[dict[str, str]] | None = None,
                        sampling: dict[str, Any] | None = None, request_id: str | None = None,
-                       priority: int = 0, fill_context: bool = False) -> GenerateJob:
+                       priority: int = 0, fill_context: bool = False,
+                       tools: list[dict] | None = None) -> GenerateJob:
         """:meth:`prepare` with the cheap checks on the event loop and the tokenizing (and a
         structured-output grammar's parsing) on a thread, so one large prompt or schema never stalls
         the other requests (nor /health)."""
         served, sampling = self._check(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
         return await asyncio.to_thread(self._tokenize, served, sampling, prompt=prompt,
                                        prompt_token_ids=prompt_token_ids, messages=messages, request_id=request_id,
-                                       priority=priority, fill_context=fill_context)
+                                       priority=priority, fill_context=fill_context, tools=tools)
 
     def _tokenize(self, served: ServedModel, sampling: dict[str, Any], *, prompt, prompt_token_ids, messages,
-                  request_id, priority, fill_context) -> GenerateJob:
+                  request_id, priority, fill_context, tools=None) -> GenerateJob:
         """The work after :meth:`_check`: the grammar's parse, the chat template, tokenizing, and the
         checks that need the token count."""
         if sampling.get("structured_output") is not None:
             _check_grammar(sampling["structured_output"])
         if messages is not None:
-            prompt = self._render_chat(served, messages)
+            prompt = self._render_chat(served, messages, tools)
         if prompt is not None:
             ids = served.tokenizer.encode(prompt)
         else:
@@ -204,9 +206,9 @@ class Router:
         if messages is not None:
             if not isinstance(messages, list) or not messages or any(
                     not isinstance(m, dict) or not isinstance(m.get("content"), str)
-                    or m.get("role") not in ("system", "user", "assistant") for m in messages):
+                    or m.get("role") not in CHAT_ROLES for m in messages):
                 raise RouterError(Code.INVALID_ARGUMENT,
-                                  "messages must be a non-empty list of {role: system|user|assistant, content: str}")
+                                  "messages must be a non-empty list of {role: system|user|assistant|tool, content: str}")
             total = sum(len(m["content"]) for m in messages)
             if total > limit:
                 raise RouterError(Code.INVALID_ARGUMENT, f"the messages have {total} characters; the limit "
@@ -241,34 +243,57 @@ class Router:
         return served, sampling
 
     @staticmethod
-    def _render_chat(served: ServedModel, messages: list[dict[str, str]]) -> str:
+    def _render_chat(served: ServedModel, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
         try:
-            return served.tokenizer.apply_chat_template(messages)
+            return served.tokenizer.apply_chat_template(messages, tools=tools)
         except Exception as e:
             raise RouterError(Code.INVALID_ARGUMENT, f"cannot apply the chat template: {_readable(str(e))}") from None
 
     # ---- the request path ------------------------------------------------------------------------
 
-    async def stream(self, job: GenerateJob, *, timeout_s: float | None = None) -> AsyncIterator[Chunk]:
+    def admit(self, model: str, count: int = 1) -> list[Admission]:
+        """Places for ``count`` jobs of one request, all or none (RouterError otherwise): n choices
+        are n jobs, each held to the in-flight and queue bounds like a request. More than the
+        router could ever hold at once is INVALID_ARGUMENT (it would never be admitted), fewer
+        free places than asked RESOURCE_EXHAUSTED; so is an expected queue wait past the bound."""
+        if self.draining:
+            raise RouterError(Code.UNAVAILABLE, "the server is shutting down", retry_after_s=1.0)
+        room = self.admission.max_in_flight + self.admission.max_queued
+        if count > room:
+            raise RouterError(Code.INVALID_ARGUMENT, f"n is {count}, but this router holds at most {room} jobs "
+                                                     "at once (max_in_flight + max_queued)")
+        admitted: list[Admission] = []
+        for _ in range(count):
+            admission = self.admission.try_admit()
+            if isinstance(admission, Rejected):
+                for a in admitted:
+                    a.release()
+                self._update_gauges()
+                self.metrics.requests.labels(model, "rejected").inc()
+                raise RouterError(Code.RESOURCE_EXHAUSTED, admission.reason, retry_after_s=admission.retry_after_s)
+            admitted.append(admission)
+        expected = self.admission.expected_wait_s() if admitted[-1].state == "queued" else None
+        if expected is not None and expected > self.settings.max_queue_wait_s:
+            for a in admitted:  # it would wait past the bound: say so now rather than after the wait
+                a.release()
+            self._update_gauges()
+            self.metrics.requests.labels(model, "rejected").inc()
+            raise RouterError(Code.RESOURCE_EXHAUSTED, f"overloaded: the expected wait of {expected:.1f} s exceeds "
+                                                       f"max_queue_wait_s = {self.settings.max_queue_wait_s:g} s",
+                              retry_after_s=self.admission.retry_after_s())
+        return admitted
+
+    async def stream(self, job: GenerateJob, *, timeout_s: float | None = None,
+                     admission: Admission | None = None) -> AsyncIterator[Chunk]:
         """Run a prepared job and stream its chunks; RouterError for overload, deadline, failure.
 
         The deadline (the client's, capped by ``request_timeout_s``) bounds each wait of the
         router itself: for admission and for every next chunk, never the caller's own writes.
+        ``admission``: a place from :meth:`admit` (then released here however the stream ends,
+        once it has started); None admits the job here.
         """
-        if self.draining:
-            raise RouterError(Code.UNAVAILABLE, "the server is shutting down", retry_after_s=1.0)
-        admission = self.admission.try_admit()
-        if isinstance(admission, Rejected):
-            self.metrics.requests.labels(job.model, "rejected").inc()
-            raise RouterError(Code.RESOURCE_EXHAUSTED, admission.reason, retry_after_s=admission.retry_after_s)
-        expected = self.admission.expected_wait_s() if admission.state == "queued" else None
-        if expected is not None and expected > self.settings.max_queue_wait_s:
-            admission.release()  # it would wait past the bound: say so now rather than after the wait
-            self._update_gauges()
-            self.metrics.requests.labels(job.model, "rejected").inc()
-            raise RouterError(Code.RESOURCE_EXHAUSTED, f"overloaded: the expected wait of {expected:.1f} s exceeds "
-                                                       f"max_queue_wait_s = {self.settings.max_queue_wait_s:g} s",
-                              retry_after_s=self.admission.retry_after_s())
+        if admission is None:
+            admission = self.admit(job.model)[0]
         timeout_s = min(timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

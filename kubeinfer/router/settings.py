@@ -27,7 +27,8 @@ class RouterSettings:
     Bounds checked before any work: ``max_prompt_chars`` (None: ``PROMPT_CHARS_PER_TOKEN`` times
     the largest ``max_model_len``) for a prompt or the chat messages together, and
     ``max_body_bytes`` (None: room for such a prompt JSON-escaped, plus 1 MiB) for an HTTP body or
-    a gRPC message.
+    a gRPC message; ``max_n`` for the choices one request may ask for (``n``: each choice is an
+    engine job of its own, admitted like a request).
     """
 
     policy: str = "power_of_two"
@@ -40,6 +41,7 @@ class RouterSettings:
     max_batch_size: int = 8
     request_timeout_s: float = 600.0
     num_replicas: int = 1
+    max_n: int = 16
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -54,6 +56,8 @@ class RouterSettings:
             raise ValueError("need batch_window_ms >= 0 and max_batch_size >= 1")
         if self.request_timeout_s <= 0 or self.num_replicas < 1:
             raise ValueError("need request_timeout_s > 0 and num_replicas >= 1")
+        if self.max_n < 1:
+            raise ValueError("need max_n >= 1")
 
     def prompt_char_limit(self, max_model_len: int) -> int:
         return self.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * max_model_len

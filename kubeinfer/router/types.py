@@ -95,6 +95,9 @@ class Chunk:
     cached_tokens: int = 0
     logprobs: list[dict[int, float]] | None = None
     timings: dict[str, float] | None = None  # on the last chunk: the engine's RequestOutput.timings
+    # On the first chunk of a job whose sampling asked for ``prompt_logprobs``: one entry per prompt
+    # token, None for the first, else {the prompt token's id: its logprob, plus the top alternatives}.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -35,6 +35,7 @@ class Tokenizer:
         if chat_template:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error
+            env.filters["tojson"] = _tojson  # transformers' (jinja's own escapes <, > and & for HTML)
             self._template = env.from_string(chat_template)
 
     @classmethod
@@ -93,15 +94,22 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` ([{role, content}, ...]) with the model's chat template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render ``messages`` ([{role, content}, ...]) with the model's chat template; ``tools``
+        (OpenAI's ``[{"type": "function", "function": {...}}]``) are handed to it as ``tools``, as
+        transformers does (a template that ignores them renders none)."""
         if self._template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError("each chat message needs a 'role' and a 'content'")
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=tools)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise_template_error(message: str) -> None:
