@@ -142,7 +142,10 @@ def ray_head():
                 break
             except subprocess.TimeoutExpired:
                 continue
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        if os.environ.get("KUBEINFER_KEEP_RAY_LOGS"):  # for a post-mortem of a failed Ray test
+            print(f"Ray's session logs are kept in {temp_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
     try:
         deadline = time.monotonic() + 180  # bounded; Ray starts in seconds, minutes on a loaded machine

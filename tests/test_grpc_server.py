@@ -254,8 +254,52 @@ def test_replica_failure_before_first_token_is_retried_elsewhere(tiny_llama_dir,
         results = s.call(run)
         assert [r[0] for r in results] == [reference[p] for p in PROMPTS[:4]]
         metrics = s.router.metrics.render().decode()
-        assert bad.calls >= 1  # round robin sent it work, and each such request was retried once
+        assert bad.calls >= 1  # round robin sent it work, and each such request was retried
         assert f'kubeinfer:router_retries_total{{model_name="tiny"}} {float(bad.calls)}' in metrics
+    finally:
+        s.close()
+
+
+class DyingBeforeReportReplica(EngineReplica):
+    """A replica whose first ``failures`` calls break before its report names it (a call Serve sent
+    to a replica killed before it began): the router cannot exclude it on the retry."""
+
+    def __init__(self, engine, replica_id: str, failures: int) -> None:
+        super().__init__(engine, replica_id)
+        self.failures, self.calls = failures, 0
+
+    async def generate_batch(self, jobs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("replica process died")
+        async for item in super().generate_batch(jobs):
+            yield item
+
+
+def test_a_job_is_retried_until_it_starts_within_the_retry_budget(tiny_llama_dir, reference):
+    """Two failures before the replica is known (so no exclusion helps) still end in the right
+    tokens; a replica that always fails ends the request UNAVAILABLE after a bounded number of tries."""
+    from kubeinfer.router.router import RETRY_PAUSES_S
+    served = build_served_model(spec(tiny_llama_dir, 1), "round_robin")
+    good = next(iter(served.pool.replicas.values()))
+    flaky = DyingBeforeReportReplica(good.engine, "flaky", failures=2)
+    served.pool = LocalPool([flaky], served.pool.policy)
+    s = Server(Router([served], RouterSettings(policy="round_robin")))
+    try:
+        tokens, reason, _ = s.call(lambda stub, _: stream_tokens(stub, PROMPTS[0]))
+        assert tokens == reference[PROMPTS[0]] and reason == "length" and flaky.calls == 3
+
+        flaky.failures, flaky.calls = 10**6, 0
+
+        async def fails(stub, _):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stream_tokens(stub, PROMPTS[1])
+            return e.value
+        err = s.call(fails)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "died" in err.details()
+        assert flaky.calls == len(RETRY_PAUSES_S) + 1
+        metrics = s.router.metrics.render().decode()
+        assert f'kubeinfer:router_retries_total{{model_name="tiny"}} {float(2 + len(RETRY_PAUSES_S))}' in metrics
     finally:
         s.close()
 

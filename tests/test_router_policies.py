@@ -321,3 +321,32 @@ def test_router_modules_import_neither_ray_torch_nor_serve():
                 "assert not bad, bad")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert result.returncode == 0, (module, result.stderr[-500:])
+
+
+def test_serve_request_router_avoids_excluded_and_unavailable_replicas_unless_none_is_left():
+    """The Serve glue's ranking: a retry's excluded replica and one Serve saw unavailable (a killed
+    replica it has not yet dropped) are not chosen while another replica is there; when every
+    candidate is avoided, one is chosen anyway rather than failing the request."""
+    import time
+    from types import SimpleNamespace
+    from kubeinfer.serve.request_router import PolicyRequestRouter
+
+    def replica(rid):
+        return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats={})
+
+    router = PolicyRequestRouter.__new__(PolicyRequestRouter)  # Serve's own constructor needs a live handle
+    router.initialize_state("round_robin")
+    a, b = replica("a"), replica("b")
+
+    def chosen(*candidates, **kwargs):
+        ranks = asyncio.run(router.choose_replicas(list(candidates), SimpleNamespace(kwargs=kwargs, args=())))
+        return [[r.replica_id.unique_id for r in rank] for rank in ranks]
+
+    assert {chosen(a, b)[0][0] for _ in range(4)} == {"a", "b"}  # round robin over both
+    assert all(chosen(a, b, exclude_replica="a") == [["b"]] for _ in range(4))
+    router.unavailable_since["b"] = time.monotonic()
+    assert all(chosen(a, b) == [["a"]] for _ in range(4))
+    assert chosen(a, b, exclude_replica="a")[0][0] in ("a", "b")  # both avoided: still routed
+    router.unavailable_since["b"] = time.monotonic() - PolicyRequestRouter.UNAVAILABLE_HOLD_S - 1
+    assert {chosen(a, b)[0][0] for _ in range(4)} == {"a", "b"}  # the hold expired
+    assert "b" not in router.unavailable_since

@@ -1,5 +1,6 @@
 """The router: validates and tokenizes requests, admits them, batches them, sends them to a
-model's replicas and streams the chunks back, retrying once elsewhere if a replica fails first.
+model's replicas and streams the chunks back, retrying elsewhere (a bounded number of times) a job
+whose replica failed before it streamed anything.
 
 Transport-neutral: the gRPC servicer and the HTTP app both call :meth:`Router.prepare` then
 :meth:`Router.stream`. No Ray imports; the Ray Serve glue hands in its own pools.
@@ -43,6 +44,11 @@ DEFAULT_SEQS_PER_REPLICA: int = EngineConfig.__dataclass_fields__["max_num_seqs"
 QUEUE_FACTOR = 2  # the default queue holds this many times the replicas' capacity
 SEED_RANGE = (-(1 << 63), 1 << 63)
 CHAT_ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, for the template to render
+# A job whose replica fails before its first chunk is sent again, after these pauses (so at most
+# len + 1 tries). More than one retry: a call can die before its replica is known (no report yet),
+# and then the retry cannot exclude it; Serve keeps routing to a killed replica until it learns of
+# the death (an ActorUnavailableError only invalidates its cache), which the pauses give it time to.
+RETRY_PAUSES_S: tuple[float, ...] = (0.0, 0.25, 1.0)
 
 
 def _capacity(served: ServedModel) -> int:
@@ -343,8 +349,9 @@ class Router:
         router_wait = time.monotonic() - start  # this body first runs once the request is admitted
         stream = await self._open(served, job)
         last = None
+        pauses, excluded = iter(RETRY_PAUSES_S), None
         try:
-            for attempt in (0, 1):
+            while True:
                 try:
                     async for chunk in stream:
                         if chunk.finish_reason == "rejected":  # the engine refused it: bad input
@@ -365,10 +372,14 @@ class Router:
                     return
                 except ReplicaFailed as e:
                     await stream.aclose()
-                    if stream.started or attempt == 1:
+                    pause = None if stream.started else next(pauses, None)
+                    if pause is None:  # tokens already reached the client, or the tries are spent
                         raise RouterError(Code.UNAVAILABLE, str(e)) from None
                     m.retries.labels(job.model).inc()
-                    stream = served.pool.open([job], exclude=e.replica_id)[0]
+                    excluded = e.replica_id or excluded
+                    if pause:
+                        await asyncio.sleep(pause)
+                    stream = served.pool.open([job], exclude=excluded)[0]
         finally:
             await stream.aclose()
 
