@@ -64,3 +64,19 @@ def test_answers_sensibly(models):
     engine, _ = models
     out = engine.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=8))[0]
     assert "Paris" in out.text
+
+
+def test_prompt_logprobs_match_transformers(models):
+    """The lm-eval scoring path on the default model: the engine's prompt logprobs (computed in
+    the prefill pass) equal log_softmax of transformers' logits at every prompt position."""
+    engine, hf = models
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    out = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2))[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for p, entry in enumerate(out.prompt_logprobs[1:]):
+        assert abs(entry[ids[p + 1]] - ref[p, ids[p + 1]].item()) < 1e-3
+        top = ref[p].topk(2)
+        for t, lp in zip(top.indices.tolist(), top.values.tolist()):
+            assert abs(entry[t] - lp) < 1e-3

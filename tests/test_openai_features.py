@@ -50,10 +50,6 @@ SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-needs_prompt_logprobs = pytest.mark.xfail(strict=True,
-                                          reason="the engine does not compute prompt logprobs yet")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny_llama_dir, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-tools")
@@ -260,7 +256,6 @@ def reference_prompt_logprobs(model_dir: str, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-@needs_prompt_logprobs
 def test_echo_logprobs_cover_the_prompt_then_the_completion(server, model_dir):
     ids = tokenizer(server).encode(PROMPT)
     out = server.client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=2, max_tokens=4,
@@ -276,24 +271,30 @@ def test_echo_logprobs_cover_the_prompt_then_the_completion(server, model_dir):
     assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-3)
 
 
-@needs_prompt_logprobs
-def test_lm_eval_request_shape(server, model_dir):
-    """lm-eval's loglikelihood request: token ids, echo, logprobs 1, max_tokens 0."""
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_lm_eval_request_shape(server, model_dir, max_tokens):
+    """lm-eval's loglikelihood request: token ids, echo, logprobs 1, and max_tokens 0 (the issue's
+    shape) or 1 (what lm-eval 0.4's local-completions sends, dropping the last entry itself)."""
     ids = tokenizer(server).encode(PROMPT)
     status, _, body = post(f"{server.url}/v1/completions", json.dumps(
-        {"model": MODEL, "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}).encode())
+        {"model": MODEL, "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": max_tokens, "temperature": 0,
+         "seed": 1234}).encode())
     assert status == 200, body
     choice = body["choices"][0]
-    assert choice["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 0
+    assert choice["finish_reason"] == "length" and body["usage"]["completion_tokens"] == max_tokens
     lp = choice["logprobs"]
-    assert len(lp["token_logprobs"]) == len(ids) and lp["token_logprobs"][0] is None
+    assert len(lp["token_logprobs"]) == len(ids) + max_tokens and lp["token_logprobs"][0] is None
     ref = reference_prompt_logprobs(model_dir, ids)
-    assert lp["token_logprobs"][1:] == pytest.approx([ref[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-3)
-    # the greedy check lm-eval does: the token's logprob against the best of its top entries
-    assert all(max(top.values()) >= tok - 1e-6 for tok, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]))
+    expected = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx(expected, abs=1e-3)
+    # lm-eval's parse_logprobs: the continuation is the prompt's last 2 tokens here (ctxlen = len - 2)
+    ctxlen, end = len(ids) - 2, len(ids)
+    scored = lp["token_logprobs"][ctxlen:end]
+    assert sum(scored) == pytest.approx(sum(expected[-2:]), abs=1e-3)
+    greedy = [tok == max(top.values()) for tok, top in zip(scored, lp["top_logprobs"][ctxlen:end])]
+    assert greedy == [ids[i] == int(ref[i - 1].argmax()) for i in range(ctxlen, end)]
 
 
-@needs_prompt_logprobs
 def test_vllm_prompt_logprobs_extra(server):
     ids = tokenizer(server).encode(PROMPT)
     status, _, body = post(f"{server.url}/v1/completions", json.dumps(

@@ -93,4 +93,5 @@ class EngineReplica:
 
 def _chunk(o: RequestOutput) -> Chunk:
     return Chunk(o.request_id, o.delta_text, o.new_token_ids, o.finish_reason, o.error,
-                 o.num_prompt_tokens, o.num_output_tokens, o.num_cached_tokens, o.logprobs, o.timings)
+                 o.num_prompt_tokens, o.num_output_tokens, o.num_cached_tokens, o.logprobs, o.timings,
+                 prompt_logprobs=o.prompt_logprobs)

@@ -16,7 +16,7 @@ from kubeinfer.worker.kv_cache import KVCacheManager
 from kubeinfer.worker.gpu_memory import GIB, check_free_memory, profile_memory
 from kubeinfer.worker.kernels.backend import select_backend
 from kubeinfer.worker.kv_sizing import kv_blocks_for_bytes, kv_bytes_per_token
-from kubeinfer.worker.model_runner import ModelRunner
+from kubeinfer.worker.model_runner import ModelRunner, PromptScores, PromptScoring
 from kubeinfer.worker.models.loader import LoadedModel, load_model
 from kubeinfer.worker.outputs import EngineStats, IterationTokens, RequestOutput
 from kubeinfer.worker.sampling import SamplingBatch, make_generator
@@ -129,6 +129,7 @@ class Engine:
         self._iteration_tokens = IterationTokens()
         self._structured = None  # StructuredOutput, made on the first constrained request
         self._num_constrained = 0  # live requests with a grammar: 0 keeps the step free of grammar work
+        self._num_scoring = 0  # live requests asking for prompt logprobs: 0 keeps the step free of that work
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -162,6 +163,7 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         self.requests[request_id] = _Request(seq, detok, make_generator(params.seed, self.device), grammar)
         self._num_constrained += grammar is not None
+        self._num_scoring += seq.prompt_logprobs is not None
         self.scheduler.add(seq)
         self._prompt_tokens += len(prompt_token_ids)
         return request_id
@@ -172,6 +174,7 @@ class Engine:
         if req is None:
             return False
         self._num_constrained -= req.grammar is not None
+        self._num_scoring -= req.seq.prompt_logprobs is not None
         req.seq.finish_reason = FinishReason.ABORT
         self.scheduler.remove(req.seq)
         return True
@@ -193,22 +196,55 @@ class Engine:
         # their logits in batch order, the same order Scheduler.update returns them in.
         sampling_rows = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         tables = [self.kv.block_ids(s.request_id) for s in batch.seqs]
+        scoring = self._prompt_scoring(batch) if self._num_scoring else None
         try:
             sampling = self._sampling_batch(sampling_rows) if sampling_rows else None
-            result = self.runner.execute(batch, tables, sampling)
+            step = self.runner.execute(batch, tables, sampling, scoring)
         except Exception as e:  # a bug or resource failure must not take the other requests down
             log.exception("engine step failed")
             return [self._finish(s, FinishReason.ERROR, error=f"{type(e).__name__}: {e}") for s in batch.seqs]
+        if step.scores is not None:
+            self._store_prompt_scores(scoring, step.scores)
         ready = self.scheduler.update(batch)
         outputs = []
-        if result is None:
+        if step.sampled is None:
             return outputs
-        result = result.to_host()
+        result = step.sampled.to_host()
         token_ids = result.token_ids.tolist()
         now = time.monotonic()
         for row, (seq, token) in enumerate(zip(ready, token_ids)):
             outputs.append(self._append_token(seq, token, row, result, now))
         return outputs
+
+    def _prompt_scoring(self, batch) -> PromptScoring | None:
+        """The step's rows whose logits score a prompt token: position p predicts token p + 1, for
+        the positions this step computes whose score is not yet known (a recompute after
+        preemption scores nothing twice)."""
+        scoring, offset = PromptScoring(), 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.scoring_prompt:
+                start = seq.num_computed_tokens
+                lo, hi = max(start, len(seq.prompt_logprobs) - 1), min(start + n, seq.num_prompt_tokens - 1)
+                if lo < hi:
+                    scoring.rows += range(offset + lo - start, offset + hi - start)
+                    scoring.targets += seq.token_ids[lo + 1:hi + 1]
+                    scoring.top_k = max(scoring.top_k, seq.params.prompt_logprobs)
+                    scoring.owners.append((seq, hi - lo))
+            offset += n
+        return scoring if scoring.rows else None
+
+    @staticmethod
+    def _store_prompt_scores(scoring: PromptScoring, scores: PromptScores) -> None:
+        row = 0
+        for seq, count in scoring.owners:
+            k = seq.params.prompt_logprobs
+            for i in range(row, row + count):
+                entry = {scoring.targets[i]: scores.logprobs[i]}
+                if k:
+                    for t, lp in zip(scores.top_ids[i][:k], scores.top_logprobs[i][:k]):
+                        entry.setdefault(t, lp)
+                seq.prompt_logprobs.append(entry)
+            row += count
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         reqs = [self.requests[s.request_id] for s in seqs]
@@ -274,6 +310,7 @@ class Engine:
                 delta: str = "", logprobs=None, error: str | None = None) -> RequestOutput:
         req = self.requests.pop(seq.request_id)
         self._num_constrained -= req.grammar is not None
+        self._num_scoring -= seq.prompt_logprobs is not None
         seq.finish_reason = reason
         self.scheduler.remove(seq)
         if reason is not FinishReason.ERROR:
@@ -285,15 +322,19 @@ class Engine:
 
     def _output(self, seq: Sequence, new: list[int], delta: str, logprobs, req: _Request | None = None) -> RequestOutput:
         req = req or self.requests[seq.request_id]
+        # The prompt's logprobs ride on the output that carries the first token (all are known then).
+        prompt_logprobs = seq.prompt_logprobs if seq.prompt_logprobs is not None and new and \
+            seq.num_output_tokens == len(new) else None
         return RequestOutput(seq.request_id, new, delta, req.detokenizer.text, seq.output_token_ids,
                              num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-                             logprobs=logprobs)
+                             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     # ---- conveniences ---------------------------------------------------------------------------
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Run prompts (strings or token-id lists) to completion; outputs in prompt order."""
+        """Run prompts (strings or token-id lists) to completion; the final outputs, in prompt order
+        (with the prompt logprobs of the requests that asked)."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = []
         for prompt, p in zip(prompts, params_list):
@@ -302,10 +343,15 @@ class Engine:
             else:
                 ids.append(self.add_request(prompt_token_ids=list(prompt), params=p))
         final: dict[str, RequestOutput] = {}
+        prompt_logprobs: dict[str, list] = {}
         while self.has_unfinished_requests():
             for out in self.step():
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.request_id] = out.prompt_logprobs
                 if out.finished:
                     final[out.request_id] = out
+        for request_id, entries in prompt_logprobs.items():  # the final output holds the whole request
+            final[request_id].prompt_logprobs = entries
         return [final[i] for i in ids]
 
     def stats(self) -> EngineStats:

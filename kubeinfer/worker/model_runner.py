@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from kubeinfer.worker.kernels.attention import LayerKVCache
@@ -10,6 +12,35 @@ from kubeinfer.worker.models.config import ModelConfig
 from kubeinfer.worker.models.llama import LlamaForCausalLM
 from kubeinfer.worker.sampling import Sampler, SamplerOutput, SamplingBatch, make_generator
 from kubeinfer.worker.scheduler import ScheduledBatch
+
+# Prompt positions scored per logits pass: bounds the fp32 [rows, vocab] buffer of a long prompt.
+SCORE_ROWS_PER_PASS = 256
+
+
+@dataclass
+class PromptScoring:
+    """Rows of a step's hidden states to score against the known next token (prompt logprobs):
+    ``rows`` index the step's flattened tokens, ``targets`` are the tokens that follow them."""
+
+    rows: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    top_k: int = 0
+    owners: list = field(default_factory=list)  # (owner, number of rows), in row order: the engine's bookkeeping
+
+
+@dataclass
+class PromptScores:
+    """Host lists, one item per scored row: the target's logprob and the top-k (ids, logprobs)."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
+class StepOutput:
+    sampled: SamplerOutput | None = None
+    scores: PromptScores | None = None
 
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, kv_int8: bool,
@@ -88,19 +119,36 @@ class ModelRunner:
         return step
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]],
-                sampling: SamplingBatch | None) -> SamplerOutput | None:
-        """Run the forward pass; sample one token for each sequence whose prompt is now complete."""
+    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]], sampling: SamplingBatch | None,
+                scoring: PromptScoring | None = None) -> StepOutput:
+        """Run the forward pass; sample one token for each sequence whose prompt is now complete and
+        score the ``scoring`` rows (prompt logprobs) from the same hidden states."""
         step = self.prepare(batch, block_tables)
         hidden = self.forward(step)
+        out = StepOutput(scores=self.score(hidden, scoring) if scoring is not None and scoring.rows else None)
         if sampling is None or not step.sample_rows:
-            return None
+            return out
         rows = hidden if len(step.sample_rows) == hidden.shape[0] else \
             hidden[torch.tensor(step.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)]
         # A plain-greedy step takes its argmax of the head's own output: widening [B, vocab] bf16
         # logits to fp32 is a full extra pass over them, every step.
         logits = self.model.compute_logits(rows, widen=not sampling.plain_greedy)
-        return self.sampler(logits, sampling)
+        out.sampled = self.sampler(logits, sampling)
+        return out
+
+    def score(self, hidden: torch.Tensor, scoring: PromptScoring) -> PromptScores:
+        """The raw model's logprob of each target (no sampling transforms, as vLLM reports them)."""
+        logprobs, top_ids, top_logprobs = [], [], []
+        for lo in range(0, len(scoring.rows), SCORE_ROWS_PER_PASS):
+            index = torch.tensor(scoring.rows[lo:lo + SCORE_ROWS_PER_PASS], dtype=torch.long, device=self.device)
+            targets = torch.tensor(scoring.targets[lo:lo + SCORE_ROWS_PER_PASS], dtype=torch.long, device=self.device)
+            lp = torch.log_softmax(self.model.compute_logits(hidden[index], widen=True), dim=-1)
+            logprobs += lp.gather(1, targets[:, None])[:, 0].tolist()
+            if scoring.top_k:
+                values, ids = lp.topk(scoring.top_k, dim=-1)
+                top_ids += ids.tolist()
+                top_logprobs += values.tolist()
+        return PromptScores(logprobs, top_ids, top_logprobs)
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of the step's tokens: a captured graph for a decode step that

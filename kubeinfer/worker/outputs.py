@@ -19,7 +19,8 @@ class RequestOutput:
 
     ``delta_text``/``new_token_ids`` are what this step added (stream them); ``text`` and
     ``output_token_ids`` are everything so far. ``logprobs`` has one ``{token_id: logprob}`` dict per
-    new token when the request asked for them. ``finish_reason`` is set exactly when ``finished``.
+    new token when the request asked for them; ``prompt_logprobs`` (first output only) one per prompt
+    token, ``None`` for the first. ``finish_reason`` is set exactly when ``finished``.
     ``timings`` is set on the finished output only: the request's phases in seconds, on the engine's
     own clock (vLLM's meanings): ``queue`` (arrival to first scheduled), ``prefill`` (first scheduled
     to first token), ``decode`` (first token to last), ``inference`` (first scheduled to last token).
@@ -37,6 +38,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # on the first output of a request that asked
     error: str | None = None
     timings: dict[str, float] | None = None
 

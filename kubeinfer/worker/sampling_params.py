@@ -87,6 +87,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    # vLLM's extension: the logprob of every prompt token after the first (and of the k most likely
+    # tokens at each position), computed in the prefill pass; such a request skips the prefix cache.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
@@ -115,6 +118,8 @@ class SamplingParams:
                "integers >= 0", self.stop_token_ids)
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs)
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               "prompt_logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]", self.prompt_logprobs)
         _check(_is_int(self.priority), "priority", "an integer", self.priority)
         if isinstance(self.structured_output, dict):  # the shape it travels in from the router
             self.structured_output = StructuredOutputParams(**self.structured_output)

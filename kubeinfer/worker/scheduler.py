@@ -112,7 +112,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq in preempted:
                 break  # do not re-admit in the step that evicted it: that would thrash
-            cached = self.kv.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+            # A request scoring its prompt needs the logits of every prompt position: no cached prefix.
+            cached = self.kv.find_cached_prefix(seq) if seq.num_computed_tokens == 0 and not seq.scoring_prompt else []
             remaining = len(seq) - seq.num_computed_tokens - len(cached) * self.kv.block_size
             if remaining > budget and not self.enable_chunked_prefill:
                 break

@@ -45,9 +45,19 @@ class Sequence:
     finish_reason: FinishReason | None = None
     scheduled_time: float | None = None   # when the scheduler first admitted it (monotonic clock)
     first_token_time: float | None = None
+    # With params.prompt_logprobs: one entry per prompt token scored so far ({token: logprob, ...};
+    # the first token has none, so the list starts as [None]).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Prompt logprobs still to compute: every prompt position must run (no prefix-cache hit)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     def __len__(self) -> int:
         return len(self.token_ids)
