@@ -392,6 +392,15 @@ def test_tool_choice_named_function_streaming_and_not(server):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_a_forced_call_cut_short_is_content_with_finish_reason_length(server):
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        out = server.client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice,
+                                                    seed=0, max_tokens=3)
+        message = out.choices[0].message
+        assert out.choices[0].finish_reason == "length" and not message.tool_calls
+        assert message.content and message.content[0] in "[{"  # the start of the constrained JSON
+
+
 def test_tool_choice_auto_reads_a_template_formatted_reply(server):
     """The random model's reply is forced (a regex) into the template's tool-call syntax; auto parses it."""
     regex = r'<tool_call>\{"name": "get_time", "arguments": \{"zone": "(utc|cet)"\}\}</tool_call>'

@@ -156,9 +156,12 @@ class ResponseWriter:
             choice.offset += len(c.text)
         return out
 
-    def _finish_reason(self, choice: _Choice, calls: int) -> str | None:
+    @staticmethod
+    def _finish_reason(choice: _Choice, calls: int) -> str | None:
+        """A reply that ended by itself with tool calls in it finished for "tool_calls" (one cut
+        short keeps "length": its last call may be incomplete)."""
         reason = choice.last.finish_reason if choice.last else None
-        return "tool_calls" if calls and reason in ("stop", "length") else reason
+        return "tool_calls" if calls and reason == "stop" else reason
 
     # ---- streaming --------------------------------------------------------------------------------
 
@@ -205,8 +208,8 @@ class ResponseWriter:
         elif chunk.text:
             deltas.append({"content": chunk.text})
         logprobs = chat_logprobs(self.tokenizer, [chunk], self.top_logprobs)
-        if logprobs is not None or chunk.finished:
-            deltas.append({}) if not deltas or deltas[-1].get("role") else None
+        if (logprobs is not None or chunk.finished) and (not deltas or "role" in deltas[-1]):
+            deltas.append({})  # a chunk of its own for the finish reason or the logprobs
         out = []
         for i, delta in enumerate(deltas):
             last = i == len(deltas) - 1
