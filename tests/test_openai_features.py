@@ -5,6 +5,7 @@ engine, driven by the official ``openai`` client where it can say it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 
@@ -22,7 +23,7 @@ from kubeinfer.local.router import build_local_router
 from kubeinfer.router.openai_schema import ChatCompletionRequest
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 from tests.test_grpc_server import Server
-from tests.test_http_api import MODEL, HTTPServer, post, wait_for
+from tests.test_http_api import MODEL, HTTPServer, StepGate, post, wait_for
 
 PROMPT = "The quick brown fox"
 # Longer than two KV blocks (16 tokens each), so the choices of one request share full blocks.
@@ -170,6 +171,27 @@ def test_n_beyond_what_the_router_can_hold_is_400_not_a_hang(model_dir):
         assert "at most 3" in e.value.body["message"]
         assert len(s.client.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=2).choices) == 3
     finally:
+        s.close()
+
+
+def test_n_is_admitted_all_or_none(model_dir, monkeypatch):
+    """With one request running and room for two more in the queue, n=3 gets 429 and holds nothing."""
+    s = start(model_dir, RouterSettings(max_in_flight=1, max_queued=2))
+    gate = StepGate(s.engine(), monkeypatch)
+    try:
+        gate.opened.clear()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(s.client.completions.create, model=MODEL, prompt=PROMPT, max_tokens=2)
+            wait_for(lambda: s.router.admission.in_flight == 1, "the first request to be admitted")
+            with pytest.raises(openai.RateLimitError):
+                s.client.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=2)
+            assert (s.router.admission.in_flight, s.router.admission.queued) == (1, 0)
+            gate.opened.set()
+            assert held.result(timeout=60).choices[0].finish_reason == "length"
+        assert len(s.client.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=2).choices) == 3
+        assert (s.router.admission.in_flight, s.router.admission.queued) == (0, 0)
+    finally:
+        gate.opened.set()
         s.close()
 
 

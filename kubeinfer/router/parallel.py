@@ -62,7 +62,7 @@ async def stream_choices(router: Router, jobs: list[GenerateJob], *,
             async for chunk in router.stream(jobs[0], timeout_s=timeout_s, admission=admissions[0]):
                 yield 0, chunk
         finally:
-            admissions[0].release()  # a no-op once the stream has run
+            router.release(admissions)  # a no-op once the stream has run
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -93,5 +93,4 @@ async def stream_choices(router: Router, jobs: list[GenerateJob], *,
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for a in admissions:  # those whose stream never started hold their place until here
-            a.release()
+        router.release(admissions)  # those whose stream never started hold their place until here

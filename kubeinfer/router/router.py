@@ -289,6 +289,12 @@ class Router:
                               retry_after_s=self.admission.retry_after_s())
         return admitted
 
+    def release(self, admissions: list[Admission]) -> None:
+        """Give back places from :meth:`admit` (those already released are skipped)."""
+        for a in admissions:
+            a.release()
+        self._update_gauges()
+
     async def stream(self, job: GenerateJob, *, timeout_s: float | None = None,
                      admission: Admission | None = None) -> AsyncIterator[Chunk]:
         """Run a prepared job and stream its chunks; RouterError for overload, deadline, failure.
