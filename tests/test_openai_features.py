@@ -395,6 +395,17 @@ def test_tool_choice_required_gives_valid_calls_with_the_openai_client(server):
         choice = out.choices[0]
         assert choice.finish_reason == "tool_calls", choice
         assert len(check_calls(choice.message)) == 1
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                        seed=5, temperature=1.0, max_tokens=200, stream=True))
+    frags = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    streamed = [(f.function.name, json.loads(f.function.arguments)) for f in frags]
+    assert len(frags) >= 1 and all(f.id.startswith("call_") for f in frags)
+    for name, arguments in streamed:
+        jsonschema.validate(arguments, SCHEMAS[name])
+    whole = server.client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                  seed=5, temperature=1.0, max_tokens=200)
+    assert streamed == [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_tool_choice_named_function_streaming_and_not(server):
