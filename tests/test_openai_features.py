@@ -293,6 +293,24 @@ def test_echo_logprobs_cover_the_prompt_then_the_completion(server, model_dir):
     assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-3)
 
 
+def test_echo_logprobs_with_n_choices_streaming_and_not(server):
+    """Only the first choice's job scores the prompt; every choice's logprobs start with it."""
+    ids = tokenizer(server).encode(PROMPT)
+    kwargs = dict(model=MODEL, prompt=PROMPT, echo=True, logprobs=1, max_tokens=3, n=2, seed=4, extra_body=IGNORE_EOS)
+    out = server.client.completions.create(**kwargs)
+    prompt_parts = [c.logprobs.token_logprobs[:len(ids)] for c in out.choices]
+    assert prompt_parts[0] == prompt_parts[1] and prompt_parts[0][0] is None and None not in prompt_parts[0][1:]
+    assert all(len(c.logprobs.tokens) == len(ids) + 3 and c.text.startswith(PROMPT) for c in out.choices)
+    chunks = list(server.client.completions.create(**kwargs, stream=True))
+    for i, choice in enumerate(out.choices):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert mine[0].text.startswith(PROMPT) and mine[0].logprobs.token_logprobs[:len(ids)] == prompt_parts[0]
+        assert "".join(c.text for c in mine) == choice.text
+        streamed = [x for c in mine for x in c.logprobs.token_logprobs]
+        assert streamed[:len(ids)] == prompt_parts[0]  # the batch differs: completion logprobs to float noise
+        assert streamed[len(ids):] == pytest.approx(choice.logprobs.token_logprobs[len(ids):], abs=1e-4)
+
+
 @pytest.mark.parametrize("max_tokens", [0, 1])
 def test_lm_eval_request_shape(server, model_dir, max_tokens):
     """lm-eval's loglikelihood request: token ids, echo, logprobs 1, and max_tokens 0 (the issue's
