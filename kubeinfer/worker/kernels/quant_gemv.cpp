@@ -1,6 +1,6 @@
 // Weight-only int8 and int4 matmuls for decode-sized batches (a few activation rows): every weight
 // is read once per call and dotted with all rows while it sits in L1, on Q8 activations
-// (quant_dot.h). Threads split the output rows (at::parallel_for, OpenMP with torch's thread count).
+// (quant_dot.h). Threads split the output rows (parallel.h's pool, torch's thread count).
 //
 // int8: qweight [N, K] int8 with one fp32 scale per output row (quant.Int8WeightOnly), as stored.
 // int4: the kernel's own Q4 layout, packed once at load (quant_linear.CppInt4Linear): qs [N, K / 2]
@@ -12,20 +12,21 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "parallel.h"
 #include "quant_dot.h"
 
 using namespace kubeinfer;
 
 namespace {
 
-// Threads take runs of whole rows, ~16 KB of weights or more each (fewer hand-offs on small
-// matrices, enough runs to balance on large ones). Each row is read start to end, one row after
-// the other: one sequential stream the hardware prefetcher follows (four interleaved rows, 576
-// bytes each, read the LM head at a quarter of the speed).
+// Threads claim runs of whole rows, ~16 KB of weights each (parallel.h: a thread that is not running
+// takes none, so an oversubscribed machine never makes the caller wait for it). Each row is read
+// start to end, one row after the other: one sequential stream the hardware prefetcher follows
+// (four interleaved rows, 576 bytes each, read the LM head at a quarter of the speed).
 template <typename F>
 void for_rows(int64_t N, int64_t row_bytes, F&& f) {
   const int64_t grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, row_bytes));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) f(n);
   });
 }

@@ -1,0 +1,169 @@
+// The decode kernels' thread pool: many small parallel loops (a batch-1 decode step runs ~150 of a few
+// to a few hundred microseconds each), where an OpenMP region's fork and join barrier cost as much as
+// the work, and far more when the machine is oversubscribed: the join waits for every thread, also
+// one the OS has not scheduled yet (measured on a 2-core VM with other processes busy: two OpenMP
+// threads made int4 decode 25x slower than one).
+//
+// Here the caller never waits for a thread that has not started. The work is cut into chunks that
+// threads claim one at a time from a shared counter (llama.cpp's ggml threadpool does the same);
+// the caller claims chunks too, so a helper that is not running simply claims none, and the caller
+// waits only for chunks a helper has already claimed. Helpers spin for a while after each loop
+// (the next one usually comes within microseconds), then sleep until woken.
+//
+// One pool per loaded module (each ISA tier's build has its own, hidden visibility), with torch's
+// intra-op thread count less one helpers (the caller is the other thread); run() from one thread at
+// a time (the engine's); a nested run() (from inside a chunk) runs serially.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace kubeinfer {
+
+class ChunkPool {
+ public:
+  static ChunkPool& instance() {
+    static ChunkPool pool;
+    return pool;
+  }
+
+  // f(chunk) for chunk in [0, chunks), spread over the pool's threads and the caller.
+  template <typename F>
+  void run(int64_t chunks, F&& f) {
+    const int threads = at::get_num_threads();
+    if (chunks <= 1 || threads <= 1 || in_chunk_ || at::in_parallel_region()) {
+      for (int64_t c = 0; c < chunks; ++c) f(c);
+      return;
+    }
+    std::lock_guard<std::mutex> one_caller(run_mutex_);
+    resize(threads - 1);
+    using Body = std::remove_reference_t<F>;
+    struct Thunk {
+      static void call(void* ctx, int64_t c) { (*static_cast<Body*>(ctx))(c); }
+    };
+    fn_.store(&Thunk::call, std::memory_order_seq_cst);
+    ctx_.store(const_cast<void*>(static_cast<const void*>(&f)), std::memory_order_seq_cst);
+    total_.store(chunks, std::memory_order_seq_cst);
+    done_.store(0, std::memory_order_seq_cst);
+    const uint64_t gen = ++generation_;
+    counter_.store(gen << 32, std::memory_order_seq_cst);  // publishes the task: chunk 0 of this generation
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    in_chunk_ = true;
+    int64_t mine = 0;
+    for (int64_t c; (c = claim(gen, chunks)) >= 0; ++mine) f(c);
+    in_chunk_ = false;
+    done_.fetch_add(mine, std::memory_order_seq_cst);
+    // Only chunks a helper already claimed are waited for.
+    for (int spins = 0; done_.load(std::memory_order_seq_cst) < chunks; ++spins) {
+      if (spins < 4096) _mm_pause();
+      else std::this_thread::yield();
+    }
+    counter_.store((gen << 32) | kClosed, std::memory_order_seq_cst);
+  }
+
+  ~ChunkPool() {
+    resize(0);
+  }
+
+ private:
+  static constexpr uint64_t kClosed = 0xffffffffu;
+  using Fn = void (*)(void*, int64_t);
+
+  // The next unclaimed chunk of generation gen, or -1 when none is left (or gen is over).
+  int64_t claim(uint64_t gen, int64_t chunks) {
+    uint64_t v = counter_.load(std::memory_order_seq_cst);
+    for (;;) {
+      const uint64_t idx = v & kClosed;
+      if ((v >> 32) != gen || idx == kClosed || static_cast<int64_t>(idx) >= chunks) return -1;
+      if (counter_.compare_exchange_weak(v, v + 1, std::memory_order_seq_cst)) return static_cast<int64_t>(idx);
+    }
+  }
+
+  void helper(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      // Spin a while for the next task, then sleep.
+      uint64_t v = counter_.load(std::memory_order_seq_cst);
+      const auto start = std::chrono::steady_clock::now();
+      for (int spins = 0; (v >> 32) == seen && !stopping(index); ++spins) {
+        _mm_pause();
+        if ((spins & 255) == 255 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(kSpinUs)) {
+          std::unique_lock<std::mutex> lock(sleep_mutex_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return (counter_.load(std::memory_order_seq_cst) >> 32) != seen || stopping(index); });
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+          spins = 0;
+        }
+        v = counter_.load(std::memory_order_seq_cst);
+      }
+      if (stopping(index)) return;
+      const uint64_t gen = v >> 32;
+      seen = gen;
+      // The task's fields belong to gen as long as gen still has chunks to claim: they are rewritten
+      // only after every chunk of gen is done, and then a claim for gen fails.
+      const Fn fn = fn_.load(std::memory_order_seq_cst);
+      void* ctx = ctx_.load(std::memory_order_seq_cst);
+      const int64_t chunks = total_.load(std::memory_order_seq_cst);
+      int64_t mine = 0;
+      for (int64_t c; (c = claim(gen, chunks)) >= 0; ++mine) {
+        in_chunk_ = true;
+        fn(ctx, c);
+        in_chunk_ = false;
+        done_.fetch_add(1, std::memory_order_seq_cst);
+      }
+      (void)mine;
+    }
+  }
+
+  bool stopping(int index) const { return index >= active_.load(std::memory_order_seq_cst); }
+
+  void resize(int helpers) {
+    if (static_cast<int>(workers_.size()) == helpers) return;
+    active_.store(0, std::memory_order_seq_cst);
+    {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+    active_.store(helpers, std::memory_order_seq_cst);
+    for (int i = 0; i < helpers; ++i) workers_.emplace_back([this, i] { helper(i); });
+  }
+
+  static constexpr int kSpinUs = 200;
+  std::mutex run_mutex_, sleep_mutex_;
+  std::condition_variable wake_;
+  std::vector<std::thread> workers_;
+  std::atomic<int> active_{0}, sleepers_{0};
+  std::atomic<uint64_t> counter_{0};
+  uint64_t generation_ = 0;
+  std::atomic<Fn> fn_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<int64_t> total_{0}, done_{0};
+  static thread_local bool in_chunk_;
+};
+
+inline thread_local bool ChunkPool::in_chunk_ = false;
+
+// f(begin, end) over [0, n) in runs of about `grain` items, on the pool.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t grain, F&& f) {
+  grain = std::max<int64_t>(1, grain);
+  const int64_t chunks = (n + grain - 1) / grain;
+  ChunkPool::instance().run(chunks, [&](int64_t c) { f(c * grain, std::min(n, (c + 1) * grain)); });
+}
+
+}  // namespace kubeinfer
