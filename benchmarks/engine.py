@@ -5,19 +5,26 @@
     python benchmarks/engine.py --quick    # fewer requests and tokens, for a smoke check
     KUBEINFER_CPU_ISA=avx2 python benchmarks/engine.py  # the C++ kernels' lower ISA tier, forced
 
-Prints batch-1 decode tokens/s (fp32, int8, int4), offline throughput (continuous batching vs static
-batches of 16), TTFT / inter-token latency percentiles, achieved bandwidth, KV-cache waste and
-perplexity per scheme. transformers runs the same GGUF dequantized to fp32 (the only way it can run
-it), with the same torch thread count.
+Prints the CPU model, the ISA tier the C++ kernels run and the machine's measured read bandwidth,
+then batch-1 decode tokens/s (fp32, int8, int4 from the bundled Q4_1 GGUF, int4 quantized at load
+from an fp32 folder), offline throughput (continuous batching vs static batches of 16), TTFT /
+inter-token latency percentiles, achieved bandwidth, KV-cache waste and perplexity per scheme.
+
+Peers, in the same run: Hugging Face transformers runs the same GGUF dequantized to fp32 (the only
+way it can run it), with the same torch thread count; llama.cpp (llama-cpp-python, installed by
+`make bench-deps`) runs the same Q4_1 GGUF with the same thread count in the decode section. Without
+llama-cpp-python the llama.cpp rows are skipped, and the run says so and how to install it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -26,6 +33,9 @@ from kubeinfer.worker import Engine, SamplingParams
 from kubeinfer.worker.models.gguf import default_model_path
 
 PROMPT = "The history of the Roman Empire begins with"
+LLAMA_CPP_AVX2_SITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "llama-cpp",
+                                   "site-avx2")
+LLAMA_CPP_INSTALL = "make bench-deps  (builds llama-cpp-python from source once, ~10 min on 2 cores; the wheel is cached)"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,6 +112,93 @@ def ours_decode(engine: Engine, ids: list[int], n: int) -> tuple[float, float]:
     return steps / dt, dt / steps
 
 
+def read_bandwidth(mib: int = 512, reps: int = 5) -> float:
+    """The machine's read bandwidth as torch sees it, GB/s: the best of ``reps`` sums over ``mib`` MiB
+    of fp32 (far larger than the L3), with torch's thread count."""
+    x = torch.ones(mib << 18)
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best / 1e9
+
+
+def load_llama_cpp(path: str, threads: int):
+    """llama.cpp on the GGUF ``path`` with ``threads`` threads, or None (said, with how to install it).
+
+    With our avx2 tier forced on a CPU that has more, the fair peer is llama.cpp built for AVX2 too:
+    the one `make bench-deps-avx2` puts in .cache/llama-cpp/site-avx2 is loaded instead of the venv's
+    (built for this CPU); without it the run says that its peer has the wider instructions."""
+    from kubeinfer.worker.kernels.cpu import cpu_tiers, selected_tier
+    if selected_tier() == "avx2" and cpu_tiers()[-1] != "avx2":
+        if os.path.isdir(os.path.join(LLAMA_CPP_AVX2_SITE, "llama_cpp")):
+            sys.path.insert(0, LLAMA_CPP_AVX2_SITE)
+        else:
+            print("llama.cpp peer: NOTE our avx2 tier is forced but no AVX2-only llama.cpp build is in "
+                  f"{LLAMA_CPP_AVX2_SITE} (make bench-deps-avx2): the peer below is the build for this CPU")
+    try:
+        import llama_cpp
+    except ImportError:
+        print(f"llama.cpp peer: SKIPPED, llama-cpp-python is not installed here. Install it with: {LLAMA_CPP_INSTALL}")
+        return None
+    llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    print(f"llama.cpp peer: llama-cpp-python {llama_cpp.__version__} from {os.path.dirname(llama_cpp.__file__)} on {os.path.basename(path)}, "
+          f"{threads} threads; its build: {' '.join(info.split())}")
+    return llm
+
+
+def llama_cpp_decode_tps(llm, ids: list[int], n: int) -> float:
+    """Batch-1 greedy decode tokens/s, first token excluded (as ``ours_decode``). ``generate`` never
+    stops at EOS, so every run decodes exactly ``n`` tokens."""
+    def run(count: int) -> float:
+        gen = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+        next(gen)  # prefill + first token
+        t0 = time.perf_counter()
+        for i, _ in enumerate(gen, start=1):
+            if i == count - 1:
+                break
+        dt = time.perf_counter() - t0
+        gen.close()
+        return (count - 1) / dt
+    llm.reset()
+    run(4)  # warm-up
+    llm.reset()
+    return run(n)
+
+
+def fp32_folder(path: str) -> str | None:
+    """A Hugging Face fp32 folder of the default model (written once from the GGUF by transformers,
+    cached under ~/.cache/kubeinfer/bench/), for the int4 row that quantizes at load; None when it
+    cannot be made here (said)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(cache, "kubeinfer", "bench", os.path.basename(path).removesuffix(".gguf") + "-fp32")
+    if os.path.exists(os.path.join(folder, "model.safetensors")) and os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return folder
+    try:  # transformers refuses save_pretrained on a GGUF-loaded model: its parts are written one by one
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer
+        hf = load_hf(path)
+        os.makedirs(folder, exist_ok=True)
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        tensors = {name: t.detach().contiguous().clone() for name, t in hf.state_dict().items()
+                   if not (name == "lm_head.weight" and hf.config.tie_word_embeddings)}
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)).save_pretrained(folder)
+        del hf, tensors
+    except Exception as e:  # no transformers, a read-only cache: the row is skipped, and said
+        print(f"int4 quantized at load: SKIPPED, could not write an fp32 folder at {folder} ({type(e).__name__}: {e})")
+        return None
+    return folder
+
+
 def make_workload(n: int, vocab: int, seed: int, max_prompt: int, max_out: int):
     rng = random.Random(seed)
     reqs = []
@@ -163,14 +260,16 @@ def hf_throughput(hf, reqs, batch: int = 16) -> dict:
 
 
 def decode_row(name: str, engine: Engine, tps: float, step_s: float, prompt_len: int, n: int, hf_tps: float,
-               base_tps: float | None) -> None:
+               lc_tps: float, base_tps: float | None, bandwidth: float) -> None:
     w = weight_bytes(engine)
     ctx = prompt_len + n // 2
     kv_per_token = engine.kv_cache_bytes / (engine.num_kv_blocks * engine.kv.block_size)
     gbps = (w + ctx * kv_per_token) / step_s / 1e9
     vs_base = f"{tps / base_tps:5.2f}x" if base_tps else "  1.00x"
+    vs_lc = f"{tps / lc_tps:5.2f}x" if lc_tps == lc_tps and lc_tps > 0 else "  n/a"
     print(f"kubeinfer {name:<12} {tps:7.1f} tok/s  step {step_s * 1e3:5.1f} ms  weights {w / 1e6:6.1f} MB  "
-          f"{gbps:5.1f} GB/s  vs transformers {tps / hf_tps:5.2f}x  vs fp32 {vs_base}")
+          f"{gbps:5.1f} GB/s ({gbps / bandwidth * 100:3.0f}% of read bw)  vs transformers {tps / hf_tps:5.2f}x  "
+          f"vs fp32 {vs_base}  vs llama.cpp {vs_lc}")
 
 
 def main() -> None:
@@ -189,6 +288,9 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true",
                     help="skip the transformers rows (decode and ppl sections only): kubeinfer against itself, "
                          "e.g. one ISA tier against another")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer in the decode section")
+    ap.add_argument("--no-int4-at-load", action="store_true",
+                    help="skip the decode row of int4 quantized at load from an fp32 folder")
     ap.add_argument("--sections", default="decode,throughput,ppl",
                     help="comma-separated subset of decode, throughput, ppl")
     args = ap.parse_args()
@@ -199,8 +301,10 @@ def main() -> None:
     ppl_tokens = 512 if args.quick else args.ppl_tokens
 
     from kubeinfer.worker.kernels.cpu import ENV_VAR, cpu_tiers, selected_tier
+    bandwidth = read_bandwidth()
     print(f"machine: {platform.machine()} {cpu_model()} cpus={os.cpu_count()} torch={torch.__version__} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}; read bandwidth {bandwidth:.1f} GB/s (torch sum over 512 MiB, "
+          f"{torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.2f}")
     print(f"C++ kernels' ISA tier: {selected_tier()} (this CPU runs {', '.join(cpu_tiers()) or 'none'}; "
           f"{ENV_VAR}={os.environ.get(ENV_VAR, 'unset')})")
     path = default_model_path()
@@ -210,12 +314,16 @@ def main() -> None:
     hf = None if args.no_transformers else load_hf(path)
 
     if "decode" in sections:
-        bench_decode(hf, args.decode_tokens, compile_modes, args.rounds)
+        folder = None if args.no_int4_at_load else fp32_folder(path)
+        llm = None if args.no_llama_cpp else load_llama_cpp(path, torch.get_num_threads())
+        bench_decode(hf, llm, folder, args.decode_tokens, compile_modes, args.rounds, bandwidth)
+        del llm
     if "throughput" in sections:
         bench_throughput(hf, n_req, args.seed, max_prompt, max_out, compile_modes, args.max_num_batched_tokens)
     del hf
     if "ppl" in sections:
         bench_ppl(ppl_tokens)
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 def cpu_model() -> str:
@@ -226,50 +334,77 @@ def cpu_model() -> str:
         return platform.processor()
 
 
-def bench_decode(hf, decode_tokens: int, compile_modes: tuple[bool, ...], rounds: int) -> None:
-    """Interleaved rounds: each round times transformers and then every kubeinfer engine once, and
-    a figure is an engine's best round. On this 2-core VM a disturbance (any other busy process)
-    slows torch for seconds to minutes; interleaving spreads it over all engines instead of one."""
+def bench_decode(hf, llm, fp32_dir: str | None, decode_tokens: int, compile_modes: tuple[bool, ...], rounds: int,
+                 bandwidth: float) -> None:
+    """Interleaved rounds: each round times transformers, llama.cpp and then every kubeinfer engine
+    once, and a figure is an engine's best round. On this 2-core VM a disturbance (any other busy
+    process) slows torch for seconds to minutes; interleaving spreads it over all engines instead of one.
+
+    Rows: fp32 (the GGUF dequantized), int8 (quantized at load), int4 (the GGUF's Q4_1 blocks loaded as
+    they are) and int4-load (an fp32 folder quantized to int4 at load, what a user with a Hugging Face
+    checkpoint runs)."""
+    from kubeinfer.worker.kernels.cpu import cpu_tiers, selected_tier
     engine = Engine(max_model_len=2048, num_kv_blocks=256)
     prompt_ids = engine.tokenizer.encode(PROMPT)
     del engine
     print(f"\n== batch-1 decode (greedy, {decode_tokens} tokens after a {len(prompt_ids)}-token prompt; "
-          f"best of {rounds} interleaved rounds)")
+          f"best of {rounds} interleaved rounds; load average {os.getloadavg()[0]:.2f})")
     for compiled in compile_modes:
         tag = "+compile" if compiled else ""
-        engines = {scheme: Engine(max_model_len=2048, num_kv_blocks=256, compile=compiled,
-                                  quantization=None if scheme == "fp32" else scheme)
-                   for scheme in ("fp32", "int8", "int4")}
-        hf_tps = 0.0
+        configs = {"fp32": {}, "int8": dict(quantization="int8"), "int4": dict(quantization="int4")}
+        if fp32_dir is not None:
+            configs["int4-load"] = dict(model=fp32_dir, quantization="int4")
+        engines = {scheme: Engine(max_model_len=2048, num_kv_blocks=256, compile=compiled, **kw)
+                   for scheme, kw in configs.items()}
+        hf_tps = float("nan") if hf is None else 0.0
+        lc_tps = float("nan") if llm is None else 0.0
         best = {scheme: (0.0, 0.0) for scheme in engines}
         per_round: list[dict[str, float]] = []
         for r in range(rounds):
-            round_hf = hf_decode_tps(hf, prompt_ids, decode_tokens) if hf is not None else float("nan")
-            hf_tps = max(hf_tps, round_hf) if hf is not None else round_hf
-            line = [f"transformers {round_hf:.1f}"]
-            measured = {"transformers": round_hf}
+            measured = {}
+            line = []
+            if hf is not None:
+                measured["transformers"] = hf_decode_tps(hf, prompt_ids, decode_tokens)
+                hf_tps = max(hf_tps, measured["transformers"])
+                line.append(f"transformers {measured['transformers']:.1f}")
+            if llm is not None:
+                measured["llama.cpp"] = llama_cpp_decode_tps(llm, prompt_ids, decode_tokens)
+                lc_tps = max(lc_tps, measured["llama.cpp"])
+                line.append(f"llama.cpp {measured['llama.cpp']:.1f}")
             for scheme, engine in engines.items():
                 result = ours_decode(engine, prompt_ids, decode_tokens)
                 best[scheme] = max(best[scheme], result)
                 measured[scheme] = result[0]
                 line.append(f"{scheme}{tag} {result[0]:.1f}")
             per_round.append(measured)
-            print(f"round {r + 1} tok/s: " + ", ".join(line))
+            print(f"round {r + 1} tok/s: " + ", ".join(line) + f"  (load {os.getloadavg()[0]:.2f})")
         print(f"transformers fp32 {hf_tps:7.1f} tok/s")
+        print(f"llama.cpp Q4_1    {lc_tps:7.1f} tok/s" if llm is not None else
+              f"llama.cpp Q4_1    skipped (install: {LLAMA_CPP_INSTALL})")
         for scheme, engine in engines.items():
-            decode_row(scheme + tag, engine, *best[scheme], len(prompt_ids), decode_tokens, hf_tps,
-                       best["fp32"][0] if scheme != "fp32" else None)
+            decode_row(scheme + tag, engine, *best[scheme], len(prompt_ids), decode_tokens, hf_tps, lc_tps,
+                       best["fp32"][0] if scheme != "fp32" else None, bandwidth)
         del engines
         rows = {scheme: tps for scheme, (tps, _) in best.items()}
-        top = max(rows, key=rows.get)
-        print(f"targets{tag}: kubeinfer (default model as shipped, {top}) / transformers >= 3x: "
-              f"{rows[top] / hf_tps:.2f}x; int8 >= 1.8x fp32: {rows['int8'] / rows['fp32']:.2f}x; "
-              f"int4 >= 2.5x fp32: {rows['int4'] / rows['fp32']:.2f}x  (best rounds)")
+        best_tier = selected_tier() == (cpu_tiers() or [None])[-1]
+        lc_target = 1.2 if best_tier else 1.0
 
-        def median_ratio(a: str, b: str) -> float:  # paired within a round: both saw the same VM state
-            return statistics.median(m[a] / m[b] for m in per_round)
-        print(f"  median of per-round ratios: {top} / transformers {median_ratio(top, 'transformers'):.2f}x; "
-              f"int8 / fp32 {median_ratio('int8', 'fp32'):.2f}x; int4 / fp32 {median_ratio('int4', 'fp32'):.2f}x")
+        def ratio(a: float, b: float) -> str:
+            return f"{a / b:.2f}x" if b == b and b > 0 else "n/a"
+        print(f"targets{tag} (issue 13, {'best' if best_tier else 'forced lower'} tier {selected_tier()}): "
+              f"fp32 >= 2.5x transformers: {ratio(rows['fp32'], hf_tps)}; "
+              f"int8 >= 1.7x fp32: {ratio(rows['int8'], rows['fp32'])}; "
+              f"int4 >= 2.5x fp32: {ratio(rows['int4'], rows['fp32'])}; "
+              f"int4 >= {lc_target}x llama.cpp: {ratio(rows['int4'], lc_tps)}  (best rounds)")
+
+        def median_ratio(a: str, b: str) -> str:  # paired within a round: both saw the same VM state
+            if not all(a in m and b in m for m in per_round):
+                return "n/a"
+            return f"{statistics.median(m[a] / m[b] for m in per_round):.2f}x"
+        print(f"  median of per-round ratios: fp32 / transformers {median_ratio('fp32', 'transformers')}; "
+              f"int8 / fp32 {median_ratio('int8', 'fp32')}; int4 / fp32 {median_ratio('int4', 'fp32')}; "
+              f"int4 / llama.cpp {median_ratio('int4', 'llama.cpp')}"
+              + (f"; int4-load / llama.cpp {median_ratio('int4-load', 'llama.cpp')}" if "int4-load" in rows else ""))
 
 
 def bench_throughput(hf, n_req: int, seed: int, max_prompt: int, max_out: int,
