@@ -383,6 +383,7 @@ def test_tool_call_stream_deltas(step):
                 calls[frag["index"]] = {"name": frag["function"]["name"], "arguments": frag["function"]["arguments"]}
             else:
                 calls[frag["index"]]["arguments"] += frag["function"]["arguments"]
+    assert all(c["arguments"] == c["arguments"].strip() for c in calls.values())  # the JSON alone
     assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == [
         ("get_weather", {"city": "paris", "n": [1, {"x": 2}]}), ("get_time", {"zone": "utc"})]
     assert parser.calls == 2
