@@ -12,7 +12,6 @@ from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, 
 from kubeinfer.worker.kernels.cpu import cpu_tiers, load_cpu_kernels
 from kubeinfer.worker.evaluation import prompt_logits
 from kubeinfer.worker.models.rope import apply_rotary
-from kubeinfer.worker.quant import Int4WeightOnly
 from kubeinfer.worker.sampling import Sampler, SamplingBatch
 
 KERNELS = load_cpu_kernels()  # the tier this CPU selects; None without a compiler (nothing runs then)
@@ -84,20 +83,6 @@ def test_kernels_reject_mixed_and_unsupported_dtypes(kernels):
         kernels.rms_norm(x, torch.ones(64, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernels.silu_mul(x.half())
-
-
-def test_amx_pack_int4_holds_the_weights_aten_uses():
-    # Evaluated when run, not at collection: without a compiler KERNELS is None and this skips.
-    amx = load_cpu_kernels("amx") if "amx" in cpu_tiers() else None
-    if amx is None or not amx.amx_available():
-        pytest.skip("no AMX here (CPU, OS or the kernels' build)")
-    scheme = Int4WeightOnly(group_size=32)
-    linear = scheme.make_linear(scheme.quantize(torch.randn(128, 96)))
-    aten = torch.ops.aten._weight_int4pack_mm_for_cpu
-    # The dequantized tiles hold exactly the weights aten's kernel uses (read back through I).
-    tiles = amx.amx_pack_int4(linear.packed, linear.scales_and_zeros, 96, 32)
-    eye = torch.eye(96).to(torch.bfloat16)
-    assert torch.equal(amx.amx_linear(eye, tiles, None, 128), aten(eye, linear.packed, 32, linear.scales_and_zeros))
 
 
 # head_dim 64 and 128 take the register-blocked kernels, in groups of at most 4 and 2 query heads:

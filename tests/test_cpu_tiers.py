@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kubeinfer.worker.kernels import cpu
 from kubeinfer.worker.kernels.quant_linear import CppInt4Linear, CppInt8Linear, pack_q4, unpack_q4
@@ -203,3 +204,31 @@ def test_cpp_quantized_modules_match_their_reference(kernels, rows):
         assert err < 0.02, (scheme.name, err)  # Q8 activations, or bf16 operands in the GEMM
         assert all(torch.equal(mod.quant_state()[key], state[key]) for key in scheme.state_keys)
     assert mod.qweight is None and mod.qs.numel() == 67 * 48  # one copy of the int4 weight: the Q4 layout
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES + [(7, 40, 13), (8, 64, 3), (4, 576, 64)])
+def test_f32_gemv_matches_torch(kernels, m, k, n):
+    torch.manual_seed(m + k + n)
+    w, x = torch.randn(n, k), torch.randn(m, k)
+    torch.testing.assert_close(kernels.f32_gemv(x, w), x @ w.T, rtol=1e-5, atol=1e-5 * k ** 0.5)
+    with pytest.raises(RuntimeError, match="K = "):
+        kernels.f32_gemv(torch.randn(m, k + 1), w)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])  # the GEMV below F32_GEMV_MAX_ROWS, F.linear above
+def test_cpp_f32_linear_and_the_tied_head_share_the_weights(kernels, rows):
+    from torch import nn
+
+    from kubeinfer.worker.kernels.cpp_backend import CppF32Linear, use_f32_gemv
+    torch.manual_seed(rows)
+    model = nn.Module()
+    model.proj = nn.Linear(96, 67)
+    model.embed_tokens = nn.Embedding(50, 96)
+    model.lm_head, model.quantized_head = None, None
+    plain = model.proj
+    assert use_f32_gemv(model, kernels) == 2
+    assert isinstance(model.proj, CppF32Linear) and model.proj.weight is plain.weight and model.proj.bias is plain.bias
+    assert model.lm_head.weight is model.embed_tokens.weight  # no copy of the embedding
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(model.proj(x), F.linear(x, plain.weight, plain.bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(model.lm_head(x), x @ model.embed_tokens.weight.T, rtol=1e-5, atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, prefill_attention
@@ -21,7 +22,9 @@ class CppBackend(TorchBackend):
     decode-attention kernels are the compiled functions themselves (no Python between the module and
     the kernel). Prefill chunks keep SDPA. Quantized linears take the C++ int8 GEMV / int4 path for
     fp32 activations and aten's kernels for bf16 ones. bf16 linears are packed into AMX tiles where
-    the CPU has AMX (gate|up fused with its SwiGLU), else oneDNN's layout.
+    the CPU has AMX (gate|up fused with its SwiGLU), else oneDNN's layout. fp32 linears (and a tied
+    head, sharing the embedding's storage) become ``CppF32Linear``: the C++ GEMV for decode-sized
+    inputs, ``F.linear`` for prefill-sized ones.
     """
 
     name = "cpp"
@@ -53,6 +56,8 @@ class CppBackend(TorchBackend):
     def prepare_model(self, model: nn.Module) -> None:
         if self.dtype == torch.bfloat16:
             model.pack_bf16_weights(self.kernels)
+        elif self.dtype == torch.float32:
+            use_f32_gemv(model, self.kernels)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -74,3 +79,47 @@ class CppBackend(TorchBackend):
         if gathered:
             meta.key_workspace, meta.value_workspace = self._workspace(kv_caches[0].k, gathered)
         return meta
+
+
+# Below this many rows the fp32 GEMV (weights streamed once, at memory speed) beats F.linear; from it on
+# oneDNN's GEMM, which reuses each weight for many rows from its caches, wins.
+F32_GEMV_MAX_ROWS = 8
+
+
+class CppF32Linear(nn.Linear):
+    """An fp32 ``nn.Linear`` (the same weight and bias parameters, no copy) whose decode-sized calls
+    (fewer than ``F32_GEMV_MAX_ROWS`` rows) run the C++ ``f32_gemv``: at batch 1 ``F.linear`` read the
+    weights at about a third of the machine's bandwidth."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, kernels) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        self._gemv = kernels.f32_gemv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] < F32_GEMV_MAX_ROWS:
+            y = self._gemv(x.contiguous(), self.weight)
+            return y if self.bias is None else y.add_(self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_f32_gemv(model: nn.Module, kernels) -> int:
+    """Swap every fp32 CPU ``nn.Linear`` of ``model`` for a ``CppF32Linear`` on the same parameters, and
+    give a tied model (no head, no quantized head) a ``CppF32Linear`` head on the embedding's weight
+    (shared: lookups keep using it). Returns how many linears now run the GEMV."""
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu"
+               and mod.weight.is_contiguous()]
+    for name, mod in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr,
+                CppF32Linear(mod.weight, mod.bias, kernels=kernels))
+    swapped = len(targets)
+    embed = getattr(model, "embed_tokens", None)
+    if (getattr(model, "lm_head", False) is None and getattr(model, "quantized_head", None) is None
+            and embed is not None and embed.weight.dtype == torch.float32 and embed.weight.is_contiguous()):
+        model.lm_head = CppF32Linear(embed.weight, None, kernels=kernels)
+        swapped += 1
+    return swapped

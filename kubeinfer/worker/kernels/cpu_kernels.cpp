@@ -223,6 +223,7 @@ torch::Tensor greedy_argmax(const torch::Tensor& logits) {
 
 // quant_gemv.cpp
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales);
+torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& weight);
 torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales,
                       const torch::Tensor& mins, int64_t group_size);
 torch::Tensor q4_dequant(const torch::Tensor& qs, const torch::Tensor& scales, const torch::Tensor& mins,
@@ -231,7 +232,6 @@ torch::Tensor q4_dequant(const torch::Tensor& qs, const torch::Tensor& scales, c
 namespace kubeinfer {  // amx_linear.cpp
 bool amx_available();
 torch::Tensor amx_pack_weight(const torch::Tensor& weight, bool swiglu);
-torch::Tensor amx_pack_int4(const torch::Tensor& packed, const torch::Tensor& scales_and_zeros, int64_t K, int64_t G);
 torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                          int64_t N, bool swiglu);
 }  // namespace kubeinfer
@@ -256,6 +256,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotary embedding in place on the first heads (fp32 or bf16)", nogil);
   m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(gate) * up over a fused [T, 2I] tensor (fp32 or bf16)", nogil);
   m.def("write_kv", &write_kv, "store K/V at their paged-cache slots (fp32 or bf16)", nogil);
+  m.def("f32_gemv", &f32_gemv, "fp32 matmul for a few rows, the weight streamed once (fp32 in and out)",
+        py::arg("x"), py::arg("weight"), nogil);
   m.def("int8_gemv", &int8_gemv, "int8 weight-only matmul for a few rows on Q8 activations (fp32 in and out)",
         nogil);
   m.def("q4_gemv", &q4_gemv, "int4 (Q4 layout) weight-only matmul for a few rows on Q8 activations",
@@ -265,8 +267,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
   m.def("greedy_argmax", &greedy_argmax, "first-maximum index per row of fp32 or bf16 logits (NaN wins)", nogil);
   m.def("amx_available", &kubeinfer::amx_available, "built with AMX, and the OS grants this process its tiles");
-  m.def("amx_pack_int4", &kubeinfer::amx_pack_int4, "aten-packed int4 weight -> bf16 in amx_linear's tile layout",
-        py::arg("packed"), py::arg("scales_and_zeros"), py::arg("K"), py::arg("group_size"), nogil);
   m.def("amx_pack_weight", &kubeinfer::amx_pack_weight, "bf16 [N, K] weight -> amx_linear's tile layout",
         py::arg("weight"), py::arg("swiglu") = false, nogil);
   m.def("amx_linear", &kubeinfer::amx_linear, "bf16 linear on AMX tiles (weight from amx_pack_weight)",
