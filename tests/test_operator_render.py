@@ -114,7 +114,7 @@ def test_engine_router_and_model_fields_reach_the_application():
     assert serve["applications"][0]["args"]["router"] == {
         "policy": "prefix_affinity", "max_in_flight": 20, "max_queued": 10, "batch_window_ms": 2.5,
         "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2, "max_queue_wait_s": 30.0,
-        "max_prompt_chars": None, "max_body_bytes": None}
+        "max_prompt_chars": None, "max_body_bytes": None, "max_n": 16}
     assert serve["applications"][0]["name"] == "ml.demo"  # Serve-API mode: namespace.name
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from kubeinfer.router.settings import POLICY_NAMES, RouterSettings  # noqa: F401 (POLICY_NAMES: for the CLI)
 from kubeinfer.serve.autoscaling import POLICY_FUNCTION, PolicySettings
-from kubeinfer.worker.config import QUANTIZATIONS  # torch-free: the one list of quantization names
+from kubeinfer.worker.config import QUANTIZATIONS, EngineConfig  # torch-free: the definitions only
 
 # Ray Serve's AutoscalingConfig field names, passed through unchanged. ``policy`` may only name
 # kubeinfer's LLM policy (``kubeinfer.serve.autoscaling``); without it Ray's default policy scales on
@@ -37,11 +37,9 @@ def check_autoscaling_policy(policy: object) -> None:
         PolicySettings(**(policy.get("policy_kwargs") or {}))
     except TypeError as e:
         raise ValueError(f"autoscaling policy_kwargs: {e}") from None
-# The EngineConfig fields a deployment may set (the rest are fixed by the model entry itself).
-ENGINE_KEYS = ("device", "dtype", "kv_cache_dtype", "block_size", "kv_cache_memory_bytes", "num_kv_blocks",
-               "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
-               "enable_chunked_prefill", "num_threads", "kernel_backend", "quantization_group_size", "seed",
-               "compile", "enforce_eager")
+# The EngineConfig fields a deployment may set: all but those the model entry itself fixes.
+ENGINE_KEYS = tuple(f.name for f in fields(EngineConfig)
+                    if f.name not in ("model", "quantization", "max_model_len"))
 # EngineConfig.device's values, checked here too (without torch) so that `kubeinfer serve` and the
 # operator refuse a bad one before any replica starts.
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
 from kubeinfer.worker.kv_sizing import DTYPE_BYTES, KV_CACHE_DTYPES
+from kubeinfer.worker.speculative import SPECULATIVE_METHODS
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,11 @@ NOT_IN_CRD: Mapping[str, str] = MappingProxyType({
     "num_kv_blocks": "a device-local override of the pool size; a deployment sizes it with kvCacheMemory",
     "quantization_group_size": "the capacity check sizes int4 weights for the default groups of 32",
     "seed": "not worth a CRD field: a request's own seed gives reproducible samples on any replica",
+    "speculative_method": "not yet: spec.engine.speculative (issue 14) is still to come; set it with --speculative-method",
+    "num_speculative_tokens": "not yet, with speculative_method",
+    "prompt_lookup_min": "not yet, with speculative_method",
+    "prompt_lookup_max": "not yet, with speculative_method",
+    "speculative_disable_by_batch_size": "not yet, with speculative_method",
 })
 
 
@@ -138,6 +144,16 @@ class EngineConfig:
     compile: bool = _setting(
         False, "torch.compile decode steps (faster decode; the first step compiles for tens of seconds)",
         crd="engine.compile")
+    speculative_method: str | None = _setting(
+        None, "speculative decoding: ngram proposes the tokens that followed the latest earlier match of the "
+        "last few tokens (prompt lookup), verified in one step; exact (greedy output is unchanged)",
+        choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = _setting(4, "draft tokens proposed per step when speculating")
+    prompt_lookup_min: int = _setting(2, "ngram speculation: the shortest n-gram matched")
+    prompt_lookup_max: int = _setting(4, "ngram speculation: the longest n-gram matched (tried first)")
+    speculative_disable_by_batch_size: int = _setting(
+        8, "no speculation in a step with more running sequences than this (a full batch is compute-bound, "
+        "where verifying drafts costs more than it saves)")
     seed: int = _setting(0, "seeds the engine's generator for requests without a seed of their own, so an "
                                "engine's sampling is reproducible from its start (a request's seed wins)")
 
@@ -164,6 +180,17 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.speculative_method, str) and self.speculative_method.strip().lower() == "none":
+            self.speculative_method = None
+        if self.speculative_method is not None and self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                             f"got {self.speculative_method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "speculative_disable_by_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError(f"prompt_lookup_max ({self.prompt_lookup_max}) must be >= prompt_lookup_min "
+                             f"({self.prompt_lookup_min})")
         for name in ("max_model_len", "num_kv_blocks", "num_threads", "kv_cache_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:

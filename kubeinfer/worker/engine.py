@@ -23,6 +23,7 @@ from kubeinfer.worker.sampling import SamplingBatch, make_generator
 from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.scheduler import Scheduler
 from kubeinfer.worker.sequence import FinishReason, Sequence
+from kubeinfer.worker.speculative import SpeculativeStats, accept, ngram_proposal
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class Engine:
         self._num_steps = 0
         self._computed_tokens = 0
         self._iteration_tokens = IterationTokens()
+        self._speculating = config.speculative_method is not None
+        self._spec_stats = SpeculativeStats()
         self._structured = None  # StructuredOutput, made on the first constrained request
         self._num_constrained = 0  # live requests with a grammar: 0 keeps the step free of grammar work
         self._num_scoring = 0  # live requests asking for prompt logprobs: 0 keeps the step free of that work
@@ -186,6 +189,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration and return the requests that produced tokens or finished."""
+        if self._speculating:
+            self._propose()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -194,7 +199,7 @@ class Engine:
         self._iteration_tokens.observe(batch.num_tokens)
         # Sequences whose prompt (or recompute) completes this step sample a token; the runner emits
         # their logits in batch order, the same order Scheduler.update returns them in.
-        sampling_rows = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+        sampling_rows = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n >= len(s)]
         tables = [self.kv.block_ids(s.request_id) for s in batch.seqs]
         scoring = self._prompt_scoring(batch) if self._num_scoring else None
         try:
@@ -212,9 +217,49 @@ class Engine:
         result = step.sampled.to_host()
         token_ids = result.token_ids.tolist()
         now = time.monotonic()
-        for row, (seq, token) in enumerate(zip(ready, token_ids)):
-            outputs.append(self._append_token(seq, token, row, result, now))
+        row = 0
+        for seq in ready:
+            if not seq.spec_token_ids:
+                outputs.append(self._append_token(seq, token_ids[row], row, result, now))
+                row += 1
+            else:
+                outputs.append(self._verify(seq, token_ids, row, result, now))
+                row += 1 + len(seq.spec_token_ids)
+                seq.spec_token_ids = []
         return outputs
+
+    # ---- speculative decoding (speculative.py) --------------------------------------------------
+
+    def _propose(self) -> None:
+        """Drafts for the decoding sequences of the next step, unless the batch is too large."""
+        cfg = self.config
+        running = self.scheduler.running
+        if len(running) > cfg.speculative_disable_by_batch_size:
+            return
+        for seq in running:
+            if seq.num_computed_tokens != len(seq) - 1 or self.requests[seq.request_id].grammar is not None:
+                continue
+            # Room for the drafts plus the bonus token within max_tokens and the context.
+            room = min(cfg.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
+                       self.max_model_len - len(seq) - 1)
+            if room > 0:
+                seq.spec_token_ids = ngram_proposal(seq.token_ids, room, cfg.prompt_lookup_min,
+                                                    cfg.prompt_lookup_max)
+
+    def _verify(self, seq: Sequence, token_ids: list[int], row: int, result, now: float) -> RequestOutput:
+        """Accept the drafts the target sampled too, append them and the target's next token, and
+        give back the KV blocks of the rejected ones; one output for all the tokens."""
+        drafts = seq.spec_token_ids
+        tokens = accept(drafts, token_ids[row:row + len(drafts) + 1])
+        self._spec_stats.record(len(drafts), len(tokens) - 1)
+        seq.num_computed_tokens += len(tokens) - 1  # the accepted drafts' KV is the real tokens'
+        outs = []
+        for i, token in enumerate(tokens):
+            outs.append(self._append_token(seq, token, row + i, result, now))
+            if outs[-1].finished:  # a stop inside the accepted run: nothing after it is kept
+                return _merged(outs)
+        self.kv.trim(seq)
+        return _merged(outs)
 
     def _prompt_scoring(self, batch) -> PromptScoring | None:
         """The step's rows whose logits score a prompt token: position p predicts token p + 1, for
@@ -247,6 +292,8 @@ class Engine:
             row += count
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        if any(s.spec_token_ids for s in seqs):
+            return self._speculative_sampling_batch(seqs)
         reqs = [self.requests[s.request_id] for s in seqs]
         batch = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                     [s.output_token_ids for s in seqs], [r.generator for r in reqs],
@@ -257,6 +304,19 @@ class Engine:
                 batch.token_bitmask = self._structured.fill_bitmask(rows, len(reqs))
                 batch.bitmask_rows = [i for i, _ in rows]
         return batch
+
+    def _speculative_sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        """One row per position to sample: a sequence with k drafts has k + 1, each seeing the drafts
+        before it as its output so far (for penalties). No constrained request speculates."""
+        params, prompts, outputs, generators = [], [], [], []
+        for s in seqs:
+            generator = self.requests[s.request_id].generator
+            for i in range(len(s.spec_token_ids) + 1):
+                params.append(s.params)
+                prompts.append(s.prompt_token_ids)
+                outputs.append(s.output_token_ids + s.spec_token_ids[:i])
+                generators.append(generator)
+        return SamplingBatch.build(params, prompts, outputs, generators, self.model_config.vocab_size, self.device)
 
     def _grammar_matcher(self, params: SamplingParams):
         """A matcher for a constrained request; ValueError (GrammarError) if its grammar does not
@@ -367,4 +427,18 @@ class Engine:
             computed_tokens=self._computed_tokens,
             num_steps=self._num_steps,
             iteration_tokens=IterationTokens(list(self._iteration_tokens.counts), self._iteration_tokens.total),
+            speculative=SpeculativeStats(self._spec_stats.num_drafts, self._spec_stats.num_draft_tokens,
+                                         self._spec_stats.num_accepted_tokens, list(self._spec_stats.accepted_per_pos)),
         )
+
+
+def _merged(outs: list[RequestOutput]) -> RequestOutput:
+    """The outputs of one request's tokens in one step, as one output."""
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    last.new_token_ids = [t for o in outs for t in o.new_token_ids]
+    last.delta_text = "".join(o.delta_text for o in outs)
+    if any(o.logprobs for o in outs):
+        last.logprobs = [entry for o in outs for entry in (o.logprobs or [])]
+    return last

@@ -193,6 +193,15 @@ class KVCacheManager:
             self.pool.register(table[i], hashes[i])
         self._num_published[seq.request_id] = max(start, full)
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past those ``seq``'s tokens need (the slots of drafts a verification
+        step rejected): afterwards the table holds ``ceil(len(seq) / block_size)`` blocks."""
+        table = self.tables.get(seq.request_id)
+        keep = -(-len(seq) // self.block_size)
+        if table and len(table) > keep:
+            self.pool.release(table[keep:])
+            del table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (finished, aborted or preempted)."""
         table = self.tables.pop(seq.request_id, None)

@@ -105,17 +105,19 @@ class ModelRunner:
                 slots.append(table[start // bs] * bs + start % bs)
                 step.decode_tables.append(table)
                 step.decode_lens.append(start + 1)
-            else:
+            else:  # a prefill chunk, or a decode with drafts to verify (the last token, then the drafts)
                 offset = len(input_ids)
                 input_ids.extend(seq.token_ids[start:start + n])
+                if seq.spec_token_ids:
+                    input_ids.extend(seq.spec_token_ids)
                 positions.extend(range(start, start + n))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
                 step.prefills.append((offset, offset + n, start, start + n, table))
             step.seq_tables.append(table)
             step.query_lens.append(n)
             step.context_lens.append(start + n)
-            if start + n == len(seq):
-                step.sample_rows.append(len(input_ids) - 1)
+            if start + n >= len(seq):  # one row, or one per draft plus the bonus position
+                step.sample_rows.extend(range(len(input_ids) - 1 - len(seq.spec_token_ids), len(input_ids)))
         return step
 
     @torch.inference_mode()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from kubeinfer.worker.speculative import SpeculativeStats
+
 # Upper bounds of the engine's tokens-per-step histogram (vLLM's ``vllm:iteration_tokens_total``
 # buckets); a step larger than the last lands in the +Inf bucket.
 ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -80,3 +82,4 @@ class EngineStats:
     computed_tokens: int       # tokens run through the model (prefix-cache hits are not)
     num_steps: int
     iteration_tokens: IterationTokens = field(default_factory=IterationTokens)
+    speculative: SpeculativeStats = field(default_factory=SpeculativeStats)

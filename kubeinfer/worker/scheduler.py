@@ -73,6 +73,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids.clear()
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -89,7 +90,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(len(seq) - seq.num_computed_tokens, budget)
+            if seq.spec_token_ids:  # the last token plus the drafts, as far as the budget goes
+                del seq.spec_token_ids[budget - 1:]
+            n = min(len(seq) - seq.num_computed_tokens + len(seq.spec_token_ids), budget)
             while not self.kv.allocate_slots(seq, n):
                 victim = self.running[-1]
                 if id(victim) in scheduled:
@@ -142,7 +145,8 @@ class Scheduler:
         """Advance computed counts after the forward pass; returns the sequences that must sample."""
         ready = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+            # Drafts are not computed tokens until accepted (the engine adds those it accepts).
+            seq.num_computed_tokens += n - len(seq.spec_token_ids)
             self.kv.cache_computed_blocks(seq)
             if seq.num_computed_tokens == len(seq):
                 ready.append(seq)

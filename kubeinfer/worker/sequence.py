@@ -27,7 +27,8 @@ class Sequence:
     """One request inside the engine.
 
     Owns ``token_ids`` (prompt followed by generated tokens) and ``num_computed_tokens``, the prefix of
-    ``token_ids`` whose K/V are already in the paged cache. Invariants: ``0 <= num_computed_tokens <=
+    ``token_ids`` whose K/V are already in the paged cache. ``spec_token_ids`` are drafts that follow
+    ``token_ids`` (only while the sequence is decoding: ``num_computed_tokens == len - 1``). Invariants: ``0 <= num_computed_tokens <=
     len(token_ids)``; a sequence is ready to sample exactly when ``num_computed_tokens`` reaches
     ``len(token_ids)`` after a step; preemption resets ``num_computed_tokens`` to 0 (recompute) and keeps
     the tokens, so no generated token is ever lost.
@@ -48,6 +49,8 @@ class Sequence:
     # With params.prompt_logprobs: one entry per prompt token scored so far ({token: logprob, ...};
     # the first token has none, so the list starts as [None]).
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # Draft tokens to verify in the next step (speculative.py); never part of token_ids until accepted.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

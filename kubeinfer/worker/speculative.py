@@ -1,0 +1,64 @@
+"""Speculative decoding: cheap guesses of a sequence's next tokens, verified by the target model in
+one step.
+
+A proposal is a list of draft tokens that would follow ``seq.token_ids``. The engine runs the last
+real token plus the drafts as one chunk (the paged-attention prefill path, so continuous batching
+is kept), samples every position, and accepts drafts while the sampled token equals the draft; the
+first sampled token that differs (or the token after the last draft) is kept too. With a point-mass
+proposal (n-gram lookup has no probabilities) this is exactly the rejection-sampling rule of
+Leviathan et al.: draft ``d`` is accepted with probability ``p(d)``, and on rejection the token comes
+from ``p`` without ``d``. So greedy output is token for token plain greedy's, and sampled output has
+the target's distribution. Drafts never enter ``token_ids`` before they are accepted, so prefix-cache
+hashes never include an unverified token; the KV slots written for rejected drafts are overwritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SPECULATIVE_METHODS = ("none", "ngram")  # "none" (no speculation) is None in EngineConfig
+
+
+def ngram_proposal(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt lookup: the ``k`` tokens that followed the latest earlier occurrence of the sequence's
+    last ``n`` tokens, trying ``n`` from ``n_max`` down to ``n_min``; [] when nothing matches."""
+    length = len(token_ids)
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        tail = token_ids[length - n:]
+        first = tail[0]
+        for i in range(length - n - 1, -1, -1):  # latest first; never the tail itself
+            if token_ids[i] == first and token_ids[i:i + n] == tail:
+                return token_ids[i + n:i + n + k]
+    return []
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters with vLLM's meanings (``vllm:spec_decode_*``): proposals made, draft tokens proposed,
+    drafts accepted, and accepted drafts per position (index 0 is the first draft token)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
+        if len(self.accepted_per_pos) < proposed:
+            self.accepted_per_pos += [0] * (proposed - len(self.accepted_per_pos))
+        for i in range(accepted):
+            self.accepted_per_pos[i] += 1
+
+
+def accept(drafts: list[int], sampled: list[int]) -> list[int]:
+    """The tokens a verified proposal adds: the drafts up to the first one the target did not sample,
+    then the target's own token at that position (``sampled`` has one more entry than ``drafts``)."""
+    out = []
+    for draft, token in zip(drafts, sampled):
+        out.append(token)
+        if token != draft:
+            return out
+    out.append(sampled[len(drafts)])
+    return out
