@@ -20,6 +20,7 @@ from kubeinfer.worker import Engine, SamplingParams
 from tests.conftest import free_port
 
 MAX_TOKENS = 64  # long enough that a replica killed after the first token still has work in flight
+HOLD_TOKENS = 900  # streams that outlast the kill (seconds of decoding, even for the tiny model)
 PROMPTS = [f"{word} number {i}" for i, word in enumerate(
     ["The quick brown fox", "Kubernetes schedules pods", "def f(x):", "héllo wörld",
      "Ray Serve runs replicas", "naïve café", "return x * 2", "emoji 🙂"] * 4)]
@@ -96,8 +97,8 @@ def serve_app(ray_head, tiny_llama_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
     # No admission queue and room for MAX_IN_FLIGHT requests: the overload test fills it.
-    app = AppConfig(models=[ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=256,
-                                      engine={"num_kv_blocks": 160}, num_replicas=2)],
+    app = AppConfig(models=[ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=1024,
+                                      engine={"num_kv_blocks": 512}, num_replicas=2)],
                     router=RouterSettings(max_in_flight=MAX_IN_FLIGHT, max_queued=0))
     serve.run(build_app(app.to_dict()), name=APP, route_prefix="/")
     try:
@@ -107,11 +108,11 @@ def serve_app(ray_head, tiny_llama_dir):
         ray.shutdown()
 
 
-async def grpc_stream(stub, prompt: str, started: asyncio.Event | None = None) -> dict:
+async def grpc_stream(stub, prompt: str, started: asyncio.Event | None = None, max_tokens: int = MAX_TOKENS) -> dict:
     """Tokens and text of one streamed request; ``error`` is the status code if it failed."""
     result = {"tokens": [], "text": "", "error": None}
     request = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(
-        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     try:
         async for msg in stub.GenerateStream(request, timeout=120):
             result["tokens"] += msg.token_ids
@@ -225,6 +226,10 @@ def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_ap
         async with grpc.aio.insecure_channel(serve_app["grpc"]) as channel:
             stub = pb_grpc.InferenceStub(channel)
             started = asyncio.Event()
+            # Long streams on both replicas: the tiny model runs the 64-token ones out in a fraction
+            # of a second, so without these the kill could land after the work it should hit.
+            holders = [asyncio.create_task(grpc_stream(stub, f"hold the line {i}", max_tokens=HOLD_TOKENS))
+                       for i in range(4)]
             first_wave = [asyncio.create_task(grpc_stream(stub, p, started)) for p in PROMPTS[:16]]
             await started.wait()
             # The router may send a whole micro-batch to one replica: kill one that is running
@@ -238,12 +243,15 @@ def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_ap
             ray.kill(victim, no_restart=True)
             # Sent after the kill, before Serve has noticed it: some go to the dead replica first.
             second_wave = [asyncio.create_task(grpc_stream(stub, p)) for p in PROMPTS[16:]]
-            return await asyncio.gather(*first_wave, *second_wave)
+            return await asyncio.gather(*first_wave, *second_wave), await asyncio.gather(*holders)
 
-    results = asyncio.run(main())
-    lost = [(p, r["error"]) for p, r in zip(PROMPTS, results) if r["error"] is not None and not r["tokens"]]
+    results, held = asyncio.run(main())
+    lost = [(p, r["error"]) for p, r in zip(PROMPTS + ["holder"] * len(held), results + held)
+            if r["error"] is not None and not r["tokens"]]
     # a request that had not streamed a token was retried on the other replica
     assert lost == [], (lost, retries_total(serve_app["http"]))
+    for r in held:  # cut mid-stream on the killed replica, or run to the end
+        assert r["error"] == grpc.StatusCode.UNAVAILABLE or len(r["tokens"]) == HOLD_TOKENS, r
     assert sum(r["error"] is None for r in results[16:]) == 16
     for prompt, result in zip(PROMPTS, results):
         if result["error"] is None:
@@ -252,7 +260,7 @@ def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_ap
             assert result["error"] == grpc.StatusCode.UNAVAILABLE
     # The kill hit work in flight: requests were retried elsewhere or cut mid-stream (else this
     # test would prove nothing).
-    failed = sum(r["error"] is not None for r in results)
+    failed = sum(r["error"] is not None for r in results + held)
     retries = retries_total(serve_app["http"])
     assert retries + failed >= 1, (victim, [(len(r["tokens"]), r["error"]) for r in results])
 
@@ -302,3 +310,20 @@ def test_gauges_read_zero_once_every_client_has_left(serve_app):
         time.sleep(0.05)
     assert idle == {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0,
                     "vllm:kv_cache_usage_perc": 0.0}
+
+
+def test_each_handle_call_of_one_request_gets_its_own_internal_request_id():
+    """Serve's request router matches a routed replica to the pending call by internal request id,
+    which calls made while serving one ingress request inherit: the pool's calls each get their own
+    (else two calls pending at once, as after a replica is killed, left one waiting for ever)."""
+    from ray.serve import context
+
+    from kubeinfer.serve.ingress import own_internal_request_id
+    context._set_request_context(request_id="client-1", _internal_request_id="ingress-1")
+    seen = []
+    for _ in range(2):
+        with own_internal_request_id():
+            seen.append(context._get_serve_request_context())
+    assert [c.request_id for c in seen] == ["client-1", "client-1"]  # logs still name the client's request
+    assert len({c._internal_request_id for c in seen} | {"ingress-1"}) == 3
+    assert context._get_serve_request_context()._internal_request_id == "ingress-1"  # restored after

@@ -3,11 +3,15 @@ HTTP surface (through Serve's HTTP proxy) over one Router whose pools call the W
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from typing import Any, AsyncIterator
+import uuid
+from typing import Any, AsyncIterator, Iterator
 
 from grpc_health.v1 import health_pb2
 from ray import serve
+from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
 from kubeinfer.proto import inference_pb2 as pb
@@ -21,6 +25,24 @@ from kubeinfer.serve.config import AppConfig
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def own_internal_request_id() -> Iterator[None]:
+    """Handle calls made inside get an internal request id of their own (the request id, shown in
+    logs, stays the caller's).
+
+    Serve's request router hands a routed replica to the pending call with that internal id, and
+    every call made while serving one ingress request inherits the request's: when two of them wait
+    for a replica at once (a retry beside a report refresh, or the calls of one micro-batch flush,
+    while a killed replica held routing up) the second was never indexed and waited for ever."""
+    current = serve_context._get_serve_request_context()
+    token = serve_context._serve_request_context.set(
+        dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
+    try:
+        yield
+    finally:
+        serve_context._serve_request_context.reset(token)
+
+
 class ServePool(WorkerPool):
     """A model's Worker deployment behind a Serve handle. The replica for each call is picked by
     Serve's request router (``PolicyRequestRouter``), so this pool only sends and aborts."""
@@ -31,7 +53,8 @@ class ServePool(WorkerPool):
         self.handle = handle
 
     async def _call(self, jobs: list[GenerateJob], exclude: str | None) -> AsyncIterator[StreamItem]:
-        response = self.stream_handle.generate_batch.remote(jobs, exclude_replica=exclude)
+        with own_internal_request_id():
+            response = self.stream_handle.generate_batch.remote(jobs, exclude_replica=exclude)
         ended = False
         try:
             async for item in response:
@@ -46,14 +69,18 @@ class ServePool(WorkerPool):
 
     async def abort(self, replica_id: str, request_id: str) -> None:
         try:
-            await self.handle.abort.remote(request_id, pin_replica=replica_id)
+            with own_internal_request_id():
+                response = self.handle.abort.remote(request_id, pin_replica=replica_id)
+            await response
         except Exception as e:  # the replica is gone, and the request with it
             log.info("abort of %s on %s failed: %s", request_id, replica_id, e)
 
     async def refresh_report(self, replica_id: str) -> ReplicaReport | None:
         # Pinned like an abort, so the answer is that replica's; the request router counts it as a
         # call, but it returns at once.
-        return await self.handle.report.remote(pin_replica=replica_id)
+        with own_internal_request_id():
+            response = self.handle.report.remote(pin_replica=replica_id)
+        return await response
 
 
 @serve.deployment(max_ongoing_requests=4096, graceful_shutdown_timeout_s=60)
