@@ -99,23 +99,28 @@ class ModelRunner:
         input_ids, positions, slots = step.input_ids, step.positions, step.slots
         for seq, n, table in zip(batch.seqs, batch.num_new_tokens, block_tables):
             start = seq.num_computed_tokens
-            if n == 1:
-                input_ids.append(seq.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-                step.decode_tables.append(table)
-                step.decode_lens.append(start + 1)
-            else:  # a prefill chunk, or a decode with drafts to verify (the last token, then the drafts)
+            if n == 1 or seq.spec_token_ids:
+                # Decode rows: the last token, then (speculating) each draft as a row of its own that
+                # attends to the cache up to itself. Every row's K/V is written before attention
+                # runs, so the decode kernels verify drafts with no prefill path.
+                for p, token in enumerate([seq.token_ids[start], *seq.spec_token_ids], start):
+                    input_ids.append(token)
+                    positions.append(p)
+                    slots.append(table[p // bs] * bs + p % bs)
+                    step.decode_tables.append(table)
+                    step.decode_lens.append(p + 1)
+                    step.seq_tables.append(table)
+                    step.query_lens.append(1)
+                    step.context_lens.append(p + 1)
+            else:
                 offset = len(input_ids)
                 input_ids.extend(seq.token_ids[start:start + n])
-                if seq.spec_token_ids:
-                    input_ids.extend(seq.spec_token_ids)
                 positions.extend(range(start, start + n))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
                 step.prefills.append((offset, offset + n, start, start + n, table))
-            step.seq_tables.append(table)
-            step.query_lens.append(n)
-            step.context_lens.append(start + n)
+                step.seq_tables.append(table)
+                step.query_lens.append(n)
+                step.context_lens.append(start + n)
             if start + n >= len(seq):  # one row, or one per draft plus the bonus position
                 step.sample_rows.extend(range(len(input_ids) - 1 - len(seq.spec_token_ids), len(input_ids)))
         return step

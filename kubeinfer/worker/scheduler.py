@@ -106,7 +106,7 @@ class Scheduler:
                 preempted.append(victim)
             if seq is None:
                 continue  # running[i] now holds the next sequence
-            (decodes if n == 1 else prefills).append((seq, n))
+            (decodes if n == 1 or seq.spec_token_ids else prefills).append((seq, n))  # drafts: decode rows
             scheduled.add(id(seq))
             budget -= n
             i += 1

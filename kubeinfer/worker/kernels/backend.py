@@ -25,8 +25,9 @@ class StepInputs:
 
     ``prefills`` holds ``(start, end, first_position, context_len, block_table)`` per prefill chunk:
     rows ``[start, end)`` of the batch are positions ``[first_position, context_len)`` of a
-    sequence. ``seq_tables``, ``query_lens`` and ``context_lens`` describe every sequence of the
-    step (decodes are chunks of one), in batch order.
+    sequence. ``seq_tables``, ``query_lens`` and ``context_lens`` describe every chunk of the step
+    in batch order: a decode row is a chunk of one (a speculating sequence's last token and each of
+    its drafts are rows of their own, with growing context lengths over one block table).
     """
 
     input_ids: list[int] = field(default_factory=list)
