@@ -99,7 +99,11 @@ class ChunkPool {
       uint64_t v = counter_.load(std::memory_order_seq_cst);
       const auto start = std::chrono::steady_clock::now();
       for (int spins = 0; (v >> 32) == seen && !stopping(index); ++spins) {
-        _mm_pause();
+        // Mostly pause, now and then a yield: on an oversubscribed machine the waiting helper hands its
+        // time slice to whoever is runnable there (the caller itself, maybe); on a quiet one a yield
+        // returns at once.
+        if ((spins & 31) == 31) std::this_thread::yield();
+        else _mm_pause();
         if ((spins & 255) == 255 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(kSpinUs)) {
           std::unique_lock<std::mutex> lock(sleep_mutex_);
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
