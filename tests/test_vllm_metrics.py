@@ -34,7 +34,7 @@ INFERENCE_PERF_SCRAPES = {
                   "vllm:iteration_tokens_total", "vllm:request_prefill_kv_computed_tokens"],
 }
 # Scraped by inference-perf but not exported, because kubeinfer has no such thing to count (an
-# exported zero would claim a measurement): n > 1 is not supported yet (issue 16); no external KV
+# exported zero would claim a measurement): the router does not record n per request yet; no external KV
 # cache, multimodal cache or KV-block lifetime tracking; preempted requests are recomputed but the
 # engine does not yet count the recomputed prompt tokens apart; no corrupted-request detection.
 NOT_EXPORTED = ["vllm:request_params_n", "vllm:request_max_num_generation_tokens", "vllm:prompt_tokens_recomputed",
@@ -166,3 +166,32 @@ def test_a_waiting_request_is_one_prefix_cache_query_in_tokens(tiny_llama_dir):
     stats = engine.stats()
     assert all(o.num_output_tokens == 40 for o in outs)
     assert stats.prefix_cache_queries == 360 and stats.prefix_cache_hits == 0
+
+
+def test_speculative_decoding_counters_are_the_engines(tiny_llama_dir):
+    """vLLM's spec-decode counters through a real router over a speculating engine."""
+    spec = ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=256, num_replicas=1,
+                     engine={"num_kv_blocks": 64, "speculative_method": "ngram", "prompt_lookup_min": 1})
+    router = build_local_router(AppConfig(models=[spec]))
+
+    async def main():
+        for tokens in ([5, 6, 7] * 8, list(range(10, 30)) * 2):
+            job = router.prepare(prompt_token_ids=tokens, sampling=dict(temperature=0.0, max_tokens=24,
+                                                                        ignore_eos=True))
+            async for _ in router.stream(job):
+                pass
+
+    try:
+        asyncio.run(main())
+        engine = next(iter(router.models["tiny"].pool.replicas.values())).engine.engine
+        stats = engine.stats().speculative
+        fams = families(router.metrics)
+    finally:
+        shutdown_local_router(router)
+    assert stats.num_drafts > 0
+    assert value(fams["vllm:spec_decode_num_drafts"], "_total") == stats.num_drafts
+    assert value(fams["vllm:spec_decode_num_draft_tokens"], "_total") == stats.num_draft_tokens
+    assert value(fams["vllm:spec_decode_num_accepted_tokens"], "_total") == stats.num_accepted_tokens
+    per_pos = fams["vllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert value(per_pos, "_total") == stats.num_accepted_tokens
+    assert value(per_pos, "_total", position="0") == stats.accepted_per_pos[0]

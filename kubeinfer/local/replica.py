@@ -36,7 +36,8 @@ class EngineReplica:
         s = self.engine.stats()
         return ReplicaReport(self.replica_id, s.num_requests_running, s.num_requests_waiting,
                              s.kv_cache_usage, s.num_preemptions, s.prefix_cache_queries, s.prefix_cache_hits,
-                             tuple(s.iteration_tokens.counts), s.iteration_tokens.total)
+                             tuple(s.iteration_tokens.counts), s.iteration_tokens.total,
+                             s.speculative.counts() if s.speculative.num_drafts else ())
 
     async def settled_report(self) -> ReplicaReport:
         """The report once every add and abort queued so far has reached the engine (an idle

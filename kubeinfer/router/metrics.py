@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from kubeinfer.router.types import Chunk, ReplicaReport
 from kubeinfer.worker.outputs import ITERATION_TOKENS_BUCKETS
+from kubeinfer.worker.speculative import MAX_SPECULATIVE_TOKENS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # vLLM's buckets, each reaching past 30 minutes where a request-level latency can (a long queue,
@@ -124,11 +125,15 @@ class RouterMetrics:
         return generate_latest(self.registry)
 
 
+SPEC_DECODE_WIDTH = 3 + MAX_SPECULATIVE_TOKENS  # SpeculativeStats.counts()
+
+
 def _counters(r: ReplicaReport) -> list[int]:
     """A report's counters as one vector: preemptions, prefix hits, prefix queries, iteration-token
-    sum, then the iteration-token bucket counts."""
+    sum, the iteration-token bucket counts, then speculative decoding's (SpeculativeStats.counts())."""
     buckets = list(r.iteration_tokens) or [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
-    return [r.num_preemptions, r.prefix_cache_hits, r.prefix_cache_queries, r.iteration_tokens_sum, *buckets]
+    spec = list(r.spec_decode) or [0] * SPEC_DECODE_WIDTH
+    return [r.num_preemptions, r.prefix_cache_hits, r.prefix_cache_queries, r.iteration_tokens_sum, *buckets, *spec]
 
 
 def _add(a: list[int] | None, b: list[int]) -> list[int]:
@@ -174,6 +179,14 @@ class _ReplicaCollector:
         queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                                       labels=labels)
         iteration = HistogramMetricFamily("vllm:iteration_tokens_total", "Tokens per engine step.", labels=labels)
+        drafts = CounterMetricFamily("vllm:spec_decode_num_drafts", "Speculative proposals verified.", labels=labels)
+        draft_tokens = CounterMetricFamily("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                                           labels=labels)
+        accepted = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                       labels=labels)
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the proposal.",
+                                      labels=[*labels, "position"])
         for model, reports in self._reports().items():
             reports: list[ReplicaReport]
             running.add_metric([model], sum(r.num_requests_running for r in reports))
@@ -181,6 +194,16 @@ class _ReplicaCollector:
             kv.add_metric([model], sum(r.kv_cache_usage for r in reports) / max(len(reports), 1))
             replicas.add_metric([model], len(reports))
             n_preempt, n_hits, n_queries, iteration_sum, *counts = self._counter_totals(model, reports)
+            counts, spec = counts[:-SPEC_DECODE_WIDTH], counts[-SPEC_DECODE_WIDTH:]
+            if spec[0]:  # a model whose replicas speculate (vLLM shows these only then too)
+                drafts.add_metric([model], spec[0])
+                draft_tokens.add_metric([model], spec[1])
+                accepted.add_metric([model], spec[2])
+                positions = spec[3:]
+                while len(positions) > 1 and not positions[-1]:  # up to the last position ever accepted
+                    positions = positions[:-1]
+                for position, count in enumerate(positions):
+                    per_pos.add_metric([model, str(position)], count)
             preempt.add_metric([model], n_preempt)
             hits.add_metric([model], n_hits)
             queries.add_metric([model], n_queries)
@@ -189,4 +212,5 @@ class _ReplicaCollector:
                 cumulative += count
                 buckets.append((str(bound), cumulative))
             iteration.add_metric([model], buckets, iteration_sum)
-        return [running, waiting, kv, replicas, preempt, hits, queries, iteration]
+        return [running, waiting, kv, replicas, preempt, hits, queries, iteration, drafts, draft_tokens, accepted,
+                per_pos]

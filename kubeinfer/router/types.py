@@ -120,6 +120,9 @@ class ReplicaReport:
     # their sum; empty from a replica that does not report them.
     iteration_tokens: tuple[int, ...] = ()
     iteration_tokens_sum: int = 0
+    # Speculative decoding's counters (SpeculativeStats.counts()): drafts, draft tokens, accepted
+    # tokens, then accepted per draft position; empty from a replica that does not speculate.
+    spec_decode: tuple[int, ...] = ()
 
 
 # A replica's stream: ``(index, Chunk)`` for the index-th job of the call, and ``(-1, report)``

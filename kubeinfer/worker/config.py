@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
 from kubeinfer.worker.kv_sizing import DTYPE_BYTES, KV_CACHE_DTYPES
-from kubeinfer.worker.speculative import SPECULATIVE_METHODS
+from kubeinfer.worker.speculative import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +148,7 @@ class EngineConfig:
         None, "speculative decoding: ngram proposes the tokens that followed the latest earlier match of the "
         "last few tokens (prompt lookup), verified in one step; exact (greedy output is unchanged)",
         choices=SPECULATIVE_METHODS)
-    num_speculative_tokens: int = _setting(4, "draft tokens proposed per step when speculating")
+    num_speculative_tokens: int = _setting(4, f"draft tokens proposed per step when speculating (1 to {MAX_SPECULATIVE_TOKENS})")
     prompt_lookup_min: int = _setting(2, "ngram speculation: the shortest n-gram matched")
     prompt_lookup_max: int = _setting(4, "ngram speculation: the longest n-gram matched (tried first)")
     speculative_disable_by_batch_size: int = _setting(
@@ -188,6 +188,8 @@ class EngineConfig:
         for name in ("num_speculative_tokens", "prompt_lookup_min", "speculative_disable_by_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be <= {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}")
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError(f"prompt_lookup_max ({self.prompt_lookup_max}) must be >= prompt_lookup_min "
                              f"({self.prompt_lookup_min})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SPECULATIVE_METHODS = ("none", "ngram")  # "none" (no speculation) is None in EngineConfig
+MAX_SPECULATIVE_TOKENS = 16  # drafts per step at most (the metrics' per-position counters are this wide)
 
 
 def ngram_proposal(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
@@ -41,6 +42,11 @@ class SpeculativeStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
+
+    def counts(self) -> tuple[int, ...]:
+        """Drafts, draft tokens, accepted tokens, then accepted per position (MAX_SPECULATIVE_TOKENS)."""
+        per_pos = self.accepted_per_pos + [0] * (MAX_SPECULATIVE_TOKENS - len(self.accepted_per_pos))
+        return (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, *per_pos)
 
     def record(self, proposed: int, accepted: int) -> None:
         self.num_drafts += 1
