@@ -73,6 +73,7 @@ bench: install-test bench-deps
 	$(PY) benchmarks/faults.py
 	$(PY) benchmarks/autoscaling.py
 	$(PY) benchmarks/structured.py
+	$(PY) benchmarks/speculative.py
 
 # Regenerates the gRPC stubs in kubeinfer/proto/ from proto/ (a test fails when they are stale).
 proto: install-test
