@@ -110,7 +110,9 @@ def test_engine_router_and_model_fields_reach_the_application():
                                "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 256,
                                "enable_prefix_caching": False, "enable_chunked_prefill": True,
                                "kv_cache_memory_bytes": 512 << 20, "gpu_memory_utilization": 0.9,
-                               "enforce_eager": False, "compile": False, "num_threads": 1}
+                               "enforce_eager": False, "compile": False, "num_threads": 1,
+                               "speculative_method": None, "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+                               "prompt_lookup_max": 4, "speculative_disable_by_batch_size": 8}
     assert serve["applications"][0]["args"]["router"] == {
         "policy": "prefix_affinity", "max_in_flight": 20, "max_queued": 10, "batch_window_ms": 2.5,
         "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2, "max_queue_wait_s": 30.0,

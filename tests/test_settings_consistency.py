@@ -22,7 +22,7 @@ from tests.k8s_schema import ROOT, crd_schema
 CRD_PATH = os.path.join(ROOT, "manifests", "crd.yaml")
 SPEC = crd_schema(CRD_PATH, "v1alpha1")["properties"]["spec"]
 # A ModelDeployment's spelling of a default where EngineConfig says None: the same setting.
-CRD_SPELLING_OF_NONE = {"model": "builtin://smollm2-135m", "quantization": "none"}
+CRD_SPELLING_OF_NONE = {"model": "builtin://smollm2-135m", "quantization": "none", "speculative_method": "none"}
 # The commands that build an engine, as argv prefixes.
 COMMANDS = {"generate": ["generate", "x"], "serve": ["serve"], "bench": ["bench"], "eval ppl": ["eval", "ppl"]}
 _JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}
@@ -214,8 +214,8 @@ def _non_default(f: Field) -> Any:
     choices = f.metadata.get("choices")
     default = deployment_default(f)
     if choices:
-        return next(c for c in choices if c != default)
-    return {"bool": not default, "int": (default or 0) + 16, "float": 0.5,
+        return next(c for c in choices if c != (CRD_SPELLING_OF_NONE.get(f.name) if default is None else default))
+    return {"bool": not default, "int": (default or 0) + 1, "float": 0.5,
             "int | None": 256 << 20}[f.type]
 
 

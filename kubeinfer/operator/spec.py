@@ -178,6 +178,8 @@ def deployment_default(f: Field) -> Any:
 # schema and docs/crd.md to this list).
 ENGINE_FIELDS: Mapping[str, Field] = MappingProxyType(_crd_fields("engine"))
 _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+# spec.engine values that mean EngineConfig's None (the CRD needs a string default to show).
+_NONE_SPELLINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({"speculativeMethod": ("none",)})
 
 
 def _check_engine(self) -> None:
@@ -373,7 +375,7 @@ def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
         engine = _section(spec, "engine")
         engine_settings = EngineSettings(**{
             f.name: parse_bytes(engine[key], f"spec.engine.{key}") if f.name.endswith("_bytes") else engine[key]
-            for key, f in ENGINE_FIELDS.items() if engine.get(key) is not None})
+            for key, f in ENGINE_FIELDS.items() if engine.get(key) not in (None, *_NONE_SPELLINGS.get(key, ()))})
         autoscaling = None
         if spec.get("autoscaling") is not None:
             auto = _section(spec, "autoscaling")

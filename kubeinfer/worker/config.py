@@ -51,11 +51,6 @@ NOT_IN_CRD: Mapping[str, str] = MappingProxyType({
     "num_kv_blocks": "a device-local override of the pool size; a deployment sizes it with kvCacheMemory",
     "quantization_group_size": "the capacity check sizes int4 weights for the default groups of 32",
     "seed": "not worth a CRD field: a request's own seed gives reproducible samples on any replica",
-    "speculative_method": "not yet: spec.engine.speculative (issue 14) is still to come; set it with --speculative-method",
-    "num_speculative_tokens": "not yet, with speculative_method",
-    "prompt_lookup_min": "not yet, with speculative_method",
-    "prompt_lookup_max": "not yet, with speculative_method",
-    "speculative_disable_by_batch_size": "not yet, with speculative_method",
 })
 
 
@@ -147,13 +142,16 @@ class EngineConfig:
     speculative_method: str | None = _setting(
         None, "speculative decoding: ngram proposes the tokens that followed the latest earlier match of the "
         "last few tokens (prompt lookup), verified in one step; exact (greedy output is unchanged)",
-        choices=SPECULATIVE_METHODS)
-    num_speculative_tokens: int = _setting(4, f"draft tokens proposed per step when speculating (1 to {MAX_SPECULATIVE_TOKENS})")
-    prompt_lookup_min: int = _setting(2, "ngram speculation: the shortest n-gram matched")
-    prompt_lookup_max: int = _setting(4, "ngram speculation: the longest n-gram matched (tried first)")
+        crd="engine.speculativeMethod", choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = _setting(
+        4, f"draft tokens proposed per step when speculating (1 to {MAX_SPECULATIVE_TOKENS})",
+        crd="engine.numSpeculativeTokens")
+    prompt_lookup_min: int = _setting(2, "ngram speculation: the shortest n-gram matched", crd="engine.promptLookupMin")
+    prompt_lookup_max: int = _setting(
+        4, "ngram speculation: the longest n-gram matched (tried first)", crd="engine.promptLookupMax")
     speculative_disable_by_batch_size: int = _setting(
         8, "no speculation in a step with more running sequences than this (a full batch is compute-bound, "
-        "where verifying drafts costs more than it saves)")
+        "where verifying drafts costs more than it saves)", crd="engine.speculativeDisableByBatchSize")
     seed: int = _setting(0, "seeds the engine's generator for requests without a seed of their own, so an "
                                "engine's sampling is reproducible from its start (a request's seed wins)")
 
