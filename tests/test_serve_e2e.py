@@ -188,7 +188,7 @@ def test_client_errors_through_serves_grpc_proxy_keep_their_status_and_retry_hin
             # Fill every in-flight slot with long streams; the next request is refused at once.
             started = [asyncio.Event() for _ in range(MAX_IN_FLIGHT)]
             long = pb.GenerateRequest(prompt="a long one", sampling=pb.SamplingParams(
-                max_tokens=200, temperature=0.0, ignore_eos=True))
+                max_tokens=HOLD_TOKENS, temperature=0.0, ignore_eos=True))
 
             async def hold(event: asyncio.Event) -> None:
                 async for _ in stub.GenerateStream(long, timeout=300):
