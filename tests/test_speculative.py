@@ -152,3 +152,19 @@ def test_bad_speculative_settings_are_refused():
                        (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup_max")):
         with pytest.raises(ValueError, match=match):
             EngineConfig(**bad)
+
+
+def test_a_request_whose_drafts_keep_failing_stops_drafting_for_a_while(tiny_llama_dir, monkeypatch):
+    """Drafts that are always wrong: the request pauses drafting (each rejected draft costs a row)
+    instead of proposing at every one of its 40 steps, and its output is still plain greedy's."""
+    from kubeinfer.worker.speculative import PAUSE_TOKENS
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = engine(tiny_llama_dir).generate([PROMPTS[0]], params)[0].output_token_ids
+
+    def wrong(token_ids, k, n_min, n_max):  # the token after the right one is never the right one
+        return [(want[len(token_ids) - len(PROMPTS[0])] + 1) % TINY_VOCAB] * k
+    monkeypatch.setattr("kubeinfer.worker.engine.ngram_proposal", wrong)
+    spec = engine(tiny_llama_dir, **NGRAM)
+    assert spec.generate([PROMPTS[0]], params)[0].output_token_ids == want
+    stats = spec.stats().speculative
+    assert stats.num_accepted_tokens == 0 and 0 < stats.num_drafts <= 40 - PAUSE_TOKENS

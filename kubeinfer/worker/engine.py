@@ -23,7 +23,7 @@ from kubeinfer.worker.sampling import SamplingBatch, make_generator
 from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.scheduler import Scheduler
 from kubeinfer.worker.sequence import FinishReason, Sequence
-from kubeinfer.worker.speculative import SpeculativeStats, accept, ngram_proposal
+from kubeinfer.worker.speculative import SpeculativeStats, accept, ngram_proposal, update_acceptance
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,8 @@ class Engine:
         if len(running) > cfg.speculative_disable_by_batch_size:
             return
         for seq in running:
-            if seq.num_computed_tokens != len(seq) - 1 or self.requests[seq.request_id].grammar is not None:
+            if seq.num_computed_tokens != len(seq) - 1 or seq.num_output_tokens < seq.spec_paused_until \
+                    or self.requests[seq.request_id].grammar is not None:
                 continue
             # Room for the drafts plus the bonus token within max_tokens and the context.
             room = min(cfg.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
@@ -252,6 +253,7 @@ class Engine:
         drafts = seq.spec_token_ids
         tokens = accept(drafts, token_ids[row:row + len(drafts) + 1])
         self._spec_stats.record(len(drafts), len(tokens) - 1)
+        update_acceptance(seq, len(drafts), len(tokens) - 1)
         seq.num_computed_tokens += len(tokens) - 1  # the accepted drafts' KV is the real tokens'
         outs = []
         for i, token in enumerate(tokens):

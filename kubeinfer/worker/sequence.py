@@ -51,6 +51,8 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     # Draft tokens to verify in the next step (speculative.py); never part of token_ids until accepted.
     spec_token_ids: list[int] = field(default_factory=list)
+    spec_acceptance: float = 1.0    # recent share of drafts accepted (a moving average)
+    spec_paused_until: int = 0      # no drafts before this many output tokens (after a poor run)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -33,6 +33,22 @@ def ngram_proposal(token_ids: list[int], k: int, n_min: int, n_max: int) -> list
     return []
 
 
+# A request whose recent drafts are mostly rejected stops drafting for a while: each rejected draft
+# costs a verification row. The moving average weighs the last proposal this much; below the floor,
+# drafting pauses for PAUSE_TOKENS output tokens, then resumes from a neutral average.
+ACCEPTANCE_WEIGHT = 0.3
+MIN_ACCEPTANCE = 0.2
+PAUSE_TOKENS = 16
+
+
+def update_acceptance(seq, proposed: int, accepted: int) -> None:
+    """Fold one verified proposal into ``seq``'s acceptance average; pause drafting when it is poor."""
+    seq.spec_acceptance += ACCEPTANCE_WEIGHT * (accepted / proposed - seq.spec_acceptance)
+    if seq.spec_acceptance < MIN_ACCEPTANCE:
+        seq.spec_paused_until = seq.num_output_tokens + PAUSE_TOKENS
+        seq.spec_acceptance = 0.5
+
+
 @dataclass
 class SpeculativeStats:
     """Counters with vLLM's meanings (``vllm:spec_decode_*``): proposals made, draft tokens proposed,
