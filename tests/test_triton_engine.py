@@ -114,3 +114,23 @@ def test_sampling_options_on_triton_match_the_torch_reference(tiny_qwen_dir):
         outs[backend] = [(o.output_token_ids, o.finish_reason) for o in engine.generate(PROMPTS, params)]
     assert outs["triton"] == outs["torch"]
     assert len({tuple(t) for t, _ in outs["torch"]}) == len(PROMPTS)  # the requests really sampled apart
+
+
+def test_speculative_decoding_on_triton_is_plain_greedy(tiny_llama_dir, monkeypatch):
+    """Drafts verified as decode rows through the Triton kernels (interpreted): the output is the
+    same backend's plain greedy output, with drafts both accepted and rejected."""
+    from tests.test_speculative import OracleProposer
+
+    def run(**speculative):
+        engine = Engine(EngineConfig(model=tiny_llama_dir, device="cpu", kernel_backend="triton", max_model_len=64,
+                                     num_kv_blocks=32, block_size=8, max_num_batched_tokens=16, **speculative))
+        outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        return [o.output_token_ids for o in outs], engine
+
+    plain, _ = run()
+    monkeypatch.setattr("kubeinfer.worker.engine.ngram_proposal",
+                        OracleProposer({tuple(p): o for p, o in zip(PROMPTS, plain)}))
+    got, engine = run(speculative_method="ngram", num_speculative_tokens=3)
+    assert got == plain
+    stats = engine.stats().speculative
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
