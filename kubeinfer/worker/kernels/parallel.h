@@ -41,7 +41,7 @@ class ChunkPool {
   template <typename F>
   void run(int64_t chunks, F&& f) {
     const int threads = at::get_num_threads();
-    if (chunks <= 1 || threads <= 1 || in_chunk_ || at::in_parallel_region()) {
+    if (chunks <= 1 || threads <= 1 || in_chunk_ || at::in_parallel_region() || solo()) {
       for (int64_t c = 0; c < chunks; ++c) f(c);
       return;
     }
@@ -66,12 +66,27 @@ class ChunkPool {
     for (int64_t c; (c = claim(gen, chunks)) >= 0; ++mine) f(c);
     in_chunk_ = false;
     done_.fetch_add(mine, std::memory_order_seq_cst);
-    // Only chunks a helper already claimed are waited for.
-    for (int spins = 0; done_.load(std::memory_order_seq_cst) < chunks; ++spins) {
-      if (spins < 4096) _mm_pause();
-      else std::this_thread::yield();
+    // Only chunks a helper already claimed are waited for: a chunk's work, unless the OS took the
+    // helper off its core mid-chunk. Then the caller waits for its next time slice (milliseconds
+    // on a busy machine), and the loops run on the caller alone for a while (solo()).
+    if (done_.load(std::memory_order_seq_cst) < chunks) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int spins = 0; done_.load(std::memory_order_seq_cst) < chunks; ++spins) {
+        if (spins < 4096) _mm_pause();
+        else std::this_thread::yield();
+      }
+      if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(kLongWaitUs)) go_solo();
     }
     counter_.store((gen << 32) | kClosed, std::memory_order_seq_cst);
+    // The helpers' share of the chunks over the last kWindow loops: on a busy machine they are seldom
+    // on a core when a loop starts, and take little of it while their spinning still costs the
+    // caller CPU time. Below kMinShare of what an even split would give them, go solo.
+    window_chunks_ += chunks;
+    window_helped_ += chunks - mine;
+    if (++window_runs_ == kWindow) {
+      if (window_helped_ * threads < window_chunks_ * (threads - 1) * kMinSharePercent / 100) go_solo();
+      window_runs_ = window_chunks_ = window_helped_ = 0;
+    }
   }
 
   ~ChunkPool() {
@@ -146,6 +161,26 @@ class ChunkPool {
     active_.store(helpers, std::memory_order_seq_cst);
     for (int i = 0; i < helpers; ++i) workers_.emplace_back([this, i] { helper(i); });
   }
+
+  // After a wait that long for a preempted helper (a chunk's work is a few microseconds), or when
+  // the helpers took too small a share of the chunks, the next kSoloRuns loops (about eight batch-1
+  // decode steps) run on the caller alone: on an oversubscribed
+  // machine one thread beat two that kept waiting for each other (the fork-join cost this pool
+  // avoids, paid instead whenever the OS preempts a helper holding a chunk). Then two are tried again.
+  static constexpr int kLongWaitUs = 250;
+  static constexpr int kSoloRuns = 1024;
+  static constexpr int kWindow = 128, kMinSharePercent = 50;
+  int64_t window_runs_ = 0, window_chunks_ = 0, window_helped_ = 0;  // under run_mutex_
+  void go_solo() {
+    solo_runs_.store(kSoloRuns, std::memory_order_relaxed);
+    window_runs_ = window_chunks_ = window_helped_ = 0;
+  }
+  bool solo() {
+    if (solo_runs_.load(std::memory_order_relaxed) <= 0) return false;
+    solo_runs_.fetch_sub(1, std::memory_order_relaxed);
+    return true;
+  }
+  std::atomic<int> solo_runs_{0};
 
   static constexpr int kSpinUs = 200;
   std::mutex run_mutex_, sleep_mutex_;
