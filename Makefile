@@ -67,6 +67,13 @@ bench-deps-avx2: bench-deps
 	      $(PIP) wheel --no-deps -w $(LLAMA_CPP_CACHE)/avx2 llama-cpp-python==$(LLAMA_CPP_VERSION) && \
 	  $(PIP) install -q --no-deps --target .cache/llama-cpp/site-avx2 $(LLAMA_CPP_CACHE)/avx2/llama_cpp_python-*.whl; fi
 
+# The batch-1 decode table per ISA tier (docs/benchmarks.md, "CPU tiers"): our avx2 tier forced against
+# the AVX2-only llama.cpp build, then this machine's best tier against the build for this CPU.
+.PHONY: bench-cpu-tiers
+bench-cpu-tiers: bench-deps-avx2
+	KUBEINFER_CPU_ISA=avx2 $(PY) benchmarks/engine.py --sections decode
+	$(PY) benchmarks/engine.py --sections decode
+
 bench: install-test bench-deps
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/serving.py
