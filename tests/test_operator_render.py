@@ -112,11 +112,12 @@ def test_engine_router_and_model_fields_reach_the_application():
                                "kv_cache_memory_bytes": 512 << 20, "gpu_memory_utilization": 0.9,
                                "enforce_eager": False, "compile": False, "num_threads": 1,
                                "speculative_method": None, "num_speculative_tokens": 4, "prompt_lookup_min": 2,
-                               "prompt_lookup_max": 4, "speculative_disable_by_batch_size": 8}
+                               "prompt_lookup_max": 4, "speculative_disable_by_batch_size": 8,
+                               "speculative_draft_quantization": "int4"}
     assert serve["applications"][0]["args"]["router"] == {
         "policy": "prefix_affinity", "max_in_flight": 20, "max_queued": 10, "batch_window_ms": 2.5,
         "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2, "max_queue_wait_s": 30.0,
-        "max_prompt_chars": None, "max_body_bytes": None, "max_n": 16}
+        "max_prompt_chars": None, "max_body_bytes": None, "max_n": 16, "max_capacity_wait_s": 60.0}
     assert serve["applications"][0]["name"] == "ml.demo"  # Serve-API mode: namespace.name
 
 

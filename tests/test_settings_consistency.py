@@ -214,7 +214,7 @@ def _non_default(f: Field) -> Any:
     choices = f.metadata.get("choices")
     default = deployment_default(f)
     if choices:
-        return next(c for c in choices if c != (CRD_SPELLING_OF_NONE.get(f.name) if default is None else default))
+        return next(c for c in choices if c not in (default, "none"))  # "none" is parsed as None
     return {"bool": not default, "int": (default or 0) + 1, "float": 0.5,
             "int | None": 256 << 20}[f.type]
 

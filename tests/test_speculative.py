@@ -46,7 +46,7 @@ class OracleProposer:
 def oracle(monkeypatch):
     def install(prompts, outputs) -> OracleProposer:
         proposer = OracleProposer({tuple(p): o for p, o in zip(prompts, outputs)})
-        monkeypatch.setattr("kubeinfer.worker.engine.ngram_proposal", proposer)
+        monkeypatch.setattr("kubeinfer.worker.speculative.ngram_proposal", proposer)
         return proposer
     return install
 
@@ -163,8 +163,57 @@ def test_a_request_whose_drafts_keep_failing_stops_drafting_for_a_while(tiny_lla
 
     def wrong(token_ids, k, n_min, n_max):  # the token after the right one is never the right one
         return [(want[len(token_ids) - len(PROMPTS[0])] + 1) % TINY_VOCAB] * k
-    monkeypatch.setattr("kubeinfer.worker.engine.ngram_proposal", wrong)
+    monkeypatch.setattr("kubeinfer.worker.speculative.ngram_proposal", wrong)
     spec = engine(tiny_llama_dir, **NGRAM)
     assert spec.generate([PROMPTS[0]], params)[0].output_token_ids == want
     stats = spec.stats().speculative
     assert stats.num_accepted_tokens == 0 and 0 < stats.num_drafts <= 40 - PAUSE_TOKENS
+
+
+# ---- the draft-model proposer ---------------------------------------------------------------------
+
+DRAFT = dict(speculative_method="draft", num_speculative_tokens=3)
+
+
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_draft_model_greedy_output_is_plain_greedy(tiny_llama_dir, quantization):
+    """The target drafting for itself: unquantized nearly every draft is accepted (the rows only
+    round differently); at int4 fewer are. The output is plain greedy's either way, across chunked
+    prefill (the draft catches up in chunks too) and a batch of plain-length prompts."""
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    plain = [o.output_token_ids for o in engine(tiny_llama_dir).generate(PROMPTS, params)]
+    spec = engine(tiny_llama_dir, max_num_batched_tokens=16, speculative_draft_quantization=quantization, **DRAFT)
+    free = spec.kv.pool.num_free
+    assert [o.output_token_ids for o in spec.generate(PROMPTS, params)] == plain
+    stats = spec.stats().speculative
+    assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0
+    if quantization is None:
+        assert stats.num_accepted_tokens >= 0.9 * stats.num_draft_tokens
+    assert spec.kv.pool.num_free == free
+
+
+def test_draft_model_through_preemption(tiny_llama_dir):
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    prompts = PROMPTS * 2
+    plain = [o.output_token_ids for o in engine(tiny_llama_dir).generate(prompts, params)]
+    spec = engine(tiny_llama_dir, max_model_len=128, num_kv_blocks=12, block_size=16,
+                  speculative_disable_by_batch_size=64, speculative_draft_quantization=None, **DRAFT)
+    outs = spec.generate(prompts, params)
+    assert spec.stats().num_preemptions > 0 and spec.stats().speculative.num_accepted_tokens > 0
+    assert [o.output_token_ids for o in outs] == plain
+
+
+def test_a_draft_that_cannot_draft_for_the_target_is_refused_at_start(tiny_llama_dir, tmp_path):
+    import transformers
+
+    from tests.conftest import tiny_hf_config, write_tokenizer
+    for name, change, match in (("vocab", dict(vocab_size=TINY_VOCAB + 8), "vocabulary"),
+                                ("short", dict(max_position_embeddings=64), "context")):
+        config = tiny_hf_config("llama")
+        for k, v in change.items():
+            setattr(config, k, v)
+        path = str(tmp_path / name)
+        transformers.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+        write_tokenizer(path, config.vocab_size)
+        with pytest.raises(ValueError, match=match):
+            engine(tiny_llama_dir, speculative_draft_model=path, **DRAFT)

@@ -128,7 +128,7 @@ def test_speculative_decoding_on_triton_is_plain_greedy(tiny_llama_dir, monkeypa
         return [o.output_token_ids for o in outs], engine
 
     plain, _ = run()
-    monkeypatch.setattr("kubeinfer.worker.engine.ngram_proposal",
+    monkeypatch.setattr("kubeinfer.worker.speculative.ngram_proposal",
                         OracleProposer({tuple(p): o for p, o in zip(PROMPTS, plain)}))
     got, engine = run(speculative_method="ngram", num_speculative_tokens=3)
     assert got == plain

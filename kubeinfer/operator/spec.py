@@ -179,7 +179,8 @@ def deployment_default(f: Field) -> Any:
 ENGINE_FIELDS: Mapping[str, Field] = MappingProxyType(_crd_fields("engine"))
 _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
 # spec.engine values that mean EngineConfig's None (the CRD needs a string default to show).
-_NONE_SPELLINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({"speculativeMethod": ("none",)})
+_NONE_SPELLINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({"speculativeMethod": ("none",),
+                                                                   "speculativeDraftQuantization": ("none",)})
 
 
 def _check_engine(self) -> None:
@@ -374,8 +375,9 @@ def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
             dims=_model_dims(source, model), **_pick(model, {"maxModelLen": "max_model_len"}))
         engine = _section(spec, "engine")
         engine_settings = EngineSettings(**{
-            f.name: parse_bytes(engine[key], f"spec.engine.{key}") if f.name.endswith("_bytes") else engine[key]
-            for key, f in ENGINE_FIELDS.items() if engine.get(key) not in (None, *_NONE_SPELLINGS.get(key, ()))})
+            f.name: parse_bytes(engine[key], f"spec.engine.{key}") if f.name.endswith("_bytes")
+            else None if engine[key] in _NONE_SPELLINGS.get(key, ()) else engine[key]
+            for key, f in ENGINE_FIELDS.items() if engine.get(key) is not None})
         autoscaling = None
         if spec.get("autoscaling") is not None:
             auto = _section(spec, "autoscaling")

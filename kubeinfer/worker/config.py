@@ -51,6 +51,8 @@ NOT_IN_CRD: Mapping[str, str] = MappingProxyType({
     "num_kv_blocks": "a device-local override of the pool size; a deployment sizes it with kvCacheMemory",
     "quantization_group_size": "the capacity check sizes int4 weights for the default groups of 32",
     "seed": "not worth a CRD field: a request's own seed gives reproducible samples on any replica",
+    "speculative_draft_model": "a separate draft checkpoint needs a model source of its own (uri, mount): in a "
+                               "ModelDeployment, speculativeMethod draft drafts with the target's own weights",
 })
 
 
@@ -140,8 +142,9 @@ class EngineConfig:
         False, "torch.compile decode steps (faster decode; the first step compiles for tens of seconds)",
         crd="engine.compile")
     speculative_method: str | None = _setting(
-        None, "speculative decoding: ngram proposes the tokens that followed the latest earlier match of the "
-        "last few tokens (prompt lookup), verified in one step; exact (greedy output is unchanged)",
+        None, "speculative decoding, verified in one step and exact (greedy output is unchanged): ngram proposes "
+        "the tokens that followed the latest earlier match of the last few tokens (prompt lookup); draft runs a "
+        "draft model (by default the target itself at int4)",
         crd="engine.speculativeMethod", choices=SPECULATIVE_METHODS)
     num_speculative_tokens: int = _setting(
         4, f"draft tokens proposed per step when speculating (1 to {MAX_SPECULATIVE_TOKENS})",
@@ -149,6 +152,12 @@ class EngineConfig:
     prompt_lookup_min: int = _setting(2, "ngram speculation: the shortest n-gram matched", crd="engine.promptLookupMin")
     prompt_lookup_max: int = _setting(
         4, "ngram speculation: the longest n-gram matched (tried first)", crd="engine.promptLookupMax")
+    speculative_draft_model: str | None = _setting(
+        None, "speculative_method draft: the draft model's Hugging Face folder or GGUF file, sharing the target's "
+        "tokenizer (default: the target's own weights, quantized with --draft-quantization)", flag="--draft-model")
+    speculative_draft_quantization: str | None = _setting(
+        "int4", "speculative_method draft: the draft's weight quantization", flag="--draft-quantization",
+        crd="engine.speculativeDraftQuantization", choices=QUANTIZATIONS)
     speculative_disable_by_batch_size: int = _setting(
         8, "no speculation in a step with more running sequences than this (a full batch is compute-bound, "
         "where verifying drafts costs more than it saves)", crd="engine.speculativeDisableByBatchSize")
@@ -180,6 +189,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.speculative_method, str) and self.speculative_method.strip().lower() == "none":
             self.speculative_method = None
+        if isinstance(self.speculative_draft_quantization, str) and \
+                self.speculative_draft_quantization.strip().lower() == "none":
+            self.speculative_draft_quantization = None
+        if self.speculative_draft_quantization not in (None, *QUANTIZATIONS[1:]):
+            raise ValueError(f"speculative_draft_quantization must be none, int8 or int4, "
+                             f"got {self.speculative_draft_quantization!r}")
         if self.speculative_method is not None and self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, "
                              f"got {self.speculative_method!r}")

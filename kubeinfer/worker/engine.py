@@ -12,6 +12,7 @@ import torch
 
 from kubeinfer.worker.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from kubeinfer.worker.detokenizer import IncrementalDetokenizer
+from kubeinfer.worker.draft_model import DraftModel, draft_block_bytes, load_draft
 from kubeinfer.worker.kv_cache import KVCacheManager
 from kubeinfer.worker.gpu_memory import GIB, check_free_memory, profile_memory
 from kubeinfer.worker.kernels.backend import select_backend
@@ -23,7 +24,7 @@ from kubeinfer.worker.sampling import SamplingBatch, make_generator
 from kubeinfer.worker.sampling_params import SamplingParams
 from kubeinfer.worker.scheduler import Scheduler
 from kubeinfer.worker.sequence import FinishReason, Sequence
-from kubeinfer.worker.speculative import SpeculativeStats, accept, ngram_proposal, update_acceptance
+from kubeinfer.worker.speculative import SpeculativeStats, Speculator, accept
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,10 @@ class Engine:
         mc = loaded.config
         block_bytes = config.block_size * kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim,
                                                              config.dtype, config.kv_cache_dtype)
+        draft = None
+        if config.speculative_method == "draft":  # loaded before the pool is sized: its K/V share the blocks
+            draft = load_draft(config, loaded, device, self.max_model_len)
+            block_bytes += draft_block_bytes(config, draft[0])
         if config.num_kv_blocks:
             num_blocks, source = config.num_kv_blocks, "num_kv_blocks"
         elif profile_gpu:
@@ -128,8 +133,12 @@ class Engine:
         self._num_steps = 0
         self._computed_tokens = 0
         self._iteration_tokens = IterationTokens()
-        self._speculating = config.speculative_method is not None
-        self._spec_stats = SpeculativeStats()
+        self.speculator = None
+        if config.speculative_method is not None:
+            drafter = None if draft is None else DraftModel(
+                ModelRunner(draft[0].model, draft[1], num_blocks, config.block_size, self.max_model_len, kv_int8),
+                self.kv, config.max_num_batched_tokens)
+            self.speculator = Speculator(config, self.max_model_len, drafter)
         self._structured = None  # StructuredOutput, made on the first constrained request
         self._num_constrained = 0  # live requests with a grammar: 0 keeps the step free of grammar work
         self._num_scoring = 0  # live requests asking for prompt logprobs: 0 keeps the step free of that work
@@ -189,8 +198,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration and return the requests that produced tokens or finished."""
-        if self._speculating:
-            self._propose()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, lambda seq: self.requests[seq.request_id].grammar is not None)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -228,32 +237,14 @@ class Engine:
                 seq.spec_token_ids = []
         return outputs
 
-    # ---- speculative decoding (speculative.py) --------------------------------------------------
-
-    def _propose(self) -> None:
-        """Drafts for the decoding sequences of the next step, unless the batch is too large."""
-        cfg = self.config
-        running = self.scheduler.running
-        if len(running) > cfg.speculative_disable_by_batch_size:
-            return
-        for seq in running:
-            if seq.num_computed_tokens != len(seq) - 1 or seq.num_output_tokens < seq.spec_paused_until \
-                    or self.requests[seq.request_id].grammar is not None:
-                continue
-            # Room for the drafts plus the bonus token within max_tokens and the context.
-            room = min(cfg.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
-                       self.max_model_len - len(seq) - 1)
-            if room > 0:
-                seq.spec_token_ids = ngram_proposal(seq.token_ids, room, cfg.prompt_lookup_min,
-                                                    cfg.prompt_lookup_max)
+    # ---- speculative decoding (speculative.py, draft_model.py) ----------------------------------
 
     def _verify(self, seq: Sequence, token_ids: list[int], row: int, result, now: float) -> RequestOutput:
         """Accept the drafts the target sampled too, append them and the target's next token, and
         give back the KV blocks of the rejected ones; one output for all the tokens."""
         drafts = seq.spec_token_ids
         tokens = accept(drafts, token_ids[row:row + len(drafts) + 1])
-        self._spec_stats.record(len(drafts), len(tokens) - 1)
-        update_acceptance(seq, len(drafts), len(tokens) - 1)
+        self.speculator.verified(seq, len(seq), len(drafts), len(tokens) - 1)
         seq.num_computed_tokens += len(tokens) - 1  # the accepted drafts' KV is the real tokens'
         outs = []
         for i, token in enumerate(tokens):
@@ -429,8 +420,7 @@ class Engine:
             computed_tokens=self._computed_tokens,
             num_steps=self._num_steps,
             iteration_tokens=IterationTokens(list(self._iteration_tokens.counts), self._iteration_tokens.total),
-            speculative=SpeculativeStats(self._spec_stats.num_drafts, self._spec_stats.num_draft_tokens,
-                                         self._spec_stats.num_accepted_tokens, list(self._spec_stats.accepted_per_pos)),
+            speculative=self.speculator.snapshot() if self.speculator is not None else SpeculativeStats(),
         )
 
 

@@ -74,6 +74,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.spec_token_ids.clear()
+        seq.draft_computed = 0  # its blocks, and the draft model's K/V in them, are gone
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1

@@ -53,6 +53,7 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)
     spec_acceptance: float = 1.0    # recent share of drafts accepted (a moving average)
     spec_paused_until: int = 0      # no drafts before this many output tokens (after a poor run)
+    draft_computed: int = 0         # tokens whose draft-model K/V are written (draft_model.py)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -15,8 +15,9 @@ hashes never include an unverified token; the KV slots written for rejected draf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-SPECULATIVE_METHODS = ("none", "ngram")  # "none" (no speculation) is None in EngineConfig
+SPECULATIVE_METHODS = ("none", "ngram", "draft")  # "none" (no speculation) is None in EngineConfig
 MAX_SPECULATIVE_TOKENS = 16  # drafts per step at most (the metrics' per-position counters are this wide)
 
 
@@ -84,3 +85,52 @@ def accept(drafts: list[int], sampled: list[int]) -> list[int]:
             return out
     out.append(sampled[len(drafts)])
     return out
+
+
+class Speculator:
+    """Decides before each step which decoding sequences draft, and how many tokens; owns the
+    proposer (n-gram lookup, or a DraftModel) and the counters.
+
+    Invariant: drafts are set only on a sequence that is decoding (``num_computed_tokens == len - 1``),
+    is not constrained by a grammar and has room for the drafts plus one more token within its
+    ``max_tokens`` and the context; none at all in a step with more than
+    ``speculative_disable_by_batch_size`` running sequences.
+    """
+
+    def __init__(self, config: Any, max_model_len: int, draft: Any = None) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.draft = draft  # a DraftModel for speculative_method "draft"
+        self.stats = SpeculativeStats()
+
+    def propose(self, running: list, constrained: Callable[[Any], bool]) -> None:
+        cfg = self.config
+        if len(running) > cfg.speculative_disable_by_batch_size:
+            return
+        chosen, ks = [], []
+        for seq in running:
+            if seq.num_computed_tokens != len(seq) - 1 or seq.num_output_tokens < seq.spec_paused_until \
+                    or constrained(seq):
+                continue
+            room = min(cfg.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
+                       self.max_model_len - len(seq) - 1)
+            if room <= 0:
+                continue
+            if self.draft is None:
+                seq.spec_token_ids = ngram_proposal(seq.token_ids, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+            else:
+                chosen.append(seq)
+                ks.append(room)
+        if chosen:
+            self.draft.propose(chosen, ks)
+
+    def verified(self, seq: Any, old_len: int, proposed: int, accepted: int) -> None:
+        """Count one verified proposal and let the proposer keep what stays valid."""
+        self.stats.record(proposed, accepted)
+        update_acceptance(seq, proposed, accepted)
+        if self.draft is not None:
+            self.draft.verified(seq, old_len, proposed, accepted)
+
+    def snapshot(self) -> SpeculativeStats:
+        s = self.stats
+        return SpeculativeStats(s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens, list(s.accepted_per_pos))
