@@ -394,3 +394,127 @@ def test_replicas_still_starting_are_not_asked_for_again():
     settings = PolicySettings(policy="queue", target_queue_length=2)  # load 1.5x: 2 reporting need 3
     assert decide(ctx(2), settings)[0] == 3
     assert decide(ctx(4), settings)[0] == 4  # 2 more already starting: hold, not 5
+
+
+@pytest.mark.parametrize("policy", ["kvCache", "queue", "latency"])
+def test_scale_from_zero_starts_a_replica_for_waiting_requests_and_never_strands_them(policy):
+    """At 0 replicas with requests held in Serve's handles, each policy asks for a replica (directly
+    and through Ray's wrapper); an idle replica goes to zero only when no request is counted."""
+    from kubeinfer.serve.autoscaling import decide
+    settings = PolicySettings(policy=policy)
+
+    def ctx(replicas: int, target: int, requests: float):
+        ids = [ReplicaID(f"r{i}", DEP) for i in range(replicas)]
+        config = AutoscalingConfig(min_replicas=0, max_replicas=4, upscale_delay_s=0.0, downscale_delay_s=0.0,
+                                   policy=ray_policy(settings))
+        zero = {name: {r: 0.0 for r in ids} for name in (KV_CACHE_USAGE, WAITING, RUNNING, PREEMPTIONS_PER_S,
+                                                            TTFT_P90_S)}
+        return AutoscalingContext(
+            deployment_id=DEP, deployment_name=DEP.name, app_name=DEP.app_name, current_num_replicas=replicas,
+            target_num_replicas=target, running_replicas=ids, total_num_requests=requests,
+            total_queued_requests=requests if not replicas else 0.0, aggregated_metrics=zero, raw_metrics={},
+            capacity_adjusted_min_replicas=0, capacity_adjusted_max_replicas=4, policy_state={},
+            last_scale_up_time=None, last_scale_down_time=None, current_time=1000.0, config=config)
+
+    wrapped = _apply_autoscaling_config(LLMAutoscalingPolicy(**settings.kwargs()))
+    assert decide(ctx(0, 0, 3.0), settings)[0] == 1
+    assert wrapped(ctx(0, 0, 3.0))[0] >= 1
+    assert decide(ctx(0, 0, 0.0), settings)[0] == 0  # nothing waits: stay at zero
+    assert decide(ctx(0, 1, 3.0), settings)[0] == 1  # one already starting: not asked for twice
+    # One idle replica (its metrics all zero) while a request is counted (queued in a handle, or just
+    # sent): it stays; with none counted it goes.
+    assert decide(ctx(1, 1, 2.0), settings)[0] == 1
+    assert decide(ctx(1, 1, 0.0), settings)[0] == 0
+
+
+@pytest.mark.parametrize("policy", ["kvCache", "queue", "latency"])
+def test_requests_queued_before_the_replicas_count_as_waiting(policy):
+    """The router's admission queue (reported as a handle's queued requests) and Serve's handle
+    queue reach the policies as total_queued_requests: idle-looking replicas with 6 requests held in
+    front of them scale up; without them they hold."""
+    from kubeinfer.serve.autoscaling import decide
+    ids = [ReplicaID("r0", DEP)]
+
+    def ctx(queued: float):
+        metrics = {KV_CACHE_USAGE: {ids[0]: 0.3}, WAITING: {ids[0]: 0.0}, RUNNING: {ids[0]: 1.0},
+                   TTFT_P90_S: {ids[0]: 0.5}, PREEMPTIONS_PER_S: {ids[0]: 0.0}}
+        return SimpleNamespace(running_replicas=ids, target_num_replicas=1, policy_state={},
+                               capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4,
+                               aggregated_metrics=metrics, raw_metrics={}, current_time=0.0, deployment_name="w",
+                               total_num_requests=1.0 + queued, total_queued_requests=queued,
+                               config=SimpleNamespace(target_ongoing_requests=2.0))
+    settings = PolicySettings(policy=policy, target_queue_length=2)
+    assert decide(ctx(0.0), settings)[0] == 1
+    assert decide(ctx(6.0), settings)[0] >= 2
+
+
+def test_the_router_queue_report_has_serves_handle_report_shape():
+    from ray.serve._private.common import DeploymentHandleSource, HandleMetricReport
+
+    from kubeinfer.serve.ingress import RouterQueueReporter
+    router = SimpleNamespace(queued_by_model={"m": 3})
+    reporter = RouterQueueReporter(router, {"m": (DEP, 2.0)}, 0.5, actor_id="actor-1")
+    first = reporter.report("m", 100.0)
+    router.queued_by_model["m"] = 5
+    later = reporter.report("m", 101.0)
+    assert isinstance(later, HandleMetricReport) and later.deployment_id == DEP
+    assert later.actor_id == "actor-1" and later.handle_source is DeploymentHandleSource.REPLICA
+    assert later.handle_id == first.handle_id  # one series per model, replaced by each push
+    assert [(p.timestamp, p.value) for p in later.queued_requests] == [(100.0, 3.0), (101.0, 5.0)]
+    assert [p.value for p in reporter.report("m", 103.5).queued_requests] == [5.0, 5.0]  # the look-back prunes
+
+
+def test_the_router_admission_queue_scales_a_real_deployment(ray_head, tiny_llama_dir):
+    """The router lets one request at a time reach the replica (max_in_flight 1), so the engine
+    never has a waiting request and the replica-side signals read one running: only the router's
+    admission queue, reported to Serve's autoscaler, shows the load. The queue policy sees it and
+    adds a replica; every request completes."""
+    import asyncio
+    import time
+
+    import grpc
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from kubeinfer.proto import inference_pb2_grpc as pb_grpc
+    from kubeinfer.serve.app import build_app
+    from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec, RouterSettings
+    from tests.conftest import free_port
+    from tests.test_serve_e2e import grpc_stream
+
+    app_name = "kubeinfer-router-queue"
+    ray.init(address=ray_head["address"], log_to_driver=False)
+    serve.shutdown()
+    grpc_port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
+    auto = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "upscale_delay_s": 0.5,
+            "downscale_delay_s": 30.0, "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
+            "policy": ray_policy(PolicySettings(policy="queue", target_queue_length=2))}
+    app = AppConfig(models=[ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=256,
+                                      engine={"num_kv_blocks": 160, "max_num_seqs": 4}, autoscaling=auto)],
+                    router=RouterSettings(max_in_flight=1, max_queued=32, max_queue_wait_s=120.0))
+
+    def running() -> int:
+        states = serve.status().applications[app_name].deployments["worker-tiny"].replica_states
+        return states.get("RUNNING", 0)
+
+    async def load(until) -> list[dict]:
+        results = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = _Stub(pb_grpc.InferenceStub(channel), (("application", app_name),))
+            while not until():
+                results += await asyncio.gather(*(grpc_stream(stub, f"prompt {i}") for i in range(8)))
+        return results
+
+    try:
+        serve.run(build_app(app.to_dict()), name=app_name, route_prefix="/queue")
+        assert running() == 1
+        deadline = time.monotonic() + 60
+        results = asyncio.run(load(lambda: running() >= 2 or time.monotonic() > deadline))
+        assert running() == 2, "the router's queue did not scale the deployment up"
+        assert results and all(r["error"] is None and len(r["tokens"]) == 64 for r in results)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

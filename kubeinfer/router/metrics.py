@@ -90,6 +90,12 @@ class RouterMetrics:
                                registry=r)
         self.queued = Gauge("kubeinfer:router_requests_queued", "Requests waiting for admission.",
                             registry=r)
+        self.waiting_for_capacity = Gauge(
+            "kubeinfer:requests_waiting_for_capacity", "Admitted requests whose call has not reached a replica "
+            "yet (a model scaled to zero waits here while a replica starts).", labels, registry=r)
+        self.capacity_timeouts = Counter(
+            "kubeinfer:capacity_wait_timeouts", "Requests answered UNAVAILABLE because no replica took their "
+            "call within max_capacity_wait_s.", labels, registry=r)
         self.batch_size = Histogram("kubeinfer:router_batch_size", "Requests per replica call.", labels,
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         r.register(_ReplicaCollector(reports))

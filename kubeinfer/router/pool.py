@@ -22,7 +22,9 @@ class JobStream:
     """The chunks of one job of a batch call. Iterate it; ``aclose()`` before the end aborts the job.
 
     Raises :class:`ReplicaFailed` if the call broke; ``started`` says whether any chunk arrived
-    first (a job that never started is safe to retry elsewhere).
+    first (a job that never started is safe to retry elsewhere); ``placed`` whether the call has
+    reached a replica (its first item arrived, or it ended): until then it waits for capacity
+    (Serve holds a call while the deployment has no running replica, e.g. scaled to zero).
     """
 
     def __init__(self, call: _BatchCall, job: GenerateJob) -> None:
@@ -35,6 +37,14 @@ class JobStream:
 
     def __aiter__(self) -> JobStream:
         return self
+
+    @property
+    def placed(self) -> bool:
+        return self._call.placed.is_set()
+
+    async def wait_placed(self) -> None:
+        """Return once the call has reached a replica or ended (then iterating says how)."""
+        await self._call.placed.wait()
 
     async def __anext__(self) -> Chunk:
         if self.finished or self.closed:
@@ -66,6 +76,7 @@ class _BatchCall:
         self.pool = pool
         self.streams = [JobStream(self, job) for job in jobs]
         self.replica_id: str | None = None
+        self.placed = asyncio.Event()  # set by the call's first item, or by its end
         # Jobs closed before the replica was known: aborted as soon as its first report names it.
         self._early_aborts: list[str] = []
         self._task = asyncio.create_task(self._pump(jobs, exclude))
@@ -73,6 +84,7 @@ class _BatchCall:
     async def _pump(self, jobs: list[GenerateJob], exclude: str | None) -> None:
         try:
             async for index, item in self.pool._call(jobs, exclude):
+                self.placed.set()
                 if isinstance(item, ReplicaReport):
                     if self.replica_id is None:
                         self.replica_id = item.replica_id
@@ -94,6 +106,7 @@ class _BatchCall:
             for s in self.streams:
                 s.queue.put_nowait(_DONE)
         finally:
+            self.placed.set()
             if self.replica_id is not None:
                 self.pool._call_ended(self.replica_id)
 

@@ -49,6 +49,9 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, f
 # and then the retry cannot exclude it; Serve keeps routing to a killed replica until it learns of
 # the death (an ActorUnavailableError only invalidates its cache), which the pauses give it time to.
 RETRY_PAUSES_S: tuple[float, ...] = (0.0, 0.25, 1.0)
+# The retry hint of a request that found no replica within max_capacity_wait_s: a replica may still
+# be starting (a scale from zero), so a retry a few seconds on is likely to find it.
+CAPACITY_RETRY_AFTER_S = 5.0
 
 
 def _capacity(served: ServedModel) -> int:
@@ -116,8 +119,14 @@ class Router:
         self.admission = AdmissionController(max_queued, self.settings.max_in_flight)
         self.max_body_bytes = self.settings.body_byte_limit(max(m.max_model_len for m in models))
         self.metrics = RouterMetrics(lambda: {n: m.pool.fresh_reports() for n, m in self.models.items()})
+        for name in self.models:  # shown at 0 from the start, not only once a request has waited
+            self.metrics.waiting_for_capacity.labels(name)
+            self.metrics.capacity_timeouts.labels(name)
         self._batchers: dict[str, MicroBatcher] = {}
         self.draining = False
+        # Requests of each model waiting in the admission queue (an autoscaling signal: the Serve
+        # ingress reports it to Serve's controller as its Worker deployment's queued requests).
+        self.queued_by_model: dict[str, int] = {name: 0 for name in self.models}
 
     def unready_models(self) -> list[str]:
         """Models with no live replica, as far as their pools can tell (see _live_replicas)."""
@@ -314,6 +323,9 @@ class Router:
         try:
             self._update_gauges()
             queue_deadline = min(deadline, loop.time() + self.settings.max_queue_wait_s)
+            queued = admission.state == "queued"
+            if queued:
+                self.queued_by_model[job.model] += 1
             try:
                 async with asyncio.timeout_at(queue_deadline):
                     await admission.wait()
@@ -325,6 +337,9 @@ class Router:
                 raise RouterError(Code.RESOURCE_EXHAUSTED,
                                   f"overloaded: no slot within max_queue_wait_s = {self.settings.max_queue_wait_s:g} s",
                                   retry_after_s=self.admission.retry_after_s()) from None
+            finally:
+                if queued:
+                    self.queued_by_model[job.model] -= 1
             self._update_gauges()
             while True:
                 async with asyncio.timeout_at(deadline):
@@ -359,6 +374,7 @@ class Router:
         try:
             while True:
                 try:
+                    await self._wait_for_capacity(job.model, stream)
                     async for chunk in stream:
                         if chunk.finish_reason == "rejected":  # the engine refused it: bad input
                             raise RouterError(Code.INVALID_ARGUMENT, chunk.error or "rejected by the engine")
@@ -388,6 +404,28 @@ class Router:
                     stream = served.pool.open([job], exclude=excluded)[0]
         finally:
             await stream.aclose()
+
+    async def _wait_for_capacity(self, model: str, stream: JobStream) -> None:
+        """Wait (up to ``max_capacity_wait_s``; the caller's deadline bounds it too) until the job's
+        call reaches a replica: Serve holds a call while the deployment has no running replica (a
+        scale from zero) and would hold it without bound. Counted in the waiting-for-capacity
+        gauge meanwhile; past the bound UNAVAILABLE with a retry hint, and the caller's close of
+        the stream cancels the call, so it never starts later with nobody reading it."""
+        if stream.placed:
+            return
+        waiting = self.metrics.waiting_for_capacity.labels(model)
+        waiting.inc()
+        try:
+            async with asyncio.timeout(self.settings.max_capacity_wait_s):
+                await stream.wait_placed()
+        except TimeoutError:
+            self.metrics.capacity_timeouts.labels(model).inc()
+            raise RouterError(Code.UNAVAILABLE,
+                              f"no replica of model {model!r} took the request within max_capacity_wait_s = "
+                              f"{self.settings.max_capacity_wait_s:g} s (it may be starting, e.g. from zero replicas)",
+                              retry_after_s=CAPACITY_RETRY_AFTER_S) from None
+        finally:
+            waiting.dec()
 
     async def _open(self, served: ServedModel, job: GenerateJob) -> JobStream:
         if self.settings.batch_window_ms <= 0:

@@ -24,6 +24,11 @@ class RouterSettings:
     still waiting after ``max_queue_wait_s`` gets the same answer. ``request_timeout_s`` is the
     deadline applied when a client sends none.
 
+    ``max_capacity_wait_s`` bounds how long an admitted request's call may wait to reach a replica
+    (a model scaled to zero waits while Serve starts one; the request's deadline bounds it too):
+    past it the request gets UNAVAILABLE / HTTP 503 with a retry hint. How many may wait is the
+    admission bounds' (``max_in_flight`` + ``max_queued``).
+
     Bounds checked before any work: ``max_prompt_chars`` (None: ``PROMPT_CHARS_PER_TOKEN`` times
     the largest ``max_model_len``) for a prompt or the chat messages together, and
     ``max_body_bytes`` (None: room for such a prompt JSON-escaped, plus 1 MiB) for an HTTP body or
@@ -42,6 +47,7 @@ class RouterSettings:
     request_timeout_s: float = 600.0
     num_replicas: int = 1
     max_n: int = 16
+    max_capacity_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -58,6 +64,8 @@ class RouterSettings:
             raise ValueError("need request_timeout_s > 0 and num_replicas >= 1")
         if self.max_n < 1:
             raise ValueError("need max_n >= 1")
+        if not self.max_capacity_wait_s > 0:
+            raise ValueError("need max_capacity_wait_s > 0")
 
     def prompt_char_limit(self, max_model_len: int) -> int:
         return self.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * max_model_len

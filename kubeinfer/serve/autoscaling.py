@@ -5,6 +5,10 @@ show) and the replica's recent latencies (LatencyWindow) -> ``Worker.record_auto
 ``replica_stats``) -> Serve's controller, which averages each replica's samples over
 ``look_back_period_s`` -> ``AutoscalingContext.aggregated_metrics`` -> ``LLMAutoscalingPolicy``
 (named in ``autoscaling_config.policy``) -> Ray's wrapper (up/down delays, scaling factors, min/max).
+Requests held before any replica reach the policy as ``AutoscalingContext.total_queued_requests``:
+those in the router's admission queue (``kubeinfer.serve.ingress.RouterQueueReporter`` reports them
+as a handle's queued requests) and those Serve's handles hold for want of a replica (a scale from
+zero, where Ray's wrapper starts the first replica before the policy is asked).
 
 Pure: no Ray import, so the policies run in unit tests and in benchmarks/autoscaling.py on a
 stand-in context. Ray pickles this module by value to the controller, so it imports only the
@@ -141,6 +145,9 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
     ``state`` with the latency policy's queue reference and learned capacity."""
     _per_replica = values or _mean
     n = max(1, len(ctx.running_replicas))
+    # Requests held before any replica: in the router's admission queue (the Serve ingress reports it
+    # as a handle's queued requests) and in Serve's handles. They wait like a replica's queue does.
+    held_before = float(getattr(ctx, "total_queued_requests", 0.0) or 0.0)
     if s.policy == "kvCache":
         kv = sum(_per_replica(ctx, KV_CACHE_USAGE)) / n
         ratio, why = kv / s.target_kv_cache_usage, f"kvCache {kv:.2f} vs {s.target_kv_cache_usage:.2f}"
@@ -148,13 +155,13 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
             # Preemption means a replica ran out of blocks: recompute wastes its step time, so add
             # capacity now rather than when the mean catches up.
             ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9 + 1 / n), why + ", preempting"
-        waiting = sum(_per_replica(ctx, WAITING)) / n
+        waiting = (sum(_per_replica(ctx, WAITING)) + held_before) / n
         if waiting >= s.target_queue_length:
             # Requests wait while blocks are free: another limit binds (max_num_seqs, the step's
             # token budget); the KV target cannot be reached by this fleet, so it is over capacity.
             ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9 + 1 / n), why + f", {waiting:.1f} waiting/replica"
         return ratio, why
-    waiting = sum(_per_replica(ctx, WAITING))
+    waiting = sum(_per_replica(ctx, WAITING)) + held_before
     if s.policy == "queue":
         return waiting / n / s.target_queue_length, f"queue {waiting / n:.2f}/replica vs {s.target_queue_length:g}"
     # latency: p90 TTFT against the SLO. TTFT lags load (it is sampled at first tokens and averaged
@@ -202,8 +209,12 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
     lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
     current = ctx.target_num_replicas
     n = len(ctx.running_replicas)
-    if n == 0:  # nothing reports yet: hold; Ray's cold-start path scales from zero on queued requests
-        return max(lo, min(hi, current)), state
+    # Requests Serve counts for the deployment (those on replicas and those its handles hold for want
+    # of one): while any is there, at least one replica, so a scale to zero never strands them and a
+    # scale from zero starts one (Ray's wrapper has the same cold-start path ahead of the policy).
+    floor = 1 if (getattr(ctx, "total_num_requests", 0) or 0) > 0 else 0
+    if n == 0:  # nothing reports yet: hold, or start one for the requests waiting
+        return max(lo, min(hi, max(current, floor))), state
     # Up on the newest samples, down only when both they and the look-back means are low: a burst
     # shows one metrics push after it starts, instead of after the mean has caught up, and a
     # momentary lull does not remove replicas.
@@ -224,7 +235,7 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
         # does not scale straight back up.
         aim = math.ceil(n * ratio / (1 - s.down_tolerance / 2))
         desired = min(current, max(current - step, aim, busy))
-    desired = max(lo, min(hi, desired))
+    desired = max(lo, min(hi, max(desired, floor)))
     state[DECISION_KEY] = f"{why}: {current} -> {desired}" if desired != current else f"{why}: hold {current}"
     now = ctx.current_time or 0.0
     if desired != current and state.get(_WISH_KEY) != desired and now - state.get(_LOGGED_KEY, -1e18) >= 10:

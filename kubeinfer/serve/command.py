@@ -54,6 +54,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting beyond which the router says 429 (default: twice the replicas' capacity)")
     p.add_argument("--max-queue-wait-s", type=float, default=30.0,
                    help="a request still queued after this long gets 429 / RESOURCE_EXHAUSTED with a retry hint")
+    p.add_argument("--max-capacity-wait-s", type=float, default=60.0,
+                   help="a request whose call reaches no replica within this long (e.g. while a model scaled to "
+                        "zero starts one) gets 503 / UNAVAILABLE with a retry hint")
     p.add_argument("--max-prompt-chars", type=int, default=None,
                    help="longest prompt in characters, refused before tokenizing (default: 32 x max-model-len)")
     p.add_argument("--max-body-bytes", type=int, default=None,
@@ -134,7 +137,7 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
     router = RouterSettings(policy=args.policy, batch_window_ms=args.batch_window_ms,
                             max_batch_size=args.max_batch_size, max_queued=args.max_queued,
                             max_queue_wait_s=args.max_queue_wait_s, max_prompt_chars=args.max_prompt_chars,
-                            max_body_bytes=args.max_body_bytes)
+                            max_body_bytes=args.max_body_bytes, max_capacity_wait_s=args.max_capacity_wait_s)
     return AppConfig(models=[model], router=router)
 
 

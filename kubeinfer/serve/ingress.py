@@ -3,6 +3,7 @@ HTTP surface (through Serve's HTTP proxy) over one Router whose pools call the W
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -23,6 +24,9 @@ from kubeinfer.router.types import GenerateJob, ReplicaReport
 from kubeinfer.serve.config import AppConfig
 
 log = logging.getLogger(__name__)
+# How often the router's admission queue is reported to Serve's autoscaler (at most; a deployment's
+# shorter metrics_interval_s wins).
+QUEUE_REPORT_INTERVAL_S = 1.0
 
 
 @contextlib.contextmanager
@@ -83,6 +87,62 @@ class ServePool(WorkerPool):
         return await response
 
 
+class RouterQueueReporter:
+    """Reports each autoscaled model's requests waiting in this router's admission queue to Serve's
+    controller as the queued requests of a handle of the model's Worker deployment (the shape and
+    call Serve's own handles use), so the deployment's autoscaling context counts them: Ray's
+    default policy in ``total_num_requests``, kubeinfer's policies in ``total_queued_requests``.
+    Replica-side signals miss them: a request the router holds has reached no replica.
+
+    Owns one time series per model over the look-back window (Serve aggregates the series of all
+    handles over it), pushed every ``interval_s``; Serve drops a handle's series when this replica
+    dies or stops pushing. Uses Ray Serve 2.60's private HandleMetricReport: a failed push is
+    logged once and retried, never raised into serving."""
+
+    def __init__(self, router: Router, deployments: dict[str, tuple[Any, float]], interval_s: float,
+                 actor_id: str | None = None) -> None:
+        self.router = router
+        self.deployments = deployments  # model -> (its Worker DeploymentID, look_back_period_s)
+        self.interval_s = interval_s
+        if actor_id is None:  # this replica's actor: Serve drops the series as soon as it dies
+            import ray
+            actor_id = ray.get_runtime_context().get_actor_id()
+        self.actor_id = actor_id
+        self.handle_id = f"kubeinfer-router-queue-{uuid.uuid4().hex[:12]}"
+        self.series: dict[str, list] = {model: [] for model in deployments}
+        self.failed = False
+
+    def report(self, model: str, now: float):
+        """The HandleMetricReport for ``model`` at ``now`` (time.time()), its series updated."""
+        from ray.serve._private.common import DeploymentHandleSource, HandleMetricReport, TimeStampedValue
+        deployment_id, look_back_s = self.deployments[model]
+        # The look-back window, and the point before it (its value held into the window: Serve opens
+        # the window of a sum at the latest first point of its series).
+        old = self.series[model]
+        keep = next((i for i, p in enumerate(old) if p.timestamp >= now - look_back_s), len(old))
+        series = old[max(0, keep - 1):]
+        series.append(TimeStampedValue(now, float(self.router.queued_by_model.get(model, 0))))
+        self.series[model] = series
+        return HandleMetricReport(deployment_id=deployment_id, handle_id=f"{self.handle_id}-{model}",
+                                  actor_id=self.actor_id, handle_source=DeploymentHandleSource.REPLICA,
+                                  queued_requests=list(series), metrics={}, timestamp=now)
+
+    async def run(self) -> None:
+        import time
+
+        from ray.serve.context import _get_global_client
+        while True:
+            try:
+                controller = _get_global_client()._controller
+                for model in self.deployments:
+                    await controller.record_autoscaling_metrics_from_handle.remote(self.report(model, time.time()))
+            except Exception as e:  # never into serving: the replica-side signals still work
+                if not self.failed:
+                    log.warning("cannot report the router's queue to Serve's autoscaler: %s", e)
+                self.failed = True
+            await asyncio.sleep(self.interval_s)
+
+
 @serve.deployment(max_ongoing_requests=4096, graceful_shutdown_timeout_s=60)
 @serve.ingress()
 class RouterIngress:
@@ -106,6 +166,18 @@ class RouterIngress:
                                       capacity=capacity))
         self.router = Router(models, app.router)
         self.grpc = InferenceServicer(self.router, fail=fail_on_serve_context)
+        autoscaled = {spec.name: (workers[spec.name].deployment_id,
+                                  float(spec.autoscaling.get("look_back_period_s") or 30.0))
+                      for spec in app.models if spec.autoscaling is not None}
+        self._queue_reporter = None
+        if autoscaled:
+            interval = min(QUEUE_REPORT_INTERVAL_S, *(float(s.autoscaling.get("metrics_interval_s") or 10.0)
+                                                       for s in app.models if s.autoscaling is not None))
+            try:  # Serve runs the constructor on the replica's event loop
+                self._queue_reporter = asyncio.get_running_loop().create_task(
+                    RouterQueueReporter(self.router, autoscaled, interval).run())
+            except RuntimeError:
+                log.warning("no event loop: the router's queue is not reported to Serve's autoscaler")
 
     def __serve_build_asgi_app__(self):
         from kubeinfer.router.http_api import build_http_app
@@ -129,5 +201,7 @@ class RouterIngress:
     async def __del__(self) -> None:
         # Serve stops routing to a replica before deleting it; finish what is in flight.
         await self.router.drain(timeout_s=30.0)
+        if self._queue_reporter is not None:
+            self._queue_reporter.cancel()
         await self.router.aclose()
 
