@@ -10,7 +10,7 @@ tokens accepted last step), then decodes its drafts one position at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,16 +23,41 @@ from kubeinfer.worker.scheduler import ScheduledBatch
 from kubeinfer.worker.sequence import Sequence
 
 
+# A catch-up of at most this many tokens runs as decode rows (each attending to the cache up to
+# itself), like a verification; a longer one (a new prompt) as a prefill chunk. On a CPU the prefill
+# path of a quantized linear dequantizes the whole weight, which a few rows never pay back.
+DECODE_ROWS_MAX = 8
+
+
 @dataclass
 class _View:
-    """What ModelRunner.prepare reads of a sequence, as the draft model sees it."""
+    """What ModelRunner.prepare reads of a sequence, as the draft model sees it: the tokens it has
+    seen or drafted, how many of them have draft K/V, and (laid out as decode rows) the rest."""
 
     token_ids: list[int]
     num_computed_tokens: int
-    spec_token_ids: tuple = ()
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + len(self.spec_token_ids)
+
+    def chunk(self, limit: int) -> int:
+        """Lay out the next tokens to run, at most ``limit``; their number."""
+        tokens = self.token_ids + self.spec_token_ids
+        n = min(len(tokens) - self.num_computed_tokens, limit)
+        if 1 < n <= DECODE_ROWS_MAX:  # decode rows: the first on token_ids, the rest as "drafts"
+            split = self.num_computed_tokens + 1
+            self.token_ids, self.spec_token_ids = tokens[:split], tokens[split:split + n - 1]
+        else:
+            self.token_ids, self.spec_token_ids = tokens, []
+        return n
+
+    def advance(self, n: int, token: int | None) -> None:
+        self.token_ids = self.token_ids + self.spec_token_ids
+        self.spec_token_ids = []
+        self.num_computed_tokens += n
+        if token is not None:
+            self.token_ids.append(token)
 
 
 class DraftModel:
@@ -63,20 +88,30 @@ class DraftModel:
                     if v.num_computed_tokens < len(v) and len(drafts[i]) < k]
             if not live:
                 break
-            counts = [min(len(views[i]) - views[i].num_computed_tokens, self.chunk_tokens) for i in live]
+            counts = [views[i].chunk(self.chunk_tokens) for i in live]
             batch = ScheduledBatch([views[i] for i in live], counts)
             step = self.runner.prepare(batch, [self.kv.block_ids(room[i][0].request_id) for i in live])
             hidden = self.runner.forward(step)
-            done = [i for i, n in zip(live, counts) if views[i].num_computed_tokens + n == len(views[i])]
+            # A view whose chunk reaches its end drafts from its last row (rows are laid out in
+            # batch order, ``counts`` of them per view, whichever layout).
+            ends, done, offset = [], [], 0
             for i, n in zip(live, counts):
-                views[i].num_computed_tokens += n
+                offset += n
+                if views[i].num_computed_tokens + n == len(views[i]):
+                    ends.append(offset - 1)
+                    done.append(i)
+            tokens = []
             if done:
-                rows = hidden[torch.tensor(step.sample_rows, dtype=torch.long, device=hidden.device)]
+                rows = hidden[torch.tensor(ends, dtype=torch.long, device=hidden.device)]
                 tokens = self.runner.model.compute_logits(rows).argmax(dim=-1).tolist()
-                for i, token in zip(done, tokens):
+            drafted = dict(zip(done, tokens))
+            for i, n in zip(live, counts):
+                token = drafted.get(i)
+                if token is not None:
                     drafts[i].append(token)
-                    if len(drafts[i]) < room[i][1]:  # the next draft reads this one
-                        views[i].token_ids.append(token)
+                    if len(drafts[i]) == room[i][1]:
+                        token = None  # the last draft is never read back
+                views[i].advance(n, token)
         for view, (seq, _), proposal in zip(views, room, drafts):
             seq.spec_token_ids = proposal
             seq.draft_computed = min(view.num_computed_tokens, len(seq))  # real tokens' K/V only
