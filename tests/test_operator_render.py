@@ -346,6 +346,18 @@ def test_capacity_counts_quantized_weights_and_int8_kv():
     assert est.weight_bytes < int8.weight_bytes < estimate_capacity(parse_spec(md())).weight_bytes
 
 
+def test_capacity_counts_a_draft_models_weights_and_kv():
+    """speculativeMethod draft: the model's int4 copy beside it, and both models' K/V in the pool."""
+    plain = estimate_capacity(parse_spec(md()))
+    int4 = estimate_capacity(parse_spec(md({"model": {"quantization": "int4"}})))
+    est = estimate_capacity(parse_spec(md({"engine": {"speculativeMethod": "draft"}})))
+    assert est.weight_bytes == plain.weight_bytes + int4.weight_bytes
+    assert est.kv_bytes == 2 * plain.kv_bytes
+    assert "weights (the model and its draft)" in est.message
+    assert estimate_capacity(parse_spec(md({"engine": {"speculativeMethod": "ngram"}}))).required_bytes == \
+        plain.required_bytes  # prompt lookup needs no memory
+
+
 def test_a_replica_that_cannot_fit_says_by_how_much():
     est = estimate_capacity(parse_spec(md({"resources": {"memory": "1Gi"}})))
     assert est.fits is False

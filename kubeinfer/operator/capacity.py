@@ -41,12 +41,21 @@ def kv_bytes_per_token(dims: ModelDims, dtype: str, kv_cache_dtype: str) -> int 
     return kv_sizing.kv_bytes_per_token(dims.num_layers, dims.num_kv_heads, dims.head_dim, dtype, kv_cache_dtype)
 
 
+def pool_bytes_per_token(spec: ModelDeploymentSpec) -> int | None:
+    """What one token takes in the KV pool: the model's K/V, and with ``speculativeMethod: draft`` the
+    draft's too (the model itself, quantized: same layers and heads), whose K/V share the blocks."""
+    per_token = kv_bytes_per_token(spec.model.dims, spec.engine.dtype, spec.engine.kv_cache_dtype)
+    if per_token is None:
+        return None
+    return per_token * (2 if spec.engine.speculative_method == "draft" else 1)
+
+
 def kv_required_bytes(spec: ModelDeploymentSpec) -> int | None:
     """The KV cache the replica must hold: ``engine.kvCacheMemory`` when set, else ``maxNumSeqs``
     sequences of ``maxModelLen`` tokens in whole blocks; None when neither set nor computable."""
     if spec.engine.kv_cache_memory_bytes is not None:
         return spec.engine.kv_cache_memory_bytes
-    per_token = kv_bytes_per_token(spec.model.dims, spec.engine.dtype, spec.engine.kv_cache_dtype)
+    per_token = pool_bytes_per_token(spec)
     if per_token is None:
         return None
     return kv_sizing.kv_bytes_for_tokens(spec.model.max_model_len, spec.engine.max_num_seqs, per_token,
@@ -113,6 +122,8 @@ def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
     the share the engine lets itself use."""
     res, dims = spec.resources, spec.model.dims
     weights = weight_bytes(dims, spec.engine.dtype, spec.model.quantization)
+    if weights is not None and spec.engine.speculative_method == "draft":  # a second, quantized copy
+        weights += weight_bytes(dims, spec.engine.dtype, spec.engine.speculative_draft_quantization)
     kv = kv_required_bytes(spec)
     if res.gpus:
         util = spec.engine.gpu_memory_utilization
@@ -125,7 +136,7 @@ def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
     if weights is None or kv is None:
         missing = "spec.model.parameterCount" if weights is None else "spec.model.architecture"
         return CapacityEstimate(fits=None, message=f"memory need unknown: set {missing} to check it", **estimate)
-    per_token = kv_bytes_per_token(dims, spec.engine.dtype, spec.engine.kv_cache_dtype)
+    per_token = pool_bytes_per_token(spec)
     if per_token is not None:
         # The engine refuses to start when one maxModelLen sequence does not fit the pool.
         tokens = kv_sizing.kv_blocks_for_bytes(kv, per_token, spec.engine.block_size) * spec.engine.block_size
@@ -135,7 +146,8 @@ def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
                 f"maxModelLen {spec.model.max_model_len}: raise engine.kvCacheMemory or lower maxModelLen",
                 **estimate)
     need = weights + kv + RUNTIME_OVERHEAD_BYTES
-    parts = (f"weights {_gib(weights)} + KV {_gib(kv)} + overhead {_gib(RUNTIME_OVERHEAD_BYTES)}")
+    drafting = " (the model and its draft)" if spec.engine.speculative_method == "draft" else ""
+    parts = (f"weights{drafting} {_gib(weights)} + KV {_gib(kv)} + overhead {_gib(RUNTIME_OVERHEAD_BYTES)}")
     if available is None:
         return CapacityEstimate(fits=None, message=f"needs {_gib(need)} ({parts}); set resources.gpuMemory "
                                 "to check it", **estimate)
