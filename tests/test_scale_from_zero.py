@@ -14,7 +14,8 @@ import pytest
 from kubeinfer.router.pool import WorkerPool
 from kubeinfer.router.router import CAPACITY_RETRY_AFTER_S, Router, ServedModel
 from kubeinfer.router.settings import RouterSettings
-from kubeinfer.router.types import Chunk, Code, GenerateJob, ReplicaReport, RouterError, StreamItem
+from kubeinfer.router.types import (Chunk, Code, GenerateJob, ReplicaFailed, ReplicaReport, RouterError,
+                                    StreamItem)
 
 WAIT_S = 0.3
 
@@ -135,6 +136,31 @@ def test_a_replica_that_comes_up_within_the_bound_serves_every_waiting_request()
     assert value(router, router.metrics.waiting_for_capacity) == 0
     assert value(router, router.metrics.capacity_timeouts) == 0
     assert pool.reached_replica == pool.calls_started >= 3  # batches of at most 2
+
+
+class DyingReplicaPool(NoCapacityPool):
+    """The first call reaches a replica that dies before any token; the retry's call then waits for a
+    replacement that never comes (the deployment's last replica died)."""
+
+    async def _call(self, jobs: list[GenerateJob], exclude: str | None) -> AsyncIterator[StreamItem]:
+        if exclude is None and self.calls_started == 0:
+            self.calls_started += 1
+            yield -1, ReplicaReport("r0")
+            raise ReplicaFailed("the replica died", "r0")
+        async for item in super()._call(jobs, exclude):
+            yield item
+
+
+def test_a_retry_that_waits_for_a_replacement_replica_is_bounded_too():
+    pool = DyingReplicaPool(place_after_s=None)
+    router = make_router(pool)
+    with pytest.raises(RouterError) as e:
+        asyncio.run(asyncio.wait_for(collect(router, job()), 30))
+    assert e.value.code is Code.UNAVAILABLE and "max_capacity_wait_s" in e.value.message
+    assert router.metrics.retries.labels("m")._value.get() == 1
+    assert value(router, router.metrics.capacity_timeouts) == 1
+    assert value(router, router.metrics.waiting_for_capacity) == 0
+    assert pool.calls_cancelled == 1
 
 
 def test_capacity_wait_setting_is_validated():
