@@ -80,3 +80,18 @@ def test_prompt_logprobs_match_transformers(models):
         top = ref[p].topk(2)
         for t, lp in zip(top.indices.tolist(), top.values.tolist()):
             assert abs(entry[t] - lp) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_greedy_output_is_plain_greedy(models, method):
+    """On the default model (fp32): a passage to repeat gives n-gram lookup and the int4 self-draft
+    drafts to accept, and the output is plain greedy decoding's, token for token."""
+    engine, _ = models
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": (
+        "Repeat this text exactly: The scheduler watches for newly created pods that have no node "
+        "assigned, and finds the best node for each pod to run on.")}])
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    want = engine.generate([prompt], params)[0].output_token_ids
+    spec = Engine(max_model_len=512, num_kv_blocks=64, speculative_method=method, num_speculative_tokens=4)
+    assert spec.generate([prompt], params)[0].output_token_ids == want
+    assert spec.stats().speculative.num_accepted_tokens > 0

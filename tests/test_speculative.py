@@ -68,12 +68,13 @@ def test_ngram_proposal_and_acceptance_rule():
         (2, 5, 2, [1, 1, 0])
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_greedy_output_is_plain_greedy_alone_and_in_a_batch(tiny_llama_dir, oracle, backend):
+@pytest.mark.parametrize("family,backend", [("llama", "cpp"), ("llama", "torch"), ("qwen2", "cpp")])
+def test_greedy_output_is_plain_greedy_alone_and_in_a_batch(tiny_llama_dir, tiny_qwen_dir, oracle, family, backend):
+    path = tiny_llama_dir if family == "llama" else tiny_qwen_dir
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    plain = [o.output_token_ids for o in engine(tiny_llama_dir, kernel_backend=backend).generate(PROMPTS, params)]
+    plain = [o.output_token_ids for o in engine(path, kernel_backend=backend).generate(PROMPTS, params)]
     oracle(PROMPTS, plain)
-    spec = engine(tiny_llama_dir, kernel_backend=backend, **NGRAM)
+    spec = engine(path, kernel_backend=backend, **NGRAM)
     free = spec.kv.pool.num_free
     for prompt, want in zip(PROMPTS, plain):  # alone
         assert spec.generate([prompt], params)[0].output_token_ids == want
@@ -82,7 +83,7 @@ def test_greedy_output_is_plain_greedy_alone_and_in_a_batch(tiny_llama_dir, orac
     stats = spec.stats().speculative
     assert stats.num_accepted_tokens > 0 and stats.num_draft_tokens > stats.num_accepted_tokens  # both paths ran
     assert spec.kv.pool.num_free == free
-    chunked = engine(tiny_llama_dir, kernel_backend=backend, max_num_batched_tokens=16, **NGRAM)
+    chunked = engine(path, kernel_backend=backend, max_num_batched_tokens=16, **NGRAM)
     assert [o.output_token_ids for o in chunked.generate(PROMPTS, params)] == plain
 
 
