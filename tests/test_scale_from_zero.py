@@ -339,3 +339,92 @@ def test_serve_flags_set_min_replicas_zero_and_the_capacity_wait():
     assert _serve_app().router.max_capacity_wait_s == 60.0
     with pytest.raises(ValueError, match="max_capacity_wait_s"):
         _serve_app("--max-capacity-wait-s", "0")
+
+
+def test_through_serve_a_request_past_the_bound_gets_unavailable_and_never_runs_later(ray_head, tiny_llama_dir):
+    """A bound shorter than a replica's start (0.3 s): the first tries get UNAVAILABLE with the retry
+    hint through Serve's gRPC proxy while the replica starts, a client retrying gets served, and the
+    cancelled calls never ran on the replica: its prefix-cache lookups (prompt tokens of the
+    requests its engine admitted) are those of the served requests alone."""
+    import time
+    import urllib.request
+
+    import grpc
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from kubeinfer.proto import inference_pb2 as pb
+    from kubeinfer.proto import inference_pb2_grpc as pb_grpc
+    from kubeinfer.router.types import retry_hint_of
+    from kubeinfer.serve.app import build_app
+    from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
+    from kubeinfer.worker.models.loader import load_model_info
+    from tests.conftest import free_port
+    from tests.test_autoscaling import _Stub
+    from tests.test_serve_e2e import grpc_stream
+
+    app_name = "kubeinfer-zero-bound"
+    ray.init(address=ray_head["address"], log_to_driver=False)
+    serve.shutdown()
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
+    auto = {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0, "upscale_delay_s": 0.5,
+            "downscale_delay_s": 120.0, "downscale_to_zero_delay_s": 120.0, "metrics_interval_s": 0.5,
+            "look_back_period_s": 1.0}
+    app = AppConfig(models=[ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=256,
+                                      engine={"num_kv_blocks": 160, "max_num_seqs": 4}, autoscaling=auto)],
+                    router=RouterSettings(max_capacity_wait_s=0.3))
+    prompt = "prompt 0"
+    prompt_tokens = len(load_model_info(tiny_llama_dir)[1].encode(prompt))
+
+    def metrics() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/bound/metrics", timeout=30).read().decode()
+        names = ("kubeinfer:requests_waiting_for_capacity", "kubeinfer:capacity_wait_timeouts_total",
+                 "vllm:prefix_cache_queries_total")
+        return {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith(names)}
+
+    async def attempt() -> tuple[dict, str]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            request = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(
+                max_tokens=8, temperature=0.0, ignore_eos=True))
+            try:
+                tokens = []
+                async for msg in stub.GenerateStream(request, timeout=60,
+                                                     metadata=(("application", app_name),)):
+                    tokens += msg.token_ids
+                return {"tokens": tokens, "error": None}, ""
+            except grpc.aio.AioRpcError as e:
+                return {"tokens": [], "error": e.code()}, e.details()
+
+    try:
+        serve.run(build_app(app.to_dict()), name=app_name, route_prefix="/bound")
+        refused, served = 0, None
+        deadline = time.monotonic() + 90
+        while served is None and time.monotonic() < deadline:
+            result, details = asyncio.run(attempt())
+            if result["error"] is None:
+                served = result
+                break
+            assert result["error"] == grpc.StatusCode.UNAVAILABLE, details
+            assert "max_capacity_wait_s" in details and retry_hint_of(details) == 5.0, details
+            refused += 1
+            time.sleep(0.5)  # sooner than the hint: the test's patience, not a client's
+        assert served is not None and len(served["tokens"]) == 8, "never served after scaling from zero"
+        assert refused >= 1  # the replica takes longer than 0.3 s to start
+        time.sleep(2.0)  # a cancelled call that was going to run late would have started by now
+        again, _ = asyncio.run(attempt())
+        assert again["error"] is None
+        for _ in range(100):  # the pool asks the idle replica for its settled report after each call
+            m = metrics()
+            if m.get("vllm:prefix_cache_queries_total") == 2 * prompt_tokens:
+                break
+            time.sleep(0.1)
+        assert m["vllm:prefix_cache_queries_total"] == 2 * prompt_tokens, m  # the two served, no orphan
+        assert m["kubeinfer:capacity_wait_timeouts_total"] == refused
+        assert m["kubeinfer:requests_waiting_for_capacity"] == 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
