@@ -232,3 +232,29 @@ def test_cpp_f32_linear_and_the_tied_head_share_the_weights(kernels, rows):
     x = torch.randn(rows, 96)
     torch.testing.assert_close(model.proj(x), F.linear(x, plain.weight, plain.bias), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(model.lm_head(x), x @ model.embed_tokens.weight.T, rtol=1e-5, atol=1e-4)
+
+
+def test_kernels_run_in_a_child_forked_after_the_pool_started(kernels):
+    import os
+    import time
+    torch.manual_seed(0)
+    w, x = torch.randn(3000, 64), torch.randn(1, 64)
+    want = kernels.f32_gemv(x, w)  # the pool's helper threads exist from here on; a fork copies none of them
+    pid = os.fork()
+    if pid == 0:  # the child: the pool must run the loop on this thread, not wait for helpers it lacks,
+        # and the C library's exit (static destructors included) must not wait for them either
+        import ctypes
+        code = 0 if torch.equal(kernels.f32_gemv(x, w), want) else 1
+        ctypes.CDLL(None).exit(code)
+        os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in the kernel")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0

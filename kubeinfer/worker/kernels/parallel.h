@@ -17,6 +17,7 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,16 +33,22 @@ namespace kubeinfer {
 
 class ChunkPool {
  public:
+  // Never destroyed: joining helpers from a static destructor at exit is a hang risk, and the OS ends
+  // them with the process anyway. A child forked after the pool started has no helpers (fork copies
+  // only the calling thread), so there every loop runs on the caller.
   static ChunkPool& instance() {
-    static ChunkPool pool;
-    return pool;
+    static ChunkPool* pool = [] {
+      pthread_atfork(nullptr, nullptr, [] { forked_child_ = true; });
+      return new ChunkPool;
+    }();
+    return *pool;
   }
 
   // f(chunk) for chunk in [0, chunks), spread over the pool's threads and the caller.
   template <typename F>
   void run(int64_t chunks, F&& f) {
     const int threads = at::get_num_threads();
-    if (chunks <= 1 || threads <= 1 || in_chunk_ || at::in_parallel_region() || solo()) {
+    if (chunks <= 1 || threads <= 1 || in_chunk_ || forked_child_ || at::in_parallel_region() || solo()) {
       for (int64_t c = 0; c < chunks; ++c) f(c);
       return;
     }
@@ -87,10 +94,6 @@ class ChunkPool {
       if (window_helped_ * threads < window_chunks_ * (threads - 1) * kMinSharePercent / 100) go_solo();
       window_runs_ = window_chunks_ = window_helped_ = 0;
     }
-  }
-
-  ~ChunkPool() {
-    resize(0);
   }
 
  private:
@@ -193,6 +196,7 @@ class ChunkPool {
   std::atomic<void*> ctx_{nullptr};
   std::atomic<int64_t> total_{0}, done_{0};
   static thread_local bool in_chunk_;
+  static inline bool forked_child_ = false;
 };
 
 inline thread_local bool ChunkPool::in_chunk_ = false;
