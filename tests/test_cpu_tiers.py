@@ -258,3 +258,25 @@ def test_kernels_run_in_a_child_forked_after_the_pool_started(kernels):
             pytest.fail("the forked child hung in the kernel")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_cpp_linears_copies_run_their_own_weights(kernels):
+    # The decode call binds the module's tensors once; a copy (benchmarks/quant.py's cold copies,
+    # pickle) must bind its own, and so must a module whose buffers _apply replaced.
+    import copy
+    from torch import nn
+
+    from kubeinfer.worker.kernels.cpp_backend import CppF32Linear
+    torch.manual_seed(0)
+    x = torch.randn(1, 64)
+    s4, s8 = Int4WeightOnly(32).quantize(torch.randn(16, 64)), Int8WeightOnly().quantize(torch.randn(16, 64))
+    lin = nn.Linear(64, 16)
+    for mod, weight in ((CppInt4Linear(s4["qweight"], s4["scales"], s4["mins"], 32, None, kernels=kernels), "qs"),
+                        (CppInt8Linear(s8["qweight"], s8["scales"], torch.randn(16), kernels=kernels), "qweight"),
+                        (CppF32Linear(lin.weight, lin.bias, kernels=kernels), "weight")):
+        want = mod(x)
+        twin = copy.deepcopy(mod)
+        with torch.no_grad():
+            getattr(twin, weight).zero_()
+        assert torch.equal(mod(x), want) and not torch.equal(twin(x), want), type(mod).__name__
+        assert torch.equal(mod.float()(x), want)  # _apply (a no-op conversion here) rebinds the same values

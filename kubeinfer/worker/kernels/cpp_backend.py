@@ -97,11 +97,26 @@ class CppF32Linear(nn.Linear):
         self.weight = weight
         self.bias = bias
         self._gemv = kernels.f32_gemv
+        self._bind_decode()
+
+    def _bind_decode(self) -> None:
+        # The parameters bound once (nn.Module.__getattr__ per call costs microseconds, ~120 calls a
+        # step); rebound by _apply, which may swap them.
+        gemv, weight, bias = self._gemv, self.weight, self.bias
+        self._decode = (lambda x: gemv(x, weight)) if bias is None else (lambda x: gemv(x, weight).add_(bias))
+
+    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) binds its own tensors
+        super().__setstate__(state)
+        self._bind_decode()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._bind_decode()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] < F32_GEMV_MAX_ROWS:
-            y = self._gemv(x.contiguous(), self.weight)
-            return y if self.bias is None else y.add_(self.bias)
+            return self._decode(x.contiguous())
         return F.linear(x, self.weight, self.bias)
 
 

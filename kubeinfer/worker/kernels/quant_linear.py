@@ -115,10 +115,23 @@ class CppInt8Linear(Int8Linear):
         super().__init__(qweight, scales, bias)
         self._gemv = kernels.int8_gemv
         self._gemm_dtype = gemm_dtype()
+        self._bind_decode()
+
+    def _bind_decode(self) -> None:
+        self._decode = _decode_call(self._gemv, (self.qweight, self.scales), self.bias)
+
+    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) binds its own tensors
+        super().__setstate__(state)
+        self._bind_decode()
+
+    def _apply(self, fn, *args, **kwargs):  # a moved or converted buffer: bind the new one
+        out = super()._apply(fn, *args, **kwargs)
+        self._bind_decode()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < INT8_GEMM_MIN_ROWS:  # the decode path first: paid 120 times per token
-            return _with_bias(self._gemv(x.contiguous(), self.qweight, self.scales), self.bias)
+            return self._decode(x.contiguous())
         return _with_bias(self._gemm(x).to(x.dtype), self.bias)
 
     def _gemm(self, x2: torch.Tensor) -> torch.Tensor:
@@ -221,18 +234,40 @@ class CppInt4Linear(Int4Linear):
         self.register_buffer("kernel_mins", self.mins.to(kernel_dtype).contiguous(), persistent=False)
         self._gemv, self._dequant = kernels.q4_gemv, kernels.q4_dequant
         self._gemm_dtype = gemm_dtype()
+        self._bind_decode()
+
+    def _bind_decode(self) -> None:
+        self._decode = _decode_call(self._gemv, (self.qs, self.kernel_scales, self.kernel_mins, self.group_size),
+                                    self.bias)
+
+    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) binds its own tensors
+        super().__setstate__(state)
+        self._bind_decode()
+
+    def _apply(self, fn, *args, **kwargs):  # a moved or converted buffer: bind the new one
+        out = super()._apply(fn, *args, **kwargs)
+        self._bind_decode()
+        return out
 
     def quant_state(self) -> dict[str, torch.Tensor]:
         return {"qweight": unpack_q4(self.qs), "scales": self.scales, "mins": self.mins}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] < INT8_GEMM_MIN_ROWS:
-            y = self._gemv(x.contiguous(), self.qs, self.kernel_scales, self.kernel_mins, self.group_size)
-        else:
-            y = _blocked_gemm(x, self.out_features, self.in_features, self._gemm_dtype,
-                              lambda r0, rows: self._dequant(self.qs, self.kernel_scales, self.kernel_mins,
-                                                             self.group_size, r0, rows).to(self._gemm_dtype))
+        if x.shape[0] < INT8_GEMM_MIN_ROWS:  # the decode path first: paid 120 times per token
+            return self._decode(x.contiguous())
+        y = _blocked_gemm(x, self.out_features, self.in_features, self._gemm_dtype,
+                          lambda r0, rows: self._dequant(self.qs, self.kernel_scales, self.kernel_mins,
+                                                         self.group_size, r0, rows).to(self._gemm_dtype))
         return _with_bias(y, self.bias)
+
+
+def _decode_call(gemv, operands: tuple, bias: torch.Tensor | None):
+    """``x -> gemv(x, *operands) (+ bias)`` with the module's tensors bound once: a decode step calls
+    ~120 linears, and reading each operand through ``nn.Module.__getattr__`` cost ~3.5 us per call
+    (6.1 us in all against 2.6 us for the kernel alone, o_proj-sized int4, one thread)."""
+    if bias is None:
+        return lambda x: gemv(x, *operands)
+    return lambda x: gemv(x, *operands).add_(bias)
 
 
 def gemm_dtype() -> torch.dtype:
