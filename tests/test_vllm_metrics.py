@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubeinfer.local.router import build_local_router, shutdown_local_router
 from kubeinfer.router.metrics import RouterMetrics
+from kubeinfer.router.parallel import expand, stream_choices
 from kubeinfer.router.types import ReplicaReport
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 from kubeinfer.worker import Engine, SamplingParams
@@ -31,13 +32,13 @@ INFERENCE_PERF_SCRAPES = {
                   "vllm:request_queue_time_seconds", "vllm:request_inference_time_seconds",
                   "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
                   "vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_params_max_tokens",
-                  "vllm:iteration_tokens_total", "vllm:request_prefill_kv_computed_tokens"],
+                  "vllm:iteration_tokens_total", "vllm:request_prefill_kv_computed_tokens", "vllm:request_params_n"],
 }
 # Scraped by inference-perf but not exported, because kubeinfer has no such thing to count (an
-# exported zero would claim a measurement): the router does not record n per request yet; no external KV
+# exported zero would claim a measurement): no external KV
 # cache, multimodal cache or KV-block lifetime tracking; preempted requests are recomputed but the
 # engine does not yet count the recomputed prompt tokens apart; no corrupted-request detection.
-NOT_EXPORTED = ["vllm:request_params_n", "vllm:request_max_num_generation_tokens", "vllm:prompt_tokens_recomputed",
+NOT_EXPORTED = ["vllm:request_max_num_generation_tokens", "vllm:prompt_tokens_recomputed",
                 "vllm:external_prefix_cache_hits", "vllm:external_prefix_cache_queries", "vllm:mm_cache_hits",
                 "vllm:mm_cache_queries", "vllm:corrupted_requests", "vllm:kv_block_idle_before_evict_seconds",
                 "vllm:kv_block_lifetime_seconds", "vllm:kv_block_reuse_gap_seconds"]
@@ -65,7 +66,7 @@ def scraped(tiny_llama_dir):
     async def one(tokens: list[int], max_tokens: int) -> None:
         job = router.prepare(prompt_token_ids=tokens, sampling=dict(temperature=0.0, max_tokens=max_tokens,
                                                                     ignore_eos=True))
-        async for _ in router.stream(job):
+        async for _ in stream_choices(router, expand(job, 1)):  # the transports' path
             pass
 
     async def main():
@@ -195,3 +196,21 @@ def test_speculative_decoding_counters_are_the_engines(tiny_llama_dir):
     per_pos = fams["vllm:spec_decode_num_accepted_tokens_per_pos"]
     assert value(per_pos, "_total") == stats.num_accepted_tokens
     assert value(per_pos, "_total", position="0") == stats.accepted_per_pos[0]
+
+
+def test_request_params_n_counts_each_request_once_with_its_n(tiny_llama_dir):
+    spec = ModelSpec(name="tiny", uri=tiny_llama_dir, max_model_len=256, engine={"num_kv_blocks": 64}, num_replicas=1)
+    router = build_local_router(AppConfig(models=[spec]))
+
+    async def main():
+        for n in (1, 3):
+            job = router.prepare(prompt_token_ids=[5, 6, 7], sampling=dict(max_tokens=3, seed=1))
+            async for _ in stream_choices(router, expand(job, n)):
+                pass
+
+    try:
+        asyncio.run(main())
+        fam = families(router.metrics)["vllm:request_params_n"]
+    finally:
+        shutdown_local_router(router)
+    assert value(fam, "_count") == 2 and value(fam, "_sum") == 4

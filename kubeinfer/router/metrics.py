@@ -70,6 +70,8 @@ class RouterMetrics:
                                                    "Generated tokens per finished request.", TOKEN_COUNT_BUCKETS)
         self.request_max_tokens = histogram("vllm:request_params_max_tokens",
                                             "The max_tokens each finished request ran with.", TOKEN_COUNT_BUCKETS)
+        self.request_params_n = histogram("vllm:request_params_n", "The n (choices) of each finished request.",
+                                          (1, 2, 5, 10, 20))
         self.request_prefill_computed = histogram("vllm:request_prefill_kv_computed_tokens",
                                                   "Prompt tokens a finished request computed (not from the "
                                                   "prefix cache).", TOKEN_COUNT_BUCKETS)

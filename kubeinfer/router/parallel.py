@@ -57,12 +57,14 @@ async def stream_choices(router: Router, jobs: list[GenerateJob], *,
     ends with one finished chunk. A RouterError from any job ends the whole request (the others
     are aborted), as does closing this iterator."""
     admissions = router.admit(jobs[0].model, len(jobs))
+    n_metric = router.metrics.request_params_n.labels(jobs[0].model)
     if len(jobs) == 1:
         try:
             async for chunk in router.stream(jobs[0], timeout_s=timeout_s, admission=admissions[0]):
                 yield 0, chunk
         finally:
             router.release(admissions)  # a no-op once the stream has run
+        n_metric.observe(1)
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -89,6 +91,7 @@ async def stream_choices(router: Router, jobs: list[GenerateJob], *,
                 live -= 1
             else:
                 yield index, item
+        n_metric.observe(len(jobs))  # every choice finished
     finally:
         for t in tasks:
             t.cancel()
