@@ -101,7 +101,8 @@ def test_engine_router_and_model_fields_reach_the_application():
                "engine": {"dtype": "bfloat16", "kvBlockSize": 32, "maxNumSeqs": 8, "maxNumBatchedTokens": 256,
                           "prefixCaching": False, "kvCacheDtype": "int8", "kvCacheMemory": "512Mi"},
                "router": {"policy": "prefix_affinity", "batchWindowMs": 2.5, "maxBatchSize": 4, "maxQueued": 10,
-                          "maxInFlight": 20, "requestTimeoutSeconds": 30, "replicas": 2}})
+                          "maxInFlight": 20, "requestTimeoutSeconds": 30, "replicas": 2,
+                          "maxCapacityWaitSeconds": 120, "maxN": 4}})
     serve = build_serve_config(body)
     model = _model(serve)
     assert (model["name"], model["uri"], model["quantization"], model["max_model_len"]) == \
@@ -117,7 +118,7 @@ def test_engine_router_and_model_fields_reach_the_application():
     assert serve["applications"][0]["args"]["router"] == {
         "policy": "prefix_affinity", "max_in_flight": 20, "max_queued": 10, "batch_window_ms": 2.5,
         "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2, "max_queue_wait_s": 30.0,
-        "max_prompt_chars": None, "max_body_bytes": None, "max_n": 16, "max_capacity_wait_s": 60.0}
+        "max_prompt_chars": None, "max_body_bytes": None, "max_n": 4, "max_capacity_wait_s": 120}
     assert serve["applications"][0]["name"] == "ml.demo"  # Serve-API mode: namespace.name
 
 

@@ -394,7 +394,8 @@ def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
             router = RouterSettings(**_pick(_section(spec, "router"), {
                 "policy": "policy", "maxInFlight": "max_in_flight", "maxQueued": "max_queued",
                 "batchWindowMs": "batch_window_ms", "maxBatchSize": "max_batch_size",
-                "requestTimeoutSeconds": "request_timeout_s", "replicas": "num_replicas"}))
+                "requestTimeoutSeconds": "request_timeout_s", "replicas": "num_replicas",
+                "maxCapacityWaitSeconds": "max_capacity_wait_s", "maxN": "max_n"}))
         except ValueError as e:
             raise SpecError(f"spec.router: {e}") from None
         replicas = spec.get("replicas")
