@@ -5,7 +5,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -55,6 +55,14 @@ inline __m512 bf16_odd(__m512i x) {
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {  // bf16 is the top half of an fp32: widening is a shift
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+#endif
+
 // sum_i a[i] * b[i] in fp32 for fp32 or bf16 operands.
 template <typename A, typename B>
 inline float dot_any(const A* a, const B* b, int64_t n) {
@@ -68,6 +76,18 @@ inline float dot_any(const A* a, const B* b, int64_t n) {
   }
   for (; i + 16 <= n; i += 16) v0 = _mm512_fmadd_ps(load16(a + i), load16(b + i), v0);
   acc = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+#elif defined(__AVX2__) && defined(__FMA__)
+  // The avx2 tier (decode attention's scores, RMSNorm): 8 lanes, two chains.
+  __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    v0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), v0);
+    v1 = _mm256_fmadd_ps(load8(a + i + 8), load8(b + i + 8), v1);
+  }
+  for (; i + 8 <= n; i += 8) v0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), v0);
+  const __m256 v = _mm256_add_ps(v0, v1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  acc = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 #endif
   for (; i < n; ++i) acc += static_cast<float>(a[i]) * static_cast<float>(b[i]);
   return acc;

@@ -23,6 +23,9 @@ inline void axpy(float* o, float p, const T* v, int64_t n) {
 #if defined(__AVX512F__)
   const __m512 vp = _mm512_set1_ps(p);
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(o + i, _mm512_fmadd_ps(vp, load16(v + i), _mm512_loadu_ps(o + i)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 vp = _mm256_set1_ps(p);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(vp, load8(v + i), _mm256_loadu_ps(o + i)));
 #endif
   for (; i < n; ++i) o[i] += p * static_cast<float>(v[i]);
 }
