@@ -11,6 +11,7 @@ from torch import nn
 from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, prefill_attention
 from kubeinfer.worker.kernels.backend import StepInputs
 from kubeinfer.worker.kernels.cpu import load_cpu_kernels
+from kubeinfer.worker.kernels.quant_linear import BoundDecode
 from kubeinfer.worker.kernels.torch_backend import TorchBackend
 
 
@@ -86,7 +87,7 @@ class CppBackend(TorchBackend):
 F32_GEMV_MAX_ROWS = 8
 
 
-class CppF32Linear(nn.Linear):
+class CppF32Linear(BoundDecode, nn.Linear):
     """An fp32 ``nn.Linear`` (the same weight and bias parameters, no copy) whose decode-sized calls
     (fewer than ``F32_GEMV_MAX_ROWS`` rows) run the C++ ``f32_gemv``: at batch 1 ``F.linear`` read the
     weights at about a third of the machine's bandwidth."""
@@ -104,15 +105,6 @@ class CppF32Linear(nn.Linear):
         # step); rebound by _apply, which may swap them.
         gemv, weight, bias = self._gemv, self.weight, self.bias
         self._decode = (lambda x: gemv(x, weight)) if bias is None else (lambda x: gemv(x, weight).add_(bias))
-
-    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) binds its own tensors
-        super().__setstate__(state)
-        self._bind_decode()
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._bind_decode()
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] < F32_GEMV_MAX_ROWS:

@@ -40,6 +40,24 @@ def _with_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y.add_(bias)
 
 
+class BoundDecode:
+    """Mixin of a module whose decode call binds its tensors once (``_bind_decode``, see
+    ``_decode_call``): a copy (copy.deepcopy, pickle) and a moved or converted module bind their
+    own tensors again."""
+
+    def _bind_decode(self) -> None:
+        raise NotImplementedError
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._bind_decode()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._bind_decode()
+        return out
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (qweight * scales[:, None]).T + bias`` for a float ``x [..., K]``, in x's dtype.
 
@@ -104,7 +122,7 @@ class AtenInt8Linear(Int8Linear):
         return y.mul_(self.scales)
 
 
-class CppInt8Linear(Int8Linear):
+class CppInt8Linear(BoundDecode, Int8Linear):
     """fp32 activations on the C++ kernels: ``int8_gemv`` (Q8 activations, integer dot products) for
     decode-sized inputs, a GEMM on the integer weights converted a block at a time from
     ``INT8_GEMM_MIN_ROWS`` rows. Any K (no aten kernel, so no K % 16 rule); the weight is held once,
@@ -119,15 +137,6 @@ class CppInt8Linear(Int8Linear):
 
     def _bind_decode(self) -> None:
         self._decode = _decode_call(self._gemv, (self.qweight, self.scales), self.bias)
-
-    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) binds its own tensors
-        super().__setstate__(state)
-        self._bind_decode()
-
-    def _apply(self, fn, *args, **kwargs):  # a moved or converted buffer: bind the new one
-        out = super()._apply(fn, *args, **kwargs)
-        self._bind_decode()
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < INT8_GEMM_MIN_ROWS:  # the decode path first: paid 120 times per token
@@ -217,7 +226,7 @@ class AtenInt4Linear(Int4Linear):
         return _with_bias(y, self.bias).view(*x.shape[:-1], self.out_features)
 
 
-class CppInt4Linear(Int4Linear):
+class CppInt4Linear(BoundDecode, Int4Linear):
     """fp32 activations on the C++ kernels, with the weight in the kernels' Q4 layout (packed once
     here; the canonical nibbles are dropped and ``quant_state()`` recovers them exactly):
     ``q4_gemv`` (Q8 activations, integer dot products) for decode-sized inputs, and from
@@ -239,15 +248,6 @@ class CppInt4Linear(Int4Linear):
     def _bind_decode(self) -> None:
         self._decode = _decode_call(self._gemv, (self.qs, self.kernel_scales, self.kernel_mins, self.group_size),
                                     self.bias)
-
-    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) binds its own tensors
-        super().__setstate__(state)
-        self._bind_decode()
-
-    def _apply(self, fn, *args, **kwargs):  # a moved or converted buffer: bind the new one
-        out = super()._apply(fn, *args, **kwargs)
-        self._bind_decode()
-        return out
 
     def quant_state(self) -> dict[str, torch.Tensor]:
         return {"qweight": unpack_q4(self.qs), "scales": self.scales, "mins": self.mins}
