@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 from kubeinfer.router.admission import Admission, AdmissionController, Rejected
 from kubeinfer.router.batching import MicroBatcher
+from kubeinfer.router.client_input import check_grammar, check_text, readable
 from kubeinfer.router.metrics import RouterMetrics
 from kubeinfer.router.pool import JobStream, WorkerPool
 from kubeinfer.router.types import Chunk, Code, GenerateJob, ReplicaFailed, RouterError
@@ -60,14 +61,6 @@ def _capacity(served: ServedModel) -> int:
     return DEFAULT_SEQS_PER_REPLICA * max(1, len(getattr(served.pool, "replicas", ()) or ()))
 
 
-def _check_text(value: Any, what: str) -> None:
-    """Strings must be encodable Unicode: a lone surrogate (JSON allows "\\ud800") is bad input."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RouterError(Code.INVALID_ARGUMENT, f"{what} is not valid Unicode (it holds a lone surrogate)") from None
-
-
 def _live_replicas(pool: WorkerPool) -> int | None:
     """How many of the pool's replicas are alive: its ``live_replicas()`` if it has one, else its
     in-process replicas' engines asked directly; None when the pool cannot tell (a remote pool)."""
@@ -78,24 +71,6 @@ def _live_replicas(pool: WorkerPool) -> int | None:
     if isinstance(replicas, dict) and all(hasattr(getattr(r, "engine", None), "alive") for r in replicas.values()):
         return sum(1 for r in replicas.values() if r.engine.alive())
     return None
-
-
-def _check_grammar(spec: dict) -> None:
-    """A structured-output constraint must parse into a grammar: INVALID_ARGUMENT with the grammar
-    engine's message otherwise (the engine compiles it against the vocabulary). Slow for a large
-    schema: call it off the event loop."""
-    from kubeinfer.worker.sampling_params import StructuredOutputParams
-    from kubeinfer.worker.structured_output import GrammarError, validate  # imports xgrammar: only when used
-    try:
-        validate(spec if isinstance(spec, StructuredOutputParams) else StructuredOutputParams(**spec))
-    except GrammarError as e:
-        raise RouterError(Code.INVALID_ARGUMENT, _readable(str(e), 1000)) from None
-
-
-def _readable(message: str, limit: int = 300) -> str:
-    """A message for a client: valid Unicode, bounded in length."""
-    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return message if len(message) <= limit else message[:limit] + "..."
 
 
 class Router:
@@ -173,7 +148,7 @@ class Router:
         """The work after :meth:`_check`: the grammar's parse, the chat template, tokenizing, and the
         checks that need the token count."""
         if sampling.get("structured_output") is not None:
-            _check_grammar(sampling["structured_output"])
+            check_grammar(sampling["structured_output"])
         if messages is not None:
             prompt = self._render_chat(served, messages, tools)
         if prompt is not None:
@@ -201,7 +176,7 @@ class Router:
         if model is not None:
             if not isinstance(model, str):
                 raise RouterError(Code.INVALID_ARGUMENT, "model must be a string")
-            _check_text(model, "model")
+            check_text(model, "model")
         served = self.model(model)
         given = [x is not None for x in (prompt, prompt_token_ids, messages)]
         if sum(given) != 1:
@@ -209,7 +184,7 @@ class Router:
         if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 256):
             raise RouterError(Code.INVALID_ARGUMENT, "request_id must be a string of at most 256 characters")
         if request_id is not None:
-            _check_text(request_id, "request_id")
+            check_text(request_id, "request_id")
         limit = self.settings.prompt_char_limit(served.max_model_len)
         if prompt is not None:
             if not isinstance(prompt, str):
@@ -217,7 +192,7 @@ class Router:
             if len(prompt) > limit:
                 raise RouterError(Code.INVALID_ARGUMENT, f"the prompt has {len(prompt)} characters; the limit "
                                                          f"(max_prompt_chars) is {limit}")
-            _check_text(prompt, "prompt")
+            check_text(prompt, "prompt")
         if messages is not None:
             if not isinstance(messages, list) or not messages or any(
                     not isinstance(m, dict) or not isinstance(m.get("content"), str)
@@ -229,7 +204,7 @@ class Router:
                 raise RouterError(Code.INVALID_ARGUMENT, f"the messages have {total} characters; the limit "
                                                          f"(max_prompt_chars) is {limit}")
             for m in messages:
-                _check_text(m["content"], "a message's content")
+                check_text(m["content"], "a message's content")
         if prompt_token_ids is not None:
             if not isinstance(prompt_token_ids, list):
                 raise RouterError(Code.INVALID_ARGUMENT, "prompt_token_ids must be a list of integers")
@@ -250,11 +225,11 @@ class Router:
         stop = sampling.get("stop")
         for s in [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []:
             if isinstance(s, str):
-                _check_text(s, "a stop string")
+                check_text(s, "a stop string")
         try:
             SamplingParams(**sampling, priority=priority)
         except (ValueError, TypeError) as e:
-            raise RouterError(Code.INVALID_ARGUMENT, _readable(str(e))) from None
+            raise RouterError(Code.INVALID_ARGUMENT, readable(str(e))) from None
         return served, sampling
 
     @staticmethod
@@ -262,7 +237,7 @@ class Router:
         try:
             return served.tokenizer.apply_chat_template(messages, tools=tools)
         except Exception as e:
-            raise RouterError(Code.INVALID_ARGUMENT, f"cannot apply the chat template: {_readable(str(e))}") from None
+            raise RouterError(Code.INVALID_ARGUMENT, f"cannot apply the chat template: {readable(str(e))}") from None
 
     # ---- the request path ------------------------------------------------------------------------
 
