@@ -82,7 +82,9 @@ class ChunkPool {
         if (spins < 4096) _mm_pause();
         else std::this_thread::yield();
       }
-      if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(kLongWaitUs)) go_solo();
+      if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(kLongWaitUs) &&
+          ++window_long_waits_ >= kLongWaitsToSolo)
+        go_solo();
     }
     counter_.store((gen << 32) | kClosed, std::memory_order_seq_cst);
     // The helpers' share of the chunks over the last kWindow loops: on a busy machine they are seldom
@@ -92,7 +94,7 @@ class ChunkPool {
     window_helped_ += chunks - mine;
     if (++window_runs_ == kWindow) {
       if (window_helped_ * threads < window_chunks_ * (threads - 1) * kMinSharePercent / 100) go_solo();
-      window_runs_ = window_chunks_ = window_helped_ = 0;
+      window_runs_ = window_chunks_ = window_helped_ = window_long_waits_ = 0;
     }
   }
 
@@ -140,13 +142,10 @@ class ChunkPool {
       void* ctx = ctx_.load(std::memory_order_seq_cst);
       const int64_t chunks = total_.load(std::memory_order_seq_cst);
       int64_t mine = 0;
-      for (int64_t c; (c = claim(gen, chunks)) >= 0; ++mine) {
-        in_chunk_ = true;
-        fn(ctx, c);
-        in_chunk_ = false;
-        done_.fetch_add(1, std::memory_order_seq_cst);
-      }
-      (void)mine;
+      in_chunk_ = true;
+      for (int64_t c; (c = claim(gen, chunks)) >= 0; ++mine) fn(ctx, c);
+      in_chunk_ = false;
+      if (mine) done_.fetch_add(mine, std::memory_order_seq_cst);  // once: the caller waits for the total
     }
   }
 
@@ -165,18 +164,21 @@ class ChunkPool {
     for (int i = 0; i < helpers; ++i) workers_.emplace_back([this, i] { helper(i); });
   }
 
-  // After a wait that long for a preempted helper (a chunk's work is a few microseconds), or when
-  // the helpers took too small a share of the chunks, the next kSoloRuns loops (about eight batch-1
-  // decode steps) run on the caller alone: on an oversubscribed
+  // After a second wait that long for a preempted helper within kWindow loops (a chunk's work is
+  // tens of microseconds), or when the helpers took too small a share of the chunks, the next
+  // kSoloRuns loops (about two batch-1 decode steps) run on the caller alone: on an oversubscribed
   // machine one thread beat two that kept waiting for each other (the fork-join cost this pool
-  // avoids, paid instead whenever the OS preempts a helper holding a chunk). Then two are tried again.
-  static constexpr int kLongWaitUs = 250;
-  static constexpr int kSoloRuns = 1024;
+  // avoids, paid instead whenever the OS preempts a helper holding a chunk). Then two are tried
+  // again. One long wait alone is no reason: on a quiet 2-core VM a helper is preempted now and then
+  // (a daemon's time slice), and going solo for 1024 loops on each had cost the second core for
+  // ~8 steps at a time.
+  static constexpr int kLongWaitUs = 250, kLongWaitsToSolo = 2;
+  static constexpr int kSoloRuns = 256;
   static constexpr int kWindow = 128, kMinSharePercent = 50;
-  int64_t window_runs_ = 0, window_chunks_ = 0, window_helped_ = 0;  // under run_mutex_
+  int64_t window_runs_ = 0, window_chunks_ = 0, window_helped_ = 0, window_long_waits_ = 0;  // under run_mutex_
   void go_solo() {
     solo_runs_.store(kSoloRuns, std::memory_order_relaxed);
-    window_runs_ = window_chunks_ = window_helped_ = 0;
+    window_runs_ = window_chunks_ = window_helped_ = window_long_waits_ = 0;
   }
   bool solo() {
     if (solo_runs_.load(std::memory_order_relaxed) <= 0) return false;
@@ -190,11 +192,15 @@ class ChunkPool {
   std::condition_variable wake_;
   std::vector<std::thread> workers_;
   std::atomic<int> active_{0}, sleepers_{0};
-  std::atomic<uint64_t> counter_{0};
-  uint64_t generation_ = 0;
-  std::atomic<Fn> fn_{nullptr};
+  // The claim counter and the done count each own a cache line: every claim and every finished
+  // helper writes one of them, and sharing a line with the task's fields (read by every claim) made
+  // each chunk cost a line transfer between the cores.
+  alignas(64) std::atomic<uint64_t> counter_{0};
+  alignas(64) std::atomic<int64_t> done_{0};
+  alignas(64) std::atomic<Fn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
-  std::atomic<int64_t> total_{0}, done_{0};
+  std::atomic<int64_t> total_{0};
+  uint64_t generation_ = 0;
   static thread_local bool in_chunk_;
   static inline bool forked_child_ = false;
 };
