@@ -67,6 +67,11 @@ class KernelBackend:
     def configure_cache(self, block_size: int, max_seq_len: int) -> None:
         self.block_size, self.max_seq_len = block_size, max_seq_len
 
+    def decode_stack(self, model):
+        """A callable running a decode-only step of ``model``'s whole stack in one kernel call
+        (kernels/decode_stack.py), or None: this backend's modules run it layer by layer."""
+        return None
+
     def __repr__(self) -> str:
         kv = "int8" if self.kv_int8 else str(self.dtype).removeprefix("torch.")
         return f"{type(self).__name__}(device={self.device}, dtype={self.dtype}, kv={kv})"

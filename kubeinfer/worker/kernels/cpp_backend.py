@@ -60,6 +60,10 @@ class CppBackend(TorchBackend):
         elif self.dtype == torch.float32:
             use_f32_gemv(model, self.kernels)
 
+    def decode_stack(self, model: nn.Module):
+        from kubeinfer.worker.kernels.decode_stack import build_decode_stack
+        return build_decode_stack(model, self.kernels) if self.dtype == torch.float32 else None
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self._write_kv(k, v, cache.k, cache.v, meta.slot_mapping)
@@ -105,6 +109,12 @@ class CppF32Linear(BoundDecode, nn.Linear):
         # step); rebound by _apply, which may swap them.
         gemv, weight, bias = self._gemv, self.weight, self.bias
         self._decode = (lambda x: gemv(x, weight)) if bias is None else (lambda x: gemv(x, weight).add_(bias))
+
+    decode_max_rows = F32_GEMV_MAX_ROWS
+
+    def decode_linear(self, kernels):
+        """The decode kernel and its operands for kernels/decode_stack.py (below ``decode_max_rows`` rows)."""
+        return kernels.DecodeLinear.f32(self.weight.detach(), None if self.bias is None else self.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] < F32_GEMV_MAX_ROWS:

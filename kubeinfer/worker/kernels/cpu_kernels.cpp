@@ -243,6 +243,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
                                const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale);
 
 
+void register_decode_stack(pybind11::module& m);  // decode_stack.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The engine steps in a thread beside the server's event loop: let it run while a kernel does.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -271,4 +273,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("swiglu") = false, nogil);
   m.def("amx_linear", &kubeinfer::amx_linear, "bf16 linear on AMX tiles (weight from amx_pack_weight)",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none(), py::arg("N"), py::arg("swiglu") = false, nogil);
+  register_decode_stack(m);
 }

@@ -138,6 +138,12 @@ class CppInt8Linear(BoundDecode, Int8Linear):
     def _bind_decode(self) -> None:
         self._decode = _decode_call(self._gemv, (self.qweight, self.scales), self.bias)
 
+    decode_max_rows = INT8_GEMM_MIN_ROWS
+
+    def decode_linear(self, kernels: ModuleType):
+        """The decode kernel and its operands for kernels/decode_stack.py (below ``decode_max_rows`` rows)."""
+        return kernels.DecodeLinear.int8(self.qweight, self.scales, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < INT8_GEMM_MIN_ROWS:  # the decode path first: paid 120 times per token
             return self._decode(x.contiguous())
@@ -248,6 +254,12 @@ class CppInt4Linear(BoundDecode, Int4Linear):
     def _bind_decode(self) -> None:
         self._decode = _decode_call(self._gemv, (self.qs, self.kernel_scales, self.kernel_mins, self.group_size),
                                     self.bias)
+
+    decode_max_rows = INT8_GEMM_MIN_ROWS
+
+    def decode_linear(self, kernels: ModuleType):
+        """The decode kernel and its operands for kernels/decode_stack.py (below ``decode_max_rows`` rows)."""
+        return kernels.DecodeLinear.q4(self.qs, self.kernel_scales, self.kernel_mins, self.group_size, self.bias)
 
     def quant_state(self) -> dict[str, torch.Tensor]:
         return {"qweight": unpack_q4(self.qs), "scales": self.scales, "mins": self.mins}

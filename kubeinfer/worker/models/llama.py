@@ -121,11 +121,15 @@ class LlamaForCausalLM(nn.Module):
             config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config, max_positions, dtype)
         self.quantized_head: nn.Module | None = None
+        self.decode_stack = None  # set by bind where the backend runs a decode step in one call
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[LayerKVCache], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.lookup(positions)
+        stack = self.decode_stack
+        if stack is not None and not meta.prefills and x.shape[0] < stack.max_rows:
+            return stack(x, cos, sin, kv_caches, meta)
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, cos, sin, kv, meta)
@@ -134,7 +138,8 @@ class LlamaForCausalLM(nn.Module):
     def bind(self, backend) -> None:
         """Hand every layer its kernels from ``backend`` (a kernels.backend.KernelBackend), once:
         the norms, the rotary embedding, attention and the SwiGLU gate (unless gate_up_proj fuses
-        it). Quantized and packed linears were swapped in already, when they were built."""
+        it), and the backend's one-call decode stack if it has one. Quantized and packed linears
+        were swapped in already, when they were built."""
         from kubeinfer.worker.kernels.packed_linear import PackedLinear
         for module in self.modules():
             if isinstance(module, RMSNorm):
@@ -144,6 +149,8 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, MLP):
                 fused = isinstance(module.gate_up_proj, PackedLinear) and module.gate_up_proj.swiglu
                 module._act = _same if fused else backend.silu_mul
+        # Last: it reads the kernels bound above and the final linears.
+        self.decode_stack = backend.decode_stack(self)
 
     def pack_bf16_weights(self, kernels=None) -> int:
         """bf16 on a CPU: every linear into a packed layout (kernels/packed_linear.py): AMX tiles
