@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "parallel.h"
 
 using namespace kubeinfer;
 
@@ -385,9 +386,11 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
         while (part < parts && seen * parts >= total * part) bounds[part++] = unit + 1;
       }
     }
-    at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    // On the decode kernels' pool (parallel.h), as the GEMVs around it: an OpenMP region here would
+    // wake a second set of threads to compete with the pool's spinning helper for the cores.
+    ChunkPool::instance().run(parts, [&](int64_t part) {
       std::vector<float> qf(G * D), scratch, acc(G * D);
-      for (int64_t unit = bounds[part_begin]; unit < bounds[part_end]; ++unit) {
+      for (int64_t unit = bounds[part]; unit < bounds[part + 1]; ++unit) {
         const int64_t s = unit / KVH, h = unit % KVH, L = lens[s];
         for (int64_t g = 0; g < G; ++g) {
           const T_* qv = qp + s * q_seq_stride + (h * G + g) * q_head_stride;
