@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from kubeinfer.worker.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from kubeinfer.worker.cpu_budget import fit_torch_threads
 from kubeinfer.worker.detokenizer import IncrementalDetokenizer
 from kubeinfer.worker.draft_model import DraftModel, draft_block_bytes, load_draft
 from kubeinfer.worker.kv_cache import KVCacheManager
@@ -64,6 +65,8 @@ class Engine:
         self.device = device
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        elif device.type == "cpu":
+            fit_torch_threads()
         kv_int8 = config.kv_cache_dtype == "int8"
         # The one decision of which kernels run every layer, from (device, dtype, scheme, KV dtype, CPU).
         self.backend = select_backend(config.kernel_backend, device, config.torch_dtype, kv_int8=kv_int8,
@@ -434,3 +437,4 @@ def _merged(outs: list[RequestOutput]) -> RequestOutput:
     if any(o.logprobs for o in outs):
         last.logprobs = [entry for o in outs for entry in (o.logprobs or [])]
     return last
+
