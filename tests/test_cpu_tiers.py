@@ -141,7 +141,7 @@ def test_int8_gemv_is_q8_activations_times_int8_weights(kernels, m, k, n):
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("m,n", [(1, 200), (3, 9), (5, 7)])
+@pytest.mark.parametrize("m,n", [(1, 200), (3, 9), (5, 7), (8, 5), (6, 33)])
 def test_q4_gemv_is_q8_activations_times_q4_weights(kernels, group_size, scale_dtype, m, n):
     torch.manual_seed(group_size + m + n)
     k = 384
@@ -162,6 +162,19 @@ def test_q4_gemv_is_q8_activations_times_q4_weights(kernels, group_size, scale_d
     torch.testing.assert_close(got.double(), emulated, rtol=1e-5, atol=1e-5 * float(emulated.abs().max()))
     ref = x @ scheme.dequantize(state).T
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
+
+
+def test_q4_gemv_rows_do_not_depend_on_the_rows_beside_them(kernels):
+    """Rows share each unpacked weight block (four at a time), never their sums: a row's result is the
+    same bit for bit alone or in any batch, as a speculative verification step needs."""
+    torch.manual_seed(3)
+    scheme = Int4WeightOnly(32)
+    state = scheme.quantize(torch.randn(70, 576))
+    qs = pack_q4(state["qweight"])
+    x = torch.randn(7, 576)
+    together = kernels.q4_gemv(x, qs, state["scales"], state["mins"], 32)
+    for i in range(7):
+        assert torch.equal(together[i], kernels.q4_gemv(x[i:i + 1], qs, state["scales"], state["mins"], 32)[0])
 
 
 @pytest.mark.parametrize("group_size", [32, 128])

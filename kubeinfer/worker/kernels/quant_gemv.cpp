@@ -131,44 +131,66 @@ inline __m256i hsum8_epi32(const __m256i* v) {
 // 40-47 against 57-60. The hardware prefetcher alone does not keep enough lines in flight.
 constexpr int64_t kPrefetchBytes = 2048;
 
+// Output n of rows [m0, m0 + MB) of x: each block of weights is unpacked once for all MB rows (a
+// speculative verification step or a small decode batch), and each row's sums are formed exactly as
+// for MB = 1, so a row's result does not depend on the rows beside it.
+template <typename S, int MB>
+void q4_rows(const Q8Rows& xq, int64_t m0, const uint8_t* qn, const S* sn, const S* mn, float* y, int64_t K,
+             int64_t N, int64_t per_group, int64_t n) {
+  const int64_t KB = K / kQ8Block;
+  // sum_k (q s + min) xq d = s * d * sum(q xq) + min * d * sum(xq), per block. Eight blocks at a
+  // time: their integer sums gathered into one vector, then scaled with vector ops only.
+  __m256 acc[MB], min_acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = min_acc[m] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= KB; b += 8) {
+    if (m0 == 0) {  // a few rows ahead in the chunk's one stream
+      _mm_prefetch(reinterpret_cast<const char*>(qn + b * (kQ8Block / 2) + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(qn + b * (kQ8Block / 2) + kPrefetchBytes + 64), _MM_HINT_T0);
+    }
+    __m256i w[8];
+    for (int j = 0; j < 8; ++j) w[j] = unpack_q4_block(qn + (b + j) * (kQ8Block / 2));
+    const int64_t g = b / per_group;
+    const __m256 s8 = load8_spread(sn + g, per_group), min8 = load8_spread(mn + g, per_group);
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* xm = xq.row(m0 + m);
+      __m256i dots[8];
+      for (int j = 0; j < 8; ++j)
+        dots[j] = dot32_u4_pairs(w[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + (b + j) * kQ8Block)));
+      const __m256 sd = _mm256_mul_ps(s8, _mm256_loadu_ps(xq.d.data() + (m0 + m) * xq.KB + b));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8_epi32(dots)), sd, acc[m]);
+      min_acc[m] = _mm256_fmadd_ps(min8, _mm256_loadu_ps(xq.xsum.data() + (m0 + m) * xq.KB + b), min_acc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    const int8_t* xm = xq.row(m0 + m);
+    const float* dm = xq.d.data() + (m0 + m) * xq.KB;
+    const float* sm = xq.xsum.data() + (m0 + m) * xq.KB;
+    float sum = hsum(_mm256_add_ps(acc[m], min_acc[m]));
+    for (int64_t t = b; t < KB; ++t) {  // the last KB % 8 blocks
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + t * kQ8Block));
+      const int64_t g = t / per_group;
+      const float isum = hsum(_mm256_cvtepi32_ps(dot32_u4(unpack_q4_block(qn + t * (kQ8Block / 2)), xv)));
+      sum += isum * to_f32(sn[g]) * dm[t] + to_f32(mn[g]) * sm[t];
+    }
+    y[(m0 + m) * N + n] = sum;
+  }
+}
+
 template <typename S>
 void q4_row(const Q8Rows& xq, const uint8_t* qs, const S* scales, const S* mins, float* y, int64_t M, int64_t K,
             int64_t N, int64_t G, int64_t n) {
-  const int64_t KB = K / kQ8Block, NG = K / G, per_group = G / kQ8Block;
+  const int64_t NG = K / G, per_group = G / kQ8Block;
   const uint8_t* qn = qs + n * (K / 2);
   const S* sn = scales + n * NG;
   const S* mn = mins + n * NG;
-  for (int64_t m = 0; m < M; ++m) {
-    const int8_t* xm = xq.row(m);
-    const float* dm = xq.d.data() + m * xq.KB;
-    const float* sm = xq.xsum.data() + m * xq.KB;
-    // sum_k (q s + min) xq d = s * d * sum(q xq) + min * d * sum(xq), per block. Eight blocks at a
-    // time: their integer sums gathered into one vector, then scaled with vector ops only.
-    __m256 acc = _mm256_setzero_ps(), min_acc = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 8 <= KB; b += 8) {
-      if (m == 0) {  // a few rows ahead in the chunk's one stream
-        _mm_prefetch(reinterpret_cast<const char*>(qn + b * (kQ8Block / 2) + kPrefetchBytes), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(qn + b * (kQ8Block / 2) + kPrefetchBytes + 64), _MM_HINT_T0);
-      }
-      __m256i dots[8];
-      for (int j = 0; j < 8; ++j) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + (b + j) * kQ8Block));
-        dots[j] = dot32_u4_pairs(unpack_q4_block(qn + (b + j) * (kQ8Block / 2)), xv);
-      }
-      const int64_t g = b / per_group;
-      const __m256 sd = _mm256_mul_ps(load8_spread(sn + g, per_group), _mm256_loadu_ps(dm + b));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum8_epi32(dots)), sd, acc);
-      min_acc = _mm256_fmadd_ps(load8_spread(mn + g, per_group), _mm256_loadu_ps(sm + b), min_acc);
-    }
-    float sum = hsum(_mm256_add_ps(acc, min_acc));
-    for (; b < KB; ++b) {  // the last KB % 8 blocks
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + b * kQ8Block));
-      const int64_t g = b / per_group;
-      const float isum = hsum(_mm256_cvtepi32_ps(dot32_u4(unpack_q4_block(qn + b * (kQ8Block / 2)), xv)));
-      sum += isum * to_f32(sn[g]) * dm[b] + to_f32(mn[g]) * sm[b];
-    }
-    y[m * N + n] = sum;
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) q4_rows<S, 4>(xq, m0, qn, sn, mn, y, K, N, per_group, n);
+  switch (M - m0) {
+    case 3: q4_rows<S, 3>(xq, m0, qn, sn, mn, y, K, N, per_group, n); break;
+    case 2: q4_rows<S, 2>(xq, m0, qn, sn, mn, y, K, N, per_group, n); break;
+    case 1: q4_rows<S, 1>(xq, m0, qn, sn, mn, y, K, N, per_group, n); break;
+    default: break;
   }
 }
 
