@@ -19,7 +19,7 @@ from kubeinfer.worker.gpu_memory import GIB, check_free_memory, profile_memory
 from kubeinfer.worker.kernels.backend import select_backend
 from kubeinfer.worker.kv_sizing import kv_blocks_for_bytes, kv_bytes_per_token
 from kubeinfer.worker.model_runner import ModelRunner, PromptScores, PromptScoring
-from kubeinfer.worker.models.loader import LoadedModel, load_model
+from kubeinfer.worker.models.loader import LoadedModel, finish_model, load_model
 from kubeinfer.worker.outputs import EngineStats, IterationTokens, RequestOutput
 from kubeinfer.worker.sampling import SamplingBatch, make_generator
 from kubeinfer.worker.sampling_params import SamplingParams
@@ -78,8 +78,7 @@ class Engine:
             loaded = load_model(config.model, config.torch_dtype, config.max_model_len,
                                 config.quantization, config.quantization_group_size, backend=self.backend)
         else:  # a model built elsewhere (build_model): give it this backend's packing and kernels
-            self.backend.prepare_model(loaded.model)
-            loaded.model.bind(self.backend)
+            finish_model(loaded, self.backend)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model or "builtin://smollm2-135m"

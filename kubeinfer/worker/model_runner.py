@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kubeinfer.worker.huge_pages import huge_zeros
 from kubeinfer.worker.kernels.attention import LayerKVCache
 from kubeinfer.worker.kernels.backend import KernelBackend, StepInputs
 from kubeinfer.worker.models.config import ModelConfig
@@ -49,6 +50,8 @@ def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dt
     kernels/attention.py), plus fp32 scales ``[kv_heads, num_blocks, block_size]`` for an int8 cache.
     Their bytes are exactly ``kv_sizing.kv_bytes_per_token * block_size * num_blocks``."""
     shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
+    if device.type == "cpu" and not kv_int8:  # advised before first touch (worker/huge_pages.py)
+        return [LayerKVCache(huge_zeros(shape, dtype), huge_zeros(shape, dtype)) for _ in range(config.num_layers)]
     if kv_int8:
         return [LayerKVCache(torch.zeros(shape, dtype=torch.int8, device=device),
                              torch.zeros(shape, dtype=torch.int8, device=device),

@@ -100,12 +100,16 @@ def load_model(path: str | None, dtype: torch.dtype, max_positions: int | None =
         raise CheckpointError(
             f"{path!r} is neither a Hugging Face model folder (config.json + *.safetensors + tokenizer.json) "
             "nor a GGUF file")
-    return _finish(build_model(config, tensors, tokenizer, dtype, max_positions, source=path, backend=backend), backend)
+    return finish_model(build_model(config, tensors, tokenizer, dtype, max_positions, source=path, backend=backend), backend)
 
 
-def _finish(loaded: LoadedModel, backend) -> LoadedModel:
-    """The backend's packing, then its kernels bound into every layer."""
+def finish_model(loaded: LoadedModel, backend) -> LoadedModel:
+    """The backend's packing, the weights moved onto huge pages (CPU), then the backend's kernels
+    bound into every layer (last: a decode stack takes aliases of the weights)."""
     backend.prepare_model(loaded.model)
+    if backend.device.type == "cpu":
+        from kubeinfer.worker.huge_pages import move_weights_to_huge_pages
+        move_weights_to_huge_pages(loaded.model)
     loaded.model.bind(backend)
     return loaded
 
@@ -119,7 +123,7 @@ def _build_quantized(config, scheme, items, tokenizer, dtype, max_positions, sou
     model.rotary.to_(backend.device)
     model.quantize_head(backend)
     model.eval()
-    return _finish(LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source), backend)
+    return finish_model(LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source), backend)
 
 
 def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], tokenizer: Tokenizer,
