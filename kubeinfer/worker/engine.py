@@ -200,11 +200,13 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration and return the requests that produced tokens or finished."""
+        started = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, lambda seq: self.requests[seq.request_id].grammar is not None)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        decode_rows = self.speculator.decode_rows(batch) if self.speculator is not None else None
         self._num_steps += 1
         self._computed_tokens += batch.num_tokens
         self._iteration_tokens.observe(batch.num_tokens)
@@ -237,6 +239,8 @@ class Engine:
                 outputs.append(self._verify(seq, token_ids, row, result, now))
                 row += 1 + len(seq.spec_token_ids)
                 seq.spec_token_ids = []
+        if decode_rows:  # what a step of this many rows costs: the speculator's k (speculation_budget.py)
+            self.speculator.observe_step(decode_rows, time.perf_counter() - started)
         return outputs
 
     # ---- speculative decoding (speculative.py, draft_model.py) ----------------------------------

@@ -51,8 +51,9 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     # Draft tokens to verify in the next step (speculative.py); never part of token_ids until accepted.
     spec_token_ids: list[int] = field(default_factory=list)
-    spec_acceptance: float = 1.0    # recent share of drafts accepted (a moving average)
-    spec_paused_until: int = 0      # no drafts before this many output tokens (after a poor run)
+    # The chance a draft is accepted after the ones before it (a moving average; None until the
+    # speculator first looks at this sequence, which starts it from the engine's rate).
+    spec_acceptance: float | None = None
     draft_computed: int = 0         # tokens whose draft-model K/V are written (draft_model.py)
 
     def __post_init__(self) -> None:

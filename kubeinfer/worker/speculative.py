@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from kubeinfer.worker.speculation_budget import (EXPLORE_EVERY, AcceptancePrior, StepCosts, choose_k, expected_tokens,
+                                                 recover_alpha, update_alpha)
+
 SPECULATIVE_METHODS = ("none", "ngram", "draft")  # "none" (no speculation) is None in EngineConfig
 MAX_SPECULATIVE_TOKENS = 16  # drafts per step at most (the metrics' per-position counters are this wide)
 
@@ -32,22 +35,6 @@ def ngram_proposal(token_ids: list[int], k: int, n_min: int, n_max: int) -> list
             if token_ids[i] == first and token_ids[i:i + n] == tail:
                 return token_ids[i + n:i + n + k]
     return []
-
-
-# A request whose recent drafts are mostly rejected stops drafting for a while: each rejected draft
-# costs a verification row. The moving average weighs the last proposal this much; below the floor,
-# drafting pauses for PAUSE_TOKENS output tokens, then resumes from a neutral average.
-ACCEPTANCE_WEIGHT = 0.3
-MIN_ACCEPTANCE = 0.2
-PAUSE_TOKENS = 16
-
-
-def update_acceptance(seq, proposed: int, accepted: int) -> None:
-    """Fold one verified proposal into ``seq``'s acceptance average; pause drafting when it is poor."""
-    seq.spec_acceptance += ACCEPTANCE_WEIGHT * (accepted / proposed - seq.spec_acceptance)
-    if seq.spec_acceptance < MIN_ACCEPTANCE:
-        seq.spec_paused_until = seq.num_output_tokens + PAUSE_TOKENS
-        seq.spec_acceptance = 0.5
 
 
 @dataclass
@@ -89,7 +76,11 @@ def accept(drafts: list[int], sampled: list[int]) -> list[int]:
 
 class Speculator:
     """Decides before each step which decoding sequences draft, and how many tokens; owns the
-    proposer (n-gram lookup, or a DraftModel) and the counters.
+    proposer (n-gram lookup, or a DraftModel), the measured step costs and the counters.
+
+    How many: per sequence, the k that maximises the step's expected tokens per second, from the
+    measured cost of a decode step by its rows and the sequence's acceptance rate
+    (speculation_budget.py); zero when drafting does not pay.
 
     Invariant: drafts are set only on a sequence that is decoding (``num_computed_tokens == len - 1``),
     is not constrained by a grammar and has room for the drafts plus one more token within its
@@ -102,32 +93,70 @@ class Speculator:
         self.max_model_len = max_model_len
         self.draft = draft  # a DraftModel for speculative_method "draft"
         self.stats = SpeculativeStats()
+        self.costs = StepCosts()
+        self.prior = AcceptancePrior()
+        self._declined = 0  # proposals declined since the last one verified
 
     def propose(self, running: list, constrained: Callable[[Any], bool]) -> None:
         cfg = self.config
         if len(running) > cfg.speculative_disable_by_batch_size:
             return
         chosen, ks = [], []
+        rows = len(running)  # every running sequence is a row at least
+        tokens = float(rows)
         for seq in running:
-            if seq.num_computed_tokens != len(seq) - 1 or seq.num_output_tokens < seq.spec_paused_until \
-                    or constrained(seq):
+            if seq.num_computed_tokens != len(seq) - 1 or constrained(seq):
                 continue
             room = min(cfg.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
                        self.max_model_len - len(seq) - 1)
             if room <= 0:
                 continue
+            candidate = None
             if self.draft is None:
-                seq.spec_token_ids = ngram_proposal(seq.token_ids, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+                candidate = ngram_proposal(seq.token_ids, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+                room = len(candidate)
+            if seq.spec_acceptance is None:  # a new sequence starts from the engine's rate
+                seq.spec_acceptance = self.prior.alpha
+            k = choose_k(self.costs, rows, tokens, seq.spec_acceptance, room)
+            if k == 0 and room > 0:
+                self._declined += 1
+                if self._declined >= EXPLORE_EVERY:
+                    k = 1
+            if k == 0:
+                seq.spec_acceptance = recover_alpha(seq.spec_acceptance, self.prior.alpha)
+                continue
+            self._declined = 0
+            rows += k
+            tokens += expected_tokens(seq.spec_acceptance, k) - 1.0
+            if candidate is not None:
+                seq.spec_token_ids = candidate[:k]
             else:
                 chosen.append(seq)
-                ks.append(room)
+                ks.append(k)
         if chosen:
             self.draft.propose(chosen, ks)
+
+    @staticmethod
+    def decode_rows(batch: Any) -> int | None:
+        """A step's rows when every sequence in it decodes (one row, plus its drafts), else None: only
+        those steps price a row count (a prefill chunk costs what its length does)."""
+        rows = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_computed_tokens != len(seq) - 1 or n != 1 + len(seq.spec_token_ids):
+                return None
+            rows += n
+        return rows
+
+    def observe_step(self, rows: int | None, seconds: float) -> None:
+        """The wall time of a whole step (proposal included) of ``rows`` decode rows."""
+        if rows:
+            self.costs.observe(rows, seconds)
 
     def verified(self, seq: Any, old_len: int, proposed: int, accepted: int) -> None:
         """Count one verified proposal and let the proposer keep what stays valid."""
         self.stats.record(proposed, accepted)
-        update_acceptance(seq, proposed, accepted)
+        self.prior.update(proposed, accepted)
+        seq.spec_acceptance = update_alpha(seq.spec_acceptance, proposed, accepted)
         if self.draft is not None:
             self.draft.verified(seq, old_len, proposed, accepted)
 
