@@ -118,5 +118,11 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
             offset += -(-nbytes // ALIGN) * ALIGN
             moved += nbytes
     if moved:
+        # The old copies were freed, but glibc keeps freed heap memory (tensors under its mmap
+        # threshold) for reuse: without a trim the process held ~50-95 MB more (measured: int4 and
+        # fp32 default model).
+        trim = getattr(_LIBC, "malloc_trim", None)
+        if trim is not None:
+            trim(0)
         log.info("weights on transparent huge pages: %.0f MB", moved / 1e6)
     return moved
