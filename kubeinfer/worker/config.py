@@ -135,7 +135,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = _setting(
         True, "split long prompts across steps (when off, max_num_batched_tokens must hold the longest prompt)",
         crd="engine.chunkedPrefill", flag="--no-chunked-prefill")
-    num_threads: int | None = _setting(None, "torch intra-op threads (default: torch's)", flag="--threads")
+    num_threads: int | None = _setting(
+        None, "torch intra-op threads (default on a CPU: the CPUs this process may use, capped by its cgroup's CPU "
+        "quota; worker/cpu_budget.py)", flag="--threads")
     enforce_eager: bool = _setting(
         False, "on a GPU: run every step eagerly, no CUDA graphs for decode steps", crd="engine.enforceEager")
     compile: bool = _setting(
