@@ -4,6 +4,7 @@ and the surfaces that carry a policy (Serve config, CR spec, `kubeinfer serve` f
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -262,7 +263,6 @@ def test_the_simulator_runs_each_policy_and_loses_no_request():
 
 
 def test_worker_samples_ttft_at_the_first_token_and_itl_at_the_end():
-    import asyncio
     from kubeinfer.router.types import Chunk, ReplicaReport
     from kubeinfer.serve.worker import Worker
 
@@ -290,19 +290,15 @@ def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_r
     """One replica whose engine holds 2 sequences; 8 concurrent streams leave 6 waiting, which the
     kvCache policy reads as over capacity (another limit binds): Serve adds a replica; when the load
     ends it goes back to one. Every stream completes."""
-    import asyncio
     import time
 
-    import grpc
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from kubeinfer.proto import inference_pb2_grpc as pb_grpc
     from kubeinfer.serve.app import build_app
     from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
     from tests.conftest import free_port
-    from tests.test_serve_e2e import grpc_stream
 
     app_name = "kubeinfer-autoscaling"
     ray.init(address=ray_head["address"], log_to_driver=False)
@@ -317,26 +313,13 @@ def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_r
                                       engine={"num_kv_blocks": 160, "max_num_seqs": 2}, autoscaling=auto)])
 
     def running() -> int:
-        states = serve.status().applications[app_name].deployments["worker-tiny"].replica_states
-        return states.get("RUNNING", 0)
-
-    async def load(until) -> list[dict]:
-        results = []
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            meta = (("application", app_name),)
-
-            async def one(i):
-                return await grpc_stream(_Stub(stub, meta), f"prompt {i}")
-            while not until():
-                results += await asyncio.gather(*(one(i) for i in range(8)))
-        return results
+        return _running_replicas(app_name)
 
     try:
         serve.run(build_app(app.to_dict()), name=app_name, route_prefix="/auto")
         assert running() == 1
         deadline = time.monotonic() + 60
-        results = asyncio.run(load(lambda: running() >= 2 or time.monotonic() > deadline))
+        results = asyncio.run(_grpc_load(grpc_port, app_name, lambda: running() >= 2 or time.monotonic() > deadline))
         assert running() == 2, "no scale-up under load"
         assert results and all(r["error"] is None and len(r["tokens"]) == 64 for r in results)
         deadline = time.monotonic() + 60
@@ -346,6 +329,26 @@ def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_r
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _running_replicas(app_name: str) -> int:
+    from ray import serve
+    states = serve.status().applications[app_name].deployments["worker-tiny"].replica_states
+    return states.get("RUNNING", 0)
+
+
+async def _grpc_load(grpc_port: int, app_name: str, until) -> list[dict]:
+    """Rounds of 8 concurrent streams through Serve's gRPC proxy until ``until()``; every result."""
+    import grpc
+
+    from kubeinfer.proto import inference_pb2_grpc as pb_grpc
+    from tests.test_serve_e2e import grpc_stream
+    results = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = _Stub(pb_grpc.InferenceStub(channel), (("application", app_name),))
+        while not until():
+            results += await asyncio.gather(*(grpc_stream(stub, f"prompt {i}") for i in range(8)))
+    return results
 
 
 class _Stub:
@@ -469,19 +472,15 @@ def test_the_router_admission_queue_scales_a_real_deployment(ray_head, tiny_llam
     never has a waiting request and the replica-side signals read one running: only the router's
     admission queue, reported to Serve's autoscaler, shows the load. The queue policy sees it and
     adds a replica; every request completes."""
-    import asyncio
     import time
 
-    import grpc
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from kubeinfer.proto import inference_pb2_grpc as pb_grpc
     from kubeinfer.serve.app import build_app
     from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec, RouterSettings
     from tests.conftest import free_port
-    from tests.test_serve_e2e import grpc_stream
 
     app_name = "kubeinfer-router-queue"
     ray.init(address=ray_head["address"], log_to_driver=False)
@@ -497,22 +496,13 @@ def test_the_router_admission_queue_scales_a_real_deployment(ray_head, tiny_llam
                     router=RouterSettings(max_in_flight=1, max_queued=32, max_queue_wait_s=120.0))
 
     def running() -> int:
-        states = serve.status().applications[app_name].deployments["worker-tiny"].replica_states
-        return states.get("RUNNING", 0)
-
-    async def load(until) -> list[dict]:
-        results = []
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stub = _Stub(pb_grpc.InferenceStub(channel), (("application", app_name),))
-            while not until():
-                results += await asyncio.gather(*(grpc_stream(stub, f"prompt {i}") for i in range(8)))
-        return results
+        return _running_replicas(app_name)
 
     try:
         serve.run(build_app(app.to_dict()), name=app_name, route_prefix="/queue")
         assert running() == 1
         deadline = time.monotonic() + 60
-        results = asyncio.run(load(lambda: running() >= 2 or time.monotonic() > deadline))
+        results = asyncio.run(_grpc_load(grpc_port, app_name, lambda: running() >= 2 or time.monotonic() > deadline))
         assert running() == 2, "the router's queue did not scale the deployment up"
         assert results and all(r["error"] is None and len(r["tokens"]) == 64 for r in results)
     finally:

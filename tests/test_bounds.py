@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
-import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kubeinfer.proto import inference_pb2 as pb
@@ -26,6 +24,7 @@ from kubeinfer.local.router import build_local_router, shutdown_local_router
 from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, QUEUE_FACTOR
 from kubeinfer.router.types import Code, RouterError
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
+from tests.conftest import serving_http
 
 MAX_LEN = 256
 BIG = "hello " * (10 * (1 << 20) // 6)  # 10 MB
@@ -70,22 +69,14 @@ def run(path: str, body, **settings):
 
     async def main():
         server, port = await start_grpc_server(router, "127.0.0.1:0")
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        web = uvicorn.Server(uvicorn.Config(build_http_app(router), log_level="warning", lifespan="off"))
-        serving = asyncio.create_task(web.serve(sockets=[sock]))
-        while not web.started:
-            assert not serving.done(), "uvicorn did not start"
-            await asyncio.sleep(0.01)
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session, \
+            async with serving_http(build_http_app(router)) as base, \
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session, \
                     grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                http = HTTP(session, f"http://127.0.0.1:{sock.getsockname()[1]}")
+                http = HTTP(session, base)
                 return await body(router, http, pb_grpc.InferenceStub(channel), health_pb2_grpc.HealthStub(channel),
                                   channel)
         finally:
-            web.should_exit = True
-            await serving
             await server.stop(0)
     try:
         return asyncio.run(main())

@@ -169,34 +169,26 @@ def test_capacity_wait_setting_is_validated():
 
 
 def test_http_and_grpc_answer_503_and_unavailable_with_the_hint():
-    import socket
-
     import aiohttp
     import grpc
-    import uvicorn
 
     from kubeinfer.proto import inference_pb2 as pb
     from kubeinfer.proto import inference_pb2_grpc as pb_grpc
     from kubeinfer.router.grpc_service import start_grpc_server
     from kubeinfer.router.http_api import build_http_app
     from kubeinfer.router.types import RETRY_AFTER_KEY, retry_hint_of
+    from tests.conftest import serving_http
 
     router = make_router(NoCapacityPool(place_after_s=None))
 
     async def main():
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        web = uvicorn.Server(uvicorn.Config(build_http_app(router), log_level="warning", lifespan="off"))
-        serving = asyncio.create_task(web.serve(sockets=[sock]))
-        while not web.started:
-            assert not serving.done(), "uvicorn did not start"
-            await asyncio.sleep(0.01)
         server, port = await start_grpc_server(router, "127.0.0.1:0")
         try:
             answers = []
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            async with serving_http(build_http_app(router)) as base, \
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
                 for stream in (False, True):
-                    async with session.post(f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions",
+                    async with session.post(f"{base}/v1/completions",
                                             json={"model": "m", "prompt": "hi", "max_tokens": 1,
                                                   "stream": stream}) as r:
                         answers.append((r.status, dict(r.headers), await r.json()))
@@ -208,8 +200,6 @@ def test_http_and_grpc_answer_503_and_unavailable_with_the_hint():
                         pass
                 trailers = dict(e.value.trailing_metadata() or ())
         finally:
-            web.should_exit = True
-            await serving
             await server.stop(None)
         return answers, e.value, trailers
 
@@ -361,8 +351,6 @@ def test_through_serve_a_request_past_the_bound_gets_unavailable_and_never_runs_
     from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
     from kubeinfer.worker.models.loader import load_model_info
     from tests.conftest import free_port
-    from tests.test_autoscaling import _Stub
-    from tests.test_serve_e2e import grpc_stream
 
     app_name = "kubeinfer-zero-bound"
     ray.init(address=ray_head["address"], log_to_driver=False)
