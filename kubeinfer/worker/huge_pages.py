@@ -7,9 +7,8 @@ mostly run THP in ``madvise`` mode (huge pages only where a program asks), so th
 it take huge pages at once. Most weight tensors of a small model are far below 2 MB (an int4
 SmolLM2 layer's largest is 0.9 MB), so the weights are copied into a few large arenas, in model
 order, instead of being advised one by one. Where THP is ``never`` or the call fails, nothing
-changes but the copy. Measured on the 2-core Zen 4 VM (int4 default model, batch-1 decode, six
-interleaved rounds): median 212 tok/s before, 225 with the advised arenas, 211 with the same arenas
-not advised (so the gain is the huge pages, not the contiguity).
+changes but the copy. What it gains, and that the gain is the pages rather than the arenas'
+contiguity: docs/benchmarks.md, "CPU tiers, part 3".
 """
 
 from __future__ import annotations
@@ -119,8 +118,7 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
             moved += nbytes
     if moved:
         # The old copies were freed, but glibc keeps freed heap memory (tensors under its mmap
-        # threshold) for reuse: without a trim the process held ~50-95 MB more (measured: int4 and
-        # fp32 default model).
+        # threshold) for reuse: without a trim the process kept tens of MB it no longer used.
         trim = getattr(_LIBC, "malloc_trim", None)
         if trim is not None:
             trim(0)

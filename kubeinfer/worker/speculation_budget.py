@@ -2,9 +2,9 @@
 acceptance rate.
 
 Verification is not free. On the CPU kernels a decode step's linears are compute-bound GEMVs, so a
-row costs nearly what the first one did (measured on the 2-core Zen 4 VM, int4 gate|up: 41 us for
-one row, 127 us for four), and after the kernels got fast, n-gram speculation with a fixed k of 4
-made input-grounded decoding 0.89x plain. On a GPU an extra row is almost free. So the speculator
+row costs nearly what the first one did, and with a fixed k n-gram speculation made CPU decoding
+slower than plain (docs/benchmarks.md, "Speculative decoding"). On a GPU an extra row is almost
+free. So the speculator
 measures instead of assuming: ``StepCosts`` keeps a moving average of a decode-only step's wall time
 (proposal included) by its number of rows, and ``choose_k`` picks, per sequence, the number of drafts
 that maximises expected tokens per second of the step, given the sequence's acceptance rate
@@ -29,8 +29,8 @@ PRIOR_ALPHA = 0.6
 ALPHA_RECOVERY = 0.02
 # Every this many proposals declined in a row, one is verified anyway with a single draft: the cost
 # of a step with more rows is only measured when such a step runs, and a stale high cost (or a
-# stale acceptance rate) would keep drafting off for good. Where rows are dear (the CPU: a 2-row
-# int4 step took 9.2 ms against 4.7 for one), this costs about 1.5%.
+# stale acceptance rate) would keep drafting off for good. Where a second row costs as much as the
+# first (the CPU), this costs about 1.5% (one extra row in 64 steps).
 EXPLORE_EVERY = 64
 # More drafts must promise this much more throughput than fewer: step times are noisy, and a draft
 # that only breaks even still holds KV slots and a verification row.
@@ -102,11 +102,11 @@ def choose_k(costs: StepCosts, rows: int, tokens: float, alpha: float, most: int
     return best_k
 
 
-def update_alpha(alpha: float, proposed: int, accepted: int) -> float:
-    """Fold one verified proposal into a sequence's acceptance rate: ``accepted`` drafts were accepted
-    of ``accepted + 1`` tried when one was rejected, of ``accepted`` when all were."""
+def update_alpha(alpha: float, proposed: int, accepted: int, weight: float = ALPHA_WEIGHT) -> float:
+    """Fold one verified proposal into an acceptance rate: ``accepted`` drafts were accepted of
+    ``accepted + 1`` tried when one was rejected, of ``accepted`` when all were."""
     tried = accepted + (1 if accepted < proposed else 0)
-    return alpha + ALPHA_WEIGHT * (accepted / tried - alpha)
+    return alpha + weight * (accepted / tried - alpha)
 
 
 def recover_alpha(alpha: float, prior: float = PRIOR_ALPHA) -> float:
@@ -125,5 +125,4 @@ class AcceptancePrior:
         self.alpha = PRIOR_ALPHA
 
     def update(self, proposed: int, accepted: int) -> None:
-        tried = accepted + (1 if accepted < proposed else 0)
-        self.alpha += self.WEIGHT * (accepted / tried - self.alpha)
+        self.alpha = update_alpha(self.alpha, proposed, accepted, self.WEIGHT)

@@ -2,8 +2,8 @@
 // kernels (the cpp backend with fp32, int8 or int4 linears).
 //
 // At batch 1 a layer is ten kernels of a few to a few hundred microseconds each; run from Python,
-// every one also paid a module call, attribute reads, views and the GIL (measured: ~2 ms of a ~10 ms
-// int4 step on the 2-core Zen 4 VM). Here the same kernels run back to back from C++, with the GIL
+// every one also paid a module call, attribute reads, views and the GIL (a fifth of an int4 step on
+// the 2-core dev VM: docs/benchmarks.md). Here the same kernels run back to back from C++, with the GIL
 // released for the whole stack. Each op is the very function the per-module path calls (same
 // arithmetic, so the two paths agree bit for bit); only the Python between them is gone.
 //

@@ -127,8 +127,8 @@ inline __m256i hsum8_epi32(const __m256i* v) {
 }
 
 // How far ahead in a run of rows q4_row asks for the weights. Measured on the 2-core Zen 4 VM (avx2
-// tier, int4 gate|up streamed from DRAM): one thread 72-74 us with it, 90-95 without; two threads
-// 40-47 against 57-60. The hardware prefetcher alone does not keep enough lines in flight.
+// tier, int4 gate|up, weights cycled through 30 or 120 copies): one thread 72-77 us with it, 86-95
+// without; two threads 40-50 against 55-72. The hardware prefetcher alone keeps too few lines in flight.
 constexpr int64_t kPrefetchBytes = 2048;
 
 // Output n of rows [m0, m0 + MB) of x: each block of weights is unpacked once for all MB rows (a
