@@ -149,7 +149,7 @@ def test_q4_gemv_is_q8_activations_times_q4_weights(kernels, group_size, scale_d
     state = scheme.quantize(torch.randn(n, k))
     scales, mins = state["scales"].to(scale_dtype), state["mins"].to(scale_dtype)
     x = torch.randn(m, k)
-    got = kernels.q4_gemv(x, pack_q4(state["qweight"]), scales, mins, group_size)
+    got = kernels.q4_gemv(x, *pack_q4(state["qweight"], scales, mins), group_size, n)
     # sum_k (q s + min) xq d per block = s * d * sum(q xq) + min * d * sum(xq).
     q, d = _q8(x)
     nib = scheme.dequantize({"qweight": state["qweight"], "scales": torch.ones_like(scales),
@@ -170,35 +170,41 @@ def test_q4_gemv_rows_do_not_depend_on_the_rows_beside_them(kernels):
     torch.manual_seed(3)
     scheme = Int4WeightOnly(32)
     state = scheme.quantize(torch.randn(70, 576))
-    qs = pack_q4(state["qweight"])
+    packed = pack_q4(state["qweight"], state["scales"], state["mins"])
     x = torch.randn(7, 576)
-    together = kernels.q4_gemv(x, qs, state["scales"], state["mins"], 32)
+    together = kernels.q4_gemv(x, *packed, 32, 70)
     for i in range(7):
-        assert torch.equal(together[i], kernels.q4_gemv(x[i:i + 1], qs, state["scales"], state["mins"], 32)[0])
+        assert torch.equal(together[i], kernels.q4_gemv(x[i:i + 1], *packed, 32, 70)[0])
 
 
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_q4_layout_round_trips_and_dequantizes_exactly(kernels, group_size):
     scheme = Int4WeightOnly(group_size)
     state = scheme.quantize(torch.randn(37, 256))
-    qs = pack_q4(state["qweight"])
-    assert qs.shape == state["qweight"].shape and torch.equal(unpack_q4(qs), state["qweight"])
+    packed = pack_q4(state["qweight"], state["scales"], state["mins"])
+    assert packed[0].shape == (3, 256 // 32 * 256)  # 37 rows in 3 groups of 16, the last padded
+    unpacked = unpack_q4(*packed, 37, state["scales"].dtype)
+    assert all(torch.equal(a, state[key]) for a, key in zip(unpacked, ("qweight", "scales", "mins")))
     want = scheme.dequantize(state)
-    got = kernels.q4_dequant(qs, state["scales"], state["mins"], group_size, 3, 30)
+    got = kernels.q4_dequant(*packed, group_size, 37, 3, 30)
     torch.testing.assert_close(got, want[3:33], rtol=1e-6, atol=1e-6)  # one FMA against mul + add
 
 
 def test_quant_kernels_reject_bad_inputs(kernels):
     state = Int4WeightOnly(32).quantize(torch.randn(8, 64))
-    qs = pack_q4(state["qweight"])
+    qs, scales, mins = pack_q4(state["qweight"], state["scales"], state["mins"])
     with pytest.raises(RuntimeError, match="group_size"):
-        kernels.q4_gemv(torch.randn(1, 64), qs, state["scales"], state["mins"], 48)
+        kernels.q4_gemv(torch.randn(1, 64), qs, scales, mins, 48, 8)
     with pytest.raises(RuntimeError, match="float16 or both float32"):
-        kernels.q4_gemv(torch.randn(1, 64), qs, state["scales"].bfloat16(), state["mins"].bfloat16(), 32)
+        kernels.q4_gemv(torch.randn(1, 64), qs, scales.bfloat16(), mins.bfloat16(), 32, 8)
     with pytest.raises(RuntimeError, match="K = 64"):
-        kernels.q4_gemv(torch.randn(1, 32), qs, state["scales"], state["mins"], 32)
+        kernels.q4_gemv(torch.randn(1, 32), qs, scales, mins, 32, 8)
+    with pytest.raises(RuntimeError, match="groups of 16 rows"):
+        kernels.q4_gemv(torch.randn(1, 64), qs, scales, mins, 32, 17)
+    with pytest.raises(RuntimeError, match=r"\[N / 16, K / group_size, 16\]"):
+        kernels.q4_gemv(torch.randn(1, 64), qs, state["scales"], state["mins"], 32, 8)
     with pytest.raises(RuntimeError, match="rows out of range"):
-        kernels.q4_dequant(qs, state["scales"], state["mins"], 32, 4, 5)
+        kernels.q4_dequant(qs, scales, mins, 32, 8, 4, 5)
     with pytest.raises(RuntimeError, match="int8"):
         kernels.int8_gemv(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8))
 
@@ -216,7 +222,8 @@ def test_cpp_quantized_modules_match_their_reference(kernels, rows):
         err = float((mod(x) - want).abs().max() / want.abs().max())
         assert err < 0.02, (scheme.name, err)  # Q8 activations, or bf16 operands in the GEMM
         assert all(torch.equal(mod.quant_state()[key], state[key]) for key in scheme.state_keys)
-    assert mod.qweight is None and mod.qs.numel() == 67 * 48  # one copy of the int4 weight: the Q4 layout
+    # One copy of the int4 weight, its scales and mins: the Q4 layout's (67 rows padded to 80).
+    assert mod.qweight is None and mod.scales is None and mod.qs.numel() == 80 * 48
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES + [(7, 40, 13), (8, 64, 3), (4, 576, 64)])

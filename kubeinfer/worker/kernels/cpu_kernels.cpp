@@ -224,10 +224,12 @@ torch::Tensor greedy_argmax(const torch::Tensor& logits) {
 // quant_gemv.cpp
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales);
 torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& weight);
+
+// q4_gemm.cpp
 torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales,
-                      const torch::Tensor& mins, int64_t group_size);
+                      const torch::Tensor& mins, int64_t group_size, int64_t n);
 torch::Tensor q4_dequant(const torch::Tensor& qs, const torch::Tensor& scales, const torch::Tensor& mins,
-                         int64_t group_size, int64_t row0, int64_t rows);
+                         int64_t group_size, int64_t n, int64_t row0, int64_t rows);
 
 namespace kubeinfer {  // amx_linear.cpp
 bool amx_available();
@@ -262,10 +264,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), nogil);
   m.def("int8_gemv", &int8_gemv, "int8 weight-only matmul for a few rows on Q8 activations (fp32 in and out)",
         nogil);
-  m.def("q4_gemv", &q4_gemv, "int4 (Q4 layout) weight-only matmul for a few rows on Q8 activations",
-        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), nogil);
-  m.def("q4_dequant", &q4_dequant, "rows of a Q4-layout weight dequantized to fp32", py::arg("qs"),
-        py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("row0"), py::arg("rows"), nogil);
+  m.def("q4_gemv", &q4_gemv, "int4 (interleaved Q4 layout) weight-only matmul on Q8 activations",
+        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("n"), nogil);
+  m.def("q4_dequant", &q4_dequant, "rows of an interleaved-Q4 weight dequantized to fp32", py::arg("qs"),
+        py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("n"), py::arg("row0"), py::arg("rows"),
+        nogil);
   m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
   m.def("greedy_argmax", &greedy_argmax, "first-maximum index per row of fp32 or bf16 logits (NaN wins)", nogil);
   m.def("amx_available", &kubeinfer::amx_available, "built with AMX, and the OS grants this process its tiles");

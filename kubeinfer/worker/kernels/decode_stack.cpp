@@ -25,7 +25,7 @@ torch::Tensor silu_mul(const torch::Tensor& x);
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales);
 torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& weight);
 torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales,
-                      const torch::Tensor& mins, int64_t group_size);
+                      const torch::Tensor& mins, int64_t group_size, int64_t n);
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
               const torch::Tensor& slot_mapping);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
@@ -38,7 +38,7 @@ namespace {
 struct DecodeLinear {
   enum Kind { kF32, kInt8, kQ4 } kind = kF32;
   torch::Tensor weight, scales, mins;  // f32: weight; int8: qweight, scales; q4: qs, scales, mins
-  int64_t group_size = 0;
+  int64_t group_size = 0, out_features = 0;  // q4 only
   c10::optional<torch::Tensor> bias;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
@@ -46,7 +46,7 @@ struct DecodeLinear {
     switch (kind) {
       case kF32: y = f32_gemv(x, weight); break;
       case kInt8: y = int8_gemv(x, weight, scales); break;
-      case kQ4: y = q4_gemv(x, weight, scales, mins, group_size); break;
+      case kQ4: y = q4_gemv(x, weight, scales, mins, group_size, out_features); break;
     }
     if (bias) y.add_(*bias);
     return y;
@@ -117,13 +117,14 @@ class DecodeStack {
 };
 
 DecodeLinear make_linear(DecodeLinear::Kind kind, torch::Tensor weight, torch::Tensor scales, torch::Tensor mins,
-                         int64_t group_size, c10::optional<torch::Tensor> bias) {
+                         int64_t group_size, int64_t out_features, c10::optional<torch::Tensor> bias) {
   DecodeLinear l;
   l.kind = kind;
   l.weight = std::move(weight);
   l.scales = std::move(scales);
   l.mins = std::move(mins);
   l.group_size = group_size;
+  l.out_features = out_features;
   l.bias = std::move(bias);
   return l;
 }
@@ -134,16 +135,17 @@ void register_decode_stack(py::module& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   py::class_<DecodeLinear>(m, "DecodeLinear", "one linear's decode kernel and operands")
       .def_static("f32", [](torch::Tensor w, c10::optional<torch::Tensor> bias) {
-        return make_linear(DecodeLinear::kF32, std::move(w), {}, {}, 0, std::move(bias));
+        return make_linear(DecodeLinear::kF32, std::move(w), {}, {}, 0, 0, std::move(bias));
       }, py::arg("weight"), py::arg("bias") = py::none())
       .def_static("int8", [](torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
-        return make_linear(DecodeLinear::kInt8, std::move(q), std::move(scales), {}, 0, std::move(bias));
+        return make_linear(DecodeLinear::kInt8, std::move(q), std::move(scales), {}, 0, 0, std::move(bias));
       }, py::arg("qweight"), py::arg("scales"), py::arg("bias") = py::none())
       .def_static("q4", [](torch::Tensor qs, torch::Tensor scales, torch::Tensor mins, int64_t group_size,
-                           c10::optional<torch::Tensor> bias) {
-        return make_linear(DecodeLinear::kQ4, std::move(qs), std::move(scales), std::move(mins), group_size,
+                           int64_t n, c10::optional<torch::Tensor> bias) {
+        return make_linear(DecodeLinear::kQ4, std::move(qs), std::move(scales), std::move(mins), group_size, n,
                            std::move(bias));
-      }, py::arg("qs"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("bias") = py::none())
+      }, py::arg("qs"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("n"),
+         py::arg("bias") = py::none())
       .def("__call__", &DecodeLinear::operator(), py::arg("x"), nogil);
   py::class_<DecodeStack>(m, "DecodeStack", "a Llama-family decoder stack's decode step in one call")
       .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor>(), py::arg("heads"),

@@ -215,4 +215,20 @@ void parallel_chunks(int64_t n, int64_t grain, F&& f) {
   ChunkPool::instance().run(chunks, [&](int64_t c) { f(c * grain, std::min(n, (c + 1) * grain)); });
 }
 
+// Threads claim runs of whole rows: two runs per thread (at least 16 KB of weights each), so each
+// thread reads long sequential streams the hardware prefetcher follows, with a spare run per thread
+// for balance (parallel.h: a thread that is not running takes none, so an oversubscribed machine
+// never makes the caller wait for it). Measured on the 2-core Zen 4 VM, int4 gate|up of SmolLM2
+// (884 KB) streamed from DRAM with two threads: runs of 16 KB 15.5 GB/s, a run per thread 22, two
+// per thread 21-26, 4 KB runs 8. Within a run each row is read start to end (four interleaved rows
+// had read the LM head at a quarter of the speed).
+template <typename F>
+void for_rows(int64_t N, int64_t row_bytes, F&& f) {
+  const int64_t runs = 2 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>({4, 16384 / std::max<int64_t>(1, row_bytes), (N + runs - 1) / runs});
+  parallel_chunks(N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) f(n);
+  });
+}
+
 }  // namespace kubeinfer

@@ -114,20 +114,4 @@ inline __m256i dot32_i8(__m256i w, __m256i x) {
 #endif
 }
 
-// The same for 32 unsigned 4-bit values (0..15) by int8: no sign trick needed.
-inline __m256i dot32_u4(__m256i q, __m256i x) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
-#endif
-}
-
-// The Q4 layout's 16 bytes of a block -> 32 values 0..15 in k order: byte j holds k = j in its low
-// nibble and k = j + 16 in its high one (llama.cpp's Q4 order: one shift and mask per block).
-inline __m256i unpack_q4_block(const uint8_t* p) {
-  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
-}
-
 }  // namespace kubeinfer

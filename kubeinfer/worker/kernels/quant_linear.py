@@ -233,43 +233,47 @@ class AtenInt4Linear(Int4Linear):
 
 
 class CppInt4Linear(BoundDecode, Int4Linear):
-    """fp32 activations on the C++ kernels, with the weight in the kernels' Q4 layout (packed once
-    here; the canonical nibbles are dropped and ``quant_state()`` recovers them exactly):
-    ``q4_gemv`` (Q8 activations, integer dot products) for decode-sized inputs, and from
-    ``INT8_GEMM_MIN_ROWS`` rows a GEMM on the weight dequantized a block of rows at a time."""
+    """fp32 activations on the C++ kernels, with the weight in the kernels' interleaved Q4 layout
+    (q4_gemm.cpp; packed once here, and the canonical nibbles, scales and mins dropped:
+    ``quant_state()`` recovers them exactly): ``q4_gemv`` (Q8 activations, integer dot products) for
+    decode-sized inputs, and from ``INT8_GEMM_MIN_ROWS`` rows a GEMM on the weight dequantized a
+    block of rows at a time."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, *, kernels: ModuleType) -> None:
         super().__init__(qweight, scales, mins, group_size, bias)
-        self.register_buffer("qs", pack_q4(self.qweight), persistent=False)
-        self.qweight = None
-        # The kernels read fp16 or fp32 scales; other float dtypes widen to fp32 (exactly).
-        kernel_dtype = self.scales.dtype if self.scales.dtype in (torch.float16, torch.float32) else torch.float32
-        self.register_buffer("kernel_scales", self.scales.to(kernel_dtype).contiguous(), persistent=False)
-        self.register_buffer("kernel_mins", self.mins.to(kernel_dtype).contiguous(), persistent=False)
+        qs, kernel_scales, kernel_mins = pack_q4(self.qweight, self.scales, self.mins)
+        self.register_buffer("qs", qs, persistent=False)
+        self.register_buffer("kernel_scales", kernel_scales, persistent=False)
+        self.register_buffer("kernel_mins", kernel_mins, persistent=False)
+        self._state_dtype = self.scales.dtype
+        self.qweight = self.scales = self.mins = None
         self._gemv, self._dequant = kernels.q4_gemv, kernels.q4_dequant
         self._gemm_dtype = gemm_dtype()
         self._bind_decode()
 
     def _bind_decode(self) -> None:
-        self._decode = _decode_call(self._gemv, (self.qs, self.kernel_scales, self.kernel_mins, self.group_size),
-                                    self.bias)
+        self._decode = _decode_call(self._gemv, (self.qs, self.kernel_scales, self.kernel_mins, self.group_size,
+                                                 self.out_features), self.bias)
 
     decode_max_rows = INT8_GEMM_MIN_ROWS
 
     def decode_linear(self, kernels: ModuleType):
         """The decode kernel and its operands for kernels/decode_stack.py (below ``decode_max_rows`` rows)."""
-        return kernels.DecodeLinear.q4(self.qs, self.kernel_scales, self.kernel_mins, self.group_size, self.bias)
+        return kernels.DecodeLinear.q4(self.qs, self.kernel_scales, self.kernel_mins, self.group_size,
+                                       self.out_features, self.bias)
 
     def quant_state(self) -> dict[str, torch.Tensor]:
-        return {"qweight": unpack_q4(self.qs), "scales": self.scales, "mins": self.mins}
+        q, s, m = unpack_q4(self.qs, self.kernel_scales, self.kernel_mins, self.out_features, self._state_dtype)
+        return {"qweight": q, "scales": s, "mins": m}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < INT8_GEMM_MIN_ROWS:  # the decode path first: paid 120 times per token
             return self._decode(x.contiguous())
         y = _blocked_gemm(x, self.out_features, self.in_features, self._gemm_dtype,
                           lambda r0, rows: self._dequant(self.qs, self.kernel_scales, self.kernel_mins,
-                                                         self.group_size, r0, rows).to(self._gemm_dtype))
+                                                         self.group_size, self.out_features, r0, rows)
+                          .to(self._gemm_dtype))
         return _with_bias(y, self.bias)
 
 
@@ -303,28 +307,52 @@ def _blocked_gemm(x2: torch.Tensor, n: int, k: int, dtype: torch.dtype, weight_r
     return y
 
 
-def pack_q4(qweight: torch.Tensor) -> torch.Tensor:
-    """Canonical nibbles (``quant.pack_int4``: even k low) -> the kernels' Q4 layout, same size: per
-    block of 32 inputs 16 bytes, byte j holding k = j (low nibble) and k = j + 16 (high)."""
+Q4_GROUP_ROWS = 16  # output rows interleaved in the kernels' Q4 layout (q4_gemm.cpp)
+
+
+def pack_q4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical int4 state (``quant.pack_int4`` nibbles, even k low; scales and mins ``[N, K / G]``)
+    -> the kernels' interleaved Q4 layout (q4_gemm.cpp): ``qs [N16, K * 8]`` and scales and mins
+    ``[N16, K / G, 16]`` (fp16 stays fp16, other dtypes widen to fp32 exactly), with N rounded up to
+    whole groups of 16 rows by zero rows (the only extra bytes: under 16 rows per matrix)."""
     n, half = qweight.shape
     if half % 16:
         raise ValueError(f"the Q4 layout needs K % 32 == 0, got K={2 * half}")
-    out = torch.empty(n, half, dtype=torch.uint8)
-    for r0 in range(0, n, _PACK_ROWS):
-        q = unpack_int4(qweight[r0:r0 + _PACK_ROWS]).view(-1, half // 16, 2, 16)
-        out[r0:r0 + q.shape[0]] = (q[:, :, 0] | (q[:, :, 1] << 4)).view(q.shape[0], half)
-    return out
+    kb, rows = half // 16, Q4_GROUP_ROWS
+    groups = -(-n // rows)
+    qs = torch.empty(groups, kb * 256, dtype=torch.uint8)
+    step = max(1, _PACK_ROWS // rows)
+    for g0 in range(0, groups, step):
+        r0, r1 = g0 * rows, min(n, (g0 + step) * rows)
+        q = torch.zeros(-(-(r1 - r0) // rows) * rows, 2 * half, dtype=torch.uint8)
+        q[:r1 - r0] = unpack_int4(qweight[r0:r1])
+        # [group, row, block, high, j, t] -> [group, block, j, row, t], high nibble from k + 16.
+        q = q.view(-1, rows, kb, 2, 4, 4)
+        packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
+        qs[g0:g0 + q.shape[0]] = packed.reshape(q.shape[0], kb * 256)
+    dtype = scales.dtype if scales.dtype in (torch.float16, torch.float32) else torch.float32
+
+    def interleave(t: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(groups * rows, t.shape[1], dtype=dtype)
+        padded[:n] = t
+        return padded.view(groups, rows, -1).transpose(1, 2).contiguous()
+    return qs, interleave(scales), interleave(mins)
 
 
-def unpack_q4(qs: torch.Tensor) -> torch.Tensor:
-    """The kernels' Q4 layout -> canonical nibbles (inverse of ``pack_q4``)."""
-    n, half = qs.shape
-    out = torch.empty(n, half, dtype=torch.uint8)
-    for r0 in range(0, n, _PACK_ROWS):
-        b = qs[r0:r0 + _PACK_ROWS].view(-1, half // 16, 16)
-        q = torch.stack((b & 0xF, b >> 4), dim=2).view(b.shape[0], 2 * half)
-        out[r0:r0 + b.shape[0]] = pack_int4(q)
-    return out
+def unpack_q4(qs: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' Q4 layout -> the canonical state of ``n`` rows, scales and mins in ``dtype``
+    (inverse of ``pack_q4``)."""
+    groups, rows = qs.shape[0], Q4_GROUP_ROWS
+    kb = qs.shape[1] // 256
+    b = qs.view(groups, kb, 4, rows, 4)
+    q = torch.stack((b & 0xF, b >> 4), dim=2)  # [group, block, high, j, row, t]
+    q = q.permute(0, 4, 1, 2, 3, 5).reshape(groups * rows, kb * 32)[:n]
+
+    def deinterleave(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(groups * rows, -1)[:n].to(dtype)
+    return pack_int4(q), deinterleave(scales), deinterleave(mins)
 
 
 class TritonInt4Linear(Int4Linear):
