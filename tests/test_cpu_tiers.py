@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kubeinfer.worker.kernels import cpu
-from kubeinfer.worker.kernels.quant_linear import CppInt4Linear, CppInt8Linear, pack_q4, unpack_q4
+from kubeinfer.worker.kernels.quant_linear import (QUANT_KERNEL_MAX_ROWS, CppInt4Linear, CppInt8Linear, pack_int8,
+                                                   pack_q4, unpack_int8, unpack_q4)
 from kubeinfer.worker.quant import Int4WeightOnly, Int8WeightOnly
 
 AVX2 = {"avx2", "fma", "f16c"}
@@ -124,7 +125,9 @@ def test_int8_gemv_is_q8_activations_times_int8_weights(kernels, m, k, n):
     state = scheme.quantize(torch.randn(n, k))
     x = torch.randn(m, k)
     x[0, :16] *= 50  # one loud block: its coarse step must not leak into the other blocks
-    got = kernels.int8_gemv(x, state["qweight"], state["scales"].float())
+    packed = pack_int8(state["qweight"], state["scales"])
+    assert all(torch.equal(a, b) for a, b in zip(unpack_int8(*packed, n, k), (state["qweight"], state["scales"])))
+    got = kernels.int8_gemv(x, *packed, n)
     q, d = _q8(x)
     w = torch.zeros(n, q.shape[1] * 32)
     w[:, :k] = state["qweight"].float()
@@ -205,11 +208,18 @@ def test_quant_kernels_reject_bad_inputs(kernels):
         kernels.q4_gemv(torch.randn(1, 64), qs, state["scales"], state["mins"], 32, 8)
     with pytest.raises(RuntimeError, match="rows out of range"):
         kernels.q4_dequant(qs, scales, mins, 32, 8, 4, 5)
+    qs8, scales8 = pack_int8(torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
     with pytest.raises(RuntimeError, match="int8"):
-        kernels.int8_gemv(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8))
+        kernels.int8_gemv(torch.randn(1, 64), qs8.view(torch.uint8), scales8, 8)
+    with pytest.raises(RuntimeError, match="blocks of 32"):
+        kernels.int8_gemv(torch.randn(1, 65), qs8, scales8, 8)
+    with pytest.raises(RuntimeError, match=r"float32 \[N / 16, 16\]"):
+        kernels.int8_gemv(torch.randn(1, 64), qs8, torch.ones(8), 8)
+    with pytest.raises(RuntimeError, match="rows out of range"):
+        kernels.int8_rows(qs8, scales8, 8, 64, 4, 5, torch.float32)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])  # the GEMV below INT8_GEMM_MIN_ROWS, the blocked GEMM above
+@pytest.mark.parametrize("rows", [1, 5, 40, QUANT_KERNEL_MAX_ROWS])  # the kernels below it, the blocked GEMM from it
 def test_cpp_quantized_modules_match_their_reference(kernels, rows):
     torch.manual_seed(rows)
     x = torch.randn(rows, 96)
@@ -222,8 +232,8 @@ def test_cpp_quantized_modules_match_their_reference(kernels, rows):
         err = float((mod(x) - want).abs().max() / want.abs().max())
         assert err < 0.02, (scheme.name, err)  # Q8 activations, or bf16 operands in the GEMM
         assert all(torch.equal(mod.quant_state()[key], state[key]) for key in scheme.state_keys)
-    # One copy of the int4 weight, its scales and mins: the Q4 layout's (67 rows padded to 80).
-    assert mod.qweight is None and mod.scales is None and mod.qs.numel() == 80 * 48
+        # One copy of the weight and its scales: the kernel layout's (67 rows padded to 80).
+        assert mod.qweight is None and mod.scales is None and mod.qs.numel() == 80 * (96 if scheme.name == "int8" else 48)
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES + [(7, 40, 13), (8, 64, 3), (4, 576, 64)])
@@ -297,7 +307,7 @@ def test_cpp_linears_copies_run_their_own_weights(kernels):
     s4, s8 = Int4WeightOnly(32).quantize(torch.randn(16, 64)), Int8WeightOnly().quantize(torch.randn(16, 64))
     lin = nn.Linear(64, 16)
     for mod, weight in ((CppInt4Linear(s4["qweight"], s4["scales"], s4["mins"], 32, None, kernels=kernels), "qs"),
-                        (CppInt8Linear(s8["qweight"], s8["scales"], torch.randn(16), kernels=kernels), "qweight"),
+                        (CppInt8Linear(s8["qweight"], s8["scales"], torch.randn(16), kernels=kernels), "qs"),
                         (CppF32Linear(lin.weight, lin.bias, kernels=kernels), "weight")):
         want = mod(x)
         twin = copy.deepcopy(mod)

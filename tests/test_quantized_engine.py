@@ -84,7 +84,7 @@ def _dequantized_twin(quantized: Engine, float_engine: Engine) -> Engine:
 
 
 @pytest.mark.parametrize("tier", [None, "avx2"])  # the CPU's best ISA tier, and the lowest forced
-@pytest.mark.parametrize("chunk", [None, 1])       # prefill chunks (the GEMM paths), one token a step (GEMVs)
+@pytest.mark.parametrize("chunk", [None, 1])       # one prefill (the GEMM paths), one token a step (the kernels)
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_engine_computes_with_its_quantized_weights(tiny_llama_dir, scheme, chunk, tier, monkeypatch):
     """The int kernels (Q8 activations in the C++ GEMVs, bf16 ones in aten's kernels and the GEMMs)
@@ -94,7 +94,9 @@ def test_quantized_engine_computes_with_its_quantized_weights(tiny_llama_dir, sc
         if tier not in cpu_tiers():
             pytest.skip(f"this CPU cannot run the {tier} tier")
         monkeypatch.setenv("KUBEINFER_CPU_ISA", tier)
-    ids = list(range(3, 60))
+    from kubeinfer.worker.kernels.quant_linear import QUANT_KERNEL_MAX_ROWS
+    # One prefill past the kernels' row bound (the GEMMs), or the 57 tokens one a step (the kernels).
+    ids = [3 + i % 200 for i in range(QUANT_KERNEL_MAX_ROWS + 8)] if chunk is None else list(range(3, 60))
     q_engine = Engine(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=32, quantization=scheme)
     if tier is not None:
         if q_engine.backend.name != "cpp":

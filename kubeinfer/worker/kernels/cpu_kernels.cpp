@@ -222,8 +222,12 @@ torch::Tensor greedy_argmax(const torch::Tensor& logits) {
 }
 
 // quant_gemv.cpp
-torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales);
 torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& weight);
+
+// int8_gemm.cpp
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales, int64_t n);
+torch::Tensor int8_rows(const torch::Tensor& qs, const torch::Tensor& scales, int64_t n, int64_t k, int64_t row0,
+                        int64_t rows, c10::ScalarType dtype);
 
 // q4_gemm.cpp
 torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales,
@@ -262,8 +266,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "store K/V at their paged-cache slots (fp32 or bf16)", nogil);
   m.def("f32_gemv", &f32_gemv, "fp32 matmul for a few rows, the weight streamed once (fp32 in and out)",
         py::arg("x"), py::arg("weight"), nogil);
-  m.def("int8_gemv", &int8_gemv, "int8 weight-only matmul for a few rows on Q8 activations (fp32 in and out)",
-        nogil);
+  m.def("int8_gemv", &int8_gemv, "int8 (interleaved layout) weight-only matmul on Q8 activations (fp32 in and out)",
+        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("n"), nogil);
+  m.def("int8_rows", &int8_rows, "rows of an interleaved int8 weight as float32 or bfloat16 integers",
+        py::arg("qs"), py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("row0"), py::arg("rows"),
+        py::arg("dtype"), nogil);
   m.def("q4_gemv", &q4_gemv, "int4 (interleaved Q4 layout) weight-only matmul on Q8 activations",
         py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("n"), nogil);
   m.def("q4_dequant", &q4_dequant, "rows of an interleaved-Q4 weight dequantized to fp32", py::arg("qs"),

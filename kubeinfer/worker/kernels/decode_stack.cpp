@@ -22,7 +22,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 torch::Tensor add_rms_norm_(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight, double eps);
 void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads);
 torch::Tensor silu_mul(const torch::Tensor& x);
-torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales);
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales, int64_t n);
 torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& weight);
 torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales,
                       const torch::Tensor& mins, int64_t group_size, int64_t n);
@@ -37,15 +37,15 @@ namespace {
 // for a few rows (their ``decode_linear()``).
 struct DecodeLinear {
   enum Kind { kF32, kInt8, kQ4 } kind = kF32;
-  torch::Tensor weight, scales, mins;  // f32: weight; int8: qweight, scales; q4: qs, scales, mins
-  int64_t group_size = 0, out_features = 0;  // q4 only
+  torch::Tensor weight, scales, mins;  // f32: weight; int8: qs, scales; q4: qs, scales, mins
+  int64_t group_size = 0, out_features = 0;  // int8 and q4
   c10::optional<torch::Tensor> bias;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
     torch::Tensor y;
     switch (kind) {
       case kF32: y = f32_gemv(x, weight); break;
-      case kInt8: y = int8_gemv(x, weight, scales); break;
+      case kInt8: y = int8_gemv(x, weight, scales, out_features); break;
       case kQ4: y = q4_gemv(x, weight, scales, mins, group_size, out_features); break;
     }
     if (bias) y.add_(*bias);
@@ -137,9 +137,9 @@ void register_decode_stack(py::module& m) {
       .def_static("f32", [](torch::Tensor w, c10::optional<torch::Tensor> bias) {
         return make_linear(DecodeLinear::kF32, std::move(w), {}, {}, 0, 0, std::move(bias));
       }, py::arg("weight"), py::arg("bias") = py::none())
-      .def_static("int8", [](torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
-        return make_linear(DecodeLinear::kInt8, std::move(q), std::move(scales), {}, 0, 0, std::move(bias));
-      }, py::arg("qweight"), py::arg("scales"), py::arg("bias") = py::none())
+      .def_static("int8", [](torch::Tensor qs, torch::Tensor scales, int64_t n, c10::optional<torch::Tensor> bias) {
+        return make_linear(DecodeLinear::kInt8, std::move(qs), std::move(scales), {}, 0, n, std::move(bias));
+      }, py::arg("qs"), py::arg("scales"), py::arg("n"), py::arg("bias") = py::none())
       .def_static("q4", [](torch::Tensor qs, torch::Tensor scales, torch::Tensor mins, int64_t group_size,
                            int64_t n, c10::optional<torch::Tensor> bias) {
         return make_linear(DecodeLinear::kQ4, std::move(qs), std::move(scales), std::move(mins), group_size, n,

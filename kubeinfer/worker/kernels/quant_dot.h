@@ -2,10 +2,8 @@
 // (Q8 activations times Q8 / Q4 weights), for every ISA tier the kernels are built for.
 //
 // Activations are rounded to int8 per block of 32 inputs (scale max|x| / 127, "Q8"), so a block of
-// weights costs one integer dot product and one fp32 multiply-add by its scale, instead of 32
-// widenings and FMAs. The avx2 tier multiplies bytes with vpmaddubsw (unsigned by signed, so the
-// int8 x int8 dot moves w's sign onto x: |w| * sign(x, w)) and sums pairs with vpmaddwd; the
-// avx512 and amx tiers (built with AVX512-VNNI) do both in one vpdpbusd.
+// weights costs integer dot products and one fp32 multiply-add by its scale, instead of 32 widenings
+// and FMAs (the kernels: int8_gemm.cpp, q4_gemm.cpp).
 #pragma once
 
 #include <immintrin.h>
@@ -101,17 +99,6 @@ inline void quantize_q8(const float* x, int64_t M, int64_t K, Q8Rows& out) {
       sm[full] = dm[full] * static_cast<float>(isum);
     }
   }
-}
-
-// Eight int32 partial sums of w[i] * x[i] over 32 int8 pairs.
-inline __m256i dot32_i8(__m256i w, __m256i x) {
-  const __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
-#else
-  // |w| * |x| <= 128 * 127: a pair's sum fits vpmaddubsw's saturating int16.
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
-#endif
 }
 
 }  // namespace kubeinfer

@@ -30,6 +30,11 @@ from kubeinfer.worker.quant import (Int4WeightOnly, Int8WeightOnly, _check_bias,
 # Int8 on the CPU: from this many activation rows on, a bf16 GEMM on the integer weights beats the
 # aten weight-only kernel, whose cost grows linearly with the rows (measured: benchmarks/quant.py).
 INT8_GEMM_MIN_ROWS = 32
+# The C++ int8 and int4 kernels (interleaved layouts, Q8 activations) up to this many activation
+# rows, a GEMM on weights converted a block of rows at a time from there: measured on the 2-core Zen 4
+# VM (avx512 tier), int4 gate|up 64 rows 0.84 ms against 1.58 ms, 128 rows 1.09 against 2.79, 512
+# rows 8.4 against 6.4 (docs/benchmarks.md, "interleaved kernels").
+QUANT_KERNEL_MAX_ROWS = 128
 GEMM_BLOCK_ELEMS = 1 << 21  # weights converted to bf16 per block on that path (4 MiB)
 # Rows packed per step for aten's int4 layout: bounds the int32 temporary. A multiple of 64 (aten's
 # int4 packing is row-block-local in 64-row blocks).
@@ -123,36 +128,43 @@ class AtenInt8Linear(Int8Linear):
 
 
 class CppInt8Linear(BoundDecode, Int8Linear):
-    """fp32 activations on the C++ kernels: ``int8_gemv`` (Q8 activations, integer dot products) for
-    decode-sized inputs, a GEMM on the integer weights converted a block at a time from
-    ``INT8_GEMM_MIN_ROWS`` rows. Any K (no aten kernel, so no K % 16 rule); the weight is held once,
-    as ``qweight``."""
+    """fp32 activations on the C++ kernels, with the weight in the kernels' interleaved int8 layout
+    (int8_gemm.cpp; packed once here, the canonical ``qweight`` and ``scales`` dropped:
+    ``quant_state()`` recovers them exactly): ``int8_gemv`` (Q8 activations, integer dot products)
+    below ``decode_max_rows`` rows, a GEMM on the integer weights converted a block of rows at a time
+    from there. Any K (padded with zeros to whole blocks of 32 in the layout)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
                  kernels: ModuleType) -> None:
         super().__init__(qweight, scales, bias)
-        self._gemv = kernels.int8_gemv
+        qs, kernel_scales = pack_int8(self.qweight, self.scales)
+        self.register_buffer("qs", qs, persistent=False)
+        self.register_buffer("kernel_scales", kernel_scales, persistent=False)
+        self.qweight = self.scales = None
+        self._gemv, self._rows = kernels.int8_gemv, kernels.int8_rows
         self._gemm_dtype = gemm_dtype()
         self._bind_decode()
 
     def _bind_decode(self) -> None:
-        self._decode = _decode_call(self._gemv, (self.qweight, self.scales), self.bias)
+        self._decode = _decode_call(self._gemv, (self.qs, self.kernel_scales, self.out_features), self.bias)
 
-    decode_max_rows = INT8_GEMM_MIN_ROWS
+    decode_max_rows = QUANT_KERNEL_MAX_ROWS
 
     def decode_linear(self, kernels: ModuleType):
         """The decode kernel and its operands for kernels/decode_stack.py (below ``decode_max_rows`` rows)."""
-        return kernels.DecodeLinear.int8(self.qweight, self.scales, self.bias)
+        return kernels.DecodeLinear.int8(self.qs, self.kernel_scales, self.out_features, self.bias)
+
+    def quant_state(self) -> dict[str, torch.Tensor]:
+        q, s = unpack_int8(self.qs, self.kernel_scales, self.out_features, self.in_features)
+        return {"qweight": q, "scales": s}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] < INT8_GEMM_MIN_ROWS:  # the decode path first: paid 120 times per token
+        if x.shape[0] < self.decode_max_rows:  # the decode path first: paid 120 times per token
             return self._decode(x.contiguous())
-        return _with_bias(self._gemm(x).to(x.dtype), self.bias)
-
-    def _gemm(self, x2: torch.Tensor) -> torch.Tensor:
-        """Weight rows converted a cache-sized block at a time (the integers are exact in bf16)."""
-        return _blocked_gemm(x2, self.out_features, self.in_features, self._gemm_dtype,
-                             lambda r0, rows: self.qweight[r0:r0 + rows].to(self._gemm_dtype)).mul_(self.scales)
+        n, k = self.out_features, self.in_features
+        y = _blocked_gemm(x, n, k, self._gemm_dtype,
+                          lambda r0, rows: self._rows(self.qs, self.kernel_scales, n, k, r0, rows, self._gemm_dtype))
+        return _with_bias(y.mul_(self.kernel_scales.view(-1)[:n]).to(x.dtype), self.bias)
 
 
 class TritonInt8Linear(Int8Linear):
@@ -236,7 +248,7 @@ class CppInt4Linear(BoundDecode, Int4Linear):
     """fp32 activations on the C++ kernels, with the weight in the kernels' interleaved Q4 layout
     (q4_gemm.cpp; packed once here, and the canonical nibbles, scales and mins dropped:
     ``quant_state()`` recovers them exactly): ``q4_gemv`` (Q8 activations, integer dot products) for
-    decode-sized inputs, and from ``INT8_GEMM_MIN_ROWS`` rows a GEMM on the weight dequantized a
+    inputs below ``decode_max_rows`` rows, and from there a GEMM on the weight dequantized a
     block of rows at a time."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
@@ -256,7 +268,7 @@ class CppInt4Linear(BoundDecode, Int4Linear):
         self._decode = _decode_call(self._gemv, (self.qs, self.kernel_scales, self.kernel_mins, self.group_size,
                                                  self.out_features), self.bias)
 
-    decode_max_rows = INT8_GEMM_MIN_ROWS
+    decode_max_rows = QUANT_KERNEL_MAX_ROWS
 
     def decode_linear(self, kernels: ModuleType):
         """The decode kernel and its operands for kernels/decode_stack.py (below ``decode_max_rows`` rows)."""
@@ -268,7 +280,7 @@ class CppInt4Linear(BoundDecode, Int4Linear):
         return {"qweight": q, "scales": s, "mins": m}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] < INT8_GEMM_MIN_ROWS:  # the decode path first: paid 120 times per token
+        if x.shape[0] < self.decode_max_rows:  # the decode path first: paid 120 times per token
             return self._decode(x.contiguous())
         y = _blocked_gemm(x, self.out_features, self.in_features, self._gemm_dtype,
                           lambda r0, rows: self._dequant(self.qs, self.kernel_scales, self.kernel_mins,
@@ -307,7 +319,36 @@ def _blocked_gemm(x2: torch.Tensor, n: int, k: int, dtype: torch.dtype, weight_r
     return y
 
 
-Q4_GROUP_ROWS = 16  # output rows interleaved in the kernels' Q4 layout (q4_gemm.cpp)
+KERNEL_GROUP_ROWS = 16  # output rows interleaved in the kernels' int8 and Q4 layouts
+
+
+def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical int8 state (``qweight [N, K]``, fp32 ``scales [N]``) -> the kernels' interleaved int8
+    layout (int8_gemm.cpp): ``qs [N16, KB * 512]`` (K padded with zeros to KB blocks of 32, N to whole
+    groups of 16 rows by zero rows) and ``scales [N16, 16]``."""
+    n, k = qweight.shape
+    kb, rows = -(-k // 32), KERNEL_GROUP_ROWS
+    groups = -(-n // rows)
+    qs = torch.empty(groups, kb * 512, dtype=torch.int8)
+    step = max(1, _PACK_ROWS // rows)
+    for g0 in range(0, groups, step):
+        r0, r1 = g0 * rows, min(n, (g0 + step) * rows)
+        q = torch.zeros(-(-(r1 - r0) // rows) * rows, kb * 32, dtype=torch.int8)
+        q[:r1 - r0, :k] = qweight[r0:r1]
+        # [group, row, block, j, t] -> [group, block, j, row, t]
+        qs[g0:g0 + q.shape[0] // rows] = q.view(-1, rows, kb, 8, 4).permute(0, 2, 3, 1, 4).reshape(-1, kb * 512)
+    padded = torch.zeros(groups * rows, dtype=torch.float32)
+    padded[:n] = scales
+    return qs, padded.view(groups, rows)
+
+
+def unpack_int8(qs: torch.Tensor, scales: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' int8 layout -> the canonical ``qweight [n, k]`` and ``scales [n]`` (inverse of
+    ``pack_int8``)."""
+    groups, rows = qs.shape[0], KERNEL_GROUP_ROWS
+    kb = qs.shape[1] // 512
+    q = qs.view(groups, kb, 8, rows, 4).permute(0, 3, 1, 2, 4).reshape(groups * rows, kb * 32)
+    return q[:n, :k].contiguous(), scales.reshape(-1)[:n].clone()
 
 
 def pack_q4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
@@ -319,7 +360,7 @@ def pack_q4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     n, half = qweight.shape
     if half % 16:
         raise ValueError(f"the Q4 layout needs K % 32 == 0, got K={2 * half}")
-    kb, rows = half // 16, Q4_GROUP_ROWS
+    kb, rows = half // 16, KERNEL_GROUP_ROWS
     groups = -(-n // rows)
     qs = torch.empty(groups, kb * 256, dtype=torch.uint8)
     step = max(1, _PACK_ROWS // rows)
@@ -344,7 +385,7 @@ def unpack_q4(qs: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernels' Q4 layout -> the canonical state of ``n`` rows, scales and mins in ``dtype``
     (inverse of ``pack_q4``)."""
-    groups, rows = qs.shape[0], Q4_GROUP_ROWS
+    groups, rows = qs.shape[0], KERNEL_GROUP_ROWS
     kb = qs.shape[1] // 256
     b = qs.view(groups, kb, 4, rows, 4)
     q = torch.stack((b & 0xF, b >> 4), dim=2)  # [group, block, high, j, row, t]
