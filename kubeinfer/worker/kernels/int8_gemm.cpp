@@ -26,7 +26,6 @@ namespace {
 
 constexpr int kRows = 16;
 constexpr int64_t kBlockBytes = kRows * kQ8Block;  // one group's block of 32 inputs
-constexpr int kTileRows = 4;
 constexpr int64_t kPrefetchBytes = 2048;
 
 inline int32_t load_i32(const int8_t* p) {
@@ -151,14 +150,9 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qs, const t
   for_rows(qs.size(0), qs.size(1), [&](int64_t group) {
     const int8_t* qg = q + group * qs.size(1);
     const float* sg = sp + group * kRows;
-    int64_t m0 = 0;
-    for (; m0 + kTileRows <= M; m0 += kTileRows) group_rows<kTileRows>(xq, xu.data(), m0, qg, sg, yp, n, group * kRows);
-    switch (M - m0) {
-      case 3: group_rows<3>(xq, xu.data(), m0, qg, sg, yp, n, group * kRows); break;
-      case 2: group_rows<2>(xq, xu.data(), m0, qg, sg, yp, n, group * kRows); break;
-      case 1: group_rows<1>(xq, xu.data(), m0, qg, sg, yp, n, group * kRows); break;
-      default: break;
-    }
+    for_row_tiles(M, [&](int64_t m0, auto rows) {
+      group_rows<decltype(rows)::value>(xq, xu.data(), m0, qg, sg, yp, n, group * kRows);
+    });
   });
   return y;
 }

@@ -10,9 +10,10 @@
 // Four bytes of an activation row, broadcast to every lane, meet the same four inputs of 16 output
 // rows: one vpdpbusd (avx512 tier) or two vpmaddubsw (avx2) leave each row's partial sum in its own
 // lane, so a block costs 8 such steps for 16 rows and no horizontal sums; the block's unpacked
-// weights stay in registers for up to four activation rows (the technique of llama.cpp's repacked
-// "q4_0_8x8" layouts). Each activation row is computed by the same instructions whatever the rows
-// beside it, so a row's result does not depend on the batch (speculative verification relies on it).
+// weights stay in registers for a tile of activation rows (quant_dot.h's for_row_tiles; the
+// technique of llama.cpp's repacked "q4_0_8x8" layouts). Each activation row is computed by the same
+// instructions whatever the rows beside it, so a row's result does not depend on the batch
+// (speculative verification relies on it).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -28,7 +29,6 @@ namespace {
 
 constexpr int kRows = 16;                                  // output rows per group
 constexpr int64_t kBlockBytes = kRows * kQ8Block / 2;      // one group's block of 32 inputs
-constexpr int kTileRows = 4;                               // activation rows sharing an unpacked block
 // How far ahead in a group's stream the weights are asked for: the hardware prefetcher alone keeps
 // too few lines in flight for one thread's stream (measured with the layout before this one).
 constexpr int64_t kPrefetchBytes = 2048;
@@ -143,14 +143,9 @@ void group_rows(const Q8Rows& xq, int64_t m0, const uint8_t* qg, const S* sg, co
 template <typename S>
 void group_all_rows(const Q8Rows& xq, int64_t M, const uint8_t* qg, const S* sg, const S* mg, float* y, int64_t N,
                     int64_t n0, int64_t per_group) {
-  int64_t m0 = 0;
-  for (; m0 + kTileRows <= M; m0 += kTileRows) group_rows<S, kTileRows>(xq, m0, qg, sg, mg, y, N, n0, per_group);
-  switch (M - m0) {
-    case 3: group_rows<S, 3>(xq, m0, qg, sg, mg, y, N, n0, per_group); break;
-    case 2: group_rows<S, 2>(xq, m0, qg, sg, mg, y, N, n0, per_group); break;
-    case 1: group_rows<S, 1>(xq, m0, qg, sg, mg, y, N, n0, per_group); break;
-    default: break;
-  }
+  for_row_tiles(M, [&](int64_t m0, auto rows) {
+    group_rows<S, decltype(rows)::value>(xq, m0, qg, sg, mg, y, N, n0, per_group);
+  });
 }
 
 void check_q4(const torch::Tensor& qs, const torch::Tensor& scales, const torch::Tensor& mins, int64_t G, int64_t N) {

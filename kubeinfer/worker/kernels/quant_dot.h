@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
@@ -98,6 +99,37 @@ inline void quantize_q8(const float* x, int64_t M, int64_t K, Q8Rows& out) {
       dm[full] = mx / 127.f;
       sm[full] = dm[full] * static_cast<float>(isum);
     }
+  }
+}
+
+// Activation rows a kernel keeps in registers at once, sharing each unpacked block of weights: the
+// avx512 tier has 32 vector registers, avx2 16.
+#if defined(__AVX512F__)
+constexpr int kTileRows = 8;
+#else
+constexpr int kTileRows = 4;
+#endif
+
+// f(m0, std::integral_constant<int, rows>) over [0, M) in as few tiles of at most kTileRows as
+// possible, of sizes that differ by one at most: a 5-row verification step is 3 + 2 rows, not 4 + 1
+// (a tile of one shares nothing).
+template <typename F>
+void for_row_tiles(int64_t M, F&& f) {
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  int64_t m0 = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t rows = M / tiles + (t < M % tiles ? 1 : 0);
+    switch (rows) {
+#define KUBEINFER_TILE(R) \
+  case R: f(m0, std::integral_constant<int, R>{}); break;
+      KUBEINFER_TILE(1) KUBEINFER_TILE(2) KUBEINFER_TILE(3) KUBEINFER_TILE(4)
+#if defined(__AVX512F__)
+      KUBEINFER_TILE(5) KUBEINFER_TILE(6) KUBEINFER_TILE(7) KUBEINFER_TILE(8)
+#endif
+#undef KUBEINFER_TILE
+      default: break;
+    }
+    m0 += rows;
   }
 }
 
