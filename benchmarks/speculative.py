@@ -1,7 +1,8 @@
-"""Speculative decoding on the default model: batch-1 greedy decode with and without it, on three
-workloads, for n-gram lookup (issue #14 targets: >= 2x on input-grounded text, never below 0.95x on
-open chat) and for the int4 self-draft of the fp32 model (target >= 1.4x on code and chat), plus the
-acceptance rate per draft position, and offline throughput at 64 requests (target >= 0.97x).
+"""Speculative decoding on the default model: batch-1 greedy decode with and without it, on four
+workloads (two input-grounded: repeat a passage, correct its spelling; code completion; open chat),
+for n-gram lookup (issue #14 targets: >= 2x on input-grounded text, never below 0.95x on open chat)
+and for the int4 self-draft of the fp32 model (target >= 1.4x on code and chat), plus the acceptance
+rate per draft position, and offline throughput at 64 requests (target >= 0.97x).
 
     python benchmarks/speculative.py           # `make bench`
     python benchmarks/speculative.py --quick   # fewer tokens, for a smoke check
@@ -26,11 +27,21 @@ from engine import cpu_model  # noqa: E402  (the machine line every benchmark pr
 
 from kubeinfer.worker import Engine, SamplingParams  # noqa: E402
 
+# Two paragraphs, so that repeating them fills the measured tokens: with one (about 90 tokens) the
+# model reached its end of turn inside the 128 tokens and, with ignore_eos, went on with unrelated
+# text, so most of the "input-grounded" row measured open chat.
 PASSAGE = ("The Kubernetes scheduler watches for newly created pods that have no node assigned. For every "
            "pod that the scheduler discovers, the scheduler becomes responsible for finding the best node "
            "for that pod to run on. The scheduler reaches this placement decision taking into account the "
            "scheduling principles described below: filtering finds the set of nodes where it is feasible "
-           "to schedule the pod, and scoring ranks the remaining nodes to choose the most suitable one.")
+           "to schedule the pod, and scoring ranks the remaining nodes to choose the most suitable one. "
+           "Nodes that meet the scheduling requirements for a pod are called feasible nodes. If none of the "
+           "nodes are suitable, the pod remains unscheduled until the scheduler is able to place it. The "
+           "scheduler finds feasible nodes for a pod and then runs a set of functions to score the feasible "
+           "nodes and picks the node with the highest score among the feasible ones to run the pod.")
+# The same passage with misspellings to correct: an edit, where the output departs from the input.
+MISSPELT = (PASSAGE.replace("scheduler", "schedular", 3).replace("nodes", "nodse", 2)
+            .replace("feasible", "feasable", 2))
 CODE = '''def merge_sorted(a: list[int], b: list[int]) -> list[int]:
     """Merge two sorted lists into one sorted list."""
     out = []
@@ -59,6 +70,8 @@ def chat(tokenizer, text: str) -> str:
 WORKLOADS = {
     "input-grounded (repeat a passage)": lambda tok: chat(tok, "Repeat this text exactly, word for word:\n\n"
                                                           + PASSAGE),
+    "input-grounded (correct its spelling)": lambda tok: chat(tok, "Correct the spelling mistakes in this text and "
+                                                              "write it out in full:\n\n" + MISSPELT),
     "code completion": lambda tok: CODE,
     "open chat": lambda tok: chat(tok, "Write a short story about a lighthouse keeper who finds a map."),
 }
