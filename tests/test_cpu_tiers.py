@@ -167,17 +167,21 @@ def test_q4_gemv_is_q8_activations_times_q4_weights(kernels, group_size, scale_d
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
 
 
-def test_q4_gemv_rows_do_not_depend_on_the_rows_beside_them(kernels):
-    """Rows share each unpacked weight block (four at a time), never their sums: a row's result is the
-    same bit for bit alone or in any batch, as a speculative verification step needs."""
-    torch.manual_seed(3)
-    scheme = Int4WeightOnly(32)
-    state = scheme.quantize(torch.randn(70, 576))
+@pytest.mark.parametrize("m", [5, 7, 13, 300])  # uneven tiles of rows; past one block of 128 rows
+def test_quantized_gemv_rows_do_not_depend_on_the_rows_beside_them(kernels, m):
+    """Rows share each unpacked weight block (a tile of up to 8 at a time), never their sums: a row's
+    result is the same bit for bit alone or in any batch, as a speculative verification step needs."""
+    torch.manual_seed(m)
+    x = torch.randn(m, 576)
+    state = Int4WeightOnly(32).quantize(torch.randn(70, 576))
     packed = pack_q4(state["qweight"], state["scales"], state["mins"])
-    x = torch.randn(7, 576)
     together = kernels.q4_gemv(x, *packed, 32, 70)
-    for i in range(7):
+    state8 = Int8WeightOnly().quantize(torch.randn(70, 576))
+    packed8 = pack_int8(state8["qweight"], state8["scales"])
+    together8 = kernels.int8_gemv(x, *packed8, 70)
+    for i in sorted({0, 1, m // 2, m - 2, m - 1}):
         assert torch.equal(together[i], kernels.q4_gemv(x[i:i + 1], *packed, 32, 70)[0])
+        assert torch.equal(together8[i], kernels.int8_gemv(x[i:i + 1], *packed8, 70)[0])
 
 
 @pytest.mark.parametrize("group_size", [32, 128])

@@ -1,11 +1,11 @@
 """How many drafts pay: a measured cost of a decode step by its rows, against each sequence's
 acceptance rate.
 
-Verification is not free. On the CPU kernels a decode step's linears are compute-bound GEMVs, so a
-row costs nearly what the first one did, and with a fixed k n-gram speculation made CPU decoding
-slower than plain (docs/benchmarks.md, "Speculative decoding"). On a GPU an extra row is almost
-free. So the speculator
-measures instead of assuming: ``StepCosts`` keeps a moving average of a decode-only step's wall time
+Verification is not free, and its price depends on the kernels. On the CPU's first int4 GEMV a
+row cost nearly what the first one did, and with a fixed k n-gram speculation made CPU decoding
+slower than plain (docs/benchmarks.md, "Speculative decoding"); on the interleaved kernels an extra
+row costs a fraction of a step; on a GPU it is almost free. So the speculator measures instead of
+assuming: ``StepCosts`` keeps a moving average of a decode-only step's wall time
 (proposal included) by its number of rows, and ``choose_k`` picks, per sequence, the number of drafts
 that maximises expected tokens per second of the step, given the sequence's acceptance rate
 ``alpha`` (the chance that a draft is accepted when every draft before it was: the first ``i`` are
@@ -30,7 +30,7 @@ ALPHA_RECOVERY = 0.02
 # Every this many proposals declined in a row, one is verified anyway with a single draft: the cost
 # of a step with more rows is only measured when such a step runs, and a stale high cost (or a
 # stale acceptance rate) would keep drafting off for good. Where a second row costs as much as the
-# first (the CPU), this costs about 1.5% (one extra row in 64 steps).
+# first, this costs about 1.5% (one extra row in 64 steps).
 EXPLORE_EVERY = 64
 # More drafts must promise this much more throughput than fewer: step times are noisy, and a draft
 # that only breaks even still holds KV slots and a verification row.

@@ -37,7 +37,7 @@ inline int32_t load_i32(const int8_t* p) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // xu: the Q8 rows with 128 added (x ^ 0x80 as unsigned bytes).
 template <int MB>
-void group_rows(const Q8Rows& xq, const uint8_t* xu, int64_t m0, const int8_t* qg, const float* sg, float* y,
+void group_rows(const Q8Rows& xq, const uint8_t* xu, int64_t m0, bool first, const int8_t* qg, const float* sg, float* y,
                 int64_t N, int64_t n0) {
   const int64_t KB = xq.KB;
   const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -45,7 +45,7 @@ void group_rows(const Q8Rows& xq, const uint8_t* xu, int64_t m0, const int8_t* q
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < KB; ++b) {
     const int8_t* qb = qg + b * kBlockBytes;
-    if (m0 == 0) {
+    if (first) {  // the tile that reads the weights from memory: ask ahead in its stream
       for (int l = 0; l < 8; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
     }
     __m512i w[8];
@@ -72,7 +72,7 @@ void group_rows(const Q8Rows& xq, const uint8_t* xu, int64_t m0, const int8_t* q
 }
 #else
 template <int MB>
-void group_rows(const Q8Rows& xq, const uint8_t*, int64_t m0, const int8_t* qg, const float* sg, float* y, int64_t N,
+void group_rows(const Q8Rows& xq, const uint8_t*, int64_t m0, bool first, const int8_t* qg, const float* sg, float* y, int64_t N,
                 int64_t n0) {
   const int64_t KB = xq.KB;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -81,7 +81,7 @@ void group_rows(const Q8Rows& xq, const uint8_t*, int64_t m0, const int8_t* qg, 
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < KB; ++b) {
       const int8_t* qb = qg + b * kBlockBytes + 32 * h;
-      if (m0 == 0 && h == 0) {
+      if (first && h == 0) {
         for (int l = 0; l < 8; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
       }
       for (int m = 0; m < MB; ++m) {
@@ -147,11 +147,13 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qs, const t
   const int8_t* q = qs.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_rows(qs.size(0), qs.size(1), [&](int64_t group) {
-    const int8_t* qg = q + group * qs.size(1);
-    const float* sg = sp + group * kRows;
-    for_row_tiles(M, [&](int64_t m0, auto rows) {
-      group_rows<decltype(rows)::value>(xq, xu.data(), m0, qg, sg, yp, n, group * kRows);
+  for_row_blocks(M, [&](int64_t mb, int64_t rows) {
+    for_rows(qs.size(0), qs.size(1), [&](int64_t group) {
+      const int8_t* qg = q + group * qs.size(1);
+      const float* sg = sp + group * kRows;
+      for_row_tiles(rows, [&](int64_t m0, auto tile) {
+        group_rows<decltype(tile)::value>(xq, xu.data(), mb + m0, m0 == 0, qg, sg, yp, n, group * kRows);
+      });
     });
   });
   return y;

@@ -50,7 +50,7 @@ inline __m512 load_lanes(const at::Half* p) {
 
 // Activation rows [m0, m0 + MB) times one group of 16 output rows.
 template <typename S, int MB>
-void group_rows(const Q8Rows& xq, int64_t m0, const uint8_t* qg, const S* sg, const S* mg, float* y, int64_t N,
+void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, const S* sg, const S* mg, float* y, int64_t N,
                 int64_t n0, int64_t per_group) {
   const int64_t KB = xq.KB;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
@@ -58,7 +58,7 @@ void group_rows(const Q8Rows& xq, int64_t m0, const uint8_t* qg, const S* sg, co
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < KB; ++b) {
     const uint8_t* qb = qg + b * kBlockBytes;
-    if (m0 == 0) {
+    if (first) {  // the tile that reads the weights from memory: ask ahead in its stream
       for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
     }
     __m512i w[8];
@@ -94,7 +94,7 @@ inline __m256 load_lanes8(const at::Half* p) {
 // The same on the avx2 tier, one half of the group (8 rows) at a time. The eight vpmaddubsw of a
 // block add up in int16: each is at most 2 * 15 * 128, and 8 * 3840 < 32768.
 template <typename S, int MB>
-void group_rows(const Q8Rows& xq, int64_t m0, const uint8_t* qg, const S* sg, const S* mg, float* y, int64_t N,
+void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, const S* sg, const S* mg, float* y, int64_t N,
                 int64_t n0, int64_t per_group) {
   const int64_t KB = xq.KB;
   const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
@@ -103,7 +103,7 @@ void group_rows(const Q8Rows& xq, int64_t m0, const uint8_t* qg, const S* sg, co
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < KB; ++b) {
       const uint8_t* qb = qg + b * kBlockBytes + 32 * h;
-      if (m0 == 0 && h == 0) {
+      if (first && h == 0) {
         for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
       }
       __m256i w[8];
@@ -141,10 +141,10 @@ void group_rows(const Q8Rows& xq, int64_t m0, const uint8_t* qg, const S* sg, co
 #endif
 
 template <typename S>
-void group_all_rows(const Q8Rows& xq, int64_t M, const uint8_t* qg, const S* sg, const S* mg, float* y, int64_t N,
-                    int64_t n0, int64_t per_group) {
-  for_row_tiles(M, [&](int64_t m0, auto rows) {
-    group_rows<S, decltype(rows)::value>(xq, m0, qg, sg, mg, y, N, n0, per_group);
+void group_all_rows(const Q8Rows& xq, int64_t mb, int64_t rows, const uint8_t* qg, const S* sg, const S* mg, float* y,
+                    int64_t N, int64_t n0, int64_t per_group) {
+  for_row_tiles(rows, [&](int64_t m0, auto tile) {
+    group_rows<S, decltype(tile)::value>(xq, mb + m0, m0 == 0, qg, sg, mg, y, N, n0, per_group);
   });
 }
 
@@ -189,9 +189,11 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const tor
     using S = decltype(tag);
     const S* sp = scales.data_ptr<S>();
     const S* mp = mins.data_ptr<S>();
-    for_rows(qs.size(0), qs.size(1), [&](int64_t group) {
-      group_all_rows(xq, M, q + group * qs.size(1), sp + group * NG * kRows, mp + group * NG * kRows, yp, n,
-                     group * kRows, group_size / kQ8Block);
+    for_row_blocks(M, [&](int64_t mb, int64_t rows) {
+      for_rows(qs.size(0), qs.size(1), [&](int64_t group) {
+        group_all_rows(xq, mb, rows, q + group * qs.size(1), sp + group * NG * kRows, mp + group * NG * kRows, yp,
+                       n, group * kRows, group_size / kQ8Block);
+      });
     });
   });
   return y;

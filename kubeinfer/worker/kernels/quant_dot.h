@@ -133,4 +133,14 @@ void for_row_tiles(int64_t M, F&& f) {
   }
 }
 
+// f(m0, rows) over [0, M) in blocks of kRowBlock rows: a kernel passes every weight once per block,
+// so a long prefill's Q8 rows (K bytes each) are re-read from L2 for each group of weights, not from
+// memory.
+constexpr int64_t kRowBlock = 128;
+
+template <typename F>
+void for_row_blocks(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) f(m0, std::min(kRowBlock, M - m0));
+}
+
 }  // namespace kubeinfer
