@@ -111,6 +111,37 @@ def test_quantized_engine_computes_with_its_quantized_weights(tiny_llama_dir, sc
     assert (q.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_bf16_model_runs_its_quantized_linears_on_the_cpp_kernels(tiny_llama_dir, scheme, monkeypatch):
+    """A bf16 model's int8 / int4 linears take the same C++ kernels as an fp32 one (activations
+    widened around each call, replacing aten's bf16 kernels): against the fp32 engine its logits
+    are as close as aten's were (bf16 rounding on this random tiny model is far from small)."""
+    from kubeinfer.worker.kernels.cpp_backend import CppBackend
+    from kubeinfer.worker.kernels.quant_linear import CppInt4Linear, CppInt8Linear
+    from kubeinfer.worker.kernels.torch_backend import TorchBackend
+    kw = dict(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=32, quantization=scheme)
+    ours = Engine(**kw, dtype="bfloat16")
+    if ours.backend.name != "cpp":
+        pytest.skip("the C++ kernels are not built here")
+    linear = ours.runner.model.layers[0].mlp.gate_up_proj
+    assert isinstance(linear, CppInt8Linear if scheme == "int8" else CppInt4Linear)
+    assert isinstance(ours.runner.model.quantized_head, CppInt8Linear)
+    fp32 = Engine(**kw)
+    monkeypatch.setattr(CppBackend, "quantized_linear", TorchBackend.quantized_linear)
+    aten = Engine(**kw, dtype="bfloat16")
+    assert type(aten.runner.model.layers[0].mlp.gate_up_proj).__name__.startswith("Aten")
+    ids = list(range(3, 60))
+    for chunk in (None, 1):  # one prefill, and one token a step
+        want = prompt_logits(fp32, ids, chunk=chunk)
+        errs = {}
+        for name, engine in (("ours", ours), ("aten", aten)):
+            got = prompt_logits(engine, ids, chunk=chunk)
+            errs[name] = float((got - want).abs().max() / want.abs().max())
+            errs[name + " agree"] = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+        assert errs["ours"] < 1.3 * errs["aten"] + 0.01, errs
+        assert errs["ours agree"] > errs["aten agree"] - 0.05, errs
+
+
 def test_quantize_cli_round_trip(tmp_path, tiny_llama_dir):
     dst = tmp_path / "q"
     run = subprocess.run([sys.executable, "-m", "kubeinfer.cli", "quantize", tiny_llama_dir, str(dst),

@@ -21,8 +21,8 @@ class CppBackend(TorchBackend):
     At batch 1 a decode step's tensors are a few KB, so each torch op costs its dispatch, not its
     arithmetic; these kernels fold each op into one call. The norm, rotary, SwiGLU, K/V-write and
     decode-attention kernels are the compiled functions themselves (no Python between the module and
-    the kernel). Prefill chunks keep SDPA. Quantized linears take the C++ int8 GEMV / int4 path for
-    fp32 activations and aten's kernels for bf16 ones. bf16 linears are packed into AMX tiles where
+    the kernel). Prefill chunks keep SDPA. Quantized linears take the C++ int8 / int4 kernels (bf16
+    activations widened to fp32 around them). bf16 linears are packed into AMX tiles where
     the CPU has AMX (gate|up fused with its SwiGLU), else oneDNN's layout. fp32 linears (and a tied
     head, sharing the embedding's storage) become ``CppF32Linear``: the C++ GEMV for decode-sized
     inputs, ``F.linear`` for prefill-sized ones.
@@ -47,8 +47,8 @@ class CppBackend(TorchBackend):
 
     def quantized_linear(self, scheme, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
         from kubeinfer.worker.kernels import quant_linear as ql
-        if self.dtype != torch.float32:  # bf16 activations: aten's kernels are the fast path
-            return super().quantized_linear(scheme, state, bias)
+        # bf16 activations too: widened around each call, these kernels beat aten's int8 and int4
+        # ones (docs/benchmarks.md, "CPU kernels, part 4").
         if scheme.name == "int8":
             return ql.CppInt8Linear(state["qweight"], state["scales"], bias, kernels=self.kernels)
         return ql.CppInt4Linear(state["qweight"], state["scales"], state["mins"], scheme.group_size, bias,

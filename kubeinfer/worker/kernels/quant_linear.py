@@ -128,11 +128,12 @@ class AtenInt8Linear(Int8Linear):
 
 
 class CppInt8Linear(BoundDecode, Int8Linear):
-    """fp32 activations on the C++ kernels, with the weight in the kernels' interleaved int8 layout
-    (int8_gemm.cpp; packed once here, the canonical ``qweight`` and ``scales`` dropped:
-    ``quant_state()`` recovers them exactly): ``int8_gemv`` (Q8 activations, integer dot products)
-    below ``decode_max_rows`` rows, a GEMM on the integer weights converted a block of rows at a time
-    from there. Any K (padded with zeros to whole blocks of 32 in the layout)."""
+    """fp32 activations (bf16 ones widened) on the C++ kernels, with the weight in the kernels'
+    interleaved int8 layout (int8_gemm.cpp; packed once here, the canonical ``qweight`` and
+    ``scales`` dropped: ``quant_state()`` recovers them exactly): ``int8_gemv`` (Q8 activations,
+    integer dot products) below ``decode_max_rows`` rows, a GEMM on the integer weights
+    converted a block of rows at a time from there. Any K (padded with zeros to whole blocks of
+    32 in the layout)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
                  kernels: ModuleType) -> None:
@@ -159,6 +160,8 @@ class CppInt8Linear(BoundDecode, Int8Linear):
         return {"qweight": q, "scales": s}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:  # a bf16 model: the kernels take fp32 (the widening is exact)
+            return self.forward(x.float()).to(x.dtype)
         if x.shape[0] < self.decode_max_rows:  # the decode path first: paid 120 times per token
             return self._decode(x.contiguous())
         n, k = self.out_features, self.in_features
@@ -245,11 +248,11 @@ class AtenInt4Linear(Int4Linear):
 
 
 class CppInt4Linear(BoundDecode, Int4Linear):
-    """fp32 activations on the C++ kernels, with the weight in the kernels' interleaved Q4 layout
-    (q4_gemm.cpp; packed once here, and the canonical nibbles, scales and mins dropped:
-    ``quant_state()`` recovers them exactly): ``q4_gemv`` (Q8 activations, integer dot products) for
-    inputs below ``decode_max_rows`` rows, and from there a GEMM on the weight dequantized a
-    block of rows at a time."""
+    """fp32 activations (bf16 ones widened) on the C++ kernels, with the weight in the kernels'
+    interleaved Q4 layout (q4_gemm.cpp; packed once here, and the canonical nibbles, scales and
+    mins dropped: ``quant_state()`` recovers them exactly): ``q4_gemv`` (Q8 activations, integer
+    dot products) for inputs below ``decode_max_rows`` rows, and from there a GEMM on the weight
+    dequantized a block of rows at a time."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, *, kernels: ModuleType) -> None:
@@ -280,6 +283,8 @@ class CppInt4Linear(BoundDecode, Int4Linear):
         return {"qweight": q, "scales": s, "mins": m}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:  # a bf16 model: the kernels take fp32 (the widening is exact)
+            return self.forward(x.float()).to(x.dtype)
         if x.shape[0] < self.decode_max_rows:  # the decode path first: paid 120 times per token
             return self._decode(x.contiguous())
         y = _blocked_gemm(x, self.out_features, self.in_features, self._gemm_dtype,
