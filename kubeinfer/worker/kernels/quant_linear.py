@@ -8,8 +8,8 @@ so a module's ``forward`` is its kernel call and never asks where it runs:
 * ``AtenInt8Linear`` / ``AtenInt4Linear``: torch's CPU weight-only kernels, which are fast only with
   bf16 activations (so activations are cast to bf16 and back). ``AtenInt4Linear`` keeps only aten's
   packed weight; ``quant_state()`` recovers the canonical nibbles from it bit for bit.
-* ``CppInt8Linear`` / ``CppInt4Linear``: fp32 activations through the C++ CPU kernels (Q8
-  activations times the int8 weights, or the int4 ones in the kernels' own Q4 layout).
+* ``CppInt8Linear`` / ``CppInt4Linear``: fp32 activations (a bf16 model's widened) through the C++
+  CPU kernels: Q8 activations times the weights in the kernels' interleaved int8 / Q4 layouts.
 * ``TritonInt8Linear`` / ``TritonInt4Linear``: the Triton W8A16 / W4A16 matmuls on the canonical
   state (CUDA, or Triton's interpreter).
 
