@@ -71,37 +71,44 @@ void group_rows(const Q8Rows& xq, const uint8_t* xu, int64_t m0, bool first, con
   for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + (m0 + m) * N + n0, valid, _mm512_mul_ps(acc[m], s));
 }
 #else
+// Both halves of the group (rows 0-7 and 8-15, each 32 bytes of every 64-byte line) in one pass, so
+// each line of weights is read once.
 template <int MB>
-void group_rows(const Q8Rows& xq, const uint8_t*, int64_t m0, bool first, const int8_t* qg, const float* sg, float* y, int64_t N,
-                int64_t n0) {
+void group_rows(const Q8Rows& xq, const uint8_t*, int64_t m0, bool first, const int8_t* qg, const float* sg, float* y,
+                int64_t N, int64_t n0) {
   const int64_t KB = xq.KB;
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int h = 0; h < 2 && n0 + 8 * h < N; ++h) {
-    __m256 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < KB; ++b) {
-      const int8_t* qb = qg + b * kBlockBytes + 32 * h;
-      if (first && h == 0) {
-        for (int l = 0; l < 8; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
-      }
-      for (int m = 0; m < MB; ++m) {
-        const int8_t* xb = xq.row(m0 + m) + b * kQ8Block;
-        __m256i sum = _mm256_setzero_si256();
-        for (int j = 0; j < 8; ++j) {
-          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j));
-          // |w| * |x| <= 127 * 127: a pair's sum fits vpmaddubsw's int16, not two pairs'.
-          const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv),
-                                                 _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb + 4 * j)), wv));
-          sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
-        }
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(xq.d[(m0 + m) * KB + b]), acc[m]);
-      }
+  __m256 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < KB; ++b) {
+    const int8_t* qb = qg + b * kBlockBytes;
+    if (first) {
+      for (int l = 0; l < 8; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
     }
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* xb = xq.row(m0 + m) + b * kQ8Block;
+      __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        const __m256i xv = _mm256_set1_epi32(load_i32(xb + 4 * j));
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j + 32));
+        // |w| * |x| <= 127 * 127: a pair's sum fits vpmaddubsw's int16, not two pairs'.
+        sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(xv, w0)), ones));
+        sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(xv, w1)), ones));
+      }
+      const __m256 d = _mm256_set1_ps(xq.d[(m0 + m) * KB + b]);
+      acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum0), d, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum1), d, acc[m][1]);
+    }
+  }
+  for (int h = 0; h < 2 && n0 + 8 * h < N; ++h) {
     const __m256 s = _mm256_loadu_ps(sg + 8 * h);
     const int64_t lanes = std::min<int64_t>(8, N - n0 - 8 * h);
     for (int m = 0; m < MB; ++m) {
       float* out = y + (m0 + m) * N + n0 + 8 * h;
-      const __m256 v = _mm256_mul_ps(acc[m], s);
+      const __m256 v = _mm256_mul_ps(acc[m][h], s);
       if (lanes == 8) {
         _mm256_storeu_ps(out, v);
       } else {
