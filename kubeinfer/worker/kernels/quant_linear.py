@@ -30,10 +30,11 @@ from kubeinfer.worker.quant import (Int4WeightOnly, Int8WeightOnly, _check_bias,
 # Int8 on the CPU: from this many activation rows on, a bf16 GEMM on the integer weights beats the
 # aten weight-only kernel, whose cost grows linearly with the rows (measured: benchmarks/quant.py).
 INT8_GEMM_MIN_ROWS = 32
-# The C++ int8 and int4 kernels (interleaved layouts, Q8 activations) up to this many activation
-# rows, a GEMM on weights converted a block of rows at a time from there: measured on the 2-core Zen 4
-# VM (avx512 tier), int4 gate|up 64 rows 0.84 ms against 1.58 ms, 128 rows 1.09 against 2.79, 512
-# rows 8.4 against 6.4 (docs/benchmarks.md, "interleaved kernels").
+# The C++ int8 and int4 kernels (interleaved layouts, Q8 activations) below this many activation
+# rows, a GEMM on weights converted a block of rows at a time from there. Measured on the 2-core Zen 4
+# VM (avx512 tier): int4 gate|up at 128 rows 0.71-0.85 ms against 1.38-1.67 for the bf16 GEMM; at
+# 512 rows the kernel still wins for gate|up (3.5 against 5.9 ms) but loses for the int8 LM head (151
+# against 127 ms), and long prefills keep bf16 activations (docs/benchmarks.md, "CPU kernels, part 4").
 QUANT_KERNEL_MAX_ROWS = 128
 GEMM_BLOCK_ELEMS = 1 << 21  # weights converted to bf16 per block on that path (4 MiB)
 # Rows packed per step for aten's int4 layout: bounds the int32 temporary. A multiple of 64 (aten's
