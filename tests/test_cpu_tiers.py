@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kubeinfer.worker.kernels import cpu
-from kubeinfer.worker.kernels.quant_linear import (QUANT_KERNEL_MAX_ROWS, CppInt4Linear, CppInt8Linear, pack_int8,
-                                                   pack_q4, unpack_int8, unpack_q4)
+from kubeinfer.worker.kernels.kernel_layouts import pack_int8, pack_q4, unpack_int8, unpack_q4
+from kubeinfer.worker.kernels.quant_linear import QUANT_KERNEL_MAX_ROWS, CppInt4Linear, CppInt8Linear
 from kubeinfer.worker.quant import Int4WeightOnly, Int8WeightOnly
 
 AVX2 = {"avx2", "fma", "f16c"}
@@ -142,6 +142,15 @@ def test_int8_gemv_is_q8_activations_times_int8_weights(kernels, m, k, n):
     assert bool(((got - x @ deq.T).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("n,k", [(9, 33), (40, 71), (17, 64)])
+def test_int8_rows_are_the_weight_rows(kernels, n, k):
+    """The GEMM path's operand: rows of the interleaved int8 weight back in row order, any K."""
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
+    packed = pack_int8(q, torch.rand(n))
+    assert torch.equal(kernels.int8_rows(*packed, n, k, 0, n), q)
+    assert torch.equal(kernels.int8_rows(*packed, n, k, 2, n - 3), q[2:n - 1])
+
+
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("m,n", [(1, 200), (3, 9), (5, 7), (8, 5), (6, 33)])
@@ -220,7 +229,7 @@ def test_quant_kernels_reject_bad_inputs(kernels):
     with pytest.raises(RuntimeError, match=r"float32 \[N / 16, 16\]"):
         kernels.int8_gemv(torch.randn(1, 64), qs8, torch.ones(8), 8)
     with pytest.raises(RuntimeError, match="rows out of range"):
-        kernels.int8_rows(qs8, scales8, 8, 64, 4, 5, torch.float32)
+        kernels.int8_rows(qs8, scales8, 8, 64, 4, 5)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40, QUANT_KERNEL_MAX_ROWS])  # the kernels below it, the blocked GEMM from it

@@ -227,7 +227,7 @@ torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& weight);
 // int8_gemm.cpp
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales, int64_t n);
 torch::Tensor int8_rows(const torch::Tensor& qs, const torch::Tensor& scales, int64_t n, int64_t k, int64_t row0,
-                        int64_t rows, c10::ScalarType dtype);
+                        int64_t rows);
 
 // q4_gemm.cpp
 torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales,
@@ -268,9 +268,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), nogil);
   m.def("int8_gemv", &int8_gemv, "int8 (interleaved layout) weight-only matmul on Q8 activations (fp32 in and out)",
         py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("n"), nogil);
-  m.def("int8_rows", &int8_rows, "rows of an interleaved int8 weight as float32 or bfloat16 integers",
-        py::arg("qs"), py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("row0"), py::arg("rows"),
-        py::arg("dtype"), nogil);
+  m.def("int8_rows", &int8_rows, "rows of an interleaved int8 weight, in row order (int8)", py::arg("qs"),
+        py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("row0"), py::arg("rows"), nogil);
   m.def("q4_gemv", &q4_gemv, "int4 (interleaved Q4 layout) weight-only matmul on Q8 activations",
         py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("n"), nogil);
   m.def("q4_dequant", &q4_dequant, "rows of an interleaved-Q4 weight dequantized to fp32", py::arg("qs"),

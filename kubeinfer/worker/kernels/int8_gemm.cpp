@@ -1,5 +1,5 @@
 // int8 weight-only matmul on Q8 activations (quant_dot.h), on the kernels' interleaved int8 layout,
-// packed once at load (quant_linear.pack_int8); the same scheme as q4_gemm.cpp's int4 one:
+// packed once at load (kernel_layouts.pack_int8); the same scheme as q4_gemm.cpp's int4 one:
 //
 //   qs      [N16, KB * 512] int8: output rows in groups of 16 (the last padded with zero rows), K
 //           padded with zeros to KB whole blocks of 32; a group's block b is [8][16][4] (j, r, t):
@@ -24,30 +24,20 @@ using namespace kubeinfer;
 
 namespace {
 
-constexpr int kRows = 16;
-constexpr int64_t kBlockBytes = kRows * kQ8Block;  // one group's block of 32 inputs
-constexpr int64_t kPrefetchBytes = 2048;
-
-inline int32_t load_i32(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
+constexpr int64_t kBlockBytes = kGroupRows * kQ8Block;  // one group's block of 32 inputs
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // xu: the Q8 rows with 128 added (x ^ 0x80 as unsigned bytes).
 template <int MB>
-void group_rows(const Q8Rows& xq, const uint8_t* xu, int64_t m0, bool first, const int8_t* qg, const float* sg, float* y,
-                int64_t N, int64_t n0) {
+void group_rows(const Q8Rows& xq, const uint8_t* xu, int64_t m0, bool first, const int8_t* qg, const float* sg,
+                float* y, int64_t N, int64_t n0) {
   const int64_t KB = xq.KB;
   const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < KB; ++b) {
     const int8_t* qb = qg + b * kBlockBytes;
-    if (first) {  // the tile that reads the weights from memory: ask ahead in its stream
-      for (int l = 0; l < 8; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
-    }
+    if (first) prefetch_ahead(qb, kBlockBytes);  // this tile reads the weights from memory
     __m512i w[8];
     __m512i bias = _mm512_setzero_si512();  // 128 * sum(w) per row
     for (int j = 0; j < 8; ++j) {
@@ -58,8 +48,8 @@ void group_rows(const Q8Rows& xq, const uint8_t* xu, int64_t m0, bool first, con
       const uint8_t* xb = xu + (m0 + m) * KB * kQ8Block + b * kQ8Block;
       __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
       for (int j = 0; j < 8; j += 2) {
-        even = _mm512_dpbusd_epi32(even, _mm512_set1_epi32(load_i32(reinterpret_cast<const int8_t*>(xb) + 4 * j)), w[j]);
-        odd = _mm512_dpbusd_epi32(odd, _mm512_set1_epi32(load_i32(reinterpret_cast<const int8_t*>(xb) + 4 * j + 4)),
+        even = _mm512_dpbusd_epi32(even, _mm512_set1_epi32(load_i32(xb + 4 * j)), w[j]);
+        odd = _mm512_dpbusd_epi32(odd, _mm512_set1_epi32(load_i32(xb + 4 * j + 4)),
                                   w[j + 1]);
       }
       const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even, odd), bias);
@@ -67,7 +57,7 @@ void group_rows(const Q8Rows& xq, const uint8_t* xu, int64_t m0, bool first, con
     }
   }
   const __m512 s = _mm512_loadu_ps(sg);
-  const __mmask16 valid = N - n0 >= kRows ? 0xffff : static_cast<__mmask16>((1u << (N - n0)) - 1);
+  const __mmask16 valid = group_lanes(N, n0);
   for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + (m0 + m) * N + n0, valid, _mm512_mul_ps(acc[m], s));
 }
 #else
@@ -82,9 +72,7 @@ void group_rows(const Q8Rows& xq, const uint8_t*, int64_t m0, bool first, const 
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < KB; ++b) {
     const int8_t* qb = qg + b * kBlockBytes;
-    if (first) {
-      for (int l = 0; l < 8; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
-    }
+    if (first) prefetch_ahead(qb, kBlockBytes);
     for (int m = 0; m < MB; ++m) {
       const int8_t* xb = xq.row(m0 + m) + b * kQ8Block;
       __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
@@ -126,10 +114,10 @@ void check_int8(const torch::Tensor& qs, const torch::Tensor& scales, int64_t N)
                   qs.size(1) % kBlockBytes == 0,
               "qs must be a contiguous int8 CPU tensor [N / 16, KB * 512] (the interleaved int8 layout)");
   const int64_t groups = qs.size(0);
-  TORCH_CHECK(N > (groups - 1) * kRows && N <= groups * kRows, "n = ", N, " does not fit ", groups,
+  TORCH_CHECK(N > (groups - 1) * kGroupRows && N <= groups * kGroupRows, "n = ", N, " does not fit ", groups,
               " groups of 16 rows");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == groups && scales.size(1) == kRows,
+                  scales.size(0) == groups && scales.size(1) == kGroupRows,
               "scales must be contiguous float32 [N / 16, 16]");
 }
 
@@ -157,39 +145,34 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qs, const t
   for_row_blocks(M, [&](int64_t mb, int64_t rows) {
     for_rows(qs.size(0), qs.size(1), [&](int64_t group) {
       const int8_t* qg = q + group * qs.size(1);
-      const float* sg = sp + group * kRows;
+      const float* sg = sp + group * kGroupRows;
       for_row_tiles(rows, [&](int64_t m0, auto tile) {
-        group_rows<decltype(tile)::value>(xq, xu.data(), mb + m0, m0 == 0, qg, sg, yp, n, group * kRows);
+        group_rows<decltype(tile)::value>(xq, xu.data(), mb + m0, m0 == 0, qg, sg, yp, n, group * kGroupRows);
       });
     });
   });
   return y;
 }
 
-// Rows [row0, row0 + rows) of the integer weights as ``dtype`` (float32 or bfloat16; exact) [rows, k]:
-// the GEMM operand of large batches, a block of rows at a time (the scales are applied to its output).
+// Rows [row0, row0 + rows) of the integer weights in row order, int8 [rows, k]: the GEMM operand of
+// large batches, a block of rows at a time (the caller converts it and applies the scales).
 torch::Tensor int8_rows(const torch::Tensor& qs, const torch::Tensor& scales, int64_t n, int64_t k, int64_t row0,
-                        int64_t rows, c10::ScalarType dtype) {
+                        int64_t rows) {
   check_int8(qs, scales, n);
   const int64_t KB = qs.size(1) / kBlockBytes;
   TORCH_CHECK(k > (KB - 1) * kQ8Block && k <= KB * kQ8Block, "k = ", k, " does not fit ", KB, " blocks of 32");
   TORCH_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= n, "rows out of range");
-  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dtype must be float32 or bfloat16");
-  auto out = torch::empty({rows, KB * kQ8Block}, qs.options().dtype(torch::kFloat32));
+  auto out = torch::empty({rows, k}, qs.options());
   const int8_t* q = qs.data_ptr<int8_t>();
-  float* op = out.data_ptr<float>();
+  int8_t* op = out.data_ptr<int8_t>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t row = row0 + r;
-      const int8_t* qg = q + (row / kRows) * qs.size(1) + 4 * (row % kRows);
-      float* o = op + r * KB * kQ8Block;
-      for (int64_t b = 0; b < KB; ++b)
-        for (int j = 0; j < 8; ++j) {
-          const __m128i v = _mm_cvtsi32_si128(load_i32(qg + b * kBlockBytes + 64 * j));
-          _mm_storeu_ps(o + b * kQ8Block + 4 * j, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(v)));
-        }
+      const int8_t* qg = q + (row / kGroupRows) * qs.size(1) + 4 * (row % kGroupRows);
+      for (int64_t kk = 0; kk < k; kk += 4)  // 4 inputs at a time: (block, j) = divmod(kk, 32) / 4
+        std::memcpy(op + r * k + kk, qg + (kk / kQ8Block) * kBlockBytes + 64 * (kk % kQ8Block / 4),
+                    std::min<int64_t>(4, k - kk));
     }
   });
-  auto trimmed = k == KB * kQ8Block ? out : out.narrow(1, 0, k);
-  return trimmed.to(dtype).contiguous();
+  return out;
 }

@@ -1,5 +1,5 @@
 // int4 weight-only matmul on Q8 activations (quant_dot.h), on the kernels' interleaved Q4 layout,
-// packed once at load (quant_linear.pack_q4):
+// packed once at load (kernel_layouts.pack_q4):
 //
 //   qs      [N16, KB * 256] uint8: output rows in groups of 16 (the last padded with zero rows); a
 //           group's block b of 32 inputs is 256 bytes [4][16][4] (j, r, t): byte (j, r, t) holds
@@ -27,20 +27,10 @@ using namespace kubeinfer;
 
 namespace {
 
-constexpr int kRows = 16;                                  // output rows per group
-constexpr int64_t kBlockBytes = kRows * kQ8Block / 2;      // one group's block of 32 inputs
-// How far ahead in a group's stream the weights are asked for: the hardware prefetcher alone keeps
-// too few lines in flight for one thread's stream (measured with the layout before this one).
-constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kBlockBytes = kGroupRows * kQ8Block / 2;  // one group's block of 32 inputs
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(at::Half v) { return _cvtsh_ss(v.x); }
-
-inline int32_t load_i32(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 inline __m512 load_lanes(const float* p) { return _mm512_loadu_ps(p); }
@@ -50,17 +40,15 @@ inline __m512 load_lanes(const at::Half* p) {
 
 // Activation rows [m0, m0 + MB) times one group of 16 output rows.
 template <typename S, int MB>
-void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, const S* sg, const S* mg, float* y, int64_t N,
-                int64_t n0, int64_t per_group) {
+void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, const S* sg, const S* mg, float* y,
+                int64_t N, int64_t n0, int64_t per_group) {
   const int64_t KB = xq.KB;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < KB; ++b) {
     const uint8_t* qb = qg + b * kBlockBytes;
-    if (first) {  // the tile that reads the weights from memory: ask ahead in its stream
-      for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
-    }
+    if (first) prefetch_ahead(qb, kBlockBytes);  // this tile reads the weights from memory
     __m512i w[8];
     for (int j = 0; j < 4; ++j) {
       const __m512i v = _mm512_loadu_si512(qb + 64 * j);
@@ -68,7 +56,7 @@ void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, con
       w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
     }
     const int64_t g = b / per_group;
-    const __m512 s = load_lanes(sg + g * kRows), mn = load_lanes(mg + g * kRows);
+    const __m512 s = load_lanes(sg + g * kGroupRows), mn = load_lanes(mg + g * kGroupRows);
     for (int m = 0; m < MB; ++m) {
       const int8_t* xb = xq.row(m0 + m) + b * kQ8Block;
       __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two dependency chains
@@ -82,7 +70,7 @@ void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, con
       acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xq.xsum[i]), acc[m]);
     }
   }
-  const __mmask16 valid = N - n0 >= kRows ? 0xffff : static_cast<__mmask16>((1u << (N - n0)) - 1);
+  const __mmask16 valid = group_lanes(N, n0);
   for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + (m0 + m) * N + n0, valid, acc[m]);
 }
 #else
@@ -94,8 +82,8 @@ inline __m256 load_lanes8(const at::Half* p) {
 // The same on the avx2 tier, one half of the group (8 rows) at a time. The eight vpmaddubsw of a
 // block add up in int16: each is at most 2 * 15 * 128, and 8 * 3840 < 32768.
 template <typename S, int MB>
-void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, const S* sg, const S* mg, float* y, int64_t N,
-                int64_t n0, int64_t per_group) {
+void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, const S* sg, const S* mg, float* y,
+                int64_t N, int64_t n0, int64_t per_group) {
   const int64_t KB = xq.KB;
   const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2 && n0 + 8 * h < N; ++h) {
@@ -103,9 +91,7 @@ void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, con
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < KB; ++b) {
       const uint8_t* qb = qg + b * kBlockBytes + 32 * h;
-      if (first && h == 0) {
-        for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(qb + kPrefetchBytes + 64 * l), _MM_HINT_T0);
-      }
+      if (first && h == 0) prefetch_ahead(qb, kBlockBytes);
       __m256i w[8];
       for (int j = 0; j < 4; ++j) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j));
@@ -113,7 +99,7 @@ void group_rows(const Q8Rows& xq, int64_t m0, bool first, const uint8_t* qg, con
         w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
       }
       const int64_t g = b / per_group;
-      const __m256 s = load_lanes8(sg + g * kRows + 8 * h), mn = load_lanes8(mg + g * kRows + 8 * h);
+      const __m256 s = load_lanes8(sg + g * kGroupRows + 8 * h), mn = load_lanes8(mg + g * kGroupRows + 8 * h);
       for (int m = 0; m < MB; ++m) {
         const int8_t* xb = xq.row(m0 + m) + b * kQ8Block;
         __m256i s16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(load_i32(xb)));
@@ -153,14 +139,14 @@ void check_q4(const torch::Tensor& qs, const torch::Tensor& scales, const torch:
                   qs.size(1) % kBlockBytes == 0,
               "qs must be a contiguous uint8 CPU tensor [N / 16, K * 8] (the interleaved Q4 layout)");
   const int64_t groups = qs.size(0), K = qs.size(1) / kBlockBytes * kQ8Block;
-  TORCH_CHECK(N > (groups - 1) * kRows && N <= groups * kRows, "n = ", N, " does not fit ", groups,
+  TORCH_CHECK(N > (groups - 1) * kGroupRows && N <= groups * kGroupRows, "n = ", N, " does not fit ", groups,
               " groups of 16 rows");
   TORCH_CHECK(G > 0 && G % kQ8Block == 0 && K % G == 0, "group_size must be a multiple of 32 dividing K = ", K);
   TORCH_CHECK(scales.scalar_type() == mins.scalar_type() &&
                   (scales.scalar_type() == torch::kFloat16 || scales.scalar_type() == torch::kFloat32),
               "scales and mins must both be float16 or both float32");
   TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() && scales.dim() == 3 && scales.size(0) == groups &&
-                  scales.size(1) == K / G && scales.size(2) == kRows && mins.sizes() == scales.sizes(),
+                  scales.size(1) == K / G && scales.size(2) == kGroupRows && mins.sizes() == scales.sizes(),
               "scales and mins must be contiguous [N / 16, K / group_size, 16]");
 }
 
@@ -191,8 +177,9 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const tor
     const S* mp = mins.data_ptr<S>();
     for_row_blocks(M, [&](int64_t mb, int64_t rows) {
       for_rows(qs.size(0), qs.size(1), [&](int64_t group) {
-        group_all_rows(xq, mb, rows, q + group * qs.size(1), sp + group * NG * kRows, mp + group * NG * kRows, yp,
-                       n, group * kRows, group_size / kQ8Block);
+        const int64_t scale0 = group * NG * kGroupRows;
+        group_all_rows(xq, mb, rows, q + group * qs.size(1), sp + scale0, mp + scale0, yp, n, group * kGroupRows,
+                       group_size / kQ8Block);
       });
     });
   });
@@ -215,13 +202,13 @@ torch::Tensor q4_dequant(const torch::Tensor& qs, const torch::Tensor& scales, c
     const S* mp = mins.data_ptr<S>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t row = row0 + r, group = row / kRows, lane = row % kRows;
+        const int64_t row = row0 + r, group = row / kGroupRows, lane = row % kGroupRows;
         const uint8_t* qg = q + group * qs.size(1) + 4 * lane;
         float* o = op + r * K;
         for (int64_t b = 0; b < KB; ++b) {
           const int64_t g = b * kQ8Block / group_size;
-          const __m256 s = _mm256_set1_ps(to_f32(sp[(group * NG + g) * kRows + lane]));
-          const __m256 mn = _mm256_set1_ps(to_f32(mp[(group * NG + g) * kRows + lane]));
+          const __m256 s = _mm256_set1_ps(to_f32(sp[(group * NG + g) * kGroupRows + lane]));
+          const __m256 mn = _mm256_set1_ps(to_f32(mp[(group * NG + g) * kGroupRows + lane]));
           // The row's 4 bytes of each j: inputs 4 j .. 4 j + 3 (low nibbles) and 16 more (high).
           alignas(16) uint32_t bytes[4];
           for (int j = 0; j < 4; ++j) std::memcpy(&bytes[j], qg + b * kBlockBytes + 64 * j, 4);
@@ -229,10 +216,9 @@ torch::Tensor q4_dequant(const torch::Tensor& qs, const torch::Tensor& scales, c
           const __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0f));
           const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f));
           float* ob = o + b * kQ8Block;
-          _mm256_storeu_ps(ob, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, mn));
-          _mm256_storeu_ps(ob + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, mn));
-          _mm256_storeu_ps(ob + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, mn));
-          _mm256_storeu_ps(ob + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, mn));
+          const __m128i eights[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+          for (int e = 0; e < 4; ++e)
+            _mm256_storeu_ps(ob + 8 * e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eights[e])), s, mn));
         }
       }
     });

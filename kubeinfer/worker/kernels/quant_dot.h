@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -101,6 +102,35 @@ inline void quantize_q8(const float* x, int64_t M, int64_t K, Q8Rows& out) {
     }
   }
 }
+
+// The interleaved weight layouts (int8_gemm.cpp, q4_gemm.cpp) hold output rows in groups of this many:
+// one 32-bit lane per row of a 512-bit vector.
+constexpr int kGroupRows = 16;
+
+// How far ahead in a run of groups a kernel asks for the weights: the hardware prefetcher alone keeps
+// too few lines in flight for one thread's stream (measured on the Q4 GEMV before the interleaved
+// layouts: 72-77 us against 86-95 for int4 gate|up on one thread of the Zen 4 VM).
+constexpr int64_t kPrefetchBytes = 2048;
+
+// Asks for the `bytes` of a weight stream that lie kPrefetchBytes past p.
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  for (int64_t l = 0; l < bytes; l += 64)
+    _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes + l, _MM_HINT_T0);
+}
+
+// Four activation bytes as one 32-bit value, to broadcast to every lane.
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+#if defined(__AVX512F__)
+// The lanes of a group whose rows exist: all 16, or those below N in the last group.
+inline __mmask16 group_lanes(int64_t N, int64_t n0) {
+  return N - n0 >= kGroupRows ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (N - n0)) - 1);
+}
+#endif
 
 // Activation rows a kernel keeps in registers at once, sharing each unpacked block of weights: the
 // avx512 tier has 32 vector registers, avx2 16.

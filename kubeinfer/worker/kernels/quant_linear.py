@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubeinfer.worker.kernels.kernel_layouts import pack_int8, pack_q4, unpack_int8, unpack_q4
 from kubeinfer.worker.quant import (Int4WeightOnly, Int8WeightOnly, _check_bias, pack_int4, unpack_int4)
 
 # Int8 on the CPU: from this many activation rows on, a bf16 GEMM on the integer weights beats the
@@ -166,9 +167,9 @@ class CppInt8Linear(BoundDecode, Int8Linear):
         if x.shape[0] < self.decode_max_rows:  # the decode path first: paid 120 times per token
             return self._decode(x.contiguous())
         n, k = self.out_features, self.in_features
-        y = _blocked_gemm(x, n, k, self._gemm_dtype,
-                          lambda r0, rows: self._rows(self.qs, self.kernel_scales, n, k, r0, rows, self._gemm_dtype))
-        return _with_bias(y.mul_(self.kernel_scales.view(-1)[:n]).to(x.dtype), self.bias)
+        y = _blocked_gemm(x, n, k, self._gemm_dtype,  # the integers are exact in bf16
+                          lambda r0, rows: self._rows(self.qs, self.kernel_scales, n, k, r0, rows).to(self._gemm_dtype))
+        return _with_bias(y.mul_(self.kernel_scales.view(-1)[:n]), self.bias)
 
 
 class TritonInt8Linear(Int8Linear):
@@ -323,83 +324,6 @@ def _blocked_gemm(x2: torch.Tensor, n: int, k: int, dtype: torch.dtype, weight_r
         w = weight_rows(r0, min(rows, n - r0))
         y[:, r0:r0 + w.shape[0]] = F.linear(xd, w)
     return y
-
-
-KERNEL_GROUP_ROWS = 16  # output rows interleaved in the kernels' int8 and Q4 layouts
-
-
-def pack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Canonical int8 state (``qweight [N, K]``, fp32 ``scales [N]``) -> the kernels' interleaved int8
-    layout (int8_gemm.cpp): ``qs [N16, KB * 512]`` (K padded with zeros to KB blocks of 32, N to whole
-    groups of 16 rows by zero rows) and ``scales [N16, 16]``."""
-    n, k = qweight.shape
-    kb, rows = -(-k // 32), KERNEL_GROUP_ROWS
-    groups = -(-n // rows)
-    qs = torch.empty(groups, kb * 512, dtype=torch.int8)
-    step = max(1, _PACK_ROWS // rows)
-    for g0 in range(0, groups, step):
-        r0, r1 = g0 * rows, min(n, (g0 + step) * rows)
-        q = torch.zeros(-(-(r1 - r0) // rows) * rows, kb * 32, dtype=torch.int8)
-        q[:r1 - r0, :k] = qweight[r0:r1]
-        # [group, row, block, j, t] -> [group, block, j, row, t]
-        qs[g0:g0 + q.shape[0] // rows] = q.view(-1, rows, kb, 8, 4).permute(0, 2, 3, 1, 4).reshape(-1, kb * 512)
-    padded = torch.zeros(groups * rows, dtype=torch.float32)
-    padded[:n] = scales
-    return qs, padded.view(groups, rows)
-
-
-def unpack_int8(qs: torch.Tensor, scales: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels' int8 layout -> the canonical ``qweight [n, k]`` and ``scales [n]`` (inverse of
-    ``pack_int8``)."""
-    groups, rows = qs.shape[0], KERNEL_GROUP_ROWS
-    kb = qs.shape[1] // 512
-    q = qs.view(groups, kb, 8, rows, 4).permute(0, 3, 1, 2, 4).reshape(groups * rows, kb * 32)
-    return q[:n, :k].contiguous(), scales.reshape(-1)[:n].clone()
-
-
-def pack_q4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Canonical int4 state (``quant.pack_int4`` nibbles, even k low; scales and mins ``[N, K / G]``)
-    -> the kernels' interleaved Q4 layout (q4_gemm.cpp): ``qs [N16, K * 8]`` and scales and mins
-    ``[N16, K / G, 16]`` (fp16 stays fp16, other dtypes widen to fp32 exactly), with N rounded up to
-    whole groups of 16 rows by zero rows (the only extra bytes: under 16 rows per matrix)."""
-    n, half = qweight.shape
-    if half % 16:
-        raise ValueError(f"the Q4 layout needs K % 32 == 0, got K={2 * half}")
-    kb, rows = half // 16, KERNEL_GROUP_ROWS
-    groups = -(-n // rows)
-    qs = torch.empty(groups, kb * 256, dtype=torch.uint8)
-    step = max(1, _PACK_ROWS // rows)
-    for g0 in range(0, groups, step):
-        r0, r1 = g0 * rows, min(n, (g0 + step) * rows)
-        q = torch.zeros(-(-(r1 - r0) // rows) * rows, 2 * half, dtype=torch.uint8)
-        q[:r1 - r0] = unpack_int4(qweight[r0:r1])
-        # [group, row, block, high, j, t] -> [group, block, j, row, t], high nibble from k + 16.
-        q = q.view(-1, rows, kb, 2, 4, 4)
-        packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
-        qs[g0:g0 + q.shape[0]] = packed.reshape(q.shape[0], kb * 256)
-    dtype = scales.dtype if scales.dtype in (torch.float16, torch.float32) else torch.float32
-
-    def interleave(t: torch.Tensor) -> torch.Tensor:
-        padded = torch.zeros(groups * rows, t.shape[1], dtype=dtype)
-        padded[:n] = t
-        return padded.view(groups, rows, -1).transpose(1, 2).contiguous()
-    return qs, interleave(scales), interleave(mins)
-
-
-def unpack_q4(qs: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int, dtype: torch.dtype
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernels' Q4 layout -> the canonical state of ``n`` rows, scales and mins in ``dtype``
-    (inverse of ``pack_q4``)."""
-    groups, rows = qs.shape[0], KERNEL_GROUP_ROWS
-    kb = qs.shape[1] // 256
-    b = qs.view(groups, kb, 4, rows, 4)
-    q = torch.stack((b & 0xF, b >> 4), dim=2)  # [group, block, high, j, row, t]
-    q = q.permute(0, 4, 1, 2, 3, 5).reshape(groups * rows, kb * 32)[:n]
-
-    def deinterleave(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(groups * rows, -1)[:n].to(dtype)
-    return pack_int4(q), deinterleave(scales), deinterleave(mins)
 
 
 class TritonInt4Linear(Int4Linear):
