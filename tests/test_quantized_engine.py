@@ -87,7 +87,7 @@ def _dequantized_twin(quantized: Engine, float_engine: Engine) -> Engine:
 @pytest.mark.parametrize("chunk", [None, 1])       # one prefill (the GEMM paths), one token a step (the kernels)
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_engine_computes_with_its_quantized_weights(tiny_llama_dir, scheme, chunk, tier, monkeypatch):
-    """The int kernels (Q8 activations in the C++ GEMVs, bf16 ones in aten's kernels and the GEMMs)
+    """The int kernels (Q8 activations in the C++ kernels, bf16 ones in the blocked GEMMs)
     agree with fp32 math on the same dequantized weights, at each ISA tier."""
     from kubeinfer.worker.kernels.cpu import cpu_tiers
     if tier is not None:
