@@ -15,6 +15,7 @@ from kubeinfer.local.router import build_local_router, build_served_model, shutd
 from kubeinfer.local.pool import LocalPool
 from kubeinfer.local.replica import EngineReplica
 from kubeinfer.router.router import Router
+from kubeinfer.router.types import Code, RouterError
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 from kubeinfer.worker import Engine, SamplingParams
 
@@ -206,6 +207,30 @@ def test_router_deadline_is_deadline_exceeded(tiny_llama_dir):
         assert all(running == 0 for running, _, _ in wait_idle(s.router))
     finally:
         s.close()
+
+
+def test_a_reader_slower_than_the_engine_still_meets_the_deadline(tiny_llama_dir):
+    """The deadline holds when the next chunk is already queued: a reader that pauses past it, while
+    the engine goes on writing, gets DEADLINE_EXCEEDED at its next read, not the queued chunks."""
+    router = build_local_router(AppConfig(models=[long_spec(tiny_llama_dir)]))
+
+    async def main():
+        job = router.prepare(prompt=PROMPTS[3], sampling={"max_tokens": 1000, "temperature": 0.0, "ignore_eos": True})
+        stream = router.stream(job, timeout_s=0.5)
+        first = await anext(stream)
+        assert first.token_ids
+        await asyncio.sleep(0.7)  # past the deadline; the engine meanwhile queues more chunks
+        with pytest.raises(RouterError) as e:
+            await anext(stream)
+        await stream.aclose()
+        return e.value
+
+    try:
+        err = asyncio.run(main())
+        assert err.code == Code.DEADLINE_EXCEEDED and "deadline" in err.message
+        assert all(running == 0 for running, _, _ in wait_idle(router))
+    finally:
+        shutdown_local_router(router)
 
 
 def test_overload_is_resource_exhausted_with_a_retry_hint(tiny_llama_dir):

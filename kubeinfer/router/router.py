@@ -317,6 +317,10 @@ class Router:
                     self.queued_by_model[job.model] -= 1
             self._update_gauges()
             while True:
+                # timeout_at only fires when the wait suspends: chunks already queued (a client that
+                # reads slower than the engine writes) would run past the deadline unchecked.
+                if loop.time() >= deadline:
+                    raise TimeoutError
                 async with asyncio.timeout_at(deadline):
                     chunk = await anext(chunks, None)
                 if chunk is None:
