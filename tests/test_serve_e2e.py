@@ -210,6 +210,9 @@ def test_client_errors_through_serves_grpc_proxy_keep_their_status_and_retry_hin
                 await asyncio.gather(*holders, return_exceptions=True)
 
     asyncio.run(main())
+    # The cancelled holders give their slots back once the cancellations reach the router (through
+    # Serve's proxy): until then the next test's requests would find every slot taken.
+    assert wait_for_router_in_flight(serve_app["http"], 0) == 0.0
 
 
 def test_a_replica_killed_mid_run_loses_no_request_that_had_not_started(serve_app, reference):
@@ -270,6 +273,21 @@ def retries_total(base_url: str) -> float:
     text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
     lines = [l for l in text.splitlines() if l.startswith("kubeinfer:router_retries_total")]
     return float(lines[0].split()[-1]) if lines else 0.0  # a labelled counter appears on first use
+
+
+def wait_for_router_in_flight(base_url: str, target: float, tries: int = 1800) -> float:
+    """Poll the router's in-flight gauge (bounded: minutes at worst on a loaded 2-core CI machine)
+    until it reads ``target``; return the last reading."""
+    import time
+    import urllib.request
+    for _ in range(tries):
+        text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
+        lines = [l for l in text.splitlines() if l.startswith("kubeinfer:router_requests_in_flight")]
+        value = float(lines[0].split()[-1])
+        if value == target:
+            break
+        time.sleep(0.05)
+    return value
 
 
 def engine_gauges(base_url: str) -> dict[str, float]:
