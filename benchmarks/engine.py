@@ -340,7 +340,7 @@ def bench_decode(hf, llm, fp32_dir: str | None, decode_tokens: int, compile_mode
     once, and a figure is an engine's best round. On this 2-core VM a disturbance (any other busy
     process) slows torch for seconds to minutes; interleaving spreads it over all engines instead of one.
 
-    Rows: fp32 (the GGUF dequantized), int8 (quantized at load), int4 (the GGUF's Q4_1 blocks loaded as
+    Rows: fp32 and bf16 (the GGUF dequantized; dtype auto picks bf16 on a CPU with native bf16), int8 (quantized at load), int4 (the GGUF's Q4_1 blocks loaded as
     they are) and int4-load (an fp32 folder quantized to int4 at load, what a user with a Hugging Face
     checkpoint runs)."""
     from kubeinfer.worker.kernels.cpu import cpu_tiers, selected_tier
@@ -351,9 +351,9 @@ def bench_decode(hf, llm, fp32_dir: str | None, decode_tokens: int, compile_mode
           f"best of {rounds} interleaved rounds; load average {os.getloadavg()[0]:.2f})")
     for compiled in compile_modes:
         tag = "+compile" if compiled else ""
-        configs = {"fp32": {}, "int8": dict(quantization="int8"), "int4": dict(quantization="int4")}
+        configs = {"fp32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"), "int4": dict(quantization="int4")}
         if fp32_dir is not None:
-            configs["int4-load"] = dict(model=fp32_dir, quantization="int4")
+            configs["int4-load"] = dict(model=fp32_dir, quantization="int4")  # auto: float32
         engines = {scheme: Engine(max_model_len=2048, num_kv_blocks=256, compile=compiled, **kw)
                    for scheme, kw in configs.items()}
         hf_tps = float("nan") if hf is None else 0.0
@@ -464,7 +464,7 @@ def bench_ppl(ppl_tokens: int) -> None:
     print(f"\n== perplexity on the built-in corpus (Python docstrings, windows of 512): first {ppl_tokens} tokens "
           f"in 32-token chunks (prefill path), first {decode_tokens} one token a step (decode path)")
     ppl: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}
-    for name, kw in (("fp32", {}), ("int8", dict(quantization="int8")), ("int4", dict(quantization="int4")),
+    for name, kw in (("fp32", dict(dtype="float32")), ("int8", dict(quantization="int8")), ("int4", dict(quantization="int4")),
                      ("int8-KV", dict(kv_cache_dtype="int8"))):
         engine = Engine(max_model_len=512, num_kv_blocks=64, **kw)
         ids = engine.tokenizer.encode(builtin_corpus())

@@ -139,8 +139,8 @@ def main() -> None:
                    prompt_lookup_min=2, prompt_lookup_max=4)
     # Self-speculation: the fp32 model drafted for by its own int4 copy (drafting at int4 for an int4
     # target would cost as much as the target itself).
-    plain_fp32 = Engine(**common)
-    draft = Engine(**common, speculative_method="draft", num_speculative_tokens=4, speculative_draft_quantization="int4")
+    plain_fp32 = Engine(**common, dtype="float32")
+    draft = Engine(**common, dtype="float32", speculative_method="draft", num_speculative_tokens=4, speculative_draft_quantization="int4")
     print(f"# {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
           f"default model, batch 1, greedy, {args.tokens} tokens, best of {args.rounds}")
     print("| workload | plain tok/s | speculative tok/s | ratio | accepted / proposed | accepted per position | "

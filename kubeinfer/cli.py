@@ -196,7 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ids = engine.tokenizer.encode(text)[: args.max_eval_tokens]
     ppl, n = perplexity(engine, ids, window=args.window, chunk=args.chunk)
     print(f"perplexity {ppl:.4f} over {n} tokens (window {args.window}; model {engine.model_name}, "
-          f"dtype {args.dtype}, quantization {args.quantization or 'none'}, kv cache {args.kv_cache_dtype})")
+          f"dtype {engine.config.dtype}, quantization {args.quantization or 'none'}, kv cache {args.kv_cache_dtype})")
     return 0
 
 

@@ -92,6 +92,7 @@ def test_speculative_greedy_output_is_plain_greedy(models, method):
         "assigned, and finds the best node for each pod to run on.")}])
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     want = engine.generate([prompt], params)[0].output_token_ids
-    spec = Engine(max_model_len=512, num_kv_blocks=64, speculative_method=method, num_speculative_tokens=4)
+    spec = Engine(max_model_len=512, num_kv_blocks=64, speculative_method=method, num_speculative_tokens=4,
+                  dtype="float32")
     assert spec.generate([prompt], params)[0].output_token_ids == want
     assert spec.stats().speculative.num_accepted_tokens > 0

@@ -126,7 +126,7 @@ def test_bf16_model_runs_its_quantized_linears_on_the_cpp_kernels(tiny_llama_dir
     linear = ours.runner.model.layers[0].mlp.gate_up_proj
     assert isinstance(linear, CppInt8Linear if scheme == "int8" else CppInt4Linear)
     assert isinstance(ours.runner.model.quantized_head, CppInt8Linear)
-    fp32 = Engine(**kw)
+    fp32 = Engine(**kw, dtype="float32")
     monkeypatch.setattr(CppBackend, "quantized_linear", TorchBackend.quantized_linear)
     aten = Engine(**kw, dtype="bfloat16")
     assert type(aten.runner.model.layers[0].mlp.gate_up_proj).__name__.startswith("Aten")
@@ -177,8 +177,8 @@ def test_default_model_int8_tracks_fp32():
     near-tie flip into a different continuation; the figure for that is printed too."""
     prompts = ["The capital of France is", "def fibonacci(n):\n", "Water boils at a temperature of"]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    fp32 = Engine(max_model_len=512, num_kv_blocks=64)
-    int8 = Engine(max_model_len=512, num_kv_blocks=64, quantization="int8")
+    fp32 = Engine(max_model_len=512, num_kv_blocks=64, dtype="float32")
+    int8 = Engine(max_model_len=512, num_kv_blocks=64, quantization="int8", dtype="float32")
     ref = fp32.generate(prompts, params)
     free = int8.generate(prompts, params)
     agree = {"prefill": 0, "decode": 0}

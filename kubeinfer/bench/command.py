@@ -91,7 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         finally:
             shutdown_local_router(router)
         target = (f"an in-process engine ({args.model or 'the bundled model'}, device "
-                  f"{app.models[0].engine['device']}, {args.dtype})")
+                  f"{app.models[0].engine['device']}, dtype {args.dtype})")
     summary = summarize(records)
     if args.json:
         print(json.dumps(summary, indent=2))

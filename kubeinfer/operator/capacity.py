@@ -33,6 +33,15 @@ _INT8_SCALE_IN_FEATURES = 512
 _INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 32
 
 
+def planned_dtype(spec: ModelDeploymentSpec) -> str:
+    """The dtype the capacity check counts: ``engine.dtype`` when set; for ``auto`` the widest that
+    auto can pick on the replica's device (worker/auto_dtype.py): half precision on a GPU, float32
+    on a CPU (a float32 checkpoint or int8/int4 weights; the node's CPU is not known here)."""
+    if spec.engine.dtype != "auto":
+        return spec.engine.dtype
+    return "bfloat16" if spec.resources.gpus else "float32"
+
+
 def kv_bytes_per_token(dims: ModelDims, dtype: str, kv_cache_dtype: str) -> int | None:
     """K and V for one token across all layers, by the engine's own formula; None when the model's
     dimensions are unknown."""
@@ -44,7 +53,7 @@ def kv_bytes_per_token(dims: ModelDims, dtype: str, kv_cache_dtype: str) -> int 
 def pool_bytes_per_token(spec: ModelDeploymentSpec) -> int | None:
     """What one token takes in the KV pool: the model's K/V, and with ``speculativeMethod: draft`` the
     draft's too (the model itself, quantized: same layers and heads), whose K/V share the blocks."""
-    per_token = kv_bytes_per_token(spec.model.dims, spec.engine.dtype, spec.engine.kv_cache_dtype)
+    per_token = kv_bytes_per_token(spec.model.dims, planned_dtype(spec), spec.engine.kv_cache_dtype)
     if per_token is None:
         return None
     return per_token * (2 if spec.engine.speculative_method == "draft" else 1)
@@ -121,9 +130,10 @@ def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
     with a GPU (where weights and the KV pool live) ``gpuMemoryUtilization x resources.gpuMemory``,
     the share the engine lets itself use."""
     res, dims = spec.resources, spec.model.dims
-    weights = weight_bytes(dims, spec.engine.dtype, spec.model.quantization)
+    dtype = planned_dtype(spec)
+    weights = weight_bytes(dims, dtype, spec.model.quantization)
     if weights is not None and spec.engine.speculative_method == "draft":  # a second, quantized copy
-        weights += weight_bytes(dims, spec.engine.dtype, spec.engine.speculative_draft_quantization)
+        weights += weight_bytes(dims, dtype, spec.engine.speculative_draft_quantization)
     kv = kv_required_bytes(spec)
     if res.gpus:
         util = spec.engine.gpu_memory_utilization

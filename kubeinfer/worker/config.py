@@ -23,6 +23,7 @@ KERNEL_BACKENDS = ("auto", "torch", "cpp", "triton")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 # "none" is accepted wherever a quantization is named (the CRD's default is none); it means None.
 QUANTIZATIONS = ("none", "int8", "int4")
+DTYPES = ("auto", *DTYPE_BYTES)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # The CPU's KV pool when no size is given (on CUDA the pool is sized from the free memory instead).
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
@@ -98,8 +99,10 @@ class EngineConfig:
         "auto", "where the engine runs: auto is the first CUDA GPU when torch sees one, else the CPU",
         metavar="{auto,cpu,cuda,cuda:N}")
     dtype: str = _setting(
-        "float32", "activations and unquantized weights (bfloat16 is the usual choice on GPUs)",
-        crd="engine.dtype", choices=tuple(DTYPE_BYTES))
+        "auto", "activations and unquantized weights; auto picks the fastest correct one when the engine starts "
+        "(bfloat16 on a GPU; on a CPU float32 for a float32 checkpoint or int8/int4 weights, else bfloat16 where "
+        "the CPU has native bf16) and logs it",
+        crd="engine.dtype", choices=DTYPES)
     quantization: str | None = _setting(
         None, "weight-only quantization of the linear layers at load time (GGUF Q8_0/Q4_x load directly)",
         crd="model.quantization", choices=QUANTIZATIONS)
@@ -169,8 +172,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.quantization, str) and self.quantization.strip().lower() == "none":
             self.quantization = None
         if self.quantization is not None:
@@ -215,7 +218,10 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The dtype as torch's; only once ``auto`` is resolved (``Engine.config`` always is)."""
         import torch
+        if self.dtype == "auto":
+            raise ValueError("dtype 'auto' is resolved when the engine starts (worker/auto_dtype.py)")
         return getattr(torch, self.dtype)
 
     def resolve_device(self) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from kubeinfer.worker.auto_dtype import resolve_dtype
 from kubeinfer.worker.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from kubeinfer.worker.cpu_budget import fit_torch_threads
 from kubeinfer.worker.detokenizer import IncrementalDetokenizer
@@ -60,9 +62,11 @@ class Engine:
 
     def __init__(self, config: EngineConfig | None = None, *, loaded: LoadedModel | None = None, **overrides) -> None:
         config = config or EngineConfig(**overrides)
-        self.config = config
         device = config.resolve_device()  # a missing GPU is reported before anything is loaded
         self.device = device
+        # dtype "auto" becomes a concrete one here, once; everything after reads the resolved config.
+        config = dataclasses.replace(config, dtype=resolve_dtype(config, device, loaded))
+        self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         elif device.type == "cpu":
