@@ -11,8 +11,7 @@ import torch
 from kubeinfer.operator.capacity import estimate_capacity, planned_dtype
 from kubeinfer.operator.spec import parse_spec
 from kubeinfer.worker import Engine, EngineConfig
-from kubeinfer.worker.auto_dtype import NATIVE_BF16_TIERS, checkpoint_float_dtype, choose_dtype
-from kubeinfer.worker.kernels.cpu import selected_tier
+from kubeinfer.worker.auto_dtype import checkpoint_float_dtype, choose_dtype, cpu_runs_bf16_natively
 from tests.conftest import build_tiny_model
 
 CASES = [  # (device, checkpoint, quantized, cpu bf16, cuda bf16) -> dtype
@@ -62,7 +61,7 @@ def test_a_bf16_checkpoint_runs_bf16_where_the_cpu_has_native_bf16(tmp_path):
     model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
     assert checkpoint_float_dtype(path) == "bfloat16"
     engine = Engine(model=path, max_model_len=64, num_kv_blocks=8)
-    expected = "bfloat16" if selected_tier() in NATIVE_BF16_TIERS else "float32"
+    expected = "bfloat16" if cpu_runs_bf16_natively() else "float32"
     assert engine.config.dtype == expected
     assert next(engine.runner.model.parameters()).dtype == getattr(torch, expected)
     quantized = Engine(model=path, max_model_len=64, num_kv_blocks=8, quantization="int8")

@@ -12,8 +12,8 @@ The rule (``choose_dtype``; a dtype the user sets is always kept):
   with float32 activations);
 - a half-precision checkpoint (bf16 / fp16 safetensors, a GGUF) on a CPU runs in bfloat16 where our
   kernels' tier has native bf16 dot products (avx512 with AVX512-BF16, amx): half the bytes per
-  weight and oneDNN's bf16 GEMMs; elsewhere (avx2) in float32, where bf16 has to be widened in
-  software and is slower.
+  weight and oneDNN's bf16 GEMMs (when oneDNN runs bf16 natively too: ONEDNN_MAX_CPU_ISA may hold
+  it lower); elsewhere (avx2) in float32, where bf16 GEMMs widen in software and run ~10x slower.
 """
 
 from __future__ import annotations
@@ -80,6 +80,14 @@ def _safetensors_header(file: str) -> dict:
     return header if isinstance(header, dict) else {}
 
 
+def cpu_runs_bf16_natively() -> bool:
+    """Both our kernels' tier (kernels/cpu.py; KUBEINFER_CPU_ISA may force it lower) and torch's
+    oneDNN (ONEDNN_MAX_CPU_ISA may hold it lower) have bf16 dot products on this CPU."""
+    from kubeinfer.worker.kernels.cpu import selected_tier
+    from kubeinfer.worker.kernels.packed_linear import packing_supported
+    return selected_tier() in NATIVE_BF16_TIERS and packing_supported()
+
+
 def resolve_dtype(config, device, loaded=None) -> str:
     """The concrete dtype an engine with ``config`` runs on ``device`` (a torch.device), logged once.
     ``loaded``: a model built elsewhere, whose own dtype ``auto`` keeps."""
@@ -90,7 +98,6 @@ def resolve_dtype(config, device, loaded=None) -> str:
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         why = "auto: the model handed to the engine is " + dtype
     else:
-        from kubeinfer.worker.kernels.cpu import selected_tier
         from kubeinfer.worker.models.loader import resolve_model_path
         from kubeinfer.worker.quant_checkpoint import quant_scheme_of
         path = resolve_model_path(config.model)
@@ -99,7 +106,7 @@ def resolve_dtype(config, device, loaded=None) -> str:
         cuda = device.type == "cuda"
         dtype, why = choose_dtype(
             AUTO, device_type=device.type, checkpoint_dtype=checkpoint_float_dtype(path), quantized=quantized,
-            cpu_native_bf16=not cuda and selected_tier() in NATIVE_BF16_TIERS,
+            cpu_native_bf16=not cuda and cpu_runs_bf16_natively(),
             cuda_bf16=cuda and torch.cuda.is_bf16_supported())
     log.info("dtype %s (%s); set --dtype to choose another", dtype, why)
     return dtype
