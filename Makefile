@@ -67,12 +67,14 @@ bench-deps-avx2: bench-deps
 	      $(PIP) wheel --no-deps -w $(LLAMA_CPP_CACHE)/avx2 llama-cpp-python==$(LLAMA_CPP_VERSION) && \
 	  $(PIP) install -q --no-deps --target .cache/llama-cpp/site-avx2 $(LLAMA_CPP_CACHE)/avx2/llama_cpp_python-*.whl; fi
 
-# The batch-1 decode table per ISA tier (docs/benchmarks.md, "CPU tiers"): our avx2 tier forced against
-# the AVX2-only llama.cpp build, then this machine's best tier against the build for this CPU.
+# The decode and throughput tables per ISA tier (docs/benchmarks.md, "CPU tiers"): an AVX2 node
+# emulated (our avx2 tier, torch's oneDNN / ATen / MKL held to AVX2, the AVX2-only llama.cpp build),
+# then this machine's best tier against the build for this CPU.
+AVX2_NODE = KUBEINFER_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 .PHONY: bench-cpu-tiers
 bench-cpu-tiers: bench-deps-avx2
-	KUBEINFER_CPU_ISA=avx2 $(PY) benchmarks/engine.py --sections decode
-	$(PY) benchmarks/engine.py --sections decode
+	$(AVX2_NODE) $(PY) benchmarks/engine.py --sections decode,throughput
+	$(PY) benchmarks/engine.py --sections decode,throughput
 
 bench: install-test bench-deps
 	$(PY) benchmarks/engine.py

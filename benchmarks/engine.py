@@ -35,6 +35,8 @@ from kubeinfer.worker.models.gguf import default_model_path
 PROMPT = "The history of the Roman Empire begins with"
 LLAMA_CPP_AVX2_SITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "llama-cpp",
                                    "site-avx2")
+# What holds torch's own kernels (transformers', and our GEMMs) to a lower ISA, as on an AVX2 node.
+TORCH_ISA_VARS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 LLAMA_CPP_INSTALL = "make bench-deps  (builds llama-cpp-python from source once, ~10 min on 2 cores; the wheel is cached)"
 
 
@@ -306,7 +308,8 @@ def main() -> None:
           f"threads={torch.get_num_threads()}; read bandwidth {bandwidth:.1f} GB/s (torch sum over 512 MiB, "
           f"{torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.2f}")
     print(f"C++ kernels' ISA tier: {selected_tier()} (this CPU runs {', '.join(cpu_tiers()) or 'none'}; "
-          f"{ENV_VAR}={os.environ.get(ENV_VAR, 'unset')})")
+          f"{ENV_VAR}={os.environ.get(ENV_VAR, 'unset')}); torch's kernels: {torch.backends.cpu.get_cpu_capability()}"
+          + "".join(f", {v}={os.environ[v]}" for v in TORCH_ISA_VARS if v in os.environ))
     path = default_model_path()
     print(f"model: {os.path.basename(path)} (SmolLM2-135M-Instruct; transformers runs it dequantized to fp32)")
     if args.no_transformers and "throughput" in sections:
@@ -324,6 +327,13 @@ def main() -> None:
     if "ppl" in sections:
         bench_ppl(ppl_tokens)
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def native_bf16() -> bool:
+    """bf16 runs natively here (dtype auto's test): our kernels' tier and torch's oneDNN, which
+    ONEDNN_MAX_CPU_ISA holds to AVX2 when `make bench-cpu-tiers` measures an AVX2 node."""
+    from kubeinfer.worker.auto_dtype import cpu_runs_bf16_natively
+    return cpu_runs_bf16_natively()
 
 
 def cpu_model() -> str:
@@ -351,7 +361,7 @@ def bench_decode(hf, llm, fp32_dir: str | None, decode_tokens: int, compile_mode
           f"best of {rounds} interleaved rounds; load average {os.getloadavg()[0]:.2f})")
     for compiled in compile_modes:
         tag = "+compile" if compiled else ""
-        configs = {"fp32": dict(dtype="float32"), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"), "int4": dict(quantization="int4")}
+        configs = {"fp32": dict(dtype="float32"), **({"bf16": dict(dtype="bfloat16")} if native_bf16() else {}), "int8": dict(quantization="int8"), "int4": dict(quantization="int4")}
         if fp32_dir is not None:
             configs["int4-load"] = dict(model=fp32_dir, quantization="int4")  # auto: float32
         engines = {scheme: Engine(max_model_len=2048, num_kv_blocks=256, compile=compiled, **kw)
@@ -418,7 +428,11 @@ def bench_throughput(hf, n_req: int, seed: int, max_prompt: int, max_out: int,
           f"(seed {seed}), {sum(o for _, o in reqs)} output tokens; kubeinfer max_num_seqs 64, "
           f"max_num_batched_tokens {budget}")
     theirs = {}
-    for dtype in ("float32", "bfloat16"):
+    dtypes = ("float32", "bfloat16") if native_bf16() else ("float32",)
+    if len(dtypes) == 1:
+        print("bf16 rows skipped: this tier has no native bf16 dot products (GEMMs widen bf16 in software, "
+              "~10x slower than fp32's), so neither side would serve in bf16 here")
+    for dtype in dtypes:
         theirs[dtype] = hf_throughput(hf.to(getattr(torch, dtype)), reqs)
         print(f"transformers {dtype:<9} {theirs[dtype]['tps']:7.1f} output tok/s  wall {theirs[dtype]['wall']:.1f} s  "
               "static batches of 16, left-padded, each run to its longest output")
@@ -427,7 +441,7 @@ def bench_throughput(hf, n_req: int, seed: int, max_prompt: int, max_out: int,
     ratios = {}
     tps = {}
     waste = []
-    configs = [(d, None) for d in ("float32", "bfloat16")] + [("float32", q) for q in ("int8", "int4")]
+    configs = [(d, None) for d in dtypes] + [("float32", q) for q in ("int8", "int4")]
     for (dtype, quant), compiled in [(cfg, c) for c in compile_modes for cfg in configs]:
         engine = Engine(max_model_len=2048, dtype=dtype, quantization=quant, kv_cache_memory_bytes=3 << 30,
                         max_num_seqs=64, max_num_batched_tokens=budget, compile=compiled)
