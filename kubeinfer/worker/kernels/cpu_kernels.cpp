@@ -10,6 +10,9 @@
 // The norm, rotary and SwiGLU kernels take fp32 or bf16 tensors and compute in fp32 (bf16 is read
 // by widening to fp32 and written rounded to nearest even); the matmul kernels take fp32
 // activations. The int8 KV cache and fp16 stay on the torch path (kernels/attention.py).
+// Their loops run on parallel.h's pool, never in an OpenMP region: OpenMP's threads spin after a
+// region ends and took the cores from the pool's next loops (the 5-row argmax of every n-gram
+// verification step opened one: that step ran ~20% slower than with GOMP_SPINCOUNT=0).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "common.h"
+#include "parallel.h"
 
 using namespace kubeinfer;
 
@@ -53,7 +57,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
     const T_* xp = x.data_ptr<T_>();
     const T_* wp = weight.data_ptr<T_>();
     T_* op = out.data_ptr<T_>();
-    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    parallel_chunks(T, 8, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) rms_norm_row(xp + t * xs, wp, op + t * H, H, static_cast<float>(eps));
     });
     return 0;
@@ -77,7 +81,7 @@ torch::Tensor add_rms_norm_(const torch::Tensor& x, torch::Tensor& residual, con
     T_* rp = residual.data_ptr<T_>();
     const T_* wp = weight.data_ptr<T_>();
     T_* op = out.data_ptr<T_>();
-    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    parallel_chunks(T, 8, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         T_* r = rp + t * H;
         const T_* xr = xp + t * H;
@@ -108,7 +112,7 @@ void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& si
     T_* xp = x.data_ptr<T_>();
     const T_* cp = cos.data_ptr<T_>();
     const T_* sp = sin.data_ptr<T_>();
-    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    parallel_chunks(T, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const T_* c = cp + t * D;
         const T_* s = sp + t * D;
@@ -143,7 +147,7 @@ torch::Tensor silu_mul(const torch::Tensor& x) {
     using T_ = decltype(tag);
     const T_* xp = x.data_ptr<T_>();
     T_* op = out.data_ptr<T_>();
-    at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    parallel_chunks(T, 8, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const T_* g = xp + t * 2 * I;
         const T_* u = g + I;
@@ -177,7 +181,7 @@ torch::Tensor greedy_argmax(const torch::Tensor& logits) {
   dispatch_float_bf16(logits, "logits", [&](auto tag) {
     using T_ = decltype(tag);
     const T_* lp = logits.data_ptr<T_>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    parallel_chunks(B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const T_* row = lp + b * row_stride;
         int64_t i = 0, best_i = 0, nan_at = -1;
