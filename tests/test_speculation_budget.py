@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubeinfer.worker.speculation_budget import (PRIOR_ALPHA, StepCosts, choose_k, expected_tokens, recover_alpha,
-                                                 update_alpha)
+from kubeinfer.worker.speculation_budget import (EXPLORE_EVERY, PRIOR_ALPHA, StepCosts, choose_k, expected_tokens,
+                                                 explore_k, recover_alpha, update_alpha)
 
 
 def costs(**by_rows: float) -> StepCosts:
@@ -67,3 +67,21 @@ def test_acceptance_rate_updates_and_recovers():
     assert b < PRIOR_ALPHA
     assert update_alpha(0.5, proposed=4, accepted=2) == pytest.approx(0.5 + 0.3 * (2 / 3 - 0.5))
     assert b < recover_alpha(b) < PRIOR_ALPHA
+
+
+def test_a_draft_count_left_unmeasured_is_tried_again():
+    """The trap explore_k breaks: a one-row step measured in a fast minute, then two-row steps in a
+    slow one. Extrapolated from those two, 3-5 rows look too dear, so they would never run again."""
+    c = StepCosts()
+    c.observe(1, 0.010)
+    for _ in range(EXPLORE_EVERY):
+        c.observe(2, 0.022)
+    assert choose_k(c, 1, 1.0, 0.95, 4) <= 1
+    assert explore_k(c, 1, 4, since_last=EXPLORE_EVERY) == 4  # never measured: the longest drafts first
+    assert explore_k(c, 1, 4, since_last=EXPLORE_EVERY // 4 - 1) is None  # at most one try per quarter
+    c.observe(5, 0.030)
+    assert explore_k(c, 1, 4, since_last=EXPLORE_EVERY) == 3
+    c.observe(4, 0.028)
+    c.observe(3, 0.025)
+    assert explore_k(c, 1, 4, since_last=EXPLORE_EVERY) is None  # every size measured lately
+    assert choose_k(c, 1, 1.0, 0.95, 4) == 4  # with fresh prices the drafts pay again

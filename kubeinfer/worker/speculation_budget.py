@@ -38,14 +38,23 @@ MIN_GAIN = 0.02
 
 
 class StepCosts:
-    """Moving averages of decode-only step times (seconds) by their number of rows."""
+    """Moving averages of decode-only step times (seconds) by their number of rows, and when each row
+    count was last measured (``steps`` counts the measured steps)."""
 
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
+        self.measured_at: dict[int, int] = {}
+        self.steps = 0
+
+    def age(self, rows: int) -> float:
+        """Measured steps since a step of ``rows`` rows was last measured (infinite: never)."""
+        return self.steps - self.measured_at[rows] if rows in self.measured_at else float("inf")
 
     def observe(self, rows: int, seconds: float) -> None:
         """One step's time. A step far slower than the average so far (a draft model's first catch-up
         over a whole prompt, a preempted process) counts as three times the average, not in full."""
+        self.steps += 1
+        self.measured_at[rows] = self.steps
         old = self.seconds.get(rows)
         if old is None:
             self.seconds[rows] = seconds
@@ -74,6 +83,20 @@ class StepCosts:
             per_row = max(per_row, (self.seconds[hi] - self.seconds[lo]) / (hi - lo))
         nearest = below[-1] if below else above[0]
         return max(self.seconds[nearest] + (rows - nearest) * per_row, 1e-9)
+
+
+def explore_k(costs: StepCosts, rows: int, most: int, since_last: int) -> int | None:
+    """A draft count to verify this step against ``choose_k``'s choice, or None.
+
+    Only the row counts that run get measured, and the machine's speed drifts: on a VM a one-row step
+    measured in a fast minute against a two-row step measured in a slow one made the extrapolated
+    price of 3-5 rows so high that k stayed 1 for a whole run (self-draft 0.99x, where k = 4 had
+    given 1.74x). So the draft count whose step size (``rows`` + k) was measured longest ago is tried
+    once it is ``EXPLORE_EVERY`` measured steps old, at most once per ``EXPLORE_EVERY // 4`` steps."""
+    if most <= 0 or since_last < EXPLORE_EVERY // 4:
+        return None
+    k = max(range(1, most + 1), key=lambda j: (costs.age(rows + j), j))
+    return k if costs.age(rows + k) >= EXPLORE_EVERY else None
 
 
 def expected_tokens(alpha: float, k: int) -> float:

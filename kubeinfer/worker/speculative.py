@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kubeinfer.worker.speculation_budget import (EXPLORE_EVERY, AcceptancePrior, StepCosts, choose_k, expected_tokens,
-                                                 recover_alpha, update_alpha)
+                                                 explore_k, recover_alpha, update_alpha)
 
 SPECULATIVE_METHODS = ("none", "ngram", "draft")  # "none" (no speculation) is None in EngineConfig
 MAX_SPECULATIVE_TOKENS = 16  # drafts per step at most (the metrics' per-position counters are this wide)
@@ -96,6 +96,7 @@ class Speculator:
         self.costs = StepCosts()
         self.prior = AcceptancePrior()
         self._declined = 0  # proposals declined since the last one verified
+        self._explored_at = 0  # costs.steps at the last draft count tried by explore_k
 
     def propose(self, running: list, constrained: Callable[[Any], bool]) -> None:
         cfg = self.config
@@ -122,6 +123,9 @@ class Speculator:
                 self._declined += 1
                 if self._declined >= EXPLORE_EVERY:
                     k = 1
+            stale = explore_k(self.costs, rows, room, self.costs.steps - self._explored_at)
+            if stale is not None:  # keep every draft count's price fresh (speculation_budget.explore_k)
+                k, self._explored_at = stale, self.costs.steps
             if k == 0:
                 seq.spec_acceptance = recover_alpha(seq.spec_acceptance, self.prior.alpha)
                 continue
