@@ -80,18 +80,23 @@ def test_kubeinfer_render_of_the_gpu_example_shows_a_cuda_engine():
 
 
 def test_the_gpu_check_counts_the_full_kv_against_the_usable_share_of_the_gpu():
-    # Builtin fp32: 0.50 GiB of weights + 2048 x 16 tokens of KV (1.41 GiB) + 0.5 GiB = 2.41 GiB.
+    # Builtin, dtype auto (bf16 on a GPU): 0.25 GiB of weights + 2048 x 16 tokens of KV (0.70 GiB)
+    # + 0.5 GiB = 1.45 GiB.
     spec = {"resources": {"gpus": 1, "gpuMemory": "3Gi"}}
     roomy = estimate_capacity(parse_spec(md(spec)))
-    assert roomy.kv_bytes == 2 * 30 * 3 * 64 * 4 * 2048 * 16  # counted though the engine is not given it
+    assert roomy.kv_bytes == 2 * 30 * 3 * 64 * 2 * 2048 * 16  # counted though the engine is not given it
     assert kv_pool_bytes(parse_spec(md(spec))) is None
     assert roomy.available_bytes == int(3 * GIB * 0.9) and roomy.fits is True
     assert roomy.required_bytes == roomy.weight_bytes + roomy.kv_bytes + RUNTIME_OVERHEAD_BYTES
-    # The same GPU with half of it for the engine: 1.5 GiB < 2.41 GiB.
-    spec["engine"] = {"gpuMemoryUtilization": 0.5}
+    # The same GPU with 40% of it for the engine: 1.2 GiB < 1.45 GiB.
+    spec["engine"] = {"gpuMemoryUtilization": 0.4}
     tight = estimate_capacity(parse_spec(md(spec)))
-    assert tight.fits is False and tight.available_bytes == int(1.5 * GIB)
-    assert tight.message.endswith("but the replica has 1.5 GiB (0.5 x resources.gpuMemory)")
+    assert tight.fits is False and tight.available_bytes == int(3 * GIB * 0.4)
+    assert tight.message.endswith("but the replica has 1.2 GiB (0.4 x resources.gpuMemory)")
+    # float32 set by hand counts 4 bytes a value: 2.41 GiB does not fit 1.5 GiB.
+    spec["engine"] = {"gpuMemoryUtilization": 0.5, "dtype": "float32"}
+    fp32 = estimate_capacity(parse_spec(md(spec)))
+    assert fp32.kv_bytes == 2 * roomy.kv_bytes and fp32.fits is False
 
 
 def test_a_whole_gpu_is_named_plainly_and_without_gpu_memory_the_check_is_skipped():

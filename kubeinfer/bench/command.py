@@ -87,11 +87,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from kubeinfer.local.router import build_local_router, shutdown_local_router
         router = build_local_router(app)
         try:
+            # The dtype the engines resolved (dtype auto decides at start), not the flag's value.
+            replica = next(iter(router.models[app.models[0].name].pool.replicas.values()))
+            dtype = replica.engine.engine.config.dtype
             records = asyncio.run(_load_in_process(router, workload, spec))
         finally:
             shutdown_local_router(router)
         target = (f"an in-process engine ({args.model or 'the bundled model'}, device "
-                  f"{app.models[0].engine['device']}, dtype {args.dtype})")
+                  f"{app.models[0].engine['device']}, {dtype})")
     summary = summarize(records)
     if args.json:
         print(json.dumps(summary, indent=2))
