@@ -101,14 +101,24 @@ async def burst_then_disconnect(router: Router, n: int) -> dict[str, float]:
 
 
 async def quiesce(router: Router) -> None:
-    """Wait (bounded) for the router's own clean-up (aborts, the final report request) to end."""
+    """Wait (bounded) for the router's own clean-up (aborts, the final report request) to end: idle
+    at several checks in a row, before and after the engines' barriers. (One idle check was not
+    enough on a loaded CI machine: the final report request can start just after the last stream
+    closes, and the scrape then read the last busy report.)"""
     pool = router.models["tiny"].pool
-    for _ in range(2000):
-        if not (router.admission.in_flight or pool._background):
-            break
-        await asyncio.sleep(0.005)
+
+    async def settled() -> None:
+        calm = 0
+        for _ in range(2000):
+            calm = calm + 1 if not (router.admission.in_flight or pool._background) else 0
+            if calm >= 5:
+                return
+            await asyncio.sleep(0.005)
+
+    await settled()
     for replica in pool.replicas.values():
         await replica.engine.barrier()
+    await settled()
 
 
 def run_case(tiny_llama_dir: str, report_only: bool) -> tuple[dict, dict]:
