@@ -102,15 +102,15 @@ async def burst_then_disconnect(router: Router, n: int) -> dict[str, float]:
 
 async def quiesce(router: Router) -> None:
     """Wait (bounded) for the router's own clean-up (aborts, the final report request) to end: idle
-    at several checks in a row, before and after the engines' barriers. (One idle check was not
-    enough on a loaded CI machine: the final report request can start just after the last stream
-    closes, and the scrape then read the last busy report.)"""
+    no admitted request, no open call to a replica and no clean-up task, at several checks in a row,
+    before and after the engines' barriers. (Admission alone was not enough on a loaded CI machine:
+    a call ends, and spawns the final report request, after its streams release their admission.)"""
     pool = router.models["tiny"].pool
 
     async def settled() -> None:
         calm = 0
         for _ in range(2000):
-            calm = calm + 1 if not (router.admission.in_flight or pool._background) else 0
+            calm = calm + 1 if not (router.admission.in_flight or pool.open_calls or pool._background) else 0
             if calm >= 5:
                 return
             await asyncio.sleep(0.005)
