@@ -19,7 +19,6 @@ The rule (``choose_dtype``; a dtype the user sets is always kept):
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 
@@ -57,8 +56,9 @@ def checkpoint_float_dtype(path: str) -> str | None:
     folder (read from the header, no tensor mapped), ``float32`` for a GGUF whose tensors are all F32,
     else None."""
     if os.path.isdir(path):
+        from kubeinfer.worker.quant_checkpoint import read_safetensors_header
         for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-            for name, info in _safetensors_header(file).items():
+            for name, info in read_safetensors_header(file).items():
                 if name != "__metadata__" and isinstance(info, dict) and info.get("dtype") in _SAFETENSORS_FLOATS:
                     return _SAFETENSORS_FLOATS[info["dtype"]]
         return None
@@ -68,16 +68,6 @@ def checkpoint_float_dtype(path: str) -> str | None:
         return None  # the loader refuses it with its own message
     reader = gguf.open_gguf(path)
     return "float32" if reader.tensors and all(t.tensor_type == 0 for t in reader.tensors) else None
-
-
-def _safetensors_header(file: str) -> dict:
-    try:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size)) if 0 < size <= 100 << 20 else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}  # the loader reports a broken file with its own, better message
-    return header if isinstance(header, dict) else {}
 
 
 def cpu_runs_bf16_natively() -> bool:

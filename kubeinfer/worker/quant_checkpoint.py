@@ -74,6 +74,12 @@ def quant_scheme_of(path: str) -> QuantScheme | None:
 
 
 def _read_metadata(path: str) -> dict[str, str] | None:
+    return read_safetensors_header(path).get("__metadata__")
+
+
+def read_safetensors_header(path: str) -> dict:
+    """A safetensors file's JSON header (tensor name -> dtype, shape, offsets; ``__metadata__``);
+    CheckpointError naming the file when it is not one."""
     # The header is JSON behind an 8-byte little-endian length: no tensor is read or mapped.
     try:
         with open(path, "rb") as f:
@@ -85,7 +91,7 @@ def _read_metadata(path: str) -> dict[str, str] | None:
         raise CheckpointError(f"cannot read {path!r}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: not a safetensors file (corrupt header)") from None
-    return header.get("__metadata__") if isinstance(header, dict) else None
+    return header if isinstance(header, dict) else {}
 
 
 def _scheme_from_metadata(meta: Mapping[str, str], path: str) -> QuantScheme:
