@@ -123,6 +123,15 @@ INVALID = {
                                       ("schema", "spec.engine.gpuMemoryUtilization", "maximum")),
     "enforceEager not a boolean": ({"engine": {"enforceEager": "yes"}},
                                    ("schema", "spec.engine.enforceEager", "type")),
+    "speculative not a block": ({"engine": {"speculative": "ngram"}}, ("schema", "spec.engine.speculative", "type")),
+    "unknown speculative method": ({"engine": {"speculative": {"method": "medusa"}}},
+                                   ("schema", "spec.engine.speculative.method", "enum")),
+    "zero speculative tokens": ({"engine": {"speculative": {"numSpeculativeTokens": 0}}},
+                                ("schema", "spec.engine.speculative.numSpeculativeTokens", "minimum")),
+    "speculative field in the engine block": ({"engine": {"speculativeMethod": "ngram"}},
+                                              ("schema", "spec.engine", "additionalProperties")),
+    "n-gram bounds crossed": ({"engine": {"speculative": {"method": "ngram", "promptLookupMin": 5}}},
+                              ("cel", "spec.engine.speculative", "promptLookupMax must be >= promptLookupMin")),
     "gpuMemory without GPU": ({"resources": {"gpuMemory": "16Gi"}}, ("cel", "spec.resources", "needs gpus: 1")),
 }
 
@@ -163,5 +172,6 @@ def test_docs_describe_every_field_of_the_crd():
     tables = _documented_fields()
     for name in ("model", "engine", "resources", "router", "autoscaling"):
         assert set(tables[f"spec.{name}"]) == set(spec[name]["properties"]), name
+    assert set(tables["spec.engine.speculative"]) == set(spec["engine"]["properties"]["speculative"]["properties"])
     scalars = {k for k, v in spec.items() if v.get("type") != "object" and k != "replicas"}
     assert scalars <= tables["Placement"]

@@ -348,15 +348,37 @@ def test_capacity_counts_quantized_weights_and_int8_kv():
 
 
 def test_capacity_counts_a_draft_models_weights_and_kv():
-    """speculativeMethod draft: the model's int4 copy beside it, and both models' K/V in the pool."""
+    """speculative.method draft: the model's int4 copy beside it, and both models' K/V in the pool."""
     plain = estimate_capacity(parse_spec(md()))
     int4 = estimate_capacity(parse_spec(md({"model": {"quantization": "int4"}})))
-    est = estimate_capacity(parse_spec(md({"engine": {"speculativeMethod": "draft"}})))
+    est = estimate_capacity(parse_spec(md({"engine": {"speculative": {"method": "draft"}}})))
     assert est.weight_bytes == plain.weight_bytes + int4.weight_bytes
     assert est.kv_bytes == 2 * plain.kv_bytes
     assert "weights (the model and its draft)" in est.message
-    assert estimate_capacity(parse_spec(md({"engine": {"speculativeMethod": "ngram"}}))).required_bytes == \
+    assert estimate_capacity(parse_spec(md({"engine": {"speculative": {"method": "ngram"}}}))).required_bytes == \
         plain.required_bytes  # prompt lookup needs no memory
+
+
+@pytest.mark.parametrize("speculative, message", [
+    ("ngram", "spec.engine.speculative must be an object, got str"),
+    ({"promptLookupMin": 5},
+     "spec.engine.speculative.promptLookupMax (4) must be >= spec.engine.speculative.promptLookupMin (5)"),
+    ({"numSpeculativeTokens": 0}, "spec.engine.speculative.numSpeculativeTokens must be >= 1, got 0"),
+    ({"method": "medusa"}, "spec.engine.speculative.method must be one of none, ngram, draft, got 'medusa'"),
+])
+def test_a_bad_speculative_block_is_refused_in_its_own_names(speculative, message):
+    """What the schema refuses (an API server without the CRD's schema hands it over anyway), the parser
+    refuses too, naming the nested field."""
+    with pytest.raises(SpecError) as e:
+        parse_spec(md({"engine": {"speculative": speculative}}))
+    assert str(e.value) == message
+
+
+def test_the_speculative_block_reaches_the_engine():
+    (model,) = to_app_config(parse_spec(md({"engine": {"speculative": {
+        "method": "ngram", "numSpeculativeTokens": 6, "promptLookupMax": 5}}}))).models
+    assert (model.engine["speculative_method"], model.engine["num_speculative_tokens"],
+            model.engine["prompt_lookup_min"], model.engine["prompt_lookup_max"]) == ("ngram", 6, 2, 5)
 
 
 def test_a_replica_that_cannot_fit_says_by_how_much():

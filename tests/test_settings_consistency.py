@@ -149,18 +149,38 @@ def _literal(value: Any) -> str:
     return {True: "true", False: "false"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
+def _schema_at(spec_schema: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The schema of ``spec.<path>`` (``engine.speculative.method``), None where the CRD has no such field."""
+    node: dict[str, Any] | None = spec_schema
+    for part in path.split("."):
+        node = (node or {}).get("properties", {}).get(part)
+    return node
+
+
+def _blocks(schema: dict[str, Any], path: str) -> dict[str, dict[str, Any]]:
+    """Every object under ``spec.<path>`` with properties of its own, by path (``engine``, ``engine.speculative``)."""
+    found = {path: schema}
+    for key, prop in schema["properties"].items():
+        if prop.get("type") == "object" and "properties" in prop:
+            found.update(_blocks(prop, f"{path}.{key}"))
+    return found
+
+
 def crd_problems(spec_schema: dict[str, Any], doc_tables: dict[str, dict[str, str]]) -> list[str]:
     problems = []
     mapped = {crd_path(f): f for f in fields(EngineConfig) if crd_path(f)}
-    engine_props = spec_schema["properties"]["engine"]["properties"]
-    for key in sorted(set(engine_props) - {p.partition(".")[2] for p in mapped if p.startswith("engine.")}):
-        problems.append(f"spec.engine.{key} is in the CRD but no EngineConfig field's crd")
-    if set(doc_tables.get("spec.engine", {})) != set(engine_props):
-        problems.append(f"docs/crd.md's spec.engine rows {sorted(doc_tables.get('spec.engine', {}))} are not the "
-                        f"CRD's {sorted(engine_props)}")
+    blocks = _blocks(spec_schema["properties"]["engine"], "engine")
+    for block, schema in blocks.items():
+        props = schema["properties"]
+        leaves = {k for k in props if f"{block}.{k}" not in blocks}
+        for key in sorted(leaves - {p.rpartition(".")[2] for p in mapped if p.rpartition(".")[0] == block}):
+            problems.append(f"spec.{block}.{key} is in the CRD but no EngineConfig field's crd")
+        if set(doc_tables.get(f"spec.{block}", {})) != set(props):
+            problems.append(f"docs/crd.md's spec.{block} rows {sorted(doc_tables.get(f'spec.{block}', {}))} are "
+                            f"not the CRD's {sorted(props)}")
     for path, f in sorted(mapped.items()):
-        section, _, key = path.partition(".")
-        prop = spec_schema["properties"][section]["properties"].get(key)
+        section, _, key = path.rpartition(".")
+        prop = _schema_at(spec_schema, path)
         if prop is None:
             problems.append(f"EngineConfig.{f.name}: spec.{path} is not in the CRD")
             continue
@@ -197,10 +217,16 @@ def test_the_crd_check_can_fail():
     del engine["compile"]
     engine["speculativeTokens"] = {"type": "integer", "default": 0}
     engine["maxNumSeqs"]["default"] = 64
+    del engine["speculative"]["properties"]["promptLookupMin"]
+    engine["speculative"]["properties"]["model"] = {"type": "string"}
     docs = _doc_tables()
     del docs["spec.model"]["maxModelLen"]
+    del docs["spec.engine.speculative"]["method"]
     problems = crd_problems(spec, docs)
     assert any("speculativeTokens is in the CRD" in p for p in problems)
+    assert any("spec.engine.speculative.model is in the CRD" in p for p in problems)
+    assert any("spec.engine.speculative.promptLookupMin is not in the CRD" in p for p in problems)
+    assert any("docs/crd.md's spec.engine.speculative rows" in p for p in problems)
     assert any("spec.engine.compile is not in the CRD" in p for p in problems)
     assert any("maxNumSeqs defaults to 64" in p for p in problems)
     assert any("no spec.model row for maxModelLen" in p for p in problems)
@@ -221,17 +247,20 @@ def _non_default(f: Field) -> Any:
 
 @pytest.mark.parametrize("gpus", [0, 1])
 def test_every_crd_engine_field_reaches_the_engine_under_its_engine_config_name(gpus):
-    spec = {"engine": {}, "resources": {"gpus": gpus, "memory": "8Gi"}}
-    for key, f in ENGINE_FIELDS.items():
-        value = _non_default(f)
-        spec["engine"][key] = "256Mi" if f.name.endswith("_bytes") else value
-    if not spec["engine"]["chunkedPrefill"]:
-        spec["engine"]["maxNumBatchedTokens"] = 4096
+    spec: dict[str, Any] = {"engine": {}, "resources": {"gpus": gpus, "memory": "8Gi"}}
+    values = {key: "256Mi" if f.name.endswith("_bytes") else _non_default(f) for key, f in ENGINE_FIELDS.items()}
+    if not values["chunkedPrefill"]:
+        values["maxNumBatchedTokens"] = 4096
+    for key, value in values.items():  # "speculative.method" -> spec.engine.speculative.method
+        *blocks, leaf = key.split(".")
+        section = spec["engine"]
+        for block in blocks:
+            section = section.setdefault(block, {})
+        section[leaf] = value
     parsed = parse_spec({"metadata": {"name": "a"}, "spec": spec})
     (model,) = to_app_config(parsed).models
     for key, f in ENGINE_FIELDS.items():
-        want = 256 << 20 if f.name.endswith("_bytes") else spec["engine"][key]
-        assert model.engine[f.name] == want, key
+        assert model.engine[f.name] == (256 << 20 if f.name.endswith("_bytes") else values[key]), key
     if not gpus:  # what a CPU replica hands EngineConfig is accepted (a GPU one needs a GPU to resolve)
         assert EngineConfig(**model.replica_engine_kwargs()).block_size == spec["engine"]["kvBlockSize"]
 

@@ -51,7 +51,7 @@ def kv_bytes_per_token(dims: ModelDims, dtype: str, kv_cache_dtype: str) -> int 
 
 
 def pool_bytes_per_token(spec: ModelDeploymentSpec) -> int | None:
-    """What one token takes in the KV pool: the model's K/V, and with ``speculativeMethod: draft`` the
+    """What one token takes in the KV pool: the model's K/V, and with ``speculative.method: draft`` the
     draft's too (the model itself, quantized: same layers and heads), whose K/V share the blocks."""
     per_token = kv_bytes_per_token(spec.model.dims, planned_dtype(spec), spec.engine.kv_cache_dtype)
     if per_token is None:

@@ -179,8 +179,19 @@ def deployment_default(f: Field) -> Any:
 ENGINE_FIELDS: Mapping[str, Field] = MappingProxyType(_crd_fields("engine"))
 _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
 # spec.engine values that mean EngineConfig's None (the CRD needs a string default to show).
-_NONE_SPELLINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({"speculativeMethod": ("none",),
-                                                                   "speculativeDraftQuantization": ("none",)})
+_NONE_SPELLINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({"speculative.method": ("none",),
+                                                                   "speculative.draftQuantization": ("none",)})
+
+
+def crd_value(section: Mapping[str, Any], key: str, where: str) -> Any:
+    """The value at ``key`` (``maxNumSeqs``, or a nested block's ``speculative.method``) of a spec section,
+    None where absent. A block that is not an object is a SpecError naming it."""
+    *blocks, leaf = key.split(".")
+    for i, block in enumerate(blocks):
+        section = section.get(block) or {}
+        if not isinstance(section, Mapping):
+            raise SpecError(f"{where}.{'.'.join(blocks[:i + 1])} must be an object, got {type(section).__name__}")
+    return section.get(leaf)
 
 
 def _check_engine(self) -> None:
@@ -374,10 +385,12 @@ def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
             quantization=None if quantization in (None, "none") else quantization,
             dims=_model_dims(source, model), **_pick(model, {"maxModelLen": "max_model_len"}))
         engine = _section(spec, "engine")
+        given = {key: value for key in ENGINE_FIELDS
+                 if (value := crd_value(engine, key, "spec.engine")) is not None}
         engine_settings = EngineSettings(**{
-            f.name: parse_bytes(engine[key], f"spec.engine.{key}") if f.name.endswith("_bytes")
-            else None if engine[key] in _NONE_SPELLINGS.get(key, ()) else engine[key]
-            for key, f in ENGINE_FIELDS.items() if engine.get(key) is not None})
+            ENGINE_FIELDS[key].name: parse_bytes(value, f"spec.engine.{key}")
+            if ENGINE_FIELDS[key].name.endswith("_bytes")
+            else None if value in _NONE_SPELLINGS.get(key, ()) else value for key, value in given.items()})
         autoscaling = None
         if spec.get("autoscaling") is not None:
             auto = _section(spec, "autoscaling")

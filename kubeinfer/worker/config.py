@@ -53,7 +53,7 @@ NOT_IN_CRD: Mapping[str, str] = MappingProxyType({
     "quantization_group_size": "the capacity check sizes int4 weights for the default groups of 32",
     "seed": "not worth a CRD field: a request's own seed gives reproducible samples on any replica",
     "speculative_draft_model": "a separate draft checkpoint needs a model source of its own (uri, mount): in a "
-                               "ModelDeployment, speculativeMethod draft drafts with the target's own weights",
+                               "ModelDeployment, speculative.method draft drafts with the target's own weights",
 })
 
 
@@ -150,22 +150,23 @@ class EngineConfig:
         None, "speculative decoding, verified in one step and exact (greedy output is unchanged): ngram proposes "
         "the tokens that followed the latest earlier match of the last few tokens (prompt lookup); draft runs a "
         "draft model (by default the target itself at int4)",
-        crd="engine.speculativeMethod", choices=SPECULATIVE_METHODS)
+        crd="engine.speculative.method", choices=SPECULATIVE_METHODS)
     num_speculative_tokens: int = _setting(
         4, f"draft tokens proposed per step when speculating (1 to {MAX_SPECULATIVE_TOKENS})",
-        crd="engine.numSpeculativeTokens")
-    prompt_lookup_min: int = _setting(2, "ngram speculation: the shortest n-gram matched", crd="engine.promptLookupMin")
+        crd="engine.speculative.numSpeculativeTokens")
+    prompt_lookup_min: int = _setting(
+        2, "ngram speculation: the shortest n-gram matched", crd="engine.speculative.promptLookupMin")
     prompt_lookup_max: int = _setting(
-        4, "ngram speculation: the longest n-gram matched (tried first)", crd="engine.promptLookupMax")
+        4, "ngram speculation: the longest n-gram matched (tried first)", crd="engine.speculative.promptLookupMax")
     speculative_draft_model: str | None = _setting(
         None, "speculative_method draft: the draft model's Hugging Face folder or GGUF file, sharing the target's "
         "tokenizer (default: the target's own weights, quantized with --draft-quantization)", flag="--draft-model")
     speculative_draft_quantization: str | None = _setting(
         "int4", "speculative_method draft: the draft's weight quantization", flag="--draft-quantization",
-        crd="engine.speculativeDraftQuantization", choices=QUANTIZATIONS)
+        crd="engine.speculative.draftQuantization", choices=QUANTIZATIONS)
     speculative_disable_by_batch_size: int = _setting(
         8, "no speculation in a step with more running sequences than this (a full batch is compute-bound, "
-        "where verifying drafts costs more than it saves)", crd="engine.speculativeDisableByBatchSize")
+        "where verifying drafts costs more than it saves)", crd="engine.speculative.disableByBatchSize")
     seed: int = _setting(0, "seeds the engine's generator for requests without a seed of their own, so an "
                                "engine's sampling is reproducible from its start (a request's seed wins)")
 
