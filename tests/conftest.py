@@ -187,3 +187,21 @@ def ray_head():
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
         stop()
+
+
+def _tiers() -> list:
+    from kubeinfer.worker.kernels.cpu import cpu_tiers
+    return cpu_tiers() or [None]
+
+
+@pytest.fixture(scope="module", params=_tiers())
+def kernels(request):
+    """The C++ CPU kernels built for each ISA tier this CPU runs (lower tiers forced)."""
+    from kubeinfer.worker.kernels.cpu import load_cpu_kernels
+    if request.param is None:
+        pytest.skip("this CPU has no ISA tier")
+    module = load_cpu_kernels(request.param)
+    if module is None:
+        pytest.skip("the C++ CPU kernels could not be built (no compiler?)")
+    assert module.tier == request.param
+    return module

@@ -9,22 +9,13 @@ import torch.nn.functional as F
 
 from kubeinfer.worker import Engine, SamplingParams
 from kubeinfer.worker.kernels.attention import AttentionMetadata, LayerKVCache, paged_attention, write_kv
-from kubeinfer.worker.kernels.cpu import cpu_tiers, load_cpu_kernels
+from kubeinfer.worker.kernels.cpu import load_cpu_kernels
 from kubeinfer.worker.evaluation import prompt_logits
 from kubeinfer.worker.models.rope import apply_rotary
 from kubeinfer.worker.sampling import Sampler, SamplingBatch
 
 KERNELS = load_cpu_kernels()  # the tier this CPU selects; None without a compiler (nothing runs then)
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="the C++ CPU kernels could not be built (no compiler?)")
-
-
-@pytest.fixture(scope="module", params=cpu_tiers() or [None])
-def kernels(request):
-    """The kernels built for each tier this CPU runs."""
-    module = load_cpu_kernels(request.param) if request.param is not None else None
-    if module is None:
-        pytest.skip("the C++ CPU kernels could not be built (no compiler?)")
-    return module
 
 
 # bf16 kernels read bf16, compute in fp32 and round once: compared with fp32 math on the same

@@ -76,18 +76,7 @@ def test_loading_a_tier_this_cpu_lacks_is_refused():
         cpu.load_cpu_kernels("avx1024")
 
 
-# ---- the kernels, at every tier this CPU runs ----
-
-@pytest.fixture(scope="module", params=cpu.cpu_tiers() or [None])
-def kernels(request):
-    if request.param is None:
-        pytest.skip("this CPU has no ISA tier")
-    module = cpu.load_cpu_kernels(request.param)
-    if module is None:
-        pytest.skip("the C++ CPU kernels could not be built (no compiler?)")
-    assert module.tier == request.param
-    return module
-
+# ---- the kernels, at every tier this CPU runs (the conftest fixture `kernels`) ----
 
 def test_avx2_build_holds_no_avx512_instructions():
     if "avx2" not in cpu.cpu_tiers() or shutil.which("objdump") is None:

@@ -85,7 +85,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(model.config, num_blocks, block_size, backend.dtype, kv_int8,
                                             self.device)
         self.sampler = Sampler(backend.greedy_argmax, full_vocab_filters=self.device.type == "cuda",
-                               generator=make_generator(seed, self.device))
+                               generator=make_generator(seed, self.device), sample_rows=backend.sample_rows)
         self.graphs = None  # DecodeGraphs, set by capture_cuda_graphs
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:

@@ -216,14 +216,14 @@ def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     return logits.masked_fill_(logits < threshold, -math.inf)
 
 
-def _exponential(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Exp(1) noise drawn as -log(U): the same law as ``exponential_``, and cheaper on a CPU.
-
-    U in [0, 1) makes the noise positive (U = 0 gives inf: that token just loses the race). A
-    generator's draws are made on its own device, so a CPU generator also serves GPU logits.
-    """
-    on = generator.device if generator is not None else device
-    return torch.empty(shape, device=on).uniform_(generator=generator).log_().neg_().to(device)
+def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Per row of ``probs`` [B, V], the first column whose cumulative probability (in column order)
+    passes ``uniforms`` [B] times the row's total: P(column) = its probability, from one uniform per
+    row. A column of probability 0 is never drawn (u rounding up to the total gives the last positive)."""
+    cum = probs.double().cumsum(-1)
+    total = cum[:, -1:]
+    picked = (cum <= uniforms.unsqueeze(1) * total).sum(-1)
+    return torch.minimum(picked, (cum < total).sum(-1))
 
 
 def first_max(logits: Tensor) -> Tensor:
@@ -231,6 +231,20 @@ def first_max(logits: Tensor) -> Tensor:
     and cost less than ``argmax`` on a CPU, every decode step."""
     return logits.max(dim=-1).indices
 
+
+def _adjusted(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """fp32 logits with the constrained rows' grammar masks and the penalties applied (a new tensor:
+    the caller's is never modified)."""
+    widened = logits.float()
+    if batch.token_bitmask is not None:
+        from kubeinfer.worker.structured_output import apply_bitmask  # only constrained batches need xgrammar
+        widened = widened if widened is not logits else logits.clone()
+        apply_bitmask(widened, batch.token_bitmask, batch.bitmask_rows)
+    if batch.any_penalty:
+        widened = apply_penalties(widened, seen_mask=batch.seen_mask, repetition_penalty=batch.repetition_penalty,
+                                  output_counts=batch.output_counts, presence_penalty=batch.presence_penalty,
+                                  frequency_penalty=batch.frequency_penalty)
+    return widened
 
 
 @dataclass
@@ -254,22 +268,27 @@ class Sampler:
 
     Order, as in vLLM: the grammar mask of constrained rows (structured output: forbidden tokens'
     logits become -inf, so every later step, logprobs included, sees the masked distribution),
-    penalties, then (greedy rows) argmax, or (other rows) temperature, top-k,
-    top-p, min-p and a draw. Seeded rows draw from their own generator via the exponential race
-    (argmax of probs / Exp(1) noise), so their tokens do not depend on the rest of the batch.
-    Logits may be fp32 or the model's dtype: a plain-greedy batch takes its argmax as they are,
-    with the kernel backend's ``greedy_argmax`` (one C++ pass on a CPU); everything else widens them
-    to fp32 first. The caller's logits are never modified. ``full_vocab_filters`` (on a GPU) ranks
-    the whole vocabulary for top-k/top-p, so that sampling never waits on the device mid-step.
-    ``generator`` (the engine's, seeded from ``EngineConfig.seed``) draws for the rows without a
-    seed of their own, so an engine's unseeded sampling is reproducible from its start.
+    penalties, then (greedy rows) argmax, or (other rows) temperature, top-k, top-p, min-p and a draw.
+    The draw is an inverse CDF over the row in column order (``inverse_cdf``) with one uniform per
+    row; seeded rows take theirs from their own generator, so their tokens do not depend on the rest
+    of the batch. Greedy rows take the kernel backend's ``greedy_argmax`` (one C++ pass on a CPU).
+    ``sample_rows``, where the backend has one (the C++ kernels), filters and draws in one call with
+    the same rules and the same uniforms as the torch path (which runs on a GPU, on the torch
+    backend, and whenever logprobs are asked: they need the processed logits). Logits may be fp32 or
+    the model's dtype; the torch path widens them to fp32. The caller's logits are never modified.
+    ``full_vocab_filters`` (on a GPU) ranks the whole vocabulary for top-k/top-p, so that sampling
+    never waits on the device mid-step. ``generator`` (the engine's, seeded from
+    ``EngineConfig.seed``) draws for the rows without a seed of their own, so an engine's unseeded
+    sampling is reproducible from its start.
     """
 
     def __init__(self, greedy_argmax: Callable[[Tensor], Tensor] = first_max, full_vocab_filters: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 sample_rows: Callable[..., Tensor] | None = None) -> None:
         self._greedy_argmax = greedy_argmax
         self._full_vocab = full_vocab_filters
         self._generator = generator  # draws for rows without a seed of their own (None: torch's global RNG)
+        self._sample_rows = sample_rows
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[1] != batch.vocab_size or logits.shape[0] != batch.greedy.shape[0]:
@@ -277,41 +296,45 @@ class Sampler:
                              f"({batch.greedy.shape[0]} rows, vocab {batch.vocab_size})")
         if batch.plain_greedy:
             return SamplerOutput(self._greedy_argmax(logits))
-        widened = logits.float()
-        if batch.token_bitmask is not None:
-            from kubeinfer.worker.structured_output import apply_bitmask  # only constrained batches need xgrammar
-            widened = widened if widened is not logits else logits.clone()  # never mask the caller's tensor
-            apply_bitmask(widened, batch.token_bitmask, batch.bitmask_rows)
-        logits = widened
-        if batch.any_penalty:
-            logits = apply_penalties(logits, seen_mask=batch.seen_mask, repetition_penalty=batch.repetition_penalty,
-                                     output_counts=batch.output_counts, presence_penalty=batch.presence_penalty,
-                                     frequency_penalty=batch.frequency_penalty)
+        if batch.token_bitmask is not None or batch.any_penalty or batch.max_logprobs is not None:
+            logits = _adjusted(logits, batch)
         if batch.all_greedy:
-            return self._output(first_max(logits), logits, batch)
+            return self._output(self._greedy_argmax(logits), logits, batch)
 
-        processed = logits / batch.temperature.unsqueeze(1)
-        if batch.any_top_k or batch.any_top_p:
-            processed = apply_top_k_top_p(processed, batch.top_k, batch.top_p, batch.max_top_k, self._full_vocab)
-        if batch.any_min_p:
-            processed = apply_min_p(processed, batch.min_p)
-        probs = processed.softmax(dim=-1)
-        # Greedy rows' noise is irrelevant (their argmax replaces the draw) but must not be garbage.
-        noise = (_exponential(probs.shape, self._generator, probs.device) if batch.any_unseeded_random
-                 else torch.ones_like(probs))
-        for row, gen in batch.seeded:
-            noise[row] = _exponential(probs.shape[1:], gen, probs.device)
-        token_ids = (probs / noise).argmax(dim=-1)
+        uniforms = self._uniforms(batch, logits.device)
+        processed = None
+        if self._sample_rows is not None and batch.max_logprobs is None:
+            token_ids = self._sample_rows(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, uniforms)
+        else:
+            logits = logits.float()
+            processed = logits / batch.temperature.unsqueeze(1)
+            if batch.any_top_k or batch.any_top_p:
+                processed = apply_top_k_top_p(processed, batch.top_k, batch.top_p, batch.max_top_k, self._full_vocab)
+            if batch.any_min_p:
+                processed = apply_min_p(processed, batch.min_p)
+            token_ids = inverse_cdf(processed.softmax(dim=-1), uniforms)
 
         if batch.any_greedy:
-            token_ids = torch.where(batch.greedy, first_max(logits), token_ids)
-            if batch.max_logprobs is not None:
+            token_ids = torch.where(batch.greedy, self._greedy_argmax(logits), token_ids)
+            if processed is not None and batch.max_logprobs is not None:
                 processed = torch.where(batch.greedy.unsqueeze(1), logits, processed)
         return self._output(token_ids, processed, batch)
 
+    def _uniforms(self, batch: SamplingBatch, device: torch.device) -> Tensor:
+        """[B] float64 in [0, 1): the engine generator's for unseeded rows, each seeded row's own."""
+        rows = batch.greedy.shape[0]
+        if batch.any_unseeded_random:
+            on = self._generator.device if self._generator is not None else device
+            uniforms = torch.rand(rows, dtype=torch.float64, generator=self._generator, device=on).to(device)
+        else:
+            uniforms = torch.zeros(rows, dtype=torch.float64, device=device)
+        for row, gen in batch.seeded:
+            uniforms[row] = torch.rand((), dtype=torch.float64, generator=gen, device=gen.device).to(device)
+        return uniforms
+
     @staticmethod
-    def _output(token_ids: Tensor, final_logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
-        if batch.max_logprobs is None:
+    def _output(token_ids: Tensor, final_logits: Tensor | None, batch: SamplingBatch) -> SamplerOutput:
+        if batch.max_logprobs is None or final_logits is None:
             return SamplerOutput(token_ids)
         logprobs = final_logits.log_softmax(dim=-1)
         chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)

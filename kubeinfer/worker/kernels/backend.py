@@ -14,7 +14,7 @@ module's ``forward`` never asks where it runs. Three backends, chosen by ``selec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -48,10 +48,13 @@ class KernelBackend:
     Subclasses provide ``rms_norm``, ``add_rms_norm_`` (adds ``x`` into ``residual`` in place and
     returns the norm of the sum), ``rotary_`` (in place on the first heads), ``silu_mul``,
     ``greedy_argmax``, ``attention`` (writes the step's K/V into the cache, then attends),
-    ``attention_metadata``, ``quantized_linear`` and ``prepare_model``.
+    ``attention_metadata``, ``quantized_linear`` and ``prepare_model``. ``sample_rows`` is the
+    backend's sampling kernel (temperature, top-k/top-p/min-p and the draw in one call, see
+    sampling.Sampler), or None where the sampler's torch path serves.
     """
 
     name: ClassVar[str] = ""
+    sample_rows: Callable[..., torch.Tensor] | None = None
     # Whether decode steps may be captured as CUDA graphs (their kernels read no host state).
     supports_cuda_graphs: ClassVar[bool] = False
 

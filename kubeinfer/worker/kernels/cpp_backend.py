@@ -42,6 +42,7 @@ class CppBackend(TorchBackend):
         self.rotary_ = kernels.rotary_
         self.silu_mul = kernels.silu_mul
         self.greedy_argmax = kernels.greedy_argmax
+        self.sample_rows = kernels.sample_rows
         self._write_kv = kernels.write_kv
         self._decode = kernels.decode_attention
 

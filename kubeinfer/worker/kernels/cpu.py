@@ -47,7 +47,7 @@ _TIER_CFLAGS = {
 _DIR = os.path.dirname(__file__)
 _SOURCES = [os.path.join(_DIR, name)
             for name in ("cpu_kernels.cpp", "paged_attention.cpp", "amx_linear.cpp", "quant_gemv.cpp",
-                          "int8_gemm.cpp", "q4_gemm.cpp", "decode_stack.cpp")]
+                          "int8_gemm.cpp", "q4_gemm.cpp", "decode_stack.cpp", "sampling_kernel.cpp")]
 _HEADERS = [os.path.join(_DIR, name) for name in ("simd.h", "common.h", "quant_dot.h", "parallel.h")]
 
 

@@ -253,6 +253,12 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
                                const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale);
 
 
+namespace kubeinfer {  // sampling_kernel.cpp
+torch::Tensor sample_rows(const torch::Tensor& logits, const torch::Tensor& temperature,
+                          const c10::optional<torch::Tensor>& top_k, const c10::optional<torch::Tensor>& top_p,
+                          const c10::optional<torch::Tensor>& min_p, const torch::Tensor& uniforms);
+}  // namespace kubeinfer
+
 void register_decode_stack(pybind11::module& m);  // decode_stack.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -281,6 +287,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         nogil);
   m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
   m.def("greedy_argmax", &greedy_argmax, "first-maximum index per row of fp32 or bf16 logits (NaN wins)", nogil);
+  m.def("sample_rows", &kubeinfer::sample_rows,
+        "a token per row: temperature, top-k, top-p, min-p, then an inverse-CDF draw with the row's uniform",
+        py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+        py::arg("uniforms"), nogil);
   m.def("amx_available", &kubeinfer::amx_available, "built with AMX, and the OS grants this process its tiles");
   m.def("amx_pack_weight", &kubeinfer::amx_pack_weight, "bf16 [N, K] weight -> amx_linear's tile layout",
         py::arg("weight"), py::arg("swiglu") = false, nogil);

@@ -1,10 +1,13 @@
-// AVX-512 math shared by the C++ CPU kernels (cpu_kernels.cpp, amx_linear.cpp).
+// Vector math shared by the C++ CPU kernels (cpu_kernels.cpp, amx_linear.cpp, sampling_kernel.cpp).
 #pragma once
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
 
 namespace kubeinfer {
+
+#if defined(__AVX512F__)
 
 // expf for 16 lanes: Cephes' degree-6 polynomial on x - n ln2, scaled by 2^n (~1 ulp; inputs
 // clamped to +-88.38, where float exp saturates). glibc's vector expf needs -ffast-math.
@@ -28,6 +31,27 @@ inline __m512 exp512(__m512 x) {
 inline __m512 silu512(__m512 g) {
   return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// expf for 8 lanes, the same polynomial as exp512; 2^n is built in the exponent bits (AVX2 has no
+// scalef), so inputs are clamped to [-87, 88], where n stays a normal float's exponent.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+#endif
 
 }  // namespace kubeinfer
-#endif
