@@ -9,20 +9,23 @@ What is real and what is modelled:
   ``look_back_period_s``), pushes them every 10 s (``metrics_interval_s``), and the controller averages
   a replica's samples over ``look_back_period_s`` (30 s) and hands the policy the raw ones too; the
   policy runs every control tick (1 s here; Ray's 0.1 s matters little, its delays are wall-clock);
-- a replica is a model of the engine: continuous batching with up to MAX_NUM_SEQS sequences, chunked
-  prefill of up to STEP_TOKENS tokens a step, a paged KV pool of KV_TOKENS tokens (preemption by
+- a replica is a model of the engine: continuous batching with up to ``max_num_seqs`` sequences, chunked
+  prefill of up to ``step_tokens`` tokens a step, a paged KV pool of ``kv_tokens`` tokens (preemption by
   recompute when it runs out), and the step time calibrated below;
 - routing is power-of-two choices on running + waiting (our router's default policy); a new replica
-  serves after START_S; a replica being removed takes no new requests and leaves when its last stream
+  serves after ``start_s`` (all ``ReplicaModel``'s); a replica being removed takes no new requests and leaves when its last stream
   ends (Serve drains); replica-seconds count from start request to exit.
 
 Calibration (the default model, SmolLM2-135M, bf16 on the 2-core AVX-512 dev VM, docs/benchmarks.md):
-batch-1 decode ~130 tok/s gives STEP_BASE_S 7.7 ms; the offline run's ~590 output tok/s at up to 64
-sequences gives ~1.5 ms per extra decoding sequence (STEP_PER_SEQ_S); prefill GEMMs at ~0.3 TFLOPS,
-2 x 135M FLOPs per token, give ~0.9 ms per prompt token (STEP_PER_PREFILL_TOKEN_S). KV: 1 GiB (the CPU
+batch-1 decode ~130 tok/s gives ``step_base_s`` 7.7 ms; the offline run's ~590 output tok/s at up to 64
+sequences gives ~1.5 ms per extra decoding sequence (``step_per_seq_s``); prefill GEMMs at ~0.3 TFLOPS,
+2 x 135M FLOPs per token, give ~0.9 ms per prompt token (``step_per_prefill_token_s``). KV: 1 GiB (the CPU
 default pool) at 30 layers x 3 KV heads x 64 x 2 (K and V) x 2 bytes = 23 KB per token, ~46k tokens.
 
     python benchmarks/autoscaling.py [--seconds 1800] [--seed 0]
+
+benchmarks/autoscaling_real.py runs the policies on this machine's local Ray instead, beside this
+simulator's prediction of the same run.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import logging
 import heapq
 import math
 import random
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -45,17 +47,42 @@ import ray.serve.autoscaling_policy as ray_policy_module
 from kubeinfer.serve.autoscaling import (KV_CACHE_USAGE, PREEMPTIONS_PER_S, RUNNING, TTFT_P90_S, WAITING,
                                          LLMAutoscalingPolicy, PolicySettings, ray_policy)
 
-STEP_BASE_S = 0.0077
-STEP_PER_SEQ_S = 0.0015
-STEP_PER_PREFILL_TOKEN_S = 0.0009
-MAX_NUM_SEQS = 64
-STEP_TOKENS = 512
-KV_TOKENS = 46_000
-START_S = 20.0          # a new replica's Ray actor start and model load
-PUSH_S, LOOK_BACK_S, TICK_S = 10.0, 30.0, 1.0
-RECORD_S = min(0.2 * LOOK_BACK_S, PUSH_S)  # Ray's replica records a sample this often, pushes every PUSH_S
 SLO_TTFT_S = 2.0
 DEP = DeploymentID(name="worker", app_name="sim")
+
+
+@dataclass(frozen=True)
+class ReplicaModel:
+    """One replica's engine as the simulator runs it: a step takes ``step_base_s`` +
+    ``step_per_seq_s`` per decoding sequence + ``step_per_prefill_token_s`` per prompt token; up to
+    ``max_num_seqs`` sequences and ``step_tokens`` tokens a step; a KV pool of ``kv_tokens``; a new
+    replica serves ``start_s`` after it is asked for. The defaults are the cluster-scale calibration
+    of the module docstring; ``calibrate`` measures one on this machine."""
+
+    step_base_s: float = 0.0077
+    step_per_seq_s: float = 0.0015
+    step_per_prefill_token_s: float = 0.0009
+    max_num_seqs: int = 64
+    step_tokens: int = 512
+    kv_tokens: int = 46_000
+    start_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Ray's metrics pipeline: replicas record a sample every ``record_s``, push every ``push_s``; the
+    controller averages over ``look_back_s``; the policy runs every ``tick_s``."""
+
+    push_s: float = 10.0
+    look_back_s: float = 30.0
+    tick_s: float = 1.0
+
+    @property
+    def record_s(self) -> float:
+        return min(0.2 * self.look_back_s, self.push_s)  # Ray's rule
+
+
+CLUSTER, RAY_DEFAULTS = ReplicaModel(), Pipeline()
 
 
 @dataclass
@@ -94,7 +121,8 @@ class Replica:
 class Fleet:
     """The replicas and the request lifecycle; ``step`` advances one replica by one engine step."""
 
-    def __init__(self, initial: int) -> None:
+    def __init__(self, initial: int, model: ReplicaModel) -> None:
+        self.model = model
         self.replicas: list[Replica] = []
         self.retired_seconds = 0.0
         self.started: dict[ReplicaID, float] = {}
@@ -104,7 +132,7 @@ class Fleet:
             self.add(0.0, ready=True)
 
     def add(self, now: float, ready: bool = False) -> Replica:
-        r = Replica(ReplicaID(f"r{self.next_id}", DEP), now if ready else now + START_S)
+        r = Replica(ReplicaID(f"r{self.next_id}", DEP), now if ready else now + self.model.start_s)
         self.next_id += 1
         self.replicas.append(r)
         self.started[r.rid] = now
@@ -124,8 +152,9 @@ class Fleet:
 
     def step(self, r: Replica, now: float) -> float:
         """One engine step of ``r`` starting at ``now``; returns its duration (0 when idle)."""
-        while r.waiting and len(r.prefilling) + len(r.decoding) < MAX_NUM_SEQS and \
-                r.kv_used + r.waiting[0].prompt + 16 <= KV_TOKENS:
+        m = self.model
+        while r.waiting and len(r.prefilling) + len(r.decoding) < m.max_num_seqs and \
+                r.kv_used + r.waiting[0].prompt + 16 <= m.kv_tokens:
             req = r.waiting.popleft()
             req.prefilled = 0
             r.prefilling.append(req)
@@ -133,7 +162,7 @@ class Fleet:
         b = len(r.decoding)
         if b + len(r.prefilling) == 0:
             return 0.0
-        budget, chunk = STEP_TOKENS - b, 0
+        budget, chunk = m.step_tokens - b, 0
         finished_prefill = []
         for req in r.prefilling:
             if budget <= 0:
@@ -144,7 +173,7 @@ class Fleet:
             chunk += take
             if req.prefilled == req.prompt:
                 finished_prefill.append(req)
-        dt = STEP_BASE_S + STEP_PER_SEQ_S * b + STEP_PER_PREFILL_TOKEN_S * chunk
+        dt = m.step_base_s + m.step_per_seq_s * b + m.step_per_prefill_token_s * chunk
         end = now + dt
         r.d += 1
         r.kv_used += b
@@ -163,7 +192,7 @@ class Fleet:
                 continue
             r.kv_used -= req.prompt + (r.d - req.start_d)
             self.done.append(req)
-        while r.kv_used > KV_TOKENS and r.decoding:  # out of blocks: preempt the newest, recompute later
+        while r.kv_used > m.kv_tokens and r.decoding:  # out of blocks: preempt the newest, recompute later
             key, req = max(r.decoding.items(), key=lambda kv: kv[1].start_d)
             del r.decoding[key]
             r.kv_used -= req.prompt + (r.d - req.start_d)
@@ -179,7 +208,7 @@ class Fleet:
         t = sorted(x[1] for x in r.ttfts)
         then, count = r.last_preempt
         r.last_preempt = (now, r.preemptions)
-        r.pending.append((now, {KV_CACHE_USAGE: r.kv_used / KV_TOKENS, WAITING: float(len(r.waiting)),
+        r.pending.append((now, {KV_CACHE_USAGE: r.kv_used / self.model.kv_tokens, WAITING: float(len(r.waiting)),
                                 RUNNING: float(len(r.prefilling) + len(r.decoding)),
                                 PREEMPTIONS_PER_S: (r.preemptions - count) / max(1e-9, now - then),
                                 TTFT_P90_S: t[min(len(t) - 1, math.ceil(0.9 * len(t)) - 1)] if t else 0.0}))
@@ -212,9 +241,9 @@ def context(fleet: Fleet, target: int, state: dict, config: AutoscalingConfig, n
 
 
 def simulate(arrivals: list[Req], policy: str, seconds: float, seed: int, targets: dict | None = None,
-             **config) -> dict[str, float]:
+             model: ReplicaModel = CLUSTER, pipeline: Pipeline = RAY_DEFAULTS, **config) -> dict[str, float]:
     """One trace under one policy (its name, with PolicySettings ``targets``), or 'ongoingRequests'
-    (Ray's default) with ``config``'s target_ongoing_requests."""
+    (Ray's default) with ``config``'s target_ongoing_requests; ``config`` is Ray's autoscaling_config."""
     rng = random.Random(seed)
     settings = None if policy == "ongoingRequests" else PolicySettings(policy=policy, **(targets or {}))
     cfg = AutoscalingConfig(**config, policy=ray_policy(settings)) if settings else AutoscalingConfig(**config)
@@ -225,20 +254,20 @@ def simulate(arrivals: list[Req], policy: str, seconds: float, seed: int, target
     # Ray's delay logic reads the wall clock (its module's ``time``): it runs on the simulated one.
     ray_policy_module.time = SimpleNamespace(time=lambda: clock[0])
     try:
-        return _run(arrivals, seconds, rng, cfg, fn, clock)
+        return _run(arrivals, seconds, rng, cfg, fn, clock, model, pipeline)
     finally:
         ray_policy_module.time = real_time
 
 
-def _run(arrivals: list[Req], seconds: float, rng: random.Random, cfg: AutoscalingConfig, fn, clock: list
-         ) -> dict[str, float]:
+def _run(arrivals: list[Req], seconds: float, rng: random.Random, cfg: AutoscalingConfig, fn, clock: list,
+         model: ReplicaModel, pipe: Pipeline) -> dict[str, float]:
     """The event loop: arrivals, engine steps and control ticks, in time order."""
     seq = iter(range(1 << 62))
     events: list = [(a.arrival, 0, next(seq), a) for a in arrivals]
-    events += [(k * TICK_S, 1, next(seq), None) for k in range(int(seconds / TICK_S))]
+    events += [(k * pipe.tick_s, 1, next(seq), None) for k in range(int(seconds / pipe.tick_s))]
     heapq.heapify(events)
     parked: deque[Req] = deque()  # arrivals while no replica serves (the router holds them)
-    fleet = Fleet(cfg.initial_replicas or cfg.min_replicas)
+    fleet = Fleet(cfg.initial_replicas or cfg.min_replicas, model)
     target, state = len(fleet.replicas), {}
     next_push: dict = {}
     next_record: dict = {}
@@ -266,13 +295,13 @@ def _run(arrivals: list[Req], seconds: float, rng: random.Random, cfg: Autoscali
             for r in fleet.replicas:
                 if r.ready_at <= now and next_record.get(r.rid, r.ready_at) <= now:
                     fleet.sample(r, now)
-                    next_record[r.rid] = now + RECORD_S
+                    next_record[r.rid] = now + pipe.record_s
                 if r.ready_at <= now and next_push.get(r.rid, r.ready_at) <= now:
                     r.samples.extend(r.pending)  # what the controller has: the pushed samples
                     r.pending.clear()
-                    while r.samples and now - r.samples[0][0] > LOOK_BACK_S:
+                    while r.samples and now - r.samples[0][0] > pipe.look_back_s:
                         r.samples.popleft()
-                    next_push[r.rid] = now + PUSH_S
+                    next_push[r.rid] = now + pipe.push_s
             decision, state = fn(context(fleet, target, state, cfg, now))
             target = max(cfg.min_replicas, min(cfg.max_replicas, int(math.ceil(decision))))
             active = [r for r in fleet.replicas if not r.draining]
@@ -329,7 +358,7 @@ def trace(kind: str, seconds: float, seed: int) -> list[Req]:
 # start 20 s): a shorter one is over before any reactive policy's replicas serve.
 BASE_RPS, BURST_RPS, PEAK_RPS, BURST_S = 5.0, 20.0, 20.0, 180.0
 SCALING = {"min_replicas": 2, "max_replicas": 40, "initial_replicas": 4, "upscale_delay_s": 15.0,
-           "downscale_delay_s": 120.0, "look_back_period_s": LOOK_BACK_S}
+           "downscale_delay_s": 120.0, "look_back_period_s": RAY_DEFAULTS.look_back_s}
 # (policy, Ray autoscaling_config extras, policy targets, label)
 RUNS = [("ongoingRequests", {"target_ongoing_requests": 2.0}, {}, "ongoingRequests (target 2, the CRD default)"),
         ("ongoingRequests", {"target_ongoing_requests": 16.0}, {}, "ongoingRequests (target 16)"),
@@ -339,95 +368,15 @@ RUNS = [("ongoingRequests", {"target_ongoing_requests": 2.0}, {}, "ongoingReques
         ("latency", {}, {"ttft_seconds": 0.75 * SLO_TTFT_S}, f"latency (ttftSeconds {0.75 * SLO_TTFT_S:g})")]
 
 
-def real_run(policies: list[str], seconds: float, seed: int) -> None:
-    """``--real``: the same comparison on this machine's local Ray, at 1-2 replicas of the default
-    model (1 CPU each): a Poisson load at LOW_RPS, HIGH_RPS for the middle third, then LOW_RPS again;
-    replica-seconds from Serve's status polled each second."""
-    import asyncio
-    import os
-
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from kubeinfer.client import AsyncClient
-    from kubeinfer.serve.app import build_app
-    from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # our own, not a test's
-    serve.start(grpc_options=gRPCOptions(port=9123, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
-    print("| policy | requests | SLO attainment | p99 TTFT | replica-seconds | errors |\n|---|---|---|---|---|---|")
-    for policy in policies:
-        auto = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "upscale_delay_s": 5.0,
-                "downscale_delay_s": 15.0, "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
-        if policy == "ongoingRequests":
-            auto["target_ongoing_requests"] = 2.0
-        else:
-            auto["policy"] = ray_policy(PolicySettings(policy=policy, ttft_seconds=SLO_TTFT_S))
-        app = AppConfig(models=[ModelSpec(name="m", uri="builtin://smollm2-135m", engine={"max_num_seqs": 16},
-                                          ray_actor_options={"num_cpus": 1}, autoscaling=auto)])
-        serve.run(build_app(app.to_dict()), name="auto", route_prefix="/")
-        rng = random.Random(seed)
-        ttfts: list[float] = []
-        errors = 0
-        replica_s = 0.0
-
-        async def one(client: AsyncClient, delay: float) -> None:
-            nonlocal errors
-            await asyncio.sleep(delay)
-            start = time.monotonic()
-            try:
-                async for _ in client.stream(" ".join(rng.choice(WORDS) for _ in range(40)), max_tokens=32,
-                                             timeout=120):
-                    ttfts.append(time.monotonic() - start)
-                    break
-            except Exception:
-                errors += 1
-
-        async def load() -> None:
-            nonlocal replica_s
-            async with AsyncClient("127.0.0.1:9123", application="auto") as client:
-                t, tasks = 0.0, []
-                while t < seconds:
-                    rate = HIGH_RPS if seconds / 3 <= t < 2 * seconds / 3 else LOW_RPS
-                    t += rng.expovariate(rate)
-                    tasks.append(asyncio.create_task(one(client, t)))
-                done = asyncio.gather(*tasks)
-                while not done.done():
-                    states = serve.status().applications["auto"].deployments["worker-m"].replica_states
-                    replica_s += sum(states.get(k, 0) for k in ("RUNNING", "STARTING", "STOPPING"))
-                    await asyncio.sleep(1.0)
-                await done
-        asyncio.run(load())
-        ttfts.sort()
-        n = len(ttfts) + errors
-        print(f"| {policy} | {n} | {100 * sum(x <= SLO_TTFT_S for x in ttfts) / max(1, n):.1f}% | "
-              f"{ttfts[int(0.99 * (len(ttfts) - 1))] if ttfts else float('nan'):.2f} s | {replica_s:,.0f} | {errors} |",
-              flush=True)
-        serve.delete("auto")
-    serve.shutdown()
-    ray.shutdown()
-
-
-LOW_RPS, HIGH_RPS = 0.5, 4.0
-WORDS = "the quick brown fox jumps over a lazy dog while kubernetes schedules pods on nodes".split()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=1800.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--real", nargs="*", metavar="POLICY",
-                   help="instead: a short run on a local Ray with these policies (default ongoingRequests latency)")
     args = p.parse_args()
-    if args.real is not None:
-        real_run(args.real or ["ongoingRequests", "latency"], args.seconds if args.seconds != 1800.0 else 180.0,
-                 args.seed)
-        return
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the policies' decision log, per run
     print(f"SLO: TTFT <= {SLO_TTFT_S:g} s; replicas {SCALING['min_replicas']}-{SCALING['max_replicas']}, "
           f"upscale delay {SCALING['upscale_delay_s']:g} s, downscale delay {SCALING['downscale_delay_s']:g} s, "
-          f"replica start {START_S:g} s; {args.seconds:g} s per trace, seed {args.seed}\n")
+          f"replica start {CLUSTER.start_s:g} s; {args.seconds:g} s per trace, seed {args.seed}\n")
     print("| trace | policy | SLO attainment | p99 TTFT | replica-seconds | replicas started | unfinished |")
     print("|---|---|---|---|---|---|---|")
     for kind in ("bursty", "diurnal"):
