@@ -132,6 +132,10 @@ INVALID = {
                                               ("schema", "spec.engine", "additionalProperties")),
     "n-gram bounds crossed": ({"engine": {"speculative": {"method": "ngram", "promptLookupMin": 5}}},
                               ("cel", "spec.engine.speculative", "promptLookupMax must be >= promptLookupMin")),
+    "draft model without method draft": ({"engine": {"speculative": {"method": "ngram", "draftModel": "pvc://m/d"}}},
+                                         ("cel", "spec.engine.speculative", "draftModel needs method: draft")),
+    "draft model not a uri": ({"engine": {"speculative": {"method": "draft", "draftModel": "/models/d"}}},
+                              ("cel", "spec.engine.speculative", "must be builtin://NAME")),
     "gpuMemory without GPU": ({"resources": {"gpuMemory": "16Gi"}}, ("cel", "spec.resources", "needs gpus: 1")),
 }
 

@@ -114,7 +114,7 @@ def test_engine_router_and_model_fields_reach_the_application():
                                "enforce_eager": False, "compile": False, "num_threads": 1,
                                "speculative_method": None, "num_speculative_tokens": 4, "prompt_lookup_min": 2,
                                "prompt_lookup_max": 4, "speculative_disable_by_batch_size": 8,
-                               "speculative_draft_quantization": "int4"}
+                               "speculative_draft_quantization": "int4", "speculative_draft_model": None}
     assert serve["applications"][0]["args"]["router"] == {
         "policy": "prefix_affinity", "max_in_flight": 20, "max_queued": 10, "batch_window_ms": 2.5,
         "max_batch_size": 4, "request_timeout_s": 30, "num_replicas": 2, "max_queue_wait_s": 30.0,
@@ -206,6 +206,32 @@ def test_a_pvc_model_is_mounted_read_only_in_every_pod_that_loads_it_or_its_toke
             assert [v["name"] for v in template["spec"]["volumes"]] == ["shm"]
     assert _model(build_serve_config(md({"model": {"uri": "file:///opt/m.gguf"}})))["uri"] == "/opt/m.gguf"
     assert _model(build_serve_config(md({"model": {"uri": "pvc://weights/m"}})))["name"] == "demo"
+
+
+def test_a_draft_model_in_another_claim_is_mounted_beside_the_model():
+    """speculative.draftModel: the engine gets the path in the pod; the draft's claim is mounted
+    read-only (once, when it is the model's claim too); the capacity check says it cannot size it."""
+    draft = {"method": "draft", "draftModel": "pvc://drafts/smol-135m"}
+    body = md({"model": {"uri": "pvc://weights/llama/1b"}, "engine": {"speculative": draft}})
+    model = _model(build_serve_config(body))
+    assert model["engine"]["speculative_draft_model"] == "/models/drafts/smol-135m"
+    for group, template in _pod_templates(build_rayservice(body)).items():
+        pod = template["spec"]
+        assert {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]} == \
+            {"shm": None, "model": "weights", "draft": "drafts"}, group
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["draft"] == {"name": "draft", "mountPath": "/models/drafts", "readOnly": True}
+        assert k8s_errors({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "d"}, "spec": pod}) is None
+    same_claim = md({"model": {"uri": "pvc://weights/llama/1b"},
+                     "engine": {"speculative": {"method": "draft", "draftModel": "pvc://weights/smol"}}})
+    for template in _pod_templates(build_rayservice(same_claim)).values():
+        assert [v["name"] for v in template["spec"]["volumes"]] == ["shm", "model"]
+    estimate = estimate_capacity(parse_spec(body))
+    assert estimate.fits is None and "speculative.draftModel" in estimate.message
+    with pytest.raises(SpecError, match="spec.engine.speculative.draftModel needs speculative.method: draft"):
+        parse_spec(md({"engine": {"speculative": {"method": "ngram", "draftModel": "file:///m"}}}))
+    with pytest.raises(SpecError, match=r"spec.engine.speculative.draftModel 'pvc://drafts': name the model"):
+        parse_spec(md({"engine": {"speculative": {"method": "draft", "draftModel": "pvc://drafts"}}}))
 
 
 def test_placement_labels_and_hardening_apply_to_every_ray_pod():

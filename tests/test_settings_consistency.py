@@ -242,7 +242,7 @@ def _non_default(f: Field) -> Any:
     if choices:
         return next(c for c in choices if c not in (default, "none"))  # "none" is parsed as None
     return {"bool": not default, "int": (default or 0) + 1, "float": 0.5,
-            "int | None": 256 << 20}[f.type]
+            "int | None": 256 << 20, "str | None": "file:///opt/models/a-model"}[f.type]
 
 
 @pytest.mark.parametrize("gpus", [0, 1])
@@ -251,6 +251,7 @@ def test_every_crd_engine_field_reaches_the_engine_under_its_engine_config_name(
     values = {key: "256Mi" if f.name.endswith("_bytes") else _non_default(f) for key, f in ENGINE_FIELDS.items()}
     if not values["chunkedPrefill"]:
         values["maxNumBatchedTokens"] = 4096
+    values["speculative.method"] = "draft"  # what a draftModel needs
     for key, value in values.items():  # "speculative.method" -> spec.engine.speculative.method
         *blocks, leaf = key.split(".")
         section = spec["engine"]
@@ -259,8 +260,10 @@ def test_every_crd_engine_field_reaches_the_engine_under_its_engine_config_name(
         section[leaf] = value
     parsed = parse_spec({"metadata": {"name": "a"}, "spec": spec})
     (model,) = to_app_config(parsed).models
+    # Quantities become bytes and model uris the path the replica's pod sees them at.
+    converted = {"kvCacheMemory": 256 << 20, "speculative.draftModel": "/opt/models/a-model"}
     for key, f in ENGINE_FIELDS.items():
-        assert model.engine[f.name] == (256 << 20 if f.name.endswith("_bytes") else values[key]), key
+        assert model.engine[f.name] == converted.get(key, values[key]), key
     if not gpus:  # what a CPU replica hands EngineConfig is accepted (a GPU one needs a GPU to resolve)
         assert EngineConfig(**model.replica_engine_kwargs()).block_size == spec["engine"]["kvBlockSize"]
 

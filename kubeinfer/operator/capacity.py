@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kubeinfer.operator.spec import ModelDims
+from kubeinfer.operator.model_source import ModelDims
 from kubeinfer.worker import kv_sizing
 from kubeinfer.worker.kv_sizing import DTYPE_BYTES
 
@@ -54,7 +54,7 @@ def pool_bytes_per_token(spec: ModelDeploymentSpec) -> int | None:
     """What one token takes in the KV pool: the model's K/V, and with ``speculative.method: draft`` the
     draft's too (the model itself, quantized: same layers and heads), whose K/V share the blocks."""
     per_token = kv_bytes_per_token(spec.model.dims, planned_dtype(spec), spec.engine.kv_cache_dtype)
-    if per_token is None:
+    if per_token is None or spec.draft_source is not None:  # a draft model of its own: its size is unknown
         return None
     return per_token * (2 if spec.engine.speculative_method == "draft" else 1)
 
@@ -132,7 +132,9 @@ def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
     res, dims = spec.resources, spec.model.dims
     dtype = planned_dtype(spec)
     weights = weight_bytes(dims, dtype, spec.model.quantization)
-    if weights is not None and spec.engine.speculative_method == "draft":  # a second, quantized copy
+    if spec.draft_source is not None:  # a draft model of its own, whose size the operator cannot know
+        weights = None
+    elif weights is not None and spec.engine.speculative_method == "draft":  # a second, quantized copy
         weights += weight_bytes(dims, dtype, spec.engine.speculative_draft_quantization)
     kv = kv_required_bytes(spec)
     if res.gpus:
@@ -143,6 +145,10 @@ def estimate_capacity(spec: ModelDeploymentSpec) -> CapacityEstimate:
         field_name, available = "resources.memory", res.memory_bytes
     estimate = dict(weight_bytes=weights, kv_bytes=kv, overhead_bytes=RUNTIME_OVERHEAD_BYTES,
                     available_bytes=available, memory_field=field_name)
+    if spec.draft_source is not None:
+        return CapacityEstimate(fits=None, message="memory need unknown: the operator cannot size the draft "
+                                "model (spec.engine.speculative.draftModel); the replica checks when it starts",
+                                **estimate)
     if weights is None or kv is None:
         missing = "spec.model.parameterCount" if weights is None else "spec.model.architecture"
         return CapacityEstimate(fits=None, message=f"memory need unknown: set {missing} to check it", **estimate)

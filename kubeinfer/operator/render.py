@@ -20,7 +20,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from kubeinfer.operator.spec import PVC_MOUNT_ROOT, REPLICA_RESOURCE, ModelDeploymentSpec, parse_spec, to_app_config
+from kubeinfer.operator.model_source import PVC_MOUNT_ROOT
+from kubeinfer.operator.spec import REPLICA_RESOURCE, ModelDeploymentSpec, parse_spec, to_app_config
 from kubeinfer.serve.config import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, serve_config
 
 VERSION = "0.1.0"
@@ -128,13 +129,15 @@ def _storage(spec: ModelDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict
     """The (volumeMounts, volumes) of a Ray pod that loads the model or its tokenizer: Ray's object
     store in memory, and a pvc:// model's claim, read-only, where ``ModelSource.local_path`` points.
     Both groups need the claim: the workers load the weights, and the head runs the router, whose
-    ingress loads the tokenizer (and the model's config) from the same path."""
+    ingress loads the tokenizer (and the model's config) from the same path. A pvc:// draft model
+    (``speculative.draftModel``) in another claim is mounted beside it, the same way."""
     mounts = [{"name": "shm", "mountPath": "/dev/shm"}]
     volumes = [_shm_volume(OBJECT_STORE_BYTES)]
-    claim = spec.model.source.claim
-    if claim is not None:
-        mounts.append({"name": "model", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
-        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    claims = [spec.model.source.claim, spec.draft_source.claim if spec.draft_source else None]
+    for name, claim in zip(("model", "draft"), claims):
+        if claim is not None and (name == "model" or claim != claims[0]):
+            mounts.append({"name": name, "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+            volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
     return mounts, volumes
 
 

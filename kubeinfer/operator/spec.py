@@ -18,52 +18,16 @@ from typing import Any, Mapping
 from kubernetes.utils.quantity import parse_quantity
 
 from kubeinfer.operator.autoscaling_spec import parse_policy
+from kubeinfer.operator.model_source import BUILTIN_MODELS, DEFAULT_MODEL_URI, ModelDims, ModelSource, SpecError
 from kubeinfer.serve.autoscaling import PolicySettings, ray_policy
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 # torch-free (the operator image has no torch): the engine's own definitions of its settings and sizes.
 from kubeinfer.worker.config import DEPLOYMENT_DEFAULTS, QUANTIZATIONS, EngineConfig
 
-
-class SpecError(ValueError):
-    """A ModelDeployment spec that cannot be deployed; the message says which field and why."""
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """What the capacity check needs to know about a model's size. Any field may be None (unknown).
-
-    ``float_params`` are the parameters that stay in the engine dtype under weight quantization
-    (embeddings, norms): only the transformer layers' linear weights are quantized.
-    """
-
-    parameter_count: int | None = None
-    float_params: int = 0
-    num_layers: int | None = None
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    hidden_size: int | None = None
-    max_context: int | None = None
-
-    @property
-    def knows_kv(self) -> bool:
-        return None not in (self.num_layers, self.num_kv_heads, self.head_dim)
-
-
-# SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 KV heads of 64, vocab 49152 (tied embedding).
-# 134,515,008 parameters, of which the embedding (49152 x 576) and 61 norms (x 576) stay float.
-BUILTIN_MODELS: Mapping[str, ModelDims] = MappingProxyType({
-    "smollm2-135m": ModelDims(parameter_count=134_515_008, float_params=49152 * 576 + 61 * 576,
-                              num_layers=30, num_kv_heads=3, head_dim=64, hidden_size=576,
-                              max_context=8192),
-})
-DEFAULT_MODEL_URI = "builtin://smollm2-135m"
-# Where the Ray pods (head: the router's tokenizer; workers: the weights) mount a pvc:// uri's claim (render.py).
-PVC_MOUNT_ROOT = "/models"
 # The Ray custom resource each KubeRay worker pod advertises once, so that exactly one model replica
 # lands on each worker pod and none on the head (which hosts the router).
 REPLICA_RESOURCE = "kubeinfer_replica"
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # The ModelDeployment's name becomes a Service name (a DNS-1035 label) and KubeRay derives longer
 # names from the RayService's (``<name>-<suffix>-head-svc`` must stay within 63 characters).
 _DEPLOYMENT_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -85,53 +49,6 @@ def parse_cores(value: Any, where: str) -> float:
         return float(parse_quantity(value))
     except (ValueError, TypeError) as e:
         raise SpecError(f"{where}: {value!r} is not a CPU quantity such as 2 or 500m ({e})") from None
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the weights are: ``builtin://NAME``, ``pvc://CLAIM/PATH`` or ``file:///PATH``.
-
-    Invariants: ``scheme`` is one of the three; a builtin names a known model; a pvc source has a
-    DNS-label claim and a non-empty relative path; a file source has an absolute path.
-    """
-
-    uri: str
-
-    def __post_init__(self) -> None:
-        scheme, sep, rest = self.uri.partition("://")
-        if not sep or scheme not in ("builtin", "pvc", "file"):
-            raise SpecError(f"spec.model.uri {self.uri!r}: unsupported scheme; use {DEFAULT_MODEL_URI}, "
-                            "pvc://CLAIM/PATH/IN/CLAIM or file:///PATH/IN/IMAGE")
-        if scheme == "builtin" and rest not in BUILTIN_MODELS:
-            raise SpecError(f"spec.model.uri {self.uri!r}: no builtin model {rest!r}; "
-                            f"builtin models: {', '.join(BUILTIN_MODELS)}")
-        if scheme == "pvc":
-            claim, _, path = rest.partition("/")
-            if not _DNS_LABEL.match(claim) or len(claim) > 63:
-                raise SpecError(f"spec.model.uri {self.uri!r}: {claim!r} is not a PersistentVolumeClaim name")
-            if not path.strip("/") or ".." in path.split("/"):
-                raise SpecError(f"spec.model.uri {self.uri!r}: name the model's folder or file inside the "
-                                f"claim, e.g. pvc://{claim}/models/my-model")
-        if scheme == "file" and (not rest.startswith("/") or rest == "/"):
-            raise SpecError(f"spec.model.uri {self.uri!r}: a file uri needs an absolute path, "
-                            "e.g. file:///opt/models/my-model (three slashes)")
-
-    @property
-    def scheme(self) -> str:
-        return self.uri.partition("://")[0]
-
-    @property
-    def claim(self) -> str | None:
-        return self.uri[len("pvc://"):].partition("/")[0] if self.scheme == "pvc" else None
-
-    @property
-    def local_path(self) -> str:
-        """What the engine loads: the builtin uri itself, or a path inside the worker container."""
-        rest = self.uri.partition("://")[2]
-        if self.scheme == "pvc":
-            claim, _, path = rest.partition("/")
-            return f"{PVC_MOUNT_ROOT}/{claim}/{path.strip('/')}"
-        return rest if self.scheme == "file" else self.uri
 
 
 @dataclass(frozen=True)
@@ -181,6 +98,8 @@ _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number"
 # spec.engine values that mean EngineConfig's None (the CRD needs a string default to show).
 _NONE_SPELLINGS: Mapping[str, tuple[str, ...]] = MappingProxyType({"speculative.method": ("none",),
                                                                    "speculative.draftQuantization": ("none",)})
+# spec.engine values that are model uris: the engine gets the path the replica's pod sees them at.
+_MODEL_URIS = frozenset({"speculative.draftModel"})
 
 
 def crd_value(section: Mapping[str, Any], key: str, where: str) -> Any:
@@ -304,7 +223,8 @@ class Resources:
 @dataclass(frozen=True)
 class ModelDeploymentSpec:
     """One ModelDeployment, parsed: its identity, model, engine, scaling, resources, router and
-    placement. Invariants: the name is a DNS-1035 label of at most 40 characters; ``replicas`` and
+    placement (``draft_source``: a draft model's uri, whose path in the pod the engine settings hold).
+    Invariants: the name is a DNS-1035 label of at most 40 characters; ``replicas`` and
     ``autoscaling`` are never both set (``replicas`` is 1 when neither was); the combination is
     one the engine can run (e.g. no unchunked prefill with a step smaller than a prompt).
     """
@@ -321,6 +241,7 @@ class ModelDeploymentSpec:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     ray_address: str | None = None
+    draft_source: ModelSource | None = None  # spec.engine.speculative.draftModel, as given
 
     def __post_init__(self) -> None:
         if not _DEPLOYMENT_NAME.match(self.name) or len(self.name) > MAX_NAME_LENGTH:
@@ -333,6 +254,8 @@ class ModelDeploymentSpec:
         if not self.engine.enable_chunked_prefill and self.engine.max_num_batched_tokens < self.model.max_model_len:
             raise SpecError(f"spec.engine.chunkedPrefill: false needs maxNumBatchedTokens "
                             f"({self.engine.max_num_batched_tokens}) >= spec.model.maxModelLen ({self.model.max_model_len})")
+        if self.draft_source is not None and self.engine.speculative_method != "draft":
+            raise SpecError("spec.engine.speculative.draftModel needs speculative.method: draft")
         if self.ray_address is not None and not _RAY_ADDRESS.match(self.ray_address):
             raise SpecError(f"spec.rayAddress {self.ray_address!r}: use the Ray dashboard's http(s)://HOST:PORT")
 
@@ -387,9 +310,10 @@ def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
         engine = _section(spec, "engine")
         given = {key: value for key in ENGINE_FIELDS
                  if (value := crd_value(engine, key, "spec.engine")) is not None}
+        sources = {key: ModelSource(str(given[key]), f"spec.engine.{key}") for key in _MODEL_URIS & set(given)}
         engine_settings = EngineSettings(**{
             ENGINE_FIELDS[key].name: parse_bytes(value, f"spec.engine.{key}")
-            if ENGINE_FIELDS[key].name.endswith("_bytes")
+            if ENGINE_FIELDS[key].name.endswith("_bytes") else sources[key].local_path if key in sources
             else None if value in _NONE_SPELLINGS.get(key, ()) else value for key, value in given.items()})
         autoscaling = None
         if spec.get("autoscaling") is not None:
@@ -418,7 +342,8 @@ def parse_spec(body: Mapping[str, Any]) -> ModelDeploymentSpec:
             replicas=replicas if replicas is not None or autoscaling is not None else 1,
             autoscaling=autoscaling, resources=resources, router=router, image=spec.get("image") or None,
             node_selector=dict(spec.get("nodeSelector") or {}),
-            tolerations=tuple(spec.get("tolerations") or ()), ray_address=spec.get("rayAddress") or None)
+            tolerations=tuple(spec.get("tolerations") or ()), ray_address=spec.get("rayAddress") or None,
+            draft_source=sources.get("speculative.draftModel"))
     except TypeError as e:  # a field of the wrong type, e.g. a string where a number belongs
         raise SpecError(f"spec: {e}") from None
 

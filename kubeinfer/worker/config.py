@@ -52,8 +52,6 @@ NOT_IN_CRD: Mapping[str, str] = MappingProxyType({
     "num_kv_blocks": "a device-local override of the pool size; a deployment sizes it with kvCacheMemory",
     "quantization_group_size": "the capacity check sizes int4 weights for the default groups of 32",
     "seed": "not worth a CRD field: a request's own seed gives reproducible samples on any replica",
-    "speculative_draft_model": "a separate draft checkpoint needs a model source of its own (uri, mount): in a "
-                               "ModelDeployment, speculative.method draft drafts with the target's own weights",
 })
 
 
@@ -160,7 +158,8 @@ class EngineConfig:
         4, "ngram speculation: the longest n-gram matched (tried first)", crd="engine.speculative.promptLookupMax")
     speculative_draft_model: str | None = _setting(
         None, "speculative_method draft: the draft model's Hugging Face folder or GGUF file, sharing the target's "
-        "tokenizer (default: the target's own weights, quantized with --draft-quantization)", flag="--draft-model")
+        "tokenizer (default: the target's own weights, quantized with --draft-quantization)", flag="--draft-model",
+        crd="engine.speculative.draftModel")
     speculative_draft_quantization: str | None = _setting(
         "int4", "speculative_method draft: the draft's weight quantization", flag="--draft-quantization",
         crd="engine.speculative.draftQuantization", choices=QUANTIZATIONS)
