@@ -196,6 +196,25 @@ def test_draft_model_greedy_output_is_plain_greedy(tiny_llama_dir, quantization)
     assert spec.kv.pool.num_free == free
 
 
+def test_a_step_whose_draft_caught_up_on_a_prompt_does_not_price_drafting(tiny_llama_dir):
+    """The first drafting step of a request also runs the draft over the whole prompt: a prefill, no
+    sample of what drafting costs. Priced in, it had made the chosen k look several times too dear
+    (and, as the only price of its row count, kept k low for the rest of a run)."""
+    spec = engine(tiny_llama_dir, speculative_draft_quantization=None, **DRAFT)
+    speculator = spec.speculator
+    spec.add_request("r", prompt_token_ids=PROMPTS[2], params=SamplingParams(temperature=0.0, max_tokens=12,
+                                                                             ignore_eos=True))
+    caught_up = []
+    while spec.has_unfinished_requests():
+        measured = speculator.costs.steps
+        spec.step()
+        if spec.stats().speculative.num_drafts:  # a step that drafted has run
+            caught_up.append((speculator.draft.caught_up_on_prompt, speculator.costs.steps - measured))
+    assert caught_up[0] == (True, 0)  # the prompt's catch-up: not measured
+    assert all(flag is False and n == 1 for flag, n in caught_up[1:-1])  # drafting steps: measured
+    assert len(caught_up) >= 3
+
+
 def test_draft_model_through_preemption(tiny_llama_dir):
     params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
     prompts = PROMPTS * 2

@@ -69,11 +69,15 @@ class DraftModel:
         self.runner = runner
         self.kv = kv
         self.chunk_tokens = chunk_tokens  # the most tokens of one sequence's catch-up per forward
+        # The last proposal caught a sequence up on more than DECODE_ROWS_MAX tokens (a new prompt):
+        # its step is no sample of what drafting costs (Speculator.observe_step leaves it out).
+        self.caught_up_on_prompt = False
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
         """Set ``spec_token_ids`` (up to ``ks[i]`` drafts) on each sequence that has room in the pool."""
         views, room = [], []
+        self.caught_up_on_prompt = False
         for seq, k in zip(seqs, ks):
             # Slots for the positions the drafts are written at (the last token's and k - 1 drafts').
             if self.kv.allocate_slots(seq, k):
@@ -89,6 +93,7 @@ class DraftModel:
             if not live:
                 break
             counts = [views[i].chunk(self.chunk_tokens) for i in live]
+            self.caught_up_on_prompt |= max(counts) > DECODE_ROWS_MAX
             batch = ScheduledBatch([views[i] for i in live], counts)
             step = self.runner.prepare(batch, [self.kv.block_ids(room[i][0].request_id) for i in live])
             hidden = self.runner.forward(step)
@@ -103,7 +108,9 @@ class DraftModel:
             tokens = []
             if done:
                 rows = hidden[torch.tensor(ends, dtype=torch.long, device=hidden.device)]
-                tokens = self.runner.model.compute_logits(rows).argmax(dim=-1).tolist()
+                # The backend's argmax (on a CPU one pass on the kernels' pool): torch's opened an
+                # OpenMP region per draft, whose spinning thread slowed the kernels after it.
+                tokens = self.runner.backend.greedy_argmax(self.runner.model.compute_logits(rows)).tolist()
             drafted = dict(zip(done, tokens))
             for i, n in zip(live, counts):
                 token = drafted.get(i)

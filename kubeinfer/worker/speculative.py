@@ -152,8 +152,10 @@ class Speculator:
         return rows
 
     def observe_step(self, rows: int | None, seconds: float) -> None:
-        """The wall time of a whole step (proposal included) of ``rows`` decode rows."""
-        if rows:
+        """The wall time of a whole step (proposal included) of ``rows`` decode rows. A step whose
+        draft model first caught up on a prompt is left out: it costs what that prefill does, and as
+        the first price of its row count it had made those drafts look too dear to be tried again."""
+        if rows and not (self.draft is not None and self.draft.caught_up_on_prompt):
             self.costs.observe(rows, seconds)
 
     def verified(self, seq: Any, old_len: int, proposed: int, accepted: int) -> None:
