@@ -37,7 +37,7 @@ REPLICA_ENGINE = {"max_num_seqs": 16}
 REPLICA_THREADS = 1
 SCALING = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "upscale_delay_s": 5.0,
            "downscale_delay_s": 15.0, "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
-PIPELINE = Pipeline(push_s=1.0, look_back_s=5.0, tick_s=0.5)
+PIPELINE = Pipeline(push_s=SCALING["metrics_interval_s"], look_back_s=SCALING["look_back_period_s"], tick_s=0.5)
 SIM_SEEDS = 5
 
 
@@ -140,13 +140,13 @@ def real_run(policy: str, seconds: float, seed: int) -> dict[str, float]:
 
 def twin(policy: str, seconds: float, seed: int, model: ReplicaModel, prompt_tokens: int) -> list[dict]:
     """The simulator's prediction of ``real_run(policy, seconds, seed)``, one per routing seed."""
-    auto = {k: v for k, v in SCALING.items() if k != "metrics_interval_s"}
+    auto = dict(SCALING)
     targets = {"ttft_seconds": SLO_TTFT_S} if policy != "ongoingRequests" else {}
     if policy == "ongoingRequests":
         auto["target_ongoing_requests"] = 2.0
     times = arrivals(seconds, seed)
     return [simulate([Req(t, prompt_tokens, OUTPUT_TOKENS) for t in times], policy, seconds, s, targets, model,
-                     PIPELINE, metrics_interval_s=PIPELINE.push_s, **auto) for s in range(SIM_SEEDS)]
+                     PIPELINE, **auto) for s in range(SIM_SEEDS)]
 
 
 def main() -> None:

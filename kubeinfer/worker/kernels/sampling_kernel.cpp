@@ -233,7 +233,7 @@ int64_t sample_row(const T* row, int64_t V, float t, int64_t k, float p, float m
   if (nan_at >= 0) return nan_at;  // as the greedy argmax: a NaN wins
   if (mx == kNegInf) return 0;     // nothing is allowed: the torch path's softmax gives NaN and token 0
   const float min_p_floor = min_p > 0.f ? mx + std::log(min_p) : kNegInf;
-  const bool filtered = (k > 0 && k < V) || p < 1.f;
+  const bool top_k = k > 0 && k < V, filtered = top_k || p < 1.f;
   // Unfiltered rows (temperature, maybe min-p) keep what min-p keeps; the draw runs over the whole row.
   const double total = exponentiate(s.x.data(), V, mx, filtered ? kNegInf : min_p_floor, s.e.data(), s.blocks.data());
   if (!filtered) {
@@ -252,7 +252,6 @@ int64_t sample_row(const T* row, int64_t V, float t, int64_t k, float p, float m
   }
   // Top-k first, then top-p over what it keeps (normalised by that mass), then min-p. A token of
   // e = 0 (masked, or negligible) is never kept: it could not be drawn anyway.
-  const bool top_k = k > 0 && k < V;
   const float k_floor = top_k ? kth_largest(s.x.data(), s.e.data(), V, k, s.values) : kNegInf;
   float floor_x = std::max(k_floor, min_p_floor);
   if (top_k) collect(s.x.data(), s.e.data(), V, k_floor, 0.f, s.tokens);  // about k tokens, from now on
