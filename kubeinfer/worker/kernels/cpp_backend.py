@@ -21,7 +21,8 @@ class CppBackend(TorchBackend):
     At batch 1 a decode step's tensors are a few KB, so each torch op costs its dispatch, not its
     arithmetic; these kernels fold each op into one call. The norm, rotary, SwiGLU, K/V-write and
     decode-attention kernels are the compiled functions themselves (no Python between the module and
-    the kernel). Prefill chunks keep SDPA. Quantized linears take the C++ int8 / int4 kernels (bf16
+    the kernel). Prefill chunks take the C++ prefill attention where the build has it for the model's
+    head_dim (decided in ``prepare_model``), else SDPA. Quantized linears take the C++ int8 / int4 kernels (bf16
     activations widened to fp32 around them). bf16 linears are packed into AMX tiles where
     the CPU has AMX (gate|up fused with its SwiGLU), else oneDNN's layout. fp32 linears (and a tied
     head, sharing the embedding's storage) become ``CppF32Linear``: the C++ GEMV for decode-sized
@@ -45,6 +46,11 @@ class CppBackend(TorchBackend):
         self.sample_rows = kernels.sample_rows
         self._write_kv = kernels.write_kv
         self._decode = kernels.decode_attention
+        self._prefill = None  # kernels.prefill_attention, once prepare_model has seen the head_dim
+        # Decode attention takes the threads of the ops around it: a bf16 model's linears (oneDNN, AMX)
+        # and a step's prefill GEMMs run on torch's OpenMP threads, the fp32 and quantized decode
+        # kernels on the C++ pool (paged_attention.cpp says why it matters).
+        self._decode_on_openmp = dtype == torch.bfloat16
 
     def quantized_linear(self, scheme, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
         from kubeinfer.worker.kernels import quant_linear as ql
@@ -56,6 +62,8 @@ class CppBackend(TorchBackend):
                                 kernels=self.kernels)
 
     def prepare_model(self, model: nn.Module) -> None:
+        if self.kernels.prefill_attention_supports(model.config.head_dim):
+            self._prefill = self.kernels.prefill_attention
         if self.dtype == torch.bfloat16:
             model.pack_bf16_weights(self.kernels)
         elif self.dtype == torch.float32:
@@ -70,17 +78,31 @@ class CppBackend(TorchBackend):
         self._write_kv(k, v, cache.k, cache.v, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if not meta.prefills:
-            return self._decode(q, cache.k, cache.v, meta.decode_block_tables, meta.decode_context_lens, scale)
+            return self._decode(q, cache.k, cache.v, meta.decode_block_tables, meta.decode_context_lens, scale,
+                                self._decode_on_openmp)
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], cache.k, cache.v, meta.decode_block_tables,
-                                    meta.decode_context_lens, scale)
-        prefill_attention(q, k, v, cache, meta, scale, out)
+                                    meta.decode_context_lens, scale, True)
+        if self._prefill is not None:
+            self._prefill(q, cache.k, cache.v, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, nd, scale, out)
+        else:
+            prefill_attention(q, k, v, cache, meta, scale, out)
         return out
 
     def attention_metadata(self, step: StepInputs, kv_caches: list[LayerKVCache]) -> AttentionMetadata:
-        # The decode kernel reads the cache through the tables itself: no mask, no gather buffer.
-        meta = self._common_metadata(step)
+        # The kernels read the cache through the block tables themselves: no masks, no gather buffers.
+        # The prefill kernel takes the step as the Triton path does (every row a chunk's query; a
+        # decode is a chunk of one), in int64 on the host.
+        meta = self._common_metadata(step, masks=self._prefill is None)
+        if not meta.prefills:
+            return meta
+        if self._prefill is not None:
+            width = max(len(t) for t in step.seq_tables)
+            meta.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in step.seq_tables], dtype=torch.long)
+            meta.context_lens = torch.tensor(step.context_lens, dtype=torch.long)
+            meta.cu_seqlens_q = torch.tensor([0] + step.query_lens, dtype=torch.long).cumsum(0)
+            return meta
         gathered = max([0] + [c.block_table.numel() for c in meta.prefills if c.mask is not None])
         if gathered:
             meta.key_workspace, meta.value_workspace = self._workspace(kv_caches[0].k, gathered)

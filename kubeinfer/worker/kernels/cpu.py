@@ -46,8 +46,8 @@ _TIER_CFLAGS = {
 
 _DIR = os.path.dirname(__file__)
 _SOURCES = [os.path.join(_DIR, name)
-            for name in ("cpu_kernels.cpp", "paged_attention.cpp", "amx_linear.cpp", "quant_gemv.cpp",
-                          "int8_gemm.cpp", "q4_gemm.cpp", "decode_stack.cpp", "sampling_kernel.cpp")]
+            for name in ("cpu_kernels.cpp", "paged_attention.cpp", "prefill_attention.cpp", "amx_linear.cpp",
+                         "quant_gemv.cpp", "int8_gemm.cpp", "q4_gemm.cpp", "decode_stack.cpp", "sampling_kernel.cpp")]
 _HEADERS = [os.path.join(_DIR, name) for name in ("simd.h", "common.h", "quant_dot.h", "parallel.h")]
 
 

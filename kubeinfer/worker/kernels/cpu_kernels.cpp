@@ -250,7 +250,14 @@ torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, co
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
               const torch::Tensor& slot_mapping);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale);
+                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale,
+                               bool openmp);
+
+// prefill_attention.cpp
+bool prefill_attention_supports(int64_t head_dim);
+void prefill_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                       const torch::Tensor& cu_seqlens_q, const torch::Tensor& context_lens,
+                       const torch::Tensor& block_tables, int64_t first_chunk, double scale, torch::Tensor& out);
 
 
 namespace kubeinfer {  // sampling_kernel.cpp
@@ -285,7 +292,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_dequant", &q4_dequant, "rows of an interleaved-Q4 weight dequantized to fp32", py::arg("qs"),
         py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("n"), py::arg("row0"), py::arg("rows"),
         nogil);
-  m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
+  m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
+        py::arg("scale"), py::arg("openmp") = false, nogil);
+  m.def("prefill_attention_supports", &prefill_attention_supports,
+        "whether prefill_attention takes this head_dim in this build", py::arg("head_dim"));
+  m.def("prefill_attention", &prefill_attention,
+        "causal attention of prefill chunks over the paged cache, into their rows of out (fp32 or bf16)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens_q"), py::arg("context_lens"),
+        py::arg("block_tables"), py::arg("first_chunk"), py::arg("scale"), py::arg("out"), nogil);
   m.def("greedy_argmax", &greedy_argmax, "first-maximum index per row of fp32 or bf16 logits (NaN wins)", nogil);
   m.def("sample_rows", &kubeinfer::sample_rows,
         "a token per row: temperature, top-k, top-p, min-p, then an inverse-CDF draw with the row's uniform",

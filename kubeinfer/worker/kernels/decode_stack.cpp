@@ -29,7 +29,8 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const tor
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
               const torch::Tensor& slot_mapping);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale);
+                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale,
+                               bool openmp);
 
 namespace {
 
@@ -98,7 +99,8 @@ class DecodeStack {
       const torch::Tensor q = qkv.narrow(1, 0, heads_), k = qkv.narrow(1, heads_, kv_heads_),
                           v = qkv.narrow(1, heads_ + kv_heads_, kv_heads_);
       write_kv(k, v, k_caches_[i], v_caches_[i], slot_mapping);
-      const torch::Tensor attn = decode_attention(q, k_caches_[i], v_caches_[i], block_tables, context_lens, scale_);
+      const torch::Tensor attn = decode_attention(q, k_caches_[i], v_caches_[i], block_tables, context_lens, scale_,
+                                                  /*openmp=*/false);
       h = add_rms_norm_(L.o(attn.view({T, heads_ * head_dim_})), residual, L.post_norm, eps_);
       x = L.down(silu_mul(L.gate_up(h)));
     }

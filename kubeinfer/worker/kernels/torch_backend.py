@@ -97,9 +97,10 @@ class TorchBackend(KernelBackend):
             meta.key_workspace, meta.value_workspace = self._workspace(kv_caches[0].k, gathered)
         return meta
 
-    def _common_metadata(self, step: StepInputs) -> AttentionMetadata:
-        """Slots, decode tables and lengths, and the prefill chunks with their masks: what the torch
-        and C++ paths share."""
+    def _common_metadata(self, step: StepInputs, masks: bool = True) -> AttentionMetadata:
+        """Slots, decode tables and lengths, and the prefill chunks with their block tables and masks
+        (without ``masks``, for a kernel that takes the step's own tables, the chunks' bounds only):
+        what the torch and C++ paths share."""
         dev, bs = self.device, self.block_size
         nd = len(step.decode_tables)
         tables = lens = None
@@ -110,6 +111,9 @@ class TorchBackend(KernelBackend):
             tables, lens = tables.to(dev, non_blocking=True), lens.to(dev, non_blocking=True)
         prefills = []
         for start, end, first_pos, ctx, table in step.prefills:
+            if not masks:
+                prefills.append(PrefillChunk(start, end, ctx, None, None))
+                continue
             mask = None
             if first_pos > 0:  # a later chunk, or a prefix-cache hit: attend to the cached keys too
                 pos = torch.arange(first_pos, first_pos + end - start)
