@@ -80,12 +80,11 @@ def test_kernels_reject_mixed_and_unsupported_dtypes(kernels):
 # 9 heads over 3 kv heads is one group of 3, 7 over 1 is 4 + 3, and 9 over 1 at 128 is 2+2+2+2+1.
 # head_dim 40 takes the generic loops. Those kernels score 16 keys at a time: blocks of 24 and 8
 # tokens end in a partial group of 16, as a sequence's last block does.
-@pytest.mark.parametrize("openmp", [False, True])  # on the kernels' pool, or on torch's OpenMP threads
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_seqs,width,d,heads,kvh,bs", [
     (1, 1, 64, 9, 3, 16), (1, 9, 64, 9, 3, 16), (6, 5, 64, 9, 3, 16), (2, 3, 64, 7, 1, 16), (4, 5, 128, 9, 1, 16),
     (4, 5, 40, 9, 3, 16), (3, 4, 64, 9, 3, 24), (3, 6, 128, 4, 2, 8)])
-def test_write_and_decode_attention_match_torch(kernels, num_seqs, width, d, heads, kvh, bs, dtype, openmp):
+def test_write_and_decode_attention_match_torch(kernels, num_seqs, width, d, heads, kvh, bs, dtype):
     torch.manual_seed(num_seqs * 10 + width)
     nb = 40
     k_cache = torch.randn(kvh, nb, bs, d).to(dtype)
@@ -105,7 +104,7 @@ def test_write_and_decode_attention_match_torch(kernels, num_seqs, width, d, hea
     # The reference attends in fp32 over the same (bf16-valued) cache.
     want = paged_attention(q.float(), None, None, LayerKVCache(k_cache.float(), v_cache.float()),
                            AttentionMetadata(slots, num_seqs, tables, mask, []), 0.125)
-    got = kernels.decode_attention(q, ours_k, ours_v, tables, lens, 0.125, openmp)
+    got = kernels.decode_attention(q, ours_k, ours_v, tables, lens, 0.125)
     _close(got, want, dtype)
 
 

@@ -47,10 +47,6 @@ class CppBackend(TorchBackend):
         self._write_kv = kernels.write_kv
         self._decode = kernels.decode_attention
         self._prefill = None  # kernels.prefill_attention, once prepare_model has seen the head_dim
-        # Decode attention takes the threads of the ops around it: a bf16 model's linears (oneDNN, AMX)
-        # and a step's prefill GEMMs run on torch's OpenMP threads, the fp32 and quantized decode
-        # kernels on the C++ pool (paged_attention.cpp says why it matters).
-        self._decode_on_openmp = dtype == torch.bfloat16
 
     def quantized_linear(self, scheme, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
         from kubeinfer.worker.kernels import quant_linear as ql
@@ -78,12 +74,11 @@ class CppBackend(TorchBackend):
         self._write_kv(k, v, cache.k, cache.v, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if not meta.prefills:
-            return self._decode(q, cache.k, cache.v, meta.decode_block_tables, meta.decode_context_lens, scale,
-                                self._decode_on_openmp)
+            return self._decode(q, cache.k, cache.v, meta.decode_block_tables, meta.decode_context_lens, scale)
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], cache.k, cache.v, meta.decode_block_tables,
-                                    meta.decode_context_lens, scale, True)
+                                    meta.decode_context_lens, scale)
         if self._prefill is not None:
             self._prefill(q, cache.k, cache.v, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, nd, scale, out)
         else:

@@ -57,7 +57,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
     const T_* xp = x.data_ptr<T_>();
     const T_* wp = weight.data_ptr<T_>();
     T_* op = out.data_ptr<T_>();
-    parallel_chunks(T, 8, [&](int64_t begin, int64_t end) {
+    layer_chunks(T, 8, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) rms_norm_row(xp + t * xs, wp, op + t * H, H, static_cast<float>(eps));
     });
     return 0;
@@ -81,7 +81,7 @@ torch::Tensor add_rms_norm_(const torch::Tensor& x, torch::Tensor& residual, con
     T_* rp = residual.data_ptr<T_>();
     const T_* wp = weight.data_ptr<T_>();
     T_* op = out.data_ptr<T_>();
-    parallel_chunks(T, 8, [&](int64_t begin, int64_t end) {
+    layer_chunks(T, 8, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         T_* r = rp + t * H;
         const T_* xr = xp + t * H;
@@ -112,7 +112,7 @@ void rotary_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& si
     T_* xp = x.data_ptr<T_>();
     const T_* cp = cos.data_ptr<T_>();
     const T_* sp = sin.data_ptr<T_>();
-    parallel_chunks(T, 16, [&](int64_t begin, int64_t end) {
+    layer_chunks(T, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const T_* c = cp + t * D;
         const T_* s = sp + t * D;
@@ -147,7 +147,7 @@ torch::Tensor silu_mul(const torch::Tensor& x) {
     using T_ = decltype(tag);
     const T_* xp = x.data_ptr<T_>();
     T_* op = out.data_ptr<T_>();
-    parallel_chunks(T, 8, [&](int64_t begin, int64_t end) {
+    layer_chunks(T, 8, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const T_* g = xp + t * 2 * I;
         const T_* u = g + I;
@@ -250,8 +250,7 @@ torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, co
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
               const torch::Tensor& slot_mapping);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale,
-                               bool openmp);
+                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale);
 
 // prefill_attention.cpp
 bool prefill_attention_supports(int64_t head_dim);
@@ -292,9 +291,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_dequant", &q4_dequant, "rows of an interleaved-Q4 weight dequantized to fp32", py::arg("qs"),
         py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("n"), py::arg("row0"), py::arg("rows"),
         nogil);
-  m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)",
-        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
-        py::arg("scale"), py::arg("openmp") = false, nogil);
+  m.def("decode_attention", &decode_attention, "paged attention for one query per sequence (fp32 or bf16)", nogil);
   m.def("prefill_attention_supports", &prefill_attention_supports,
         "whether prefill_attention takes this head_dim in this build", py::arg("head_dim"));
   m.def("prefill_attention", &prefill_attention,

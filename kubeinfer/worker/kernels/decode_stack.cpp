@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
+
 namespace py = pybind11;
 
 // The kernels of cpu_kernels.cpp, paged_attention.cpp and quant_gemv.cpp.
@@ -29,8 +31,7 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const tor
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
               const torch::Tensor& slot_mapping);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale,
-                               bool openmp);
+                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale);
 
 namespace {
 
@@ -90,6 +91,7 @@ class DecodeStack {
     TORCH_CHECK(caches_set_ && !layers_.empty(), "add the layers, then set_caches first");
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [T, hidden] tensor");
     const int64_t T = x.size(0), qkv_heads = heads_ + 2 * kv_heads_;
+    const kubeinfer::DecodeStackScope on_the_pool;  // the norms, rotary, SwiGLU and attention beside the GEMVs
     torch::Tensor residual = x, h;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const DecodeLayer& L = layers_[i];
@@ -99,8 +101,7 @@ class DecodeStack {
       const torch::Tensor q = qkv.narrow(1, 0, heads_), k = qkv.narrow(1, heads_, kv_heads_),
                           v = qkv.narrow(1, heads_ + kv_heads_, kv_heads_);
       write_kv(k, v, k_caches_[i], v_caches_[i], slot_mapping);
-      const torch::Tensor attn = decode_attention(q, k_caches_[i], v_caches_[i], block_tables, context_lens, scale_,
-                                                  /*openmp=*/false);
+      const torch::Tensor attn = decode_attention(q, k_caches_[i], v_caches_[i], block_tables, context_lens, scale_);
       h = add_rms_norm_(L.o(attn.view({T, heads_ * head_dim_})), residual, L.post_norm, eps_);
       x = L.down(silu_mul(L.gate_up(h)));
     }

@@ -342,13 +342,11 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_c
 // block_tables [S, max_blocks]. q [S, heads, d] (unit stride in d) -> out [S, heads, d], q's dtype
 // (the caches' too); scores, softmax and the weighted sum are fp32.
 // Grouped-query heads share a kv head, so each (sequence, kv head) pair is one unit of parallel work.
-// On the decode kernels' pool unless `openmp`: a call between torch's GEMMs (a bf16 model's decode
-// step, a step with prefills) takes torch's OpenMP threads instead, since those still spin after
-// the last GEMM and the pool's helper would fight them for the cores (measured: a bf16 offline run's
-// decode attention 4.0 s on the pool, 2.6 s with OpenMP's threads told not to spin).
+// On the threads of the ops around the call (parallel.h, layer_chunks): the decode kernels' pool
+// inside a decode stack, torch's OpenMP threads elsewhere (measured: a bf16 offline run's decode
+// attention took 4.0 s on the pool between oneDNN's GEMMs, 2.6 s with OpenMP's threads told not to spin).
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale,
-                               bool openmp) {
+                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale) {
   check_same_dtype(q, k_cache, "k_cache");
   check_same_dtype(q, v_cache, "v_cache");
   TORCH_CHECK(q.stride(2) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous(), "layout mismatch");
@@ -391,8 +389,6 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
         while (part < parts && seen * parts >= total * part) bounds[part++] = unit + 1;
       }
     }
-    // On the decode kernels' pool (parallel.h) inside a decode stack, as the GEMVs around it: an
-    // OpenMP region there would wake a second set of threads to compete with the pool's spinning helper.
     auto body = [&](int64_t part) {
       std::vector<float> qf(G * D), scratch, acc(G * D);
       for (int64_t unit = bounds[part]; unit < bounds[part + 1]; ++unit) {
@@ -407,13 +403,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
         for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T_>(acc[i]);
       }
     };
-    if (openmp) {
-      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t part = begin; part < end; ++part) body(part);
-      });
-    } else {
-      ChunkPool::instance().run(parts, body);
-    }
+    layer_chunks(parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t part = begin; part < end; ++part) body(part);
+    });
     return 0;
   });
   return out;
