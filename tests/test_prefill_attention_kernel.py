@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kubeinfer.worker import Engine, SamplingParams
+
 
 def _reference(q, k_cache, v_cache, chunks, scale):
     """SDPA per chunk in fp32 on the keys gathered from the cache: chunk rows are the last positions
@@ -90,3 +92,30 @@ def test_prefill_attention_refuses_what_does_not_fit(kernels):
     with pytest.raises(RuntimeError, match="dtype"):
         kernels.prefill_attention(q, kc.bfloat16(), vc.bfloat16(), cu, lens, tables, 0, 0.125, out)
     assert not kernels.prefill_attention_supports(20)  # no multiple of either vector width
+
+
+def test_engine_steps_past_the_kernels_context_bound_take_sdpa(tiny_llama_dir):
+    """The AVX2 build hands steps with a long prefill to SDPA (CppBackend's per-step choice); with the
+    bound lowered to 40 tokens, prompts on both sides of it (chunked, two sharing a prefix)
+    give the torch path's greedy tokens, and both paths ran."""
+    from kubeinfer.worker.kernels.cpu import load_cpu_kernels
+    if load_cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels could not be built (no compiler?)")
+    prompts = [[5, 17, 99, 3, 250] * 3, [7, 11, 13, 200] * 20, [7, 11, 13, 200] * 20 + [9, 9]]
+    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True) for _ in prompts]
+    kwargs = dict(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=64, max_num_batched_tokens=32)
+    want = [o.output_token_ids for o in Engine(**kwargs, kernel_backend="torch").generate(prompts, params)]
+    engine = Engine(**kwargs, kernel_backend="cpp")
+    engine.backend._prefill_max_context = 40
+    chose = []  # per step with prefills: whether the kernel took it
+    metadata = engine.backend.attention_metadata
+
+    def recording(step, caches):
+        meta = metadata(step, caches)
+        if step.prefills:
+            chose.append(meta.cu_seqlens_q is not None)
+        return meta
+    engine.backend.attention_metadata = recording
+    got = [o.output_token_ids for o in engine.generate(prompts, params)]
+    assert got == want
+    assert True in chose and False in chose

@@ -15,6 +15,12 @@ from kubeinfer.worker.kernels.quant_linear import BoundDecode
 from kubeinfer.worker.kernels.torch_backend import TorchBackend
 
 
+# Above this context the AVX2 build's prefill attention loses to SDPA, whose GEMMs gain with the chunk's
+# length (0.98-1.04x at 1024 tokens, 0.84-0.88x at 2048; docs/benchmarks.md, "CPU, part 7"): a step
+# with a longer prefill keeps SDPA at that tier. The AVX-512 build wins at every length measured.
+AVX2_PREFILL_KERNEL_MAX_CONTEXT = 768
+
+
 class CppBackend(TorchBackend):
     """fp32 or bf16 models on a CPU with a float KV cache (select_backend checks it).
 
@@ -47,6 +53,7 @@ class CppBackend(TorchBackend):
         self._write_kv = kernels.write_kv
         self._decode = kernels.decode_attention
         self._prefill = None  # kernels.prefill_attention, once prepare_model has seen the head_dim
+        self._prefill_max_context = AVX2_PREFILL_KERNEL_MAX_CONTEXT if kernels.tier == "avx2" else None
 
     def quantized_linear(self, scheme, state: Mapping[str, torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
         from kubeinfer.worker.kernels import quant_linear as ql
@@ -79,7 +86,7 @@ class CppBackend(TorchBackend):
         if nd:
             out[:nd] = self._decode(q[:nd], cache.k, cache.v, meta.decode_block_tables,
                                     meta.decode_context_lens, scale)
-        if self._prefill is not None:
+        if meta.cu_seqlens_q is not None:  # the step's chunks go to the prefill kernel
             self._prefill(q, cache.k, cache.v, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, nd, scale, out)
         else:
             prefill_attention(q, k, v, cache, meta, scale, out)
@@ -89,10 +96,13 @@ class CppBackend(TorchBackend):
         # The kernels read the cache through the block tables themselves: no masks, no gather buffers.
         # The prefill kernel takes the step as the Triton path does (every row a chunk's query; a
         # decode is a chunk of one), in int64 on the host.
-        meta = self._common_metadata(step, masks=self._prefill is None)
+        kernel = self._prefill is not None and bool(step.prefills) and (
+            self._prefill_max_context is None
+            or max(ctx for *_, ctx, _ in step.prefills) <= self._prefill_max_context)
+        meta = self._common_metadata(step, masks=not kernel)
         if not meta.prefills:
             return meta
-        if self._prefill is not None:
+        if kernel:
             width = max(len(t) for t in step.seq_tables)
             meta.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in step.seq_tables], dtype=torch.long)
             meta.context_lens = torch.tensor(step.context_lens, dtype=torch.long)

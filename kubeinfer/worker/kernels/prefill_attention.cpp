@@ -32,11 +32,40 @@ struct Vec {
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const bf16* p) { return load16(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V exp(V x) { return exp512(x); }
+  // r[i][j] <- r[j][i] for a 16 x 16 block: pairs of rows interleaved, then pairs of pairs, then the
+  // 128-bit lanes gathered (48 shuffles, where element-wise stores take 256 loads and stores).
+  static void transpose(V (&r)[N]) {
+    V t[N];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // r[4i + e], lane L: element 4L + e of rows 4i..4i+3
+      const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+      const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+      r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+      r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+      r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    for (int e = 0; e < 4; ++e) {  // column 4L + e: lane L of r[e], r[4 + e], r[8 + e], r[12 + e]
+      const V lo01 = _mm512_shuffle_f32x4(r[e], r[4 + e], _MM_SHUFFLE(1, 0, 1, 0));
+      const V hi01 = _mm512_shuffle_f32x4(r[e], r[4 + e], _MM_SHUFFLE(3, 2, 3, 2));
+      const V lo23 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], _MM_SHUFFLE(1, 0, 1, 0));
+      const V hi23 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], _MM_SHUFFLE(3, 2, 3, 2));
+      t[e] = _mm512_shuffle_f32x4(lo01, lo23, _MM_SHUFFLE(2, 0, 2, 0));
+      t[4 + e] = _mm512_shuffle_f32x4(lo01, lo23, _MM_SHUFFLE(3, 1, 3, 1));
+      t[8 + e] = _mm512_shuffle_f32x4(hi01, hi23, _MM_SHUFFLE(2, 0, 2, 0));
+      t[12 + e] = _mm512_shuffle_f32x4(hi01, hi23, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+    for (int i = 0; i < N; ++i) r[i] = t[i];
+  }
   static float max(V v) { return _mm512_reduce_max_ps(v); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
   // v where lane < count, else fill.
@@ -51,11 +80,29 @@ struct Vec {
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const bf16* p) { return load8(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V exp(V x) { return exp256(x); }
+  static void transpose(V (&r)[N]) {  // 8 x 8: interleave pairs, then pairs of pairs, then the 128-bit halves
+    V t[N], u[N];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+      r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+    }
+  }
   static float max(V v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -114,21 +161,22 @@ void attend_tile(const T* q, int64_t q_row_stride, int64_t q_head_stride, const 
   for (int64_t k0 = 0; k0 < keys; k0 += N) {
     const int nk = static_cast<int>(std::min<int64_t>(N, keys - k0));
     // The keys transposed (kt[d * N + j]) and the values in rows, widened; missing keys are zeros.
-    for (int j = 0; j < N; ++j) {
-      float* vrow = s.v.data() + j * D;
-      if (j < nk) {
-        const int64_t t = k0 + j, off = (table[t / BS] * BS + t % BS) * D;
-        const T* kr = kc + off;
-        const T* vr = vc + off;
-        for (int64_t d = 0; d < D; ++d) {
-          s.kt[d * N + j] = static_cast<float>(kr[d]);
-          vrow[d] = static_cast<float>(vr[d]);
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) s.kt[d * N + j] = 0.f;
-        std::fill_n(vrow, D, 0.f);
-      }
+    const T* krow[N];
+    const T* vrow[N];
+    for (int j = 0; j < nk; ++j) {
+      const int64_t t = k0 + j, off = (table[t / BS] * BS + t % BS) * D;
+      krow[j] = kc + off;
+      vrow[j] = vc + off;
     }
+    for (int64_t d0 = 0; d0 < D; d0 += N) {
+      typename Vec::V block[N];
+      for (int j = 0; j < N; ++j) block[j] = j < nk ? Vec::load(krow[j] + d0) : Vec::zero();
+      Vec::transpose(block);
+      for (int i = 0; i < N; ++i) Vec::store(s.kt.data() + (d0 + i) * N, block[i]);
+    }
+    for (int j = 0; j < N; ++j)
+      for (int64_t v = 0; v < DV; ++v)
+        Vec::store(s.v.data() + j * D + v * N, j < nk ? Vec::load(vrow[j] + v * N) : Vec::zero());
     // Rows whose position is below k0 see none of these keys; rows are in position order.
     const int64_t first_row = std::max<int64_t>(0, k0 - pos0) * G;
     for (int64_t r0 = first_row; r0 < rows; r0 += RG) {
