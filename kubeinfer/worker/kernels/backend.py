@@ -41,6 +41,15 @@ class StepInputs:
     query_lens: list[int] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
 
+    def query_chunks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step as query chunks, on the host: ``block_tables`` ``[S, max_blocks]`` (zero-padded),
+        ``context_lens`` ``[S]`` and ``cu_seqlens_q`` ``[S+1]`` (chunk boundaries in the batch), the
+        form the Triton kernels and the C++ prefill attention take."""
+        width = max(len(t) for t in self.seq_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in self.seq_tables], dtype=dtype)
+        cu = torch.tensor([0] + self.query_lens, dtype=dtype).cumsum(0, dtype=dtype)
+        return tables, torch.tensor(self.context_lens, dtype=dtype), cu
+
 
 class KernelBackend:
     """Base of the backends. Invariants: one instance per engine, fixed ``device``, ``dtype`` and

@@ -27,6 +27,13 @@ inline void check_same_dtype(const torch::Tensor& a, const torch::Tensor& b, con
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, " must have the dtype of the activations");
 }
 
+// The blocks of a table row that hold `tokens` tokens (block_size each) must be blocks of a cache of
+// num_blocks: a kernel that reads through the table never leaves the cache.
+inline void check_block_ids(const int64_t* table_row, int64_t tokens, int64_t block_size, int64_t num_blocks) {
+  for (int64_t i = 0; i < (tokens + block_size - 1) / block_size; ++i)
+    TORCH_CHECK(table_row[i] >= 0 && table_row[i] < num_blocks, "block id ", table_row[i], " is outside the KV cache");
+}
+
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 // bf16 is the top half of an fp32: widening is a shift.

@@ -16,7 +16,7 @@ from kubeinfer.worker.kernels.torch_backend import TorchBackend
 
 
 # Above this context the AVX2 build's prefill attention loses to SDPA, whose GEMMs gain with the chunk's
-# length (0.98-1.04x at 1024 tokens, 0.84-0.88x at 2048; docs/benchmarks.md, "CPU, part 7"): a step
+# length (0.98-1.04x at 1024 tokens, 0.84-0.92x at 2048; docs/benchmarks.md, "CPU, part 7"): a step
 # with a longer prefill keeps SDPA at that tier. The AVX-512 build wins at every length measured.
 AVX2_PREFILL_KERNEL_MAX_CONTEXT = 768
 
@@ -103,10 +103,7 @@ class CppBackend(TorchBackend):
         if not meta.prefills:
             return meta
         if kernel:
-            width = max(len(t) for t in step.seq_tables)
-            meta.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in step.seq_tables], dtype=torch.long)
-            meta.context_lens = torch.tensor(step.context_lens, dtype=torch.long)
-            meta.cu_seqlens_q = torch.tensor([0] + step.query_lens, dtype=torch.long).cumsum(0)
+            meta.block_tables, meta.context_lens, meta.cu_seqlens_q = step.query_chunks(torch.long)
             return meta
         gathered = max([0] + [c.block_table.numel() for c in meta.prefills if c.mask is not None])
         if gathered:

@@ -363,8 +363,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) {
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= W * BS, "context length ", lens[s], " does not fit the block table");
-    for (int64_t i = 0; i < (lens[s] + BS - 1) / BS; ++i)
-      TORCH_CHECK(bt[s * W + i] >= 0 && bt[s * W + i] < NB, "block id ", bt[s * W + i], " is outside the KV cache");
+    check_block_ids(bt + s * W, lens[s], BS, NB);
   }
   const float fscale = static_cast<float>(scale);
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, W * BS));

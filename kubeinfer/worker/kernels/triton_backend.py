@@ -70,15 +70,12 @@ class TritonBackend(KernelBackend):
 
     def attention_metadata(self, step: StepInputs, kv_caches: list[LayerKVCache]) -> AttentionMetadata:
         dev = self.device
-        width = max(len(t) for t in step.seq_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in step.seq_tables], dtype=torch.int32)
+        tables, context_lens, cu = step.query_chunks(torch.int32)
         meta = AttentionMetadata(
             torch.tensor(step.slots, dtype=torch.long).to(dev, non_blocking=True), len(step.decode_tables),
             None, None, [PrefillChunk(start, end, ctx, None, None) for start, end, _, ctx, _ in step.prefills],
-            block_tables=tables.to(dev, non_blocking=True),
-            context_lens=torch.tensor(step.context_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=tables.to(dev, non_blocking=True), context_lens=context_lens.to(dev, non_blocking=True),
             max_query_len=max(step.query_lens), max_seq_len=self.max_seq_len)
         if not meta.decode_only:
-            cu = torch.tensor([0] + step.query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             meta.cu_seqlens_q = cu.to(dev, non_blocking=True)
         return meta
