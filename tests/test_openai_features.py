@@ -115,8 +115,12 @@ def test_n_seeded_choices_are_distinct_reproducible_and_share_the_prompt(server)
 
 
 def test_n_streams_interleave_chunks_tagged_by_index(server):
+    # Choices 1 and 2 start once choice 0's first token is out (its prompt is then in the prefix cache),
+    # so with 12 tokens a fast engine could finish choice 0 before they stream: 96 tokens leave them
+    # dozens of steps to join, whatever the machine's speed.
+    sampled = {**SAMPLED, "max_tokens": 96}
     stream = server.client.completions.create(model=MODEL, prompt=PROMPT, n=3, seed=5, stream=True,
-                                              stream_options={"include_usage": True}, **SAMPLED, extra_body=IGNORE_EOS)
+                                              stream_options={"include_usage": True}, **sampled, extra_body=IGNORE_EOS)
     chunks = list(stream)
     *parts, last = chunks
     texts, finishes = {}, {}
@@ -128,12 +132,12 @@ def test_n_streams_interleave_chunks_tagged_by_index(server):
             assert choice.index not in finishes  # one finish chunk per choice
             finishes[choice.index] = choice.finish_reason
     assert finishes == {0: "length", 1: "length", 2: "length"}
-    whole = server.client.completions.create(model=MODEL, prompt=PROMPT, n=3, seed=5, **SAMPLED, extra_body=IGNORE_EOS)
+    whole = server.client.completions.create(model=MODEL, prompt=PROMPT, n=3, seed=5, **sampled, extra_body=IGNORE_EOS)
     assert [texts[i] for i in range(3)] == [c.text for c in whole.choices]
     indices = [c.choices[0].index for c in parts]
     assert indices.index(1) < max(i for i, x in enumerate(indices) if x == 0)  # interleaved, not one after another
     assert last.choices == [] and last.usage.prompt_tokens == whole.usage.prompt_tokens
-    assert last.usage.completion_tokens == 3 * SAMPLED["max_tokens"]
+    assert last.usage.completion_tokens == 3 * sampled["max_tokens"]
 
 
 def test_chat_n3_with_the_openai_client(server):
