@@ -165,7 +165,7 @@ torch::Tensor int8_rows(const torch::Tensor& qs, const torch::Tensor& scales, in
   auto out = torch::empty({rows, k}, qs.options());
   const int8_t* q = qs.data_ptr<int8_t>();
   int8_t* op = out.data_ptr<int8_t>();
-  parallel_chunks(rows, 16, [&](int64_t begin, int64_t end) {
+  layer_chunks(rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t row = row0 + r;
       const int8_t* qg = q + (row / kGroupRows) * qs.size(1) + 4 * (row % kGroupRows);

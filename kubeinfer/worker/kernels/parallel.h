@@ -70,6 +70,7 @@ class ChunkPool {
     }
     in_chunk_ = true;
     int64_t mine = 0;
+    const auto own_start = std::chrono::steady_clock::now();
     for (int64_t c; (c = claim(gen, chunks)) >= 0; ++mine) f(c);
     in_chunk_ = false;
     done_.fetch_add(mine, std::memory_order_seq_cst);
@@ -82,7 +83,12 @@ class ChunkPool {
         if (spins < 4096) _mm_pause();
         else std::this_thread::yield();
       }
-      if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(kLongWaitUs) &&
+      // A wait is long when it exceeds what a helper's last chunk can take: kLongWaitUs beyond twice
+      // the caller's own mean chunk. Waiting out one chunk of a prefill-sized loop (a millisecond)
+      // is no sign of preemption, and counting it as one had run every such loop on one thread.
+      const auto now = std::chrono::steady_clock::now();
+      const auto chunk_time = (start - own_start) / std::max<int64_t>(1, mine);
+      if (now - start > std::chrono::microseconds(kLongWaitUs) + 2 * chunk_time &&
           ++window_long_waits_ >= kLongWaitsToSolo)
         go_solo();
     }
@@ -257,7 +263,7 @@ template <typename F>
 void for_rows(int64_t N, int64_t row_bytes, F&& f) {
   const int64_t runs = 2 * std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>({4, 16384 / std::max<int64_t>(1, row_bytes), (N + runs - 1) / runs});
-  parallel_chunks(N, grain, [&](int64_t begin, int64_t end) {
+  layer_chunks(N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) f(n);
   });
 }

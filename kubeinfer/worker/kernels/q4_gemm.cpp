@@ -200,7 +200,7 @@ torch::Tensor q4_dequant(const torch::Tensor& qs, const torch::Tensor& scales, c
     using S = decltype(tag);
     const S* sp = scales.data_ptr<S>();
     const S* mp = mins.data_ptr<S>();
-    parallel_chunks(rows, 16, [&](int64_t begin, int64_t end) {
+    layer_chunks(rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t row = row0 + r, group = row / kGroupRows, lane = row % kGroupRows;
         const uint8_t* qg = q + group * qs.size(1) + 4 * lane;
