@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kubeinfer.worker.kernels import cpu
 from kubeinfer.worker.kernels.kernel_layouts import pack_int8, pack_q4, unpack_int8, unpack_q4
-from kubeinfer.worker.kernels.quant_linear import QUANT_KERNEL_MAX_ROWS, CppInt4Linear, CppInt8Linear
+from kubeinfer.worker.kernels.quant_linear import AMX_QUANT_KERNEL_MAX_ROWS, CppInt4Linear, CppInt8Linear
 from kubeinfer.worker.quant import Int4WeightOnly, Int8WeightOnly
 
 AVX2 = {"avx2", "fma", "f16c"}
@@ -221,8 +221,9 @@ def test_quant_kernels_reject_bad_inputs(kernels):
         kernels.int8_rows(qs8, scales8, 8, 64, 4, 5)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40, QUANT_KERNEL_MAX_ROWS])  # the kernels below it, the blocked GEMM from it
-def test_cpp_quantized_modules_match_their_reference(kernels, rows):
+@pytest.mark.parametrize("rows", [1, 5, 40, AMX_QUANT_KERNEL_MAX_ROWS + 3])
+@pytest.mark.parametrize("gemm", [False, True])  # the kernels, or the amx tier's blocked GEMM (forced)
+def test_cpp_quantized_modules_match_their_reference(kernels, rows, gemm):
     torch.manual_seed(rows)
     x = torch.randn(rows, 96)
     for scheme, cls in ((Int8WeightOnly(), CppInt8Linear), (Int4WeightOnly(32), CppInt4Linear)):
@@ -230,6 +231,8 @@ def test_cpp_quantized_modules_match_their_reference(kernels, rows):
         args = [state[key] for key in scheme.state_keys]
         args += [scheme.group_size] if scheme.name == "int4" else []
         mod = cls(*args, bias, kernels=kernels)
+        if gemm:
+            mod.decode_max_rows = 1
         want = x @ scheme.dequantize(state).T + bias
         err = float((mod(x) - want).abs().max() / want.abs().max())
         assert err < 0.02, (scheme.name, err)  # Q8 activations, or bf16 operands in the GEMM

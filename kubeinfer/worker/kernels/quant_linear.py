@@ -19,6 +19,7 @@ quantized linear whatever backend runs it.
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 
 import torch
@@ -31,12 +32,13 @@ from kubeinfer.worker.quant import (Int4WeightOnly, Int8WeightOnly, _check_bias,
 # Int8 on the CPU: from this many activation rows on, a bf16 GEMM on the integer weights beats the
 # aten weight-only kernel, whose cost grows linearly with the rows (measured: benchmarks/quant.py).
 INT8_GEMM_MIN_ROWS = 32
-# The C++ int8 and int4 kernels (interleaved layouts, Q8 activations) below this many activation
-# rows, a GEMM on weights converted a block of rows at a time from there. Measured on the 2-core Zen 4
-# VM (avx512 tier): int4 gate|up at 128 rows 0.71-0.85 ms against 1.38-1.67 for the bf16 GEMM; at
-# 512 rows the kernel still wins for gate|up (3.5 against 5.9 ms) but loses for the int8 LM head (151
-# against 127 ms), and long prefills keep bf16 activations (docs/benchmarks.md, "CPU kernels, part 4").
-QUANT_KERNEL_MAX_ROWS = 128
+# The C++ int8 and int4 kernels (interleaved layouts, Q8 activations) take inputs of every row count
+# on the avx2 and avx512 tiers: against a GEMM on weights converted a block of rows at a time they
+# won at 512 and 2048 rows (the model's four linears, 2048 rows: int4 1.75-1.92x the fp32 GEMM on an
+# AVX2 node, 1.28-1.40x the bf16 one at the avx512 tier; docs/benchmarks.md, "CPU, part 8"). On the
+# amx tier, where oneDNN's GEMMs run on AMX tiles, that GEMM takes over from this many rows, as
+# measured before the kernels' threading was mended; it has not been measured since (no AMX here).
+AMX_QUANT_KERNEL_MAX_ROWS = 128
 GEMM_BLOCK_ELEMS = 1 << 21  # weights converted to bf16 per block on that path (4 MiB)
 # Rows packed per step for aten's int4 layout: bounds the int32 temporary. A multiple of 64 (aten's
 # int4 packing is row-block-local in 64-row blocks).
@@ -133,8 +135,9 @@ class CppInt8Linear(BoundDecode, Int8Linear):
     """fp32 activations (bf16 ones widened) on the C++ kernels, with the weight in the kernels'
     interleaved int8 layout (int8_gemm.cpp; packed once here, the canonical ``qweight`` and
     ``scales`` dropped: ``quant_state()`` recovers them exactly): ``int8_gemv`` (Q8 activations,
-    integer dot products) below ``decode_max_rows`` rows, a GEMM on the integer weights
-    converted a block of rows at a time from there. Any K (padded with zeros to whole blocks of
+    integer dot products) below ``decode_max_rows`` rows (``quant_kernel_max_rows``: every row
+    count but on the amx tier), a GEMM on the integer weights converted a block of rows at a time
+    from there. Any K (padded with zeros to whole blocks of
     32 in the layout)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -146,12 +149,11 @@ class CppInt8Linear(BoundDecode, Int8Linear):
         self.qweight = self.scales = None
         self._gemv, self._rows = kernels.int8_gemv, kernels.int8_rows
         self._gemm_dtype = gemm_dtype()
+        self.decode_max_rows = quant_kernel_max_rows(kernels)
         self._bind_decode()
 
     def _bind_decode(self) -> None:
         self._decode = _decode_call(self._gemv, (self.qs, self.kernel_scales, self.out_features), self.bias)
-
-    decode_max_rows = QUANT_KERNEL_MAX_ROWS
 
     def decode_linear(self, kernels: ModuleType):
         """The decode kernel and its operands for kernels/decode_stack.py (below ``decode_max_rows`` rows)."""
@@ -253,8 +255,9 @@ class CppInt4Linear(BoundDecode, Int4Linear):
     """fp32 activations (bf16 ones widened) on the C++ kernels, with the weight in the kernels'
     interleaved Q4 layout (q4_gemm.cpp; packed once here, and the canonical nibbles, scales and
     mins dropped: ``quant_state()`` recovers them exactly): ``q4_gemv`` (Q8 activations, integer
-    dot products) for inputs below ``decode_max_rows`` rows, and from there a GEMM on the weight
-    dequantized a block of rows at a time."""
+    dot products) for inputs below ``decode_max_rows`` rows (``quant_kernel_max_rows``: every row
+    count but on the amx tier), and from there a GEMM on the weight dequantized a block of rows at a
+    time."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, *, kernels: ModuleType) -> None:
@@ -267,13 +270,12 @@ class CppInt4Linear(BoundDecode, Int4Linear):
         self.qweight = self.scales = self.mins = None
         self._gemv, self._dequant = kernels.q4_gemv, kernels.q4_dequant
         self._gemm_dtype = gemm_dtype()
+        self.decode_max_rows = quant_kernel_max_rows(kernels)
         self._bind_decode()
 
     def _bind_decode(self) -> None:
         self._decode = _decode_call(self._gemv, (self.qs, self.kernel_scales, self.kernel_mins, self.group_size,
                                                  self.out_features), self.bias)
-
-    decode_max_rows = QUANT_KERNEL_MAX_ROWS
 
     def decode_linear(self, kernels: ModuleType):
         """The decode kernel and its operands for kernels/decode_stack.py (below ``decode_max_rows`` rows)."""
@@ -303,6 +305,12 @@ def _decode_call(gemv, operands: tuple, bias: torch.Tensor | None):
     if bias is None:
         return lambda x: gemv(x, *operands)
     return lambda x: gemv(x, *operands).add_(bias)
+
+
+def quant_kernel_max_rows(kernels: ModuleType) -> int:
+    """Rows from which a CppInt8Linear / CppInt4Linear takes the blocked GEMM instead of its kernel:
+    ``AMX_QUANT_KERNEL_MAX_ROWS`` on the amx tier, no bound (``sys.maxsize``) on the others."""
+    return AMX_QUANT_KERNEL_MAX_ROWS if getattr(kernels, "tier", None) == "amx" else sys.maxsize
 
 
 def gemm_dtype() -> torch.dtype:
