@@ -83,7 +83,7 @@ def test_kernels_reject_mixed_and_unsupported_dtypes(kernels):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_seqs,width,d,heads,kvh,bs", [
     (1, 1, 64, 9, 3, 16), (1, 9, 64, 9, 3, 16), (6, 5, 64, 9, 3, 16), (2, 3, 64, 7, 1, 16), (4, 5, 128, 9, 1, 16),
-    (4, 5, 40, 9, 3, 16), (3, 4, 64, 9, 3, 24), (3, 6, 128, 4, 2, 8)])
+    (4, 5, 40, 9, 3, 16), (2, 4, 72, 4, 2, 16), (3, 4, 64, 9, 3, 24), (3, 6, 128, 4, 2, 8)])
 def test_write_and_decode_attention_match_torch(kernels, num_seqs, width, d, heads, kvh, bs, dtype):
     torch.manual_seed(num_seqs * 10 + width)
     nb = 40

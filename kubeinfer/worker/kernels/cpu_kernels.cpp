@@ -157,6 +157,11 @@ torch::Tensor silu_mul(const torch::Tensor& x) {
         for (; i + 16 <= I; i += 16) {
           store16(o + i, _mm512_mul_ps(silu512(load16(g + i)), load16(u + i)));
         }
+#elif defined(__AVX2__) && defined(__FMA__)
+        if constexpr (std::is_same_v<T_, float>) {  // bf16 models do not run at this tier (no bf16 dots)
+          for (; i + 8 <= I; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu256(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
+        }
 #endif
         for (; i < I; ++i) {
           const float gf = g[i];

@@ -48,6 +48,17 @@ void softmax_rows(float* scores, int64_t rows, int64_t L, float* inv) {
       vsum = _mm512_add_ps(vsum, e);
     }
     sum = _mm512_reduce_add_ps(vsum);
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (; t0 + 8 <= L; t0 += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t0), vmx));
+      _mm256_storeu_ps(sc + t0, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vsum);
+    for (float l : lanes) sum += l;
 #endif
     for (int64_t t = t0; t < L; ++t) {
       sc[t] = std::exp(sc[t] - mx);
@@ -270,6 +281,69 @@ void attend_regs(const float* q, float scale, const T* kh, const T* vh, const in
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// The scores of 8 key rows at once: r[i] = the sum of a[i]'s 8 lanes (a tree of horizontal adds).
+inline __m256 reduce8(const __m256 (&a)[8]) {
+  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+// attend_generic for D a multiple of 8 on the avx2 tier, whose 16 vector registers hold no whole
+// query, accumulator and key block at once (the avx512 tier's attend_regs): the same two passes, but
+// each query row's scores 8 keys at a time (one horizontal-add tree for 8, not one per key) and each
+// row's weighted sum in registers, 64 elements of D at a time, over all L values (not an
+// accumulator in memory loaded and stored for every value row).
+template <typename T>
+void attend_avx2(const float* q, float scale, int64_t rows, int64_t D, const T* kh, const T* vh, const int64_t* table,
+                 int64_t L, int64_t BS, float* scores, float* inv, float* out) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t blk = 0, t = 0; t < L; ++blk) {
+    const T* kb = kh + table[blk] * BS * D;
+    const int64_t n = std::min(BS, L - t);
+    for (int64_t g = 0; g < rows; ++g) {
+      const float* qg = q + g * D;
+      float* sg = scores + g * L + t;
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) {
+        __m256 a[8];
+        for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < D; i += 8) {
+          const __m256 qv = _mm256_loadu_ps(qg + i);
+          for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qv, load8(kb + (j + r) * D + i), a[r]);
+        }
+        _mm256_storeu_ps(sg + j, _mm256_mul_ps(reduce8(a), vscale));
+      }
+      for (; j < n; ++j) sg[j] = dot_any(qg, kb + j * D, D) * scale;
+    }
+    t += n;
+  }
+  softmax_rows(scores, rows, L, inv);
+  for (int64_t g = 0; g < rows; ++g) {
+    const float* pg = scores + g * L;
+    for (int64_t i0 = 0; i0 < D; i0 += 64) {
+      const int nv = static_cast<int>(std::min<int64_t>(64, D - i0) / 8);
+      __m256 acc[8];
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+      for (int64_t blk = 0, t = 0; t < L; ++blk) {
+        const T* vb = vh + table[blk] * BS * D + i0;
+        for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t) {
+          const __m256 p = _mm256_set1_ps(pg[t]);
+          const T* vr = vb + j * D;
+          if (nv == 8) {
+            for (int v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(p, load8(vr + 8 * v), acc[v]);
+          } else {
+            for (int v = 0; v < nv; ++v) acc[v] = _mm256_fmadd_ps(p, load8(vr + 8 * v), acc[v]);
+          }
+        }
+      }
+      const __m256 s = _mm256_set1_ps(inv[g]);
+      for (int v = 0; v < nv; ++v) _mm256_storeu_ps(out + g * D + i0 + 8 * v, _mm256_mul_ps(acc[v], s));
+    }
+  }
+}
+#endif
+
 // One (sequence, kv head) unit: `rows` query heads at once, through the register kernels where
 // D is 64 or 128, else the generic loops.
 template <typename T>
@@ -301,6 +375,12 @@ void attend(const float* q, float scale, int64_t rows, int64_t D, const T* kh, c
 #endif
   // The generic loops keep every score: rows x L of them, then rows softmax denominators.
   scratch.resize(rows * (L + 1));
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0) {
+    attend_avx2(q, scale, rows, D, kh, vh, table, L, BS, scratch.data(), scratch.data() + rows * L, out);
+    return;
+  }
+#endif
   attend_generic(q, scale, rows, D, kh, vh, table, L, BS, scratch.data(), scratch.data() + rows * L, out);
 }
 

@@ -50,6 +50,11 @@ inline __m256 exp256(__m256 x) {
   const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
 }
+
+// silu(g) = g / (1 + exp(-g)) for 8 lanes.
+inline __m256 silu256(__m256 g) {
+  return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
 #endif
 
 }  // namespace kubeinfer
