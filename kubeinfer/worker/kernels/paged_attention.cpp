@@ -282,63 +282,72 @@ void attend_regs(const float* q, float scale, const T* kh, const T* vh, const in
 #endif
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-// The scores of 8 key rows at once: r[i] = the sum of a[i]'s 8 lanes (a tree of horizontal adds).
-inline __m256 reduce8(const __m256 (&a)[8]) {
-  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+// r = the sums of a[0..3]'s 8 lanes each (a tree of horizontal adds).
+inline __m128 reduce4(const __m256 (&a)[4]) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// attend_generic for D a multiple of 8 on the avx2 tier, whose 16 vector registers hold no whole
-// query, accumulator and key block at once (the avx512 tier's attend_regs): the same two passes, but
-// each query row's scores 8 keys at a time (one horizontal-add tree for 8, not one per key) and each
-// row's weighted sum in registers, 64 elements of D at a time, over all L values (not an
-// accumulator in memory loaded and stored for every value row).
-template <typename T>
-void attend_avx2(const float* q, float scale, int64_t rows, int64_t D, const T* kh, const T* vh, const int64_t* table,
-                 int64_t L, int64_t BS, float* scores, float* inv, float* out) {
-  const __m256 vscale = _mm256_set1_ps(scale);
+// attend_generic for GC (<= 3) query rows of D (a multiple of 8) on the avx2 tier, whose 16 vector
+// registers hold no whole query, accumulator and key block at once (the avx512 tier's attend_regs).
+// The same two passes, but each key or value vector loaded is used by all GC rows: scores 4 keys at
+// a time into GC x 4 accumulators (one horizontal-add tree per row for 4 keys), and the weighted
+// sums in GC x 4 registers, 32 elements of D at a time over all L values (not an accumulator in
+// memory loaded and stored for every value row).
+template <int GC, typename T>
+void attend_avx2(const float* q, float scale, int64_t D, const T* kh, const T* vh, const int64_t* table, int64_t L,
+                 int64_t BS, float* scores, float* inv, float* out) {
+  const __m128 vscale = _mm_set1_ps(scale);
   for (int64_t blk = 0, t = 0; t < L; ++blk) {
     const T* kb = kh + table[blk] * BS * D;
     const int64_t n = std::min(BS, L - t);
-    for (int64_t g = 0; g < rows; ++g) {
-      const float* qg = q + g * D;
-      float* sg = scores + g * L + t;
-      int64_t j = 0;
-      for (; j + 8 <= n; j += 8) {
-        __m256 a[8];
-        for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < D; i += 8) {
-          const __m256 qv = _mm256_loadu_ps(qg + i);
-          for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qv, load8(kb + (j + r) * D + i), a[r]);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      __m256 a[GC][4];
+      for (int g = 0; g < GC; ++g)
+        for (int r = 0; r < 4; ++r) a[g][r] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < D; i += 8) {
+        __m256 k[4];
+        for (int r = 0; r < 4; ++r) k[r] = load8(kb + (j + r) * D + i);
+        for (int g = 0; g < GC; ++g) {
+          const __m256 qv = _mm256_loadu_ps(q + g * D + i);
+          for (int r = 0; r < 4; ++r) a[g][r] = _mm256_fmadd_ps(qv, k[r], a[g][r]);
         }
-        _mm256_storeu_ps(sg + j, _mm256_mul_ps(reduce8(a), vscale));
       }
-      for (; j < n; ++j) sg[j] = dot_any(qg, kb + j * D, D) * scale;
+      for (int g = 0; g < GC; ++g) _mm_storeu_ps(scores + g * L + t + j, _mm_mul_ps(reduce4(a[g]), vscale));
     }
+    for (; j < n; ++j)
+      for (int g = 0; g < GC; ++g) scores[g * L + t + j] = dot_any(q + g * D, kb + j * D, D) * scale;
     t += n;
   }
-  softmax_rows(scores, rows, L, inv);
-  for (int64_t g = 0; g < rows; ++g) {
-    const float* pg = scores + g * L;
-    for (int64_t i0 = 0; i0 < D; i0 += 64) {
-      const int nv = static_cast<int>(std::min<int64_t>(64, D - i0) / 8);
-      __m256 acc[8];
-      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
-      for (int64_t blk = 0, t = 0; t < L; ++blk) {
-        const T* vb = vh + table[blk] * BS * D + i0;
-        for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t) {
-          const __m256 p = _mm256_set1_ps(pg[t]);
-          const T* vr = vb + j * D;
-          if (nv == 8) {
-            for (int v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(p, load8(vr + 8 * v), acc[v]);
-          } else {
-            for (int v = 0; v < nv; ++v) acc[v] = _mm256_fmadd_ps(p, load8(vr + 8 * v), acc[v]);
+  softmax_rows(scores, GC, L, inv);
+  for (int64_t i0 = 0; i0 < D; i0 += 32) {
+    const int nv = static_cast<int>(std::min<int64_t>(32, D - i0) / 8);
+    __m256 acc[GC][4];
+    for (int g = 0; g < GC; ++g)
+      for (int v = 0; v < 4; ++v) acc[g][v] = _mm256_setzero_ps();
+    for (int64_t blk = 0, t = 0; t < L; ++blk) {
+      const T* vb = vh + table[blk] * BS * D + i0;
+      for (int64_t j = 0, n = std::min(BS, L - t); j < n; ++j, ++t) {
+        const T* vr = vb + j * D;
+        if (nv == 4) {
+          __m256 v[4];
+          for (int e = 0; e < 4; ++e) v[e] = load8(vr + 8 * e);
+          for (int g = 0; g < GC; ++g) {
+            const __m256 p = _mm256_broadcast_ss(scores + g * L + t);
+            for (int e = 0; e < 4; ++e) acc[g][e] = _mm256_fmadd_ps(p, v[e], acc[g][e]);
+          }
+        } else {
+          for (int g = 0; g < GC; ++g) {
+            const __m256 p = _mm256_broadcast_ss(scores + g * L + t);
+            for (int e = 0; e < nv; ++e) acc[g][e] = _mm256_fmadd_ps(p, load8(vr + 8 * e), acc[g][e]);
           }
         }
       }
+    }
+    for (int g = 0; g < GC; ++g) {
       const __m256 s = _mm256_set1_ps(inv[g]);
-      for (int v = 0; v < nv; ++v) _mm256_storeu_ps(out + g * D + i0 + 8 * v, _mm256_mul_ps(acc[v], s));
+      for (int e = 0; e < nv; ++e) _mm256_storeu_ps(out + g * D + i0 + 8 * e, _mm256_mul_ps(acc[g][e], s));
     }
   }
 }
@@ -376,8 +385,17 @@ void attend(const float* q, float scale, int64_t rows, int64_t D, const T* kh, c
   // The generic loops keep every score: rows x L of them, then rows softmax denominators.
   scratch.resize(rows * (L + 1));
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-  if (D % 8 == 0) {
-    attend_avx2(q, scale, rows, D, kh, vh, table, L, BS, scratch.data(), scratch.data() + rows * L, out);
+  if (D % 8 == 0) {  // rows in groups of at most 3 (3 x 4 accumulators), as evenly as possible
+    const int64_t groups = (rows + 2) / 3;
+    for (int64_t g0 = 0, i = 0; i < groups; ++i) {
+      const int64_t gc = rows / groups + (i < rows % groups ? 1 : 0);
+      float* sc = scratch.data();
+      float* iv = sc + gc * L;
+      if (gc == 1) attend_avx2<1>(q + g0 * D, scale, D, kh, vh, table, L, BS, sc, iv, out + g0 * D);
+      else if (gc == 2) attend_avx2<2>(q + g0 * D, scale, D, kh, vh, table, L, BS, sc, iv, out + g0 * D);
+      else attend_avx2<3>(q + g0 * D, scale, D, kh, vh, table, L, BS, sc, iv, out + g0 * D);
+      g0 += gc;
+    }
     return;
   }
 #endif
