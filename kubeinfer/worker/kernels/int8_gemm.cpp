@@ -143,7 +143,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& qs, const t
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_row_blocks(M, [&](int64_t mb, int64_t rows) {
-    for_rows(qs.size(0), qs.size(1), [&](int64_t group) {
+    for_rows(qs.size(0), qs.size(1), M, [&](int64_t group) {
       const int8_t* qg = q + group * qs.size(1);
       const float* sg = sp + group * kGroupRows;
       for_row_tiles(rows, [&](int64_t m0, auto tile) {

@@ -176,7 +176,7 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& qs, const tor
     const S* sp = scales.data_ptr<S>();
     const S* mp = mins.data_ptr<S>();
     for_row_blocks(M, [&](int64_t mb, int64_t rows) {
-      for_rows(qs.size(0), qs.size(1), [&](int64_t group) {
+      for_rows(qs.size(0), qs.size(1), M, [&](int64_t group) {
         const int64_t scale0 = group * NG * kGroupRows;
         group_all_rows(xq, mb, rows, q + group * qs.size(1), sp + scale0, mp + scale0, yp, n, group * kGroupRows,
                        group_size / kQ8Block);

@@ -63,7 +63,7 @@ torch::Tensor f32_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
   const float* xp = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_rows(N, K * 4, [&](int64_t n) {
+  for_rows(N, K * 4, M, [&](int64_t n) {
     const float* wn = w + n * K;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) f32_rows<4>(xp + m * K, K, wn, yp + m * N + n, N);
