@@ -275,8 +275,9 @@ def decode_row(name: str, engine: Engine, tps: float, step_s: float, prompt_len:
     gbps = (w + ctx * kv_per_token) / step_s / 1e9
     vs_base = f"{tps / base_tps:5.2f}x" if base_tps else "  1.00x"
     vs_lc = f"{tps / lc_tps:5.2f}x" if lc_tps == lc_tps and lc_tps > 0 else "  n/a"
+    vs_hf = f"{tps / hf_tps:5.2f}x" if hf_tps == hf_tps and hf_tps > 0 else "  n/a"  # nan: --no-transformers
     print(f"kubeinfer {name:<12} {tps:7.1f} tok/s  step {step_s * 1e3:5.1f} ms  weights {w / 1e6:6.1f} MB  "
-          f"{gbps:5.1f} GB/s ({gbps / bandwidth * 100:3.0f}% of read bw)  vs transformers {tps / hf_tps:5.2f}x  "
+          f"{gbps:5.1f} GB/s ({gbps / bandwidth * 100:3.0f}% of read bw)  vs transformers {vs_hf}  "
           f"vs fp32 {vs_base}  vs llama.cpp {vs_lc}")
 
 
@@ -398,7 +399,7 @@ def bench_decode(hf, llm, fp32_dir: str | None, decode_tokens: int, compile_mode
             line.append(f"int4-sampled{tag} {result[0]:.1f}")
             per_round.append(measured)
             print(f"round {r + 1} tok/s: " + ", ".join(line) + f"  (load {os.getloadavg()[0]:.2f})")
-        print(f"transformers fp32 {hf_tps:7.1f} tok/s")
+        print(f"transformers fp32 {hf_tps:7.1f} tok/s" if hf is not None else "transformers fp32 skipped (--no-transformers)")
         print(f"llama.cpp Q4_1    {lc_tps:7.1f} tok/s" if llm is not None else
               f"llama.cpp Q4_1    skipped (install: {LLAMA_CPP_INSTALL})")
         for scheme, engine in [*engines.items(), ("int4-sampled", engines["int4"])]:
