@@ -47,7 +47,9 @@ test: install-test
 # 2 cores) into a wheel cached under .cache/llama-cpp/ (not committed), keyed by version, build kind and
 # this CPU's flags, then installed from there. The venv gets a build for this CPU (GGML_NATIVE: the peer
 # of the best-tier rows); `bench-deps-avx2` adds an AVX2+FMA+F16C-only build in its own folder, which
-# benchmarks/engine.py loads instead when KUBEINFER_CPU_ISA=avx2 forces our avx2 tier.
+# benchmarks/engine.py loads instead when KUBEINFER_CPU_ISA=avx2 forces our avx2 tier. --no-cache-dir:
+# pip's own wheel cache keys a source build by the sdist alone, not by CMAKE_ARGS, so the second build
+# had come back as the first (an "avx2" build with AVX-512 in it).
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CPP_CACHE := .cache/llama-cpp/$(LLAMA_CPP_VERSION)-$(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-8)
 LLAMA_CPP_AVX2_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_CURL=OFF
@@ -57,14 +59,14 @@ bench-deps: install-test
 	@if $(PY) -c "import llama_cpp" 2>/dev/null; then echo "llama-cpp-python already installed"; else \
 	  ls $(LLAMA_CPP_CACHE)/native/llama_cpp_python-*.whl >/dev/null 2>&1 || \
 	    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	      $(PIP) wheel --no-deps -w $(LLAMA_CPP_CACHE)/native llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+	      $(PIP) wheel --no-deps --no-cache-dir -w $(LLAMA_CPP_CACHE)/native llama-cpp-python==$(LLAMA_CPP_VERSION) && \
 	  $(PIP) install -q $(LLAMA_CPP_CACHE)/native/llama_cpp_python-*.whl; fi
 
 bench-deps-avx2: bench-deps
 	@if [ -d .cache/llama-cpp/site-avx2/llama_cpp ]; then echo "llama-cpp-python (avx2 build) already in .cache/llama-cpp/site-avx2"; else \
 	  ls $(LLAMA_CPP_CACHE)/avx2/llama_cpp_python-*.whl >/dev/null 2>&1 || \
 	    CMAKE_ARGS="$(LLAMA_CPP_AVX2_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	      $(PIP) wheel --no-deps -w $(LLAMA_CPP_CACHE)/avx2 llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+	      $(PIP) wheel --no-deps --no-cache-dir -w $(LLAMA_CPP_CACHE)/avx2 llama-cpp-python==$(LLAMA_CPP_VERSION) && \
 	  $(PIP) install -q --no-deps --target .cache/llama-cpp/site-avx2 $(LLAMA_CPP_CACHE)/avx2/llama_cpp_python-*.whl; fi
 
 # The decode and throughput tables per ISA tier (docs/benchmarks.md, "CPU tiers"): an AVX2 node

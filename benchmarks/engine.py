@@ -157,6 +157,9 @@ def load_llama_cpp(path: str, threads: int):
     info = info.decode() if isinstance(info, bytes) else str(info)
     print(f"llama.cpp peer: llama-cpp-python {llama_cpp.__version__} from {os.path.dirname(llama_cpp.__file__)} on {os.path.basename(path)}, "
           f"{threads} threads; its build: {' '.join(info.split())}")
+    if selected_tier() == "avx2" and "AVX512 = 1" in info:
+        print("llama.cpp peer: NOTE our avx2 tier is forced but this llama.cpp build uses AVX-512: "
+              "rebuild it with `rm -rf .cache/llama-cpp && make bench-deps-avx2`")
     return llm
 
 
