@@ -241,9 +241,11 @@ def context(fleet: Fleet, target: int, state: dict, config: AutoscalingConfig, n
 
 
 def simulate(arrivals: list[Req], policy: str, seconds: float, seed: int, targets: dict | None = None,
-             model: ReplicaModel = CLUSTER, pipeline: Pipeline = RAY_DEFAULTS, **config) -> dict[str, float]:
+             model: ReplicaModel = CLUSTER, pipeline: Pipeline = RAY_DEFAULTS, slo_s: float = SLO_TTFT_S,
+             **config) -> dict[str, float]:
     """One trace under one policy (its name, with PolicySettings ``targets``), or 'ongoingRequests'
-    (Ray's default) with ``config``'s target_ongoing_requests; ``config`` is Ray's autoscaling_config."""
+    (Ray's default) with ``config``'s target_ongoing_requests; ``config`` is Ray's autoscaling_config.
+    Attainment is the share of requests with TTFT within ``slo_s``."""
     rng = random.Random(seed)
     settings = None if policy == "ongoingRequests" else PolicySettings(policy=policy, **(targets or {}))
     cfg = AutoscalingConfig(**config, policy=ray_policy(settings)) if settings else AutoscalingConfig(**config)
@@ -254,13 +256,13 @@ def simulate(arrivals: list[Req], policy: str, seconds: float, seed: int, target
     # Ray's delay logic reads the wall clock (its module's ``time``): it runs on the simulated one.
     ray_policy_module.time = SimpleNamespace(time=lambda: clock[0])
     try:
-        return _run(arrivals, seconds, rng, cfg, fn, clock, model, pipeline)
+        return _run(arrivals, seconds, rng, cfg, fn, clock, model, pipeline, slo_s)
     finally:
         ray_policy_module.time = real_time
 
 
 def _run(arrivals: list[Req], seconds: float, rng: random.Random, cfg: AutoscalingConfig, fn, clock: list,
-         model: ReplicaModel, pipe: Pipeline) -> dict[str, float]:
+         model: ReplicaModel, pipe: Pipeline, slo_s: float) -> dict[str, float]:
     """The event loop: arrivals, engine steps and control ticks, in time order."""
     seq = iter(range(1 << 62))
     events: list = [(a.arrival, 0, next(seq), a) for a in arrivals]
@@ -320,7 +322,7 @@ def _run(arrivals: list[Req], seconds: float, rng: random.Random, cfg: Autoscali
     replica_s = fleet.retired_seconds + sum(end - fleet.started[r.rid] for r in fleet.replicas)
     ttfts = sorted(q.first_token - q.arrival for q in fleet.done)
     lost = len(arrivals) - len(fleet.done)
-    return {"attainment": sum(t <= SLO_TTFT_S for t in ttfts) / len(arrivals),
+    return {"attainment": sum(t <= slo_s for t in ttfts) / len(arrivals),
             "p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else float("inf"),
             "replica_s": replica_s, "peak": fleet.next_id, "unfinished": lost}
 

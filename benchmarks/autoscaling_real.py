@@ -11,7 +11,8 @@ an engine configured as one replica (its thread count, batch and KV pool): the s
 at a full batch, and a full prefill chunk. A replica's start time is the one the real runs measured
 (seconds in STARTING per start). The simulated rows are the mean and range over SIM_SEEDS routing seeds.
 
-    python benchmarks/autoscaling_real.py [--policies ongoingRequests latency] [--seconds 180] [--seed 0]
+    python benchmarks/autoscaling_real.py [--policies ongoingRequests latency] [--seconds 180] [--seed 0] [--slo 2]
+    python benchmarks/autoscaling_real.py --simulate-only --high-rps 16 --slo 0.25   # the twin alone, no Ray
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ PIPELINE = Pipeline(push_s=SCALING["metrics_interval_s"], look_back_s=SCALING["l
 SIM_SEEDS = 5
 
 
-def arrivals(seconds: float, seed: int) -> list[float]:
+def arrivals(seconds: float, seed: int, high_rps: float = HIGH_RPS) -> list[float]:
     rng, t, out = random.Random(seed), 0.0, []
     while True:
-        t += rng.expovariate(HIGH_RPS if seconds / 3 <= t < 2 * seconds / 3 else LOW_RPS)
+        t += rng.expovariate(high_rps if seconds / 3 <= t < 2 * seconds / 3 else LOW_RPS)
         if t >= seconds:
             return out
         out.append(t)
@@ -85,7 +86,7 @@ def calibrate() -> tuple[ReplicaModel, int]:
                         kv_tokens=engine.num_kv_blocks * engine.kv.block_size), prompt_tokens
 
 
-def real_run(policy: str, seconds: float, seed: int) -> dict[str, float]:
+def real_run(policy: str, seconds: float, seed: int, slo_s: float, high_rps: float) -> dict[str, float]:
     """One policy on local Ray (Serve must be running): attainment, p99 TTFT, replica-seconds, errors,
     and the seconds its replicas spent starting, per start."""
     from ray import serve
@@ -97,7 +98,7 @@ def real_run(policy: str, seconds: float, seed: int) -> dict[str, float]:
     if policy == "ongoingRequests":
         auto["target_ongoing_requests"] = 2.0
     else:
-        auto["policy"] = ray_policy(PolicySettings(policy=policy, ttft_seconds=SLO_TTFT_S))
+        auto["policy"] = ray_policy(PolicySettings(policy=policy, ttft_seconds=slo_s))
     app = AppConfig(models=[ModelSpec(name="m", uri="builtin://smollm2-135m", engine=dict(REPLICA_ENGINE),
                                       ray_actor_options={"num_cpus": REPLICA_THREADS}, autoscaling=auto)])
     serve.run(build_app(app.to_dict()), name="auto", route_prefix="/")
@@ -119,7 +120,7 @@ def real_run(policy: str, seconds: float, seed: int) -> dict[str, float]:
     async def load() -> None:
         nonlocal replica_s, starting_s, starts, was_starting
         async with AsyncClient("127.0.0.1:9123", application="auto") as client:
-            done = asyncio.gather(*(one(client, at) for at in arrivals(seconds, seed)))
+            done = asyncio.gather(*(one(client, at) for at in arrivals(seconds, seed, high_rps)))
             while not done.done():
                 states = serve.status().applications["auto"].deployments["worker-m"].replica_states
                 replica_s += sum(states.get(k, 0) for k in ("RUNNING", "STARTING", "STOPPING"))
@@ -133,20 +134,22 @@ def real_run(policy: str, seconds: float, seed: int) -> dict[str, float]:
     serve.delete("auto")
     ttfts.sort()
     n = len(ttfts) + errors
-    return {"requests": n, "attainment": sum(x <= SLO_TTFT_S for x in ttfts) / max(1, n),
+    return {"requests": n, "attainment": sum(x <= slo_s for x in ttfts) / max(1, n),
             "p99": ttfts[int(0.99 * (len(ttfts) - 1))] if ttfts else float("nan"), "replica_s": replica_s,
             "errors": errors, "start_s": starting_s / starts if starts else float("nan")}
 
 
-def twin(policy: str, seconds: float, seed: int, model: ReplicaModel, prompt_tokens: int) -> list[dict]:
-    """The simulator's prediction of ``real_run(policy, seconds, seed)``, one per routing seed."""
+def twin(policy: str, seconds: float, seed: int, slo_s: float, high_rps: float, model: ReplicaModel,
+         prompt_tokens: int) -> list[dict]:
+    """The simulator's prediction of ``real_run(policy, seconds, seed, slo_s, high_rps)``, one per routing
+    seed."""
     auto = dict(SCALING)
-    targets = {"ttft_seconds": SLO_TTFT_S} if policy != "ongoingRequests" else {}
+    targets = {"ttft_seconds": slo_s} if policy != "ongoingRequests" else {}
     if policy == "ongoingRequests":
         auto["target_ongoing_requests"] = 2.0
-    times = arrivals(seconds, seed)
+    times = arrivals(seconds, seed, high_rps)
     return [simulate([Req(t, prompt_tokens, OUTPUT_TOKENS) for t in times], policy, seconds, s, targets, model,
-                     PIPELINE, **auto) for s in range(SIM_SEEDS)]
+                     PIPELINE, slo_s=slo_s, **auto) for s in range(SIM_SEEDS)]
 
 
 def main() -> None:
@@ -154,6 +157,13 @@ def main() -> None:
     p.add_argument("--policies", nargs="+", default=["ongoingRequests", "latency"])
     p.add_argument("--seconds", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo", type=float, default=SLO_TTFT_S,
+                   help="the TTFT SLO in seconds (attainment, and `latency`'s ttftSeconds)")
+    p.add_argument("--high-rps", type=float, default=HIGH_RPS, help="the arrival rate of the middle third")
+    p.add_argument("--simulate-only", action="store_true",
+                   help="calibrate, then print the simulator's rows only (no Ray; replica start: --start-s)")
+    p.add_argument("--start-s", type=float, default=15.0,
+                   help="with --simulate-only: a replica's start (the real runs measured 15 s)")
     args = p.parse_args()
     model, prompt_tokens = calibrate()
     print(f"replica model, measured here ({REPLICA_THREADS} thread, {REPLICA_ENGINE}): step "
@@ -161,6 +171,10 @@ def main() -> None:
           f"{model.step_per_prefill_token_s * 1e3:.3f} ms per prompt token; KV pool {model.kv_tokens} tokens; "
           f"prompts {prompt_tokens} tokens; load average {os.getloadavg()[0]:.2f}")
 
+    if args.simulate_only:
+        model = ReplicaModel(**{**model.__dict__, "start_s": args.start_s})
+        print_rows(args, model, prompt_tokens, {})
+        return
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -169,28 +183,37 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(grpc_options=gRPCOptions(port=9123, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
-    real = {policy: real_run(policy, args.seconds, args.seed) for policy in args.policies}
+    real = {policy: real_run(policy, args.seconds, args.seed, args.slo, args.high_rps) for policy in args.policies}
     serve.shutdown()
     ray.shutdown()
     measured_starts = [r["start_s"] for r in real.values() if r["start_s"] == r["start_s"]]
     start_s = statistics.mean(measured_starts) if measured_starts else model.start_s
     model = ReplicaModel(**{**model.__dict__, "start_s": start_s})
     print(f"replica start, measured in the real runs: {start_s:.1f} s\n")
+    print_rows(args, model, prompt_tokens, real)
+
+
+def print_rows(args, model: ReplicaModel, prompt_tokens: int, real: dict[str, dict]) -> None:
+    """The table: each policy's real row (where it ran) and the simulator's."""
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the simulated policies' decision log
+    print(f"arrivals: {LOW_RPS:g} / {args.high_rps:g} / {LOW_RPS:g} req/s over {args.seconds:g} s (seed {args.seed}); "
+          f"SLO: TTFT <= {args.slo:g} s")
     print("| policy | run | requests | SLO attainment | p99 TTFT | replica-seconds | errors |")
     print("|---|---|---|---|---|---|---|")
-    for policy, r in real.items():
-        print(f"| {policy} | real | {r['requests']} | {100 * r['attainment']:.1f}% | {r['p99']:.2f} s | "
-              f"{r['replica_s']:,.0f} | {r['errors']} |")
-        sims = twin(policy, args.seconds, args.seed, model, prompt_tokens)
+    for policy in args.policies:
+        r = real.get(policy)
+        if r:
+            print(f"| {policy} | real | {r['requests']} | {100 * r['attainment']:.1f}% | {r['p99']:.2f} s | "
+                  f"{r['replica_s']:,.0f} | {r['errors']} |")
+        sims = twin(policy, args.seconds, args.seed, args.slo, args.high_rps, model, prompt_tokens)
+        requests = len(arrivals(args.seconds, args.seed, args.high_rps))
 
         def span(key: str, scale: float = 1.0, fmt: str = ".1f") -> str:
             values = [scale * m[key] for m in sims]
             return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-        print(f"| {policy} | simulated ({SIM_SEEDS} seeds) | {r['requests']} | {span('attainment', 100)}% | "
+        print(f"| {policy} | simulated ({SIM_SEEDS} seeds) | {requests} | {span('attainment', 100)}% | "
               f"{span('p99', fmt='.2f')} s | {span('replica_s', fmt=',.0f')} | {sum(m['unfinished'] for m in sims)} |",
               flush=True)
-
 
 if __name__ == "__main__":
     main()
