@@ -160,11 +160,16 @@ def main() -> None:
     p.add_argument("--slo", type=float, default=SLO_TTFT_S,
                    help="the TTFT SLO in seconds (attainment, and `latency`'s ttftSeconds)")
     p.add_argument("--high-rps", type=float, default=HIGH_RPS, help="the arrival rate of the middle third")
+    p.add_argument("--max-replicas", type=int, default=SCALING["max_replicas"],
+                   help="the deployment's replica cap (this 2-core machine holds 2 real replicas of 1 CPU)")
     p.add_argument("--simulate-only", action="store_true",
                    help="calibrate, then print the simulator's rows only (no Ray; replica start: --start-s)")
     p.add_argument("--start-s", type=float, default=15.0,
                    help="with --simulate-only: a replica's start (the real runs measured 15 s)")
     args = p.parse_args()
+    if args.max_replicas < 1:
+        p.error("--max-replicas must be at least 1")
+    SCALING["max_replicas"] = args.max_replicas  # read by real_run and twin
     model, prompt_tokens = calibrate()
     print(f"replica model, measured here ({REPLICA_THREADS} thread, {REPLICA_ENGINE}): step "
           f"{model.step_base_s * 1e3:.1f} ms + {model.step_per_seq_s * 1e3:.2f} ms per decoding sequence + "
@@ -181,7 +186,8 @@ def main() -> None:
 
     from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, args.max_replicas * REPLICA_THREADS), include_dashboard=False,
+             log_to_driver=False)
     serve.start(grpc_options=gRPCOptions(port=9123, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
     real = {policy: real_run(policy, args.seconds, args.seed, args.slo, args.high_rps) for policy in args.policies}
     serve.shutdown()
