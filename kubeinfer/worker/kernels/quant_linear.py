@@ -137,8 +137,7 @@ class CppInt8Linear(BoundDecode, Int8Linear):
     ``scales`` dropped: ``quant_state()`` recovers them exactly): ``int8_gemv`` (Q8 activations,
     integer dot products) below ``decode_max_rows`` rows (``quant_kernel_max_rows``: every row
     count but on the amx tier), a GEMM on the integer weights converted a block of rows at a time
-    from there. Any K (padded with zeros to whole blocks of
-    32 in the layout)."""
+    from there. Any K (padded with zeros to whole blocks of 32 in the layout)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
                  kernels: ModuleType) -> None:
