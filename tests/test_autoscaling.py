@@ -107,11 +107,13 @@ def test_scale_down_keeps_the_replicas_that_hold_running_requests():
 
 
 def test_max_replicas_bounds_scale_up():
-    c = Controller({"policy": "queue", "target_queue_length": 1}, max_replicas=4)
-    c.run(30, num_requests_waiting=50, num_requests_running=8)
-    assert c.target == 4 and max(c.history) == 4
-    # Bounded steps on the way: at most doubling per decision.
-    assert all(b <= 2 * a for a, b in zip(c.history, c.history[1:]))
+    c = Controller({"policy": "queue", "target_queue_length": 1}, max_replicas=20)
+    c.run(60, num_requests_waiting=50, num_requests_running=8)
+    assert c.target == 20 and max(c.history) == 20
+    # Bounded steps on the way (HPA's rule): at most 4 replicas or a doubling per decision, so the
+    # 50x load took several decisions, not one.
+    steps = [(a, b) for a, b in zip(c.history, c.history[1:]) if b != a]
+    assert len(steps) >= 3 and all(b <= max(a + 4, 2 * a) for a, b in steps)
 
 
 def test_queue_policy_holds_under_target_and_scales_on_a_rising_queue():
@@ -141,7 +143,8 @@ def test_latency_policy_scales_on_queue_growth_before_ttft_breaches():
 def test_policy_settings_refuse_bad_values_naming_the_field():
     for kwargs, field in [({"policy": "cpu"}, "policy"), ({"target_kv_cache_usage": 1.5}, "target_kv_cache_usage"),
                           ({"target_kv_cache_usage": 0}, "target_kv_cache_usage"),
-                          ({"ttft_seconds": 0}, "ttft_seconds"), ({"target_queue_length": -1}, "target_queue_length")]:
+                          ({"ttft_seconds": 0}, "ttft_seconds"), ({"target_queue_length": -1}, "target_queue_length"),
+                          ({"min_scale_up_step": 0}, "min_scale_up_step")]:
         with pytest.raises(ValueError, match=field):
             PolicySettings(**kwargs)
 
@@ -397,6 +400,42 @@ def test_replicas_still_starting_are_not_asked_for_again():
     settings = PolicySettings(policy="queue", target_queue_length=2)  # load 1.5x: 2 reporting need 3
     assert decide(ctx(2), settings)[0] == 3
     assert decide(ctx(4), settings)[0] == 4  # 2 more already starting: hold, not 5
+
+
+def test_a_burst_grows_the_target_while_replicas_still_start():
+    """The step is bounded from the target, not from the replicas that report: while the first
+    replicas still start, a burst that needs many more keeps raising the target a bounded step per
+    decision (it was held at one doubling per replica start, and a burst outran the fleet)."""
+    from kubeinfer.serve.autoscaling import decide
+    ids = [ReplicaID("r0", DEP)]
+
+    def ctx(target):
+        return SimpleNamespace(running_replicas=ids, target_num_replicas=target, policy_state={},
+                               capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=40,
+                               aggregated_metrics={WAITING: {ids[0]: 60.0}, RUNNING: {ids[0]: 16.0}},
+                               raw_metrics={}, current_time=0.0, deployment_name="w")
+    settings = PolicySettings(policy="queue", target_queue_length=2)  # 30x the target: 30 replicas
+    assert decide(ctx(1), settings)[0] == 5     # HPA's rule: 4 more, or double, whichever is more
+    assert decide(ctx(5), settings)[0] == 10    # 4 still starting: the target doubles all the same
+    assert decide(ctx(20), settings)[0] == 30   # never past the need the reporting replica shows
+    assert decide(ctx(30), settings)[0] == 30
+
+
+def test_latency_capacity_comes_from_a_steady_comfortable_load_not_from_a_draining_backlog():
+    """Replicas that hold 6 requests each with TTFT well under the SLO can hold 6: the fleet is not
+    sized on the fallback's 2. As a backlog drains, TTFT (a window's percentile) still shows it
+    while the replicas hold fewer requests each second: that is neither a capacity to learn nor an
+    SLO breach to scale up for, and the fleet comes down."""
+    from kubeinfer.serve.autoscaling import _CAPACITY_KEY
+    c = Controller({"policy": "latency", "ttft_seconds": 2.0}, replicas=4)
+    c.run(20, ttft_p90_s=0.5, num_requests_waiting=0, num_requests_running=6)
+    assert set(c.history) == {4} and c.state[_CAPACITY_KEY] == pytest.approx(6)
+    for i in range(ticks(30)):
+        held = 6 - 0.09 * i
+        c.tick(ttft_p90_s=1.8 if i < ticks(10) else 2.5, num_requests_waiting=0,
+               num_requests_running=[held, held, held, 0])
+    assert c.state[_CAPACITY_KEY] == pytest.approx(6)
+    assert max(c.history) == 4 and c.target < 4
 
 
 @pytest.mark.parametrize("policy", ["kvCache", "queue", "latency"])

@@ -91,18 +91,20 @@ class PolicySettings:
     Hysteresis: a policy scales up when its load ratio (signal / target) exceeds ``1 + up_tolerance``
     and down when it falls under ``1 - down_tolerance``; in between it holds the current target
     (which also resets Ray's delay timers, so noise never accumulates into a scale change). Steps:
-    up by at most ``max(1, ceil(n * (max_scale_up_factor - 1)))``, down by at most
-    ``max(1, floor(n * max_scale_down_fraction))`` replicas per decision.
+    up by at most ``max(min_scale_up_step, ceil(target * (max_scale_up_factor - 1)))`` replicas per
+    decision from the current target (Kubernetes HPA's default scale-up rule: 4 pods or 100%), down
+    by at most ``max(1, floor(n * max_scale_down_fraction))`` of the ``n`` running replicas.
     """
 
     policy: str = "kvCache"
     target_kv_cache_usage: float = 0.7
     target_queue_length: float = 2.0
     ttft_seconds: float = 1.0
-    queue_horizon_seconds: float = 30.0
+    queue_horizon_seconds: float = 60.0
     up_tolerance: float = 0.1
     down_tolerance: float = 0.3
     max_scale_up_factor: float = 2.0
+    min_scale_up_step: int = 4
     max_scale_down_fraction: float = 0.25
 
     def __post_init__(self) -> None:
@@ -117,6 +119,8 @@ class PolicySettings:
             raise ValueError("need queue_horizon_seconds >= 0, up_tolerance >= 0 and 0 <= down_tolerance < 1")
         if not self.max_scale_up_factor > 1 or self.max_scale_down_fraction > 1:
             raise ValueError("need max_scale_up_factor > 1 and 0 < max_scale_down_fraction <= 1")
+        if not (isinstance(self.min_scale_up_step, int) and self.min_scale_up_step >= 1):
+            raise ValueError(f"min_scale_up_step must be an integer >= 1, got {self.min_scale_up_step!r}")
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,12 +158,12 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
         if any(p > 0 for p in _per_replica(ctx, PREEMPTIONS_PER_S)):
             # Preemption means a replica ran out of blocks: recompute wastes its step time, so add
             # capacity now rather than when the mean catches up.
-            ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9 + 1 / n), why + ", preempting"
+            ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9), why + ", preempting"
         waiting = (sum(_per_replica(ctx, WAITING)) + held_before) / n
         if waiting >= s.target_queue_length:
             # Requests wait while blocks are free: another limit binds (max_num_seqs, the step's
             # token budget); the KV target cannot be reached by this fleet, so it is over capacity.
-            ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9 + 1 / n), why + f", {waiting:.1f} waiting/replica"
+            ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9), why + f", {waiting:.1f} waiting/replica"
         return ratio, why
     waiting = sum(_per_replica(ctx, WAITING)) + held_before
     if s.policy == "queue":
@@ -173,25 +177,38 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
     ttfts = [t for t in _per_replica(ctx, TTFT_P90_S) if t > 0]
     ttft = sum(ttfts) / len(ttfts) if ttfts else 0.0
     held = waiting + sum(_per_replica(ctx, RUNNING))
-    capacity = state.get(_CAPACITY_KEY)
-    if 0.8 * s.ttft_seconds <= ttft <= 1.25 * s.ttft_seconds and held > 0:
-        estimate = held / n * s.ttft_seconds / ttft
-        capacity = estimate if capacity is None else 0.9 * capacity + 0.1 * estimate
-        state[_CAPACITY_KEY] = capacity
     now = ctx.current_time or 0.0
-    # Until a capacity is learned, the deployment's target_ongoing_requests (Ray's default policy's
-    # target, 2 unless set) stands in: the policy starts as cautious as Ray's and learns from there.
-    fallback = getattr(getattr(ctx, "config", None), "target_ongoing_requests", None) or 2.0
     signal = held
     t0, q0 = state.get(_QUEUE_REF_KEY) or (now, signal)
     growth = (signal - q0) / (now - t0) if now - t0 > 0 else 0.0
+    falling = growth < 0
     if now - t0 >= max(1.0, s.queue_horizon_seconds / 6) or _QUEUE_REF_KEY not in state:
         state[_QUEUE_REF_KEY] = (now, signal)
+    # Until a capacity is learned, the deployment's target_ongoing_requests (Ray's default policy's
+    # target, 2 unless set) stands in: the policy starts as cautious as Ray's and learns from there.
+    fallback = getattr(getattr(ctx, "config", None), "target_ongoing_requests", None) or 2.0
+    capacity = state.get(_CAPACITY_KEY)
+    # Not while the load falls: TTFT is a window's percentile, so as a backlog drains it stays high
+    # while the replicas already hold few requests, and learning then would take their capacity for
+    # a fraction of what it is (and hold the fleet at its peak long after the load has gone).
+    if 0.8 * s.ttft_seconds <= ttft <= 1.25 * s.ttft_seconds and held > 0 and not falling:
+        estimate = held / n * s.ttft_seconds / ttft
+        capacity = estimate if capacity is None else 0.9 * capacity + 0.1 * estimate
+        state[_CAPACITY_KEY] = capacity
+    elif 0 < ttft < 0.8 * s.ttft_seconds and held > 0 and waiting < n and \
+            abs(growth) * s.queue_horizon_seconds <= 0.25 * held:
+        # Comfortably under the SLO, next to no queue (the TTFT samples cover the requests held) and
+        # a steady load (so TTFT has caught up with it): a replica holds this many within the SLO,
+        # a lower bound on its capacity. Without it, a fleet that never comes near its SLO would be
+        # sized on the fallback forever.
+        if held / n > (capacity or fallback):
+            capacity = held / n
+            state[_CAPACITY_KEY] = capacity
     if values is _latest:
         growth = 0.0  # the newest samples already lead; growth is measured on the means' basis
     projected = max(signal, signal + growth * s.queue_horizon_seconds) / n
     ratio = projected / (capacity or fallback)
-    if ttft > s.ttft_seconds or capacity is None:
+    if (ttft > s.ttft_seconds and not falling) or capacity is None:
         # Over the SLO TTFT decides too; under it, load against the learned capacity does: TTFT has a
         # floor (a long prompt's prefill) that more replicas do not lower, so it cannot say when
         # fewer replicas would still do.
@@ -218,16 +235,20 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
     # Up on the newest samples, down only when both they and the look-back means are low: a burst
     # shows one metrics push after it starts, instead of after the mean has caught up, and a
     # momentary lull does not remove replicas.
-    ratio, why = load_ratio(ctx, s, state)
+    # The newest samples' view first, on a copy of the state as the tick found it: both views
+    # measure the load's growth from the same reference.
     fresh, fresh_why = load_ratio(ctx, s, dict(state), _latest)
+    ratio, why = load_ratio(ctx, s, state)
     if fresh > ratio:
         ratio, why = fresh, fresh_why + " (newest samples)"
     desired = current
     if ratio > 1 + s.up_tolerance:
-        # Sized from the replicas that report (``n``): replicas still starting already count in
-        # ``current``, and asking again for them would overshoot.
-        step = max(1, math.ceil(n * (s.max_scale_up_factor - 1)))
-        desired = max(current, n + 1, min(n + step, math.ceil(n * ratio)))
+        # The need is sized from the replicas that report (``n``: their load per replica x ratio);
+        # replicas still starting already count in ``current``, so asking again for them would
+        # overshoot. The step is bounded from ``current``, not ``n``: bounded from ``n``, a fleet could
+        # grow only as fast as its replicas start, one doubling per start, and a burst outran it.
+        step = max(s.min_scale_up_step, math.ceil(current * (s.max_scale_up_factor - 1)))
+        desired = max(current, n + 1, min(current + step, math.ceil(n * ratio)))
     elif ratio < 1 - s.down_tolerance:
         step = max(1, math.floor(n * s.max_scale_down_fraction))
         busy = sum(1 for r in _latest(ctx, RUNNING) if r > 0)
