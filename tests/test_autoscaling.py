@@ -487,7 +487,9 @@ def test_requests_queued_before_the_replicas_count_as_waiting(policy):
                                config=SimpleNamespace(target_ongoing_requests=2.0))
     settings = PolicySettings(policy=policy, target_queue_length=2)
     assert decide(ctx(0.0), settings)[0] == 1
-    assert decide(ctx(6.0), settings)[0] >= 2
+    # Sized by the queue: 6 waiting against 2 per replica is 3 replicas' worth (latency: 7 held
+    # against the fallback's 2 per replica, 4).
+    assert decide(ctx(6.0), settings)[0] == {"kvCache": 3, "queue": 3, "latency": 4}[policy]
 
 
 def test_the_router_queue_report_has_serves_handle_report_shape():

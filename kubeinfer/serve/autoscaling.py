@@ -162,8 +162,10 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
         waiting = (sum(_per_replica(ctx, WAITING)) + held_before) / n
         if waiting >= s.target_queue_length:
             # Requests wait while blocks are free: another limit binds (max_num_seqs, the step's
-            # token budget); the KV target cannot be reached by this fleet, so it is over capacity.
-            ratio, why = max(ratio, 1 + s.up_tolerance + 1e-9), why + f", {waiting:.1f} waiting/replica"
+            # token budget); the KV target cannot be reached by this fleet, so it is over capacity,
+            # by as much as the queue policy would read from the same queue.
+            ratio = max(ratio, 1 + s.up_tolerance + 1e-9, waiting / s.target_queue_length)
+            why += f", {waiting:.1f} waiting/replica"
         return ratio, why
     waiting = sum(_per_replica(ctx, WAITING)) + held_before
     if s.policy == "queue":
