@@ -1,0 +1,36 @@
+"""benchmarks/autoscaling.py as `make bench` runs it: several seeds per trace in a process pool, one row
+per policy with the mean, the range and the comparison with the default row."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("ray.serve")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_the_benchmark_reports_each_policy_over_seeds_against_the_default():
+    out = subprocess.run([sys.executable, "benchmarks/autoscaling.py", "--seconds", "120", "--seeds", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import autoscaling as sim
+    finally:
+        sys.path.pop(0)
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| bursty") or
+            line.startswith("| diurnal")]
+    assert len(rows) == 2 * len(sim.RUNS)
+    for kind in ("bursty", "diurnal"):
+        mine = [r for r in rows if r[0] == f"| {kind}"]
+        assert [r[1] for r in mine] == [label for *_, label in sim.RUNS]
+        assert mine[0][5] == "-" and all(" pt, " in r[5] for r in mine[1:])
+        for r in mine:
+            mean, span = r[2].split(" (")  # e.g. "93.3 (92.0-94.1)%"
+            low, high = (float(v) for v in span.rstrip(")%").split("-"))
+            assert 0 <= low <= float(mean) <= high <= 100
+            assert r[-1].strip(" |") == "0"  # no request left unfinished
+    assert "mean (min-max) over seeds 0-1" in out
