@@ -34,6 +34,7 @@ import argparse
 import logging
 import heapq
 import math
+import multiprocessing
 import os
 import random
 import statistics
@@ -387,7 +388,6 @@ def main() -> None:
                    help="traces per kind (seeds 0..N-1); the table shows the mean and the range: one seed's "
                         "bursts fall where they fall, and a single trace has misled this comparison before")
     args = p.parse_args()
-    import multiprocessing
     jobs = [(kind, args.seconds, seed, i) for kind in ("bursty", "diurnal") for seed in range(args.seeds)
             for i in range(len(RUNS))]
     with multiprocessing.Pool(min(len(jobs), os.cpu_count() or 1)) as pool:

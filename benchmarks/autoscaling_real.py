@@ -221,5 +221,6 @@ def print_rows(args, model: ReplicaModel, prompt_tokens: int, real: dict[str, di
               f"{span('p99', fmt='.2f')} s | {span('replica_s', fmt=',.0f')} | {sum(m['unfinished'] for m in sims)} |",
               flush=True)
 
+
 if __name__ == "__main__":
     main()

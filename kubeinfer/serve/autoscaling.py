@@ -180,12 +180,11 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
     ttft = sum(ttfts) / len(ttfts) if ttfts else 0.0
     held = waiting + sum(_per_replica(ctx, RUNNING))
     now = ctx.current_time or 0.0
-    signal = held
-    t0, q0 = state.get(_QUEUE_REF_KEY) or (now, signal)
-    growth = (signal - q0) / (now - t0) if now - t0 > 0 else 0.0
+    t0, q0 = state.get(_QUEUE_REF_KEY) or (now, held)
+    growth = (held - q0) / (now - t0) if now - t0 > 0 else 0.0
     falling = growth < 0
     if now - t0 >= max(1.0, s.queue_horizon_seconds / 6) or _QUEUE_REF_KEY not in state:
-        state[_QUEUE_REF_KEY] = (now, signal)
+        state[_QUEUE_REF_KEY] = (now, held)
     # Until a capacity is learned, the deployment's target_ongoing_requests (Ray's default policy's
     # target, 2 unless set) stands in: the policy starts as cautious as Ray's and learns from there.
     fallback = getattr(getattr(ctx, "config", None), "target_ongoing_requests", None) or 2.0
@@ -208,7 +207,7 @@ def load_ratio(ctx: Any, s: PolicySettings, state: dict[str, Any], values: Any =
             state[_CAPACITY_KEY] = capacity
     if values is _latest:
         growth = 0.0  # the newest samples already lead; growth is measured on the means' basis
-    projected = max(signal, signal + growth * s.queue_horizon_seconds) / n
+    projected = max(held, held + growth * s.queue_horizon_seconds) / n
     ratio = projected / (capacity or fallback)
     if (ttft > s.ttft_seconds and not falling) or capacity is None:
         # Over the SLO TTFT decides too; under it, load against the learned capacity does: TTFT has a

@@ -263,9 +263,8 @@ void layer_chunks(int64_t n, int64_t grain, F&& f) {
 // On the pool for GEMV-sized calls (at most kPoolRows activation rows: a decode or verification
 // step, whose loops are tens of microseconds and cost least to start there) and inside a decode
 // stack; prefill-sized calls run on torch's OpenMP threads, beside the step's other ops (parallel.h's
-// layer_chunks). Measured, Zen 4 VM: an int4 self-draft's five-row fp32 verification on OpenMP cost
-// 10-15% of its speed, and q4_gemv at 512 rows on the pool between OpenMP ops 4.3-8.5 ms, 4.3-4.5 on
-// OpenMP.
+// layer_chunks): a five-row verification lost speed on OpenMP, and a 512-row call on the pool between
+// OpenMP ops doubled in time from call to call (docs/benchmarks.md, "CPU, part 8" and "Speculative").
 constexpr int64_t kPoolRows = 16;
 
 template <typename F>
