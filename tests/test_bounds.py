@@ -21,7 +21,7 @@ from kubeinfer.proto import inference_pb2_grpc as pb_grpc
 from kubeinfer.router.grpc_service import RETRY_AFTER_KEY, start_grpc_server
 from kubeinfer.router.http_api import build_http_app
 from kubeinfer.local.router import build_local_router, shutdown_local_router
-from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, QUEUE_FACTOR
+from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, MIN_IN_FLIGHT, QUEUE_FACTOR, Router, ServedModel
 from kubeinfer.router.types import Code, RouterError
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 from tests.conftest import serving_http
@@ -212,6 +212,29 @@ def test_the_queue_is_bounded_by_default_from_the_replicas_capacity(tiny_llama_d
         assert router.admission.max_queued == QUEUE_FACTOR * DEFAULT_SEQS_PER_REPLICA * 1
     finally:
         shutdown_local_router(router)
+
+
+def test_the_in_flight_bound_is_by_default_the_replicas_capacity_and_never_under_the_floor(tiny_llama_dir):
+    """Four replicas at max_num_seqs 256 run 1024 sequences at once: a router that ran no more than a
+    fixed 256 would leave three quarters of their batch slots idle while requests wait in its queue."""
+    router = make_router(tiny_llama_dir)
+    try:  # one replica of the engine's default: the floor, as before
+        assert router.admission.max_in_flight == max(MIN_IN_FLIGHT, DEFAULT_SEQS_PER_REPLICA)
+        tokenizer = router.models["tiny"].tokenizer
+    finally:
+        shutdown_local_router(router)
+
+    def bound(capacities: list[int], **settings) -> int:
+        models = [ServedModel(f"m{i}", tokenizer, max_model_len=64, vocab_size=100, pool=None, capacity=c)
+                  for i, c in enumerate(capacities)]
+        return Router(models, RouterSettings(**settings)).admission.max_in_flight
+
+    assert bound([4 * 256]) == 1024
+    assert bound([600, 600]) == 1200                       # two models' replicas together
+    assert bound([16]) == MIN_IN_FLIGHT
+    assert bound([4 * 256], max_in_flight=8) == 8          # a value set is kept
+    with pytest.raises(ValueError, match="max_in_flight"):
+        RouterSettings(max_in_flight=0)
 
 
 def test_a_request_waiting_past_the_queue_bound_gets_429_and_resource_exhausted(tiny_llama_dir):

@@ -109,6 +109,10 @@ def test_serve_flags_reach_the_application():
             model.engine["kv_cache_dtype"], model.engine["enable_chunked_prefill"],
             model.engine["num_threads"]) == ("int4", 64, 256, "int8", False, 3)
     assert serve_app("--quantization", "none").models[0].quantization is None
+    # The router's bounds too; unset, the router sizes them from the replicas' capacity.
+    router = serve_app("--max-in-flight", "512", "--max-queued", "64").router
+    assert (router.max_in_flight, router.max_queued) == (512, 64)
+    assert (serve_app().router.max_in_flight, serve_app().router.max_queued) == (None, None)
 
 
 def test_serve_settings_are_ones_the_engine_takes():

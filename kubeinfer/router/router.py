@@ -43,6 +43,10 @@ class ServedModel:
 # What a replica runs at once when the router is not told its engine settings: EngineConfig's default.
 DEFAULT_SEQS_PER_REPLICA: int = EngineConfig.__dataclass_fields__["max_num_seqs"].default
 QUEUE_FACTOR = 2  # the default queue holds this many times the replicas' capacity
+# The default in-flight bound's floor: a small fleet (a laptop's one replica) keeps a waiting queue in
+# its engine, whose next step admits from it, rather than in the router, whose max_queue_wait_s
+# would refuse a request that the engine serves a little later.
+MIN_IN_FLIGHT = 256
 SEED_RANGE = (-(1 << 63), 1 << 63)
 CHAT_ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result, for the template to render
 # A job whose replica fails before its first chunk is sent again, after these pauses (so at most
@@ -88,10 +92,14 @@ class Router:
         self.settings = settings or RouterSettings()
         self.models = {m.name: m for m in models}
         self.default_model = models[0].name
+        capacity = sum(_capacity(m) for m in models)
         max_queued = self.settings.max_queued
         if max_queued is None:
-            max_queued = QUEUE_FACTOR * sum(_capacity(m) for m in models)
-        self.admission = AdmissionController(max_queued, self.settings.max_in_flight)
+            max_queued = QUEUE_FACTOR * capacity
+        max_in_flight = self.settings.max_in_flight
+        if max_in_flight is None:
+            max_in_flight = max(MIN_IN_FLIGHT, capacity)
+        self.admission = AdmissionController(max_queued, max_in_flight)
         self.max_body_bytes = self.settings.body_byte_limit(max(m.max_model_len for m in models))
         self.metrics = RouterMetrics(lambda: {n: m.pool.fresh_reports() for n, m in self.models.items()})
         for name in self.models:  # shown at 0 from the start, not only once a request has waited

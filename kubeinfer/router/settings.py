@@ -19,8 +19,11 @@ class RouterSettings:
     """The router's behaviour: replica policy, admission bounds, micro-batching and deadlines.
 
     ``batch_window_ms`` 0 turns micro-batching off (each request goes to a replica on its own);
-    ``max_queued`` requests may wait beyond ``max_in_flight`` before new ones get RESOURCE_EXHAUSTED
-    / HTTP 429 (None: twice the replicas' capacity, their ``max_num_seqs`` summed); a queued request
+    ``max_in_flight`` requests run on replicas at once (None: the replicas' capacity, their
+    ``max_num_seqs`` summed at the most replicas autoscaling may start, and at least
+    ``MIN_IN_FLIGHT``: a fixed bound under the fleet's capacity would leave replicas' batch slots
+    idle while requests wait here); ``max_queued`` requests may wait beyond that before new ones get
+    RESOURCE_EXHAUSTED / HTTP 429 (None: twice the replicas' capacity); a queued request
     still waiting after ``max_queue_wait_s`` gets the same answer. ``request_timeout_s`` is the
     deadline applied when a client sends none.
 
@@ -37,7 +40,7 @@ class RouterSettings:
     """
 
     policy: str = "power_of_two"
-    max_in_flight: int = 256
+    max_in_flight: int | None = None
     max_queued: int | None = None
     max_queue_wait_s: float = 30.0
     max_prompt_chars: int | None = None
@@ -52,7 +55,8 @@ class RouterSettings:
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"router policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
-        if self.max_in_flight < 1 or (self.max_queued is not None and self.max_queued < 0):
+        if (self.max_in_flight is not None and self.max_in_flight < 1) or \
+                (self.max_queued is not None and self.max_queued < 0):
             raise ValueError("need max_in_flight >= 1 and max_queued >= 0")
         if not self.max_queue_wait_s > 0:
             raise ValueError("need max_queue_wait_s > 0")

@@ -50,6 +50,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="power_of_two", choices=POLICY_NAMES)
     p.add_argument("--batch-window-ms", type=float, default=0.0, help="router micro-batching window (0: off)")
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="requests the router runs on replicas at once; more wait in its queue (default: what "
+                        "the replicas run at once, max_num_seqs x replicas, at least 256)")
     p.add_argument("--max-queued", type=int, default=None,
                    help="requests waiting beyond which the router says 429 (default: twice the replicas' capacity)")
     p.add_argument("--max-queue-wait-s", type=float, default=30.0,
@@ -135,7 +138,8 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
     # The device each replica gets follows its GPU reservation; refuse one it cannot have before Ray starts.
     model.engine["device"] = model.replica_engine_kwargs()["device"]
     router = RouterSettings(policy=args.policy, batch_window_ms=args.batch_window_ms,
-                            max_batch_size=args.max_batch_size, max_queued=args.max_queued,
+                            max_batch_size=args.max_batch_size, max_in_flight=args.max_in_flight,
+                            max_queued=args.max_queued,
                             max_queue_wait_s=args.max_queue_wait_s, max_prompt_chars=args.max_prompt_chars,
                             max_body_bytes=args.max_body_bytes, max_capacity_wait_s=args.max_capacity_wait_s)
     return AppConfig(models=[model], router=router)
