@@ -306,8 +306,8 @@ def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_r
     app_name = "kubeinfer-autoscaling"
     ray.init(address=ray_head["address"], log_to_driver=False)
     serve.shutdown()  # one Serve per Ray: another module's app may be running
-    grpc_port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+    grpc_port, http_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
     auto = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "upscale_delay_s": 0.5,
             "downscale_delay_s": 3.0, "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
@@ -329,9 +329,22 @@ def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_r
         while running() > 1 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert running() == 1, "no scale-down after the load ended"
+        # The policy's last decision with its reason, as the operator reads it (the CR's status).
+        decision = asyncio.run(_decisions(http_port, "/auto"))["tiny"]
+        assert decision["policy"] == "kvCache" and decision["reason"].startswith("kvCache ")
+        assert (decision["from"], decision["to"]) == (2, 1) and decision["time"] > time.time() - 120
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+async def _decisions(http_port: int, route_prefix: str) -> dict:
+    import aiohttp
+
+    from kubeinfer.operator.serve_api import ServeApiClient
+    async with aiohttp.ClientSession() as session:
+        return await ServeApiClient(session, "http://127.0.0.1:8265", http_port=http_port) \
+            .autoscaling_decisions(route_prefix)
 
 
 def _running_replicas(app_name: str) -> int:

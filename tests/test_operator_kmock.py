@@ -84,10 +84,10 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(mode: str = "auto", liveness: str | None = None,
-                           retry_delay_s: float = 5.0) -> AsyncIterator[asyncio.Task]:
+async def running_operator(mode: str = "auto", liveness: str | None = None, retry_delay_s: float = 5.0,
+                           serve_http_port: int = 8000) -> AsyncIterator[asyncio.Task]:
     stop = asyncio.Event()
-    memo = kopf.Memo(config=OperatorConfig(mode=mode, retry_delay_s=retry_delay_s))
+    memo = kopf.Memo(config=OperatorConfig(mode=mode, retry_delay_s=retry_delay_s, serve_http_port=serve_http_port))
     task = asyncio.create_task(kopf.operator(
         registry=handlers.registry, clusterwide=True, standalone=True, memo=memo, stop_flag=stop,
         liveness_endpoint=liveness))
@@ -276,7 +276,8 @@ async def test_invalid_deployments_fail_alone(cluster):
 
 class FakeServeApi:
     """Ray's Serve REST API as far as the operator uses it: GET reports applications (with the
-    status the test sets), PUT replaces the declarative application list."""
+    status the test sets), PUT replaces the declarative application list. It also stands in for
+    Serve's HTTP proxy, where each application's router serves its autoscaling decisions."""
 
     def __init__(self) -> None:
         self.apps: dict[str, dict[str, Any]] = {}
@@ -287,6 +288,14 @@ class FakeServeApi:
         self.app = web.Application()
         self.app.router.add_get("/api/serve/applications/", self.get)
         self.app.router.add_put("/api/serve/applications/", self.put)
+        self.decisions: dict[str, dict[str, Any]] = {}  # route prefix -> {model: decision}
+        self.app.router.add_get("/{namespace}/{name}/kubeinfer/autoscaling", self.get_decisions)
+
+    async def get_decisions(self, request: web.Request) -> web.Response:
+        route = f"/{request.match_info['namespace']}/{request.match_info['name']}"
+        if route not in self.decisions:
+            raise web.HTTPNotFound()
+        return web.json_response({"models": self.decisions[route]})
 
     async def get(self, request: web.Request) -> web.Response:
         applications = {}
@@ -359,7 +368,8 @@ async def test_an_unavailable_serve_api_is_retried(cluster):
 async def test_an_autoscaled_deployment_reports_each_scale_change(cluster):
     kmock = cluster
     fake = FakeServeApi()
-    async with TestServer(fake.app, host="127.0.0.1") as server, running_operator():
+    server = TestServer(fake.app, host="127.0.0.1")
+    async with server, running_operator(serve_http_port=server.port):
         address = f"http://127.0.0.1:{server.port}"
         body = model_deployment("auto", "uid-a", rayAddress=address,
                                 autoscaling={"maxReplicas": 4, "policy": "kvCache"})
@@ -379,3 +389,17 @@ async def test_an_autoscaled_deployment_reports_each_scale_change(cluster):
                          == "1 -> 3", "status.autoscaling.lastScale")
         scaled = [e for e in events(kmock, "auto") if e["reason"] == "Scaled"]
         assert [e["message"] for e in scaled] == ["kvCache: 1 -> 3 replicas (up)"]
+
+        # The policy's decision, as the application's router serves it: the reason reaches the
+        # status and the next change's Event.
+        model = fake.apps[app]["args"]["models"][0]["name"]
+        fake.decisions[f"/{NS}/auto"] = {model: {"policy": "kvCache", "reason": "kvCache 0.30 vs 0.70", "from": 3,
+                                                 "to": 2, "time": 1796601600.0}}
+        fake.worker_targets[app] = 2
+        await eventually(lambda: (get(kmock, MD, "auto")["status"].get("autoscaling") or {}).get("lastScale")
+                         == "3 -> 2", "status.autoscaling.lastScale")
+        auto = get(kmock, MD, "auto")["status"]["autoscaling"]
+        assert (auto["lastDecision"], auto["lastDecisionTime"]) == ("kvCache 0.30 vs 0.70: 3 -> 2",
+                                                                    "2026-12-07T00:00:00Z")
+        scaled = [e["message"] for e in events(kmock, "auto") if e["reason"] == "Scaled"]
+        assert scaled[-1] == "kvCache: 3 -> 2 replicas (down): kvCache 0.30 vs 0.70"

@@ -20,7 +20,7 @@ from kubeinfer.operator.kube import KubeClient, connection_info, is_transient, l
 from kubeinfer.operator.render import GROUP, API_VERSION, PLURAL
 from kubeinfer.operator.serve_api import ServeApiClient, ServeApiError
 from kubeinfer.operator.settings import OperatorConfig
-from kubeinfer.operator.spec import SpecError, parse_spec
+from kubeinfer.operator.spec import ModelDeploymentSpec, SpecError, parse_spec
 from kubeinfer.operator.status import Observation, changed, deploying, failed, now_rfc3339, status_fields
 from kubeinfer.operator.targets import RAYSERVICE_API, KubeRayTarget, ServeApiTarget, Target, desired_replicas
 
@@ -86,7 +86,8 @@ def _target(ray_address: str | None, memo: kopf.Memo) -> Target:
         return KubeRayTarget(memo.kube)
     address = (address or memo.config.ray_address).rstrip("/")
     if address not in memo.serve_clients:
-        memo.serve_clients[address] = ServeApiClient(memo.http, address, memo.config.http_timeout_s)
+        memo.serve_clients[address] = ServeApiClient(memo.http, address, memo.config.http_timeout_s,
+                                                     memo.config.serve_http_port)
     return ServeApiTarget(memo.serve_clients[address])
 
 
@@ -175,12 +176,23 @@ async def refresh_status(body: kopf.Body, status: kopf.Status, patch: kopf.Patch
     if obs.phase != "Failed" and obs.reason not in ("TargetUnreachable", "RayServiceMissing", "ApplicationMissing"):
         # Before the status write: a scale-up also moves the phase to Deploying ("Scaling") while
         # the new replica starts, and the count it reports is the one Serve's autoscaler set.
-        auto, message = scale_change(spec, status, obs.replicas, now_rfc3339())
+        auto, message = scale_change(spec, status, obs.replicas, now_rfc3339(), await _decision(target, spec))
         if auto is not None:
             patch.status["autoscaling"] = auto
         if message is not None:
             kopf.event(body, type="Normal", reason="Scaled", message=message)
     _write_status(body, patch, obs, target.endpoint(spec), status.get("observedGeneration"))
+
+
+async def _decision(target: Target, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:
+    """The policy's last published decision; None under Ray's default policy, or while the router
+    cannot answer (the status keeps the one it has and the next refresh asks again)."""
+    if spec.autoscaling is None or spec.autoscaling.policy is None:
+        return None
+    try:
+        return await target.autoscaling_decision(spec)
+    except (ServeApiError, ValueError):  # unreachable, or not JSON (a router without the endpoint)
+        return None
 
 
 @kopf.on.delete(*RESOURCE, registry=registry)

@@ -13,6 +13,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from kubeinfer.serve.autoscaling import DECISIONS_PATH
+from kubeinfer.serve.config import DEFAULT_HTTP_PORT
+
 APPLICATIONS_PATH = "/api/serve/applications/"
 
 
@@ -54,10 +57,14 @@ def config_without(details: Mapping[str, Any], app_name: str) -> dict[str, Any] 
     return body
 
 
+def cluster_host(address: str) -> str:
+    """The host of the Ray cluster whose dashboard is at ``address`` (Serve's proxies listen there too)."""
+    return urlsplit(address if "://" in address else f"http://{address}").hostname or "127.0.0.1"
+
+
 def grpc_endpoint(address: str, grpc_port: int) -> str:
     """Where clients reach Serve's gRPC proxy on the cluster whose dashboard is at ``address``."""
-    host = urlsplit(address if "://" in address else f"http://{address}").hostname or "127.0.0.1"
-    return f"{host}:{grpc_port}"
+    return f"{cluster_host(address)}:{grpc_port}"
 
 
 class ServeApiClient:
@@ -67,14 +74,16 @@ class ServeApiClient:
     cluster's application list happens under ``self._lock``, one change at a time.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, address: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, session: aiohttp.ClientSession, address: str, timeout_s: float = 30.0,
+                 http_port: int = DEFAULT_HTTP_PORT) -> None:
         self.address = address.rstrip("/")
+        self.http_port = http_port
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._lock = asyncio.Lock()
 
-    async def _request(self, method: str, body: Mapping[str, Any] | None = None) -> Any:
-        url = self.address + APPLICATIONS_PATH
+    async def _request(self, method: str, body: Mapping[str, Any] | None = None, url: str | None = None) -> Any:
+        url = url or self.address + APPLICATIONS_PATH
         try:
             async with self._session.request(method, url, json=body, timeout=self._timeout) as resp:
                 text = await resp.text()
@@ -87,6 +96,14 @@ class ServeApiClient:
     async def details(self) -> dict[str, Any]:
         """Serve's view of the cluster: applications with their status, deployments and replicas."""
         return await self._request("GET") or {}
+
+    async def autoscaling_decisions(self, route_prefix: str) -> dict[str, Any]:
+        """The last scale decision of each autoscaled model of the application at ``route_prefix``,
+        from its router (``kubeinfer.serve.ingress``) through Serve's HTTP proxy on this cluster."""
+        url = f"http://{cluster_host(self.address)}:{self.http_port}{route_prefix}{DECISIONS_PATH}"
+        body = await self._request("GET", url=url)
+        models = body.get("models") if isinstance(body, dict) else None
+        return models if isinstance(models, dict) else {}
 
     async def deploy(self, config: Mapping[str, Any]) -> None:
         """Deploy (or update in place) the applications in ``config``, keeping all others."""

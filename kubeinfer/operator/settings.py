@@ -8,10 +8,13 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from kubeinfer.serve.config import DEFAULT_HTTP_PORT
+
 MODES = ("auto", "kuberay", "serve-api")
 DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"
 ENV_MODE = "KUBEINFER_OPERATOR_MODE"
 ENV_RAY_ADDRESS = "KUBEINFER_RAY_ADDRESS"
+ENV_SERVE_HTTP_PORT = "KUBEINFER_SERVE_HTTP_PORT"
 
 
 @dataclass(frozen=True)
@@ -21,28 +24,40 @@ class OperatorConfig:
     ``mode``: ``kuberay`` renders a RayService per ModelDeployment, ``serve-api`` applies the
     application to the Ray cluster at ``ray_address`` (the dashboard, port 8265), ``auto`` picks
     KubeRay when the RayService API is served. A ModelDeployment with ``spec.rayAddress`` always
-    uses the Serve API at that address. Invariant: ``mode`` is one of ``MODES``; durations > 0.
+    uses the Serve API at that address; ``serve_http_port`` is where Serve's HTTP proxy listens on
+    such a cluster (the operator reads each application's autoscaling decisions there). Invariant:
+    ``mode`` is one of ``MODES``; durations > 0; the port is in 1-65535.
     """
 
     mode: str = "auto"
     ray_address: str = DEFAULT_RAY_ADDRESS
     http_timeout_s: float = 30.0
     retry_delay_s: float = 10.0
+    serve_http_port: int = DEFAULT_HTTP_PORT
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"operator mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if min(self.http_timeout_s, self.retry_delay_s) <= 0:
             raise ValueError("http_timeout_s and retry_delay_s must be > 0")
+        if not 0 < self.serve_http_port < 65536:
+            raise ValueError(f"serve_http_port must be in 1-65535, got {self.serve_http_port!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> OperatorConfig:
-        """Settings from ``KUBEINFER_OPERATOR_MODE`` / ``KUBEINFER_RAY_ADDRESS``; keyword arguments
+        """Settings from ``KUBEINFER_OPERATOR_MODE`` / ``KUBEINFER_RAY_ADDRESS`` /
+        ``KUBEINFER_SERVE_HTTP_PORT``; keyword arguments
         that are not None (e.g. command-line flags) win over the environment."""
         values: dict[str, object] = {}
         if environ.get(ENV_MODE):
             values["mode"] = environ[ENV_MODE]
         if environ.get(ENV_RAY_ADDRESS):
             values["ray_address"] = environ[ENV_RAY_ADDRESS]
+        if environ.get(ENV_SERVE_HTTP_PORT):
+            try:
+                values["serve_http_port"] = int(environ[ENV_SERVE_HTTP_PORT])
+            except ValueError:
+                raise ValueError(f"{ENV_SERVE_HTTP_PORT} must be a port number, got {environ[ENV_SERVE_HTTP_PORT]!r}") \
+                    from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -173,8 +173,12 @@ def merge_conditions(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str
     return merged
 
 
+def rfc3339(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.datetime.now(datetime.timezone.utc).timestamp())
 
 
 def status_fields(current: Mapping[str, Any], obs: Observation, generation: int | None,

@@ -45,6 +45,10 @@ class Target(Protocol):
 
     async def remove(self, namespace: str, name: str) -> None: ...
 
+    async def autoscaling_decision(self, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:
+        """The model's last decision published by kubeinfer's autoscaling policy, or None."""
+        ...
+
 
 class KubeRayTarget:
     """A RayService and a Service per ModelDeployment, both named after it and owned by it
@@ -73,6 +77,9 @@ class KubeRayTarget:
         await self._kube.delete(f"{group}/{version}", plural, namespace, name)
         await self._kube.delete("v1", "services", namespace, name)
 
+    async def autoscaling_decision(self, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:
+        return None  # a RayService's status has no replica counts to explain
+
 
 class ServeApiTarget:
     """One Serve application per ModelDeployment on the Ray cluster behind ``client``, named
@@ -96,3 +103,8 @@ class ServeApiTarget:
 
     async def remove(self, namespace: str, name: str) -> None:
         await self._client.remove(render.serve_api_app_name(namespace, name))
+
+    async def autoscaling_decision(self, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:
+        """From the application's router through Serve's HTTP proxy (its route prefix)."""
+        route = render.serve_api_route_prefix(spec.namespace, spec.name)
+        return (await self._client.autoscaling_decisions(route)).get(spec.model.name)

@@ -17,6 +17,7 @@ standard library.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import deque
@@ -37,9 +38,13 @@ POLICY_FUNCTION = "kubeinfer.serve.autoscaling:LLMAutoscalingPolicy"
 DECISION_KEY = "kubeinfer_decision"
 _QUEUE_REF_KEY = "kubeinfer_queue_ref"  # (time, requests held) the latency policy measures growth from
 _CAPACITY_KEY = "kubeinfer_capacity"    # the latency policy's learned requests per replica at the SLO
-_WISH_KEY = "kubeinfer_wish"            # the last desired count, so a decision is logged once
+_PUBLISHED_KEY = "kubeinfer_published"  # the (current, desired) last logged and published, so once each
 _LOGGED_KEY = "kubeinfer_logged_at"     # when the last decision was logged
 _log = logging.getLogger("ray.serve")
+# Where each deployment's last scale decision is published (Ray's internal KV, on the GCS): Serve's
+# REST API does not carry a policy's reasons, and the policy_state stays inside the controller.
+DECISIONS_KV_NAMESPACE = "kubeinfer"
+DECISIONS_PATH = "/kubeinfer/autoscaling"  # where an application's router serves them, as JSON
 
 
 class LatencyWindow:
@@ -260,13 +265,52 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
     desired = max(lo, min(hi, max(desired, floor)))
     state[DECISION_KEY] = f"{why}: {current} -> {desired}" if desired != current else f"{why}: hold {current}"
     now = ctx.current_time or 0.0
-    if desired != current and state.get(_WISH_KEY) != desired and now - state.get(_LOGGED_KEY, -1e18) >= 10:
-        # Once per change of mind and at most every 10 s, not per tick: the reason for the Serve
-        # controller's log, next to Ray's own "Upscaling ..." lines (Serve's REST API does not carry it).
+    if desired != current and state.get(_PUBLISHED_KEY) != [current, desired] and \
+            now - state.get(_LOGGED_KEY, -1e18) >= 10:
+        # Once per change of mind and at most every 10 s, not per tick (one the 10 s held back goes
+        # out later if it still stands): the reason for the Serve controller's log, next to Ray's
+        # own "Upscaling ..." lines, and for the CR's status (the application's router serves what
+        # publish_decision puts).
         _log.info("kubeinfer autoscaling %s: %s", getattr(ctx, "deployment_name", "?"), state[DECISION_KEY])
-        state[_LOGGED_KEY] = now
-    state[_WISH_KEY] = desired
+        publish_decision(getattr(ctx, "app_name", ""), getattr(ctx, "deployment_name", ""),
+                         {"policy": s.policy, "reason": why, "from": current, "to": desired, "time": now})
+        state[_LOGGED_KEY], state[_PUBLISHED_KEY] = now, [current, desired]
     return desired, state
+
+
+def decision_key(app_name: str, deployment_name: str) -> bytes:
+    return f"autoscaling/{app_name}/{deployment_name}".encode()
+
+
+def _internal_kv() -> Any:
+    """Ray's internal KV when this process is connected to a Ray cluster (the Serve controller, a
+    replica), else None (a unit test, the simulator). Imported here: the module stays Ray-free."""
+    try:
+        from ray.experimental import internal_kv
+    except ImportError:
+        return None
+    return internal_kv if internal_kv._internal_kv_initialized() else None
+
+
+def publish_decision(app_name: str, deployment_name: str, record: Mapping[str, Any]) -> None:
+    """Puts a deployment's last scale decision (policy, reason, from, to, time) where its application's
+    router reads it (``read_decision``). Best effort: a failed put must not stop the policy."""
+    kv = _internal_kv()
+    if kv is None:
+        return
+    try:
+        kv._internal_kv_put(decision_key(app_name, deployment_name), json.dumps(dict(record)).encode(),
+                            overwrite=True, namespace=DECISIONS_KV_NAMESPACE)
+    except Exception as e:  # the GCS unreachable for a moment: the next decision publishes again
+        _log.warning("kubeinfer autoscaling: cannot publish the decision of %s: %s", deployment_name, e)
+
+
+def read_decision(app_name: str, deployment_name: str) -> dict[str, Any] | None:
+    """The deployment's last published decision, or None (none yet, or no Ray here). Blocking (a GCS call)."""
+    kv = _internal_kv()
+    value = kv._internal_kv_get(decision_key(app_name, deployment_name), namespace=DECISIONS_KV_NAMESPACE) \
+        if kv is not None else None
+    return json.loads(value) if value else None
 
 
 class LLMAutoscalingPolicy:

@@ -21,6 +21,7 @@ from kubeinfer.router.pool import WorkerPool
 from kubeinfer.router.types import StreamItem
 from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, Router, ServedModel
 from kubeinfer.router.types import GenerateJob, ReplicaReport
+from kubeinfer.serve.autoscaling import DECISIONS_PATH, read_decision
 from kubeinfer.serve.config import AppConfig
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,9 @@ class RouterIngress:
                                       capacity=capacity))
         self.router = Router(models, app.router)
         self.grpc = InferenceServicer(self.router, fail=fail_on_serve_context)
+        # Each model's Worker deployment whose scale decisions our policy publishes (not Ray's default).
+        self._decided = {spec.name: workers[spec.name].deployment_id for spec in app.models
+                         if (spec.autoscaling or {}).get("policy")}
         autoscaled = {spec.name: (workers[spec.name].deployment_id,
                                   float(spec.autoscaling.get("look_back_period_s") or 30.0))
                       for spec in app.models if spec.autoscaling is not None}
@@ -181,7 +185,16 @@ class RouterIngress:
 
     def __serve_build_asgi_app__(self):
         from kubeinfer.router.http_api import build_http_app
-        return build_http_app(self.router)
+        app = build_http_app(self.router)
+        app.add_api_route(DECISIONS_PATH, self.autoscaling_decisions, methods=["GET"], include_in_schema=False)
+        return app
+
+    async def autoscaling_decisions(self) -> dict[str, Any]:
+        """``{"models": {name: last decision or None}}`` for the models our policy scales (the CR's
+        status reads it: Serve's REST API does not carry a policy's reasons)."""
+        async def one(dep: Any) -> dict[str, Any] | None:
+            return await asyncio.to_thread(read_decision, dep.app_name, dep.name)
+        return {"models": {name: await one(dep) for name, dep in self._decided.items()}}
 
     # Serve's gRPC proxy calls the ingress method named like the RPC; each hands over to the one
     # servicer (the router's own gRPC server runs the same one), bound to Serve's context.

@@ -1,0 +1,94 @@
+"""The policy's reasons in the CR's status (issue 15, surfaces): what ``scale_change`` makes of a
+published decision, when the policy publishes one, and the operator's setting for where Serve's HTTP
+proxy listens. The whole path on a real local Ray (policy -> Ray's internal KV -> the router's
+``/kubeinfer/autoscaling`` -> the operator's client) is checked in tests/test_autoscaling.py's
+kvCache end-to-end test; the operator's status and Event against kmock in tests/test_operator_kmock.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from kubeinfer.operator.autoscaling_status import scale_change
+from kubeinfer.operator.settings import OperatorConfig
+from kubeinfer.operator.spec import parse_spec
+from kubeinfer.serve import autoscaling
+from kubeinfer.serve.autoscaling import RUNNING, WAITING, PolicySettings, decide
+
+NOW = "2026-12-07T12:00:00Z"
+UP = {"policy": "kvCache", "reason": "kvCache 0.86 vs 0.70", "from": 2, "to": 3, "time": 1796601600.0}
+
+
+def _spec(policy: str | None = "kvCache"):
+    auto = {"maxReplicas": 4, **({"policy": policy} if policy else {})}
+    return parse_spec({"apiVersion": "kubeinfer.io/v1alpha1", "kind": "ModelDeployment",
+                       "metadata": {"name": "demo", "namespace": "ml", "uid": "u-1", "generation": 1},
+                       "spec": {"autoscaling": auto}})
+
+
+def test_the_decision_that_moved_the_count_gives_the_status_and_the_event_its_reason():
+    current = {"replicas": 2, "autoscaling": {"policy": "kvCache"}}
+    auto, event = scale_change(_spec(), current, 3, NOW, UP)
+    assert auto == {"policy": "kvCache", "lastScale": "2 -> 3", "lastScaleTime": NOW,
+                    "lastDecision": "kvCache 0.86 vs 0.70: 2 -> 3", "lastDecisionTime": "2026-12-07T00:00:00Z"}
+    assert event == "kvCache: 2 -> 3 replicas (up): kvCache 0.86 vs 0.70"
+    # Nothing new: nothing to write.
+    assert scale_change(_spec(), {"replicas": 3, "autoscaling": auto}, 3, NOW, UP) == (None, None)
+
+
+def test_a_decision_not_yet_acted_on_is_shown_without_an_event_and_kept_while_the_router_is_silent():
+    current = {"replicas": 2, "autoscaling": {"policy": "kvCache", "lastScale": "1 -> 2", "lastScaleTime": NOW}}
+    auto, event = scale_change(_spec(), current, 2, NOW, UP)  # Serve's upscale delay still runs
+    assert event is None and auto["lastDecision"] == "kvCache 0.86 vs 0.70: 2 -> 3"
+    assert auto["lastScale"] == "1 -> 2"
+    # The router unreachable (no decision): the status keeps what it has.
+    assert scale_change(_spec(), {"replicas": 2, "autoscaling": auto}, 2, NOW, None) == (None, None)
+    # A change the decision does not explain (Serve's min/max, a manual edit): no reason claimed.
+    auto, event = scale_change(_spec(), {"replicas": 2, "autoscaling": auto}, 1, NOW, UP)
+    assert event == "kvCache: 2 -> 1 replicas (down)" and auto["lastScale"] == "2 -> 1"
+
+
+def test_ray_default_policy_has_no_decision_to_show():
+    auto, event = scale_change(_spec(None), {"replicas": 1, "autoscaling": {"policy": "ongoingRequests"}}, 2, NOW)
+    assert event == "ongoingRequests: 1 -> 2 replicas (up)" and "lastDecision" not in auto
+
+
+def test_the_policy_publishes_each_change_of_mind_once_and_one_the_throttle_held_back_later(monkeypatch):
+    published = []
+    monkeypatch.setattr(autoscaling, "publish_decision", lambda app, dep, record: published.append(record))
+    settings = PolicySettings(policy="queue", target_queue_length=1)
+    ids = ["r0", "r1"]
+    state: dict = {}
+
+    def tick(t: float, target: int, waiting: float) -> int:
+        nonlocal state
+        ctx = SimpleNamespace(running_replicas=ids, target_num_replicas=target, policy_state=state,
+                              capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=10,
+                              aggregated_metrics={WAITING: {r: waiting for r in ids}, RUNNING: {r: 1.0 for r in ids}},
+                              raw_metrics={}, current_time=t, deployment_name="worker-m", app_name="ml.demo")
+        desired, state = decide(ctx, settings)
+        return desired
+
+    assert tick(0.0, 2, 3.0) == 6                     # 2 -> 6: published
+    assert tick(1.0, 2, 3.0) == 6                     # the same wish on the next tick: not again
+    assert [(r["from"], r["to"]) for r in published] == [(2, 6)]
+    assert published[0]["reason"].startswith("queue 3.00/replica") and published[0]["time"] == 0.0
+    assert tick(2.0, 6, 0.0) < 6                      # a new wish within 10 s: held back...
+    assert len(published) == 1
+    down = tick(12.0, 6, 0.0)                         # ...and published once the 10 s have passed
+    assert [(r["from"], r["to"]) for r in published] == [(2, 6), (6, down)]
+
+
+def test_publishing_and_reading_need_ray_and_do_nothing_without_it(monkeypatch):
+    monkeypatch.setattr(autoscaling, "_internal_kv", lambda: None)
+    autoscaling.publish_decision("ml.demo", "worker-m", UP)  # no error: the simulator and unit tests run it
+    assert autoscaling.read_decision("ml.demo", "worker-m") is None
+
+
+def test_the_operator_reads_where_serves_http_proxy_listens():
+    assert OperatorConfig.from_env({}).serve_http_port == 8000
+    assert OperatorConfig.from_env({"KUBEINFER_SERVE_HTTP_PORT": "8080"}).serve_http_port == 8080
+    for bad in ("http", "0", "70000"):
+        with pytest.raises(ValueError, match="KUBEINFER_SERVE_HTTP_PORT|serve_http_port"):
+            OperatorConfig.from_env({"KUBEINFER_SERVE_HTTP_PORT": bad})
