@@ -92,3 +92,22 @@ def test_the_operator_reads_where_serves_http_proxy_listens():
     for bad in ("http", "0", "70000"):
         with pytest.raises(ValueError, match="KUBEINFER_SERVE_HTTP_PORT|serve_http_port"):
             OperatorConfig.from_env({"KUBEINFER_SERVE_HTTP_PORT": bad})
+
+
+def test_a_rayservices_dashboard_is_its_kuberay_head_service():
+    """KubeRay names the head Service it keeps for a RayService ``<name>-head-svc`` (cut to 50
+    characters from the end, a leading digit replaced by ``r``: its CheckName)."""
+    from kubeinfer.operator.render import rayservice_head_service
+    from kubeinfer.operator.settings import DEFAULT_KUBERAY_DASHBOARD
+    from kubeinfer.operator.targets import KubeRayTarget
+    assert rayservice_head_service("chat") == "chat-head-svc"
+    long = "a" * 45 + "-model"
+    assert rayservice_head_service(long) == (long + "-head-svc")[-50:] and len(rayservice_head_service(long)) == 50
+    assert rayservice_head_service("7b-chat") == "rb-chat-head-svc"
+    spec = parse_spec({"metadata": {"name": "chat", "namespace": "ml"}, "spec": {"autoscaling": {"maxReplicas": 2}}})
+    target = KubeRayTarget(None, serve_client=lambda address: address, dashboard=DEFAULT_KUBERAY_DASHBOARD)
+    assert target._serve_api(spec) == "http://chat-head-svc.ml.svc:8265"
+    assert KubeRayTarget(None, serve_client=lambda address: address)._serve_api(spec) is None  # not configured
+    assert OperatorConfig.from_env({"KUBEINFER_KUBERAY_DASHBOARD": ""}).kuberay_dashboard is None
+    with pytest.raises(ValueError, match="kuberay_dashboard"):
+        OperatorConfig(kuberay_dashboard="http://{head}:8265")

@@ -85,9 +85,13 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def running_operator(mode: str = "auto", liveness: str | None = None, retry_delay_s: float = 5.0,
-                           serve_http_port: int = 8000) -> AsyncIterator[asyncio.Task]:
+                           serve_http_port: int = 8000, kuberay_dashboard: str | None = None
+                           ) -> AsyncIterator[asyncio.Task]:
+    """The operator on kmock. ``kuberay_dashboard`` None: it reads no RayService's dashboard (the
+    default template names cluster DNS, which does not resolve here)."""
     stop = asyncio.Event()
-    memo = kopf.Memo(config=OperatorConfig(mode=mode, retry_delay_s=retry_delay_s, serve_http_port=serve_http_port))
+    memo = kopf.Memo(config=OperatorConfig(mode=mode, retry_delay_s=retry_delay_s, serve_http_port=serve_http_port,
+                                           kuberay_dashboard=kuberay_dashboard))
     task = asyncio.create_task(kopf.operator(
         registry=handlers.registry, clusterwide=True, standalone=True, memo=memo, stop_flag=stop,
         liveness_endpoint=liveness))
@@ -290,9 +294,11 @@ class FakeServeApi:
         self.app.router.add_put("/api/serve/applications/", self.put)
         self.decisions: dict[str, dict[str, Any]] = {}  # route prefix -> {model: decision}
         self.app.router.add_get("/{namespace}/{name}/kubeinfer/autoscaling", self.get_decisions)
+        self.app.router.add_get("/kubeinfer/autoscaling", self.get_decisions)  # an application at "/"
 
     async def get_decisions(self, request: web.Request) -> web.Response:
-        route = f"/{request.match_info['namespace']}/{request.match_info['name']}"
+        info = request.match_info
+        route = f"/{info['namespace']}/{info['name']}" if "name" in info else ""
         if route not in self.decisions:
             raise web.HTTPNotFound()
         return web.json_response({"models": self.decisions[route]})
@@ -403,3 +409,43 @@ async def test_an_autoscaled_deployment_reports_each_scale_change(cluster):
                                                                     "2026-12-07T00:00:00Z")
         scaled = [e["message"] for e in events(kmock, "auto") if e["reason"] == "Scaled"]
         assert scaled[-1] == "kvCache: 3 -> 2 replicas (down): kvCache 0.30 vs 0.70"
+
+
+async def test_kuberay_mode_reads_the_counts_and_the_reason_from_the_rayservices_cluster(cluster):
+    """A RayService's status has no replica counts: with autoscaling, the operator reads them from the
+    cluster's Serve REST API (KubeRay's head Service; here a stand-in on loopback) and the policy's
+    decision from the router, and keeps the last counts while that API cannot be read."""
+    kmock = cluster
+    fake = FakeServeApi()
+    server = TestServer(fake.app, host="127.0.0.1")
+    async with server, running_operator(serve_http_port=server.port,
+                                        kuberay_dashboard=f"http://127.0.0.1:{server.port}"
+                                        ) as operator:
+        body = model_deployment("kr", "uid-kr", autoscaling={"maxReplicas": 4, "policy": "queue"})
+        del body["spec"]["replicas"]
+        await kmock.post(url(MD), json=body)
+        await eventually(lambda: get(kmock, RS, "kr") and phase(kmock, "kr") == "Deploying", "RayService applied")
+        model = "smollm2-135m"
+        fake.apps["kr"] = {"name": "kr", "args": {"models": [{"name": model}]}}  # what KubeRay deployed
+        fake.app_status["kr"], fake.worker_targets["kr"] = "RUNNING", 1
+        await kmock.patch(url(RS, "kr") + "/status", json={"status": {
+            "serviceStatus": "Running",
+            "activeServiceStatus": {"applicationStatuses": {"kr": {"status": "RUNNING", "serveDeploymentStatuses": {
+                "router": {"status": "HEALTHY"}, f"worker-{model}": {"status": "HEALTHY"}}}}}}})
+        await eventually(lambda: phase(kmock, "kr") == "Ready", "phase Ready")
+
+        fake.decisions[""] = {model: {"policy": "queue", "reason": "queue 4.00/replica vs 2", "from": 1, "to": 2,
+                                      "time": 1796601600.0}}
+        fake.worker_targets["kr"] = 2
+        await eventually(lambda: get(kmock, MD, "kr")["status"].get("replicas") == 2, "status.replicas from Serve")
+        await eventually(lambda: [e["message"] for e in events(kmock, "kr") if e["reason"] == "Scaled"]
+                         == ["queue: 1 -> 2 replicas (up): queue 4.00/replica vs 2"], "a Scaled Event with the reason")
+        assert get(kmock, MD, "kr")["status"]["autoscaling"]["lastDecision"] == "queue 4.00/replica vs 2: 1 -> 2"
+
+        # The dashboard unreachable: the status keeps the counts it read, and no scale change is made up.
+        await server.close()
+        await asyncio.sleep(60)
+        md = get(kmock, MD, "kr")
+        assert md["status"]["replicas"] == 2 and md["status"]["autoscaling"]["lastScale"] == "1 -> 2"
+        assert len([e for e in events(kmock, "kr") if e["reason"] == "Scaled"]) == 1
+        assert not operator.done()

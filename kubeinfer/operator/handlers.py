@@ -8,6 +8,7 @@ state (clients, the chosen mode) is created at startup and carried in kopf's ``m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Mapping, NoReturn
 
@@ -81,14 +82,16 @@ def target_probe(memo: kopf.Memo, **_: Any) -> str:
 def _target(ray_address: str | None, memo: kopf.Memo) -> Target:
     """KubeRay unless the CR names a Ray cluster (``spec.rayAddress``) or the operator runs in
     Serve-API mode."""
-    address = ray_address
-    if memo.kuberay and address is None:
-        return KubeRayTarget(memo.kube)
-    address = (address or memo.config.ray_address).rstrip("/")
-    if address not in memo.serve_clients:
-        memo.serve_clients[address] = ServeApiClient(memo.http, address, memo.config.http_timeout_s,
-                                                     memo.config.serve_http_port)
-    return ServeApiTarget(memo.serve_clients[address])
+    def serve_client(address: str) -> ServeApiClient:
+        address = address.rstrip("/")
+        if address not in memo.serve_clients:
+            memo.serve_clients[address] = ServeApiClient(memo.http, address, memo.config.http_timeout_s,
+                                                         memo.config.serve_http_port)
+        return memo.serve_clients[address]
+
+    if memo.kuberay and ray_address is None:
+        return KubeRayTarget(memo.kube, serve_client, memo.config.kuberay_dashboard)
+    return ServeApiTarget(serve_client(ray_address or memo.config.ray_address))
 
 
 def _write_status(body: kopf.Body, patch: kopf.Patch, obs: Observation, endpoint: str | None,
@@ -168,12 +171,13 @@ async def refresh_status(body: kopf.Body, status: kopf.Status, patch: kopf.Patch
     try:
         obs = await target.observe(spec)
     except ServeApiError as e:
-        obs = Observation("Degraded", "TargetUnreachable", str(e), desired_replicas(spec), 0)
+        obs = Observation("Degraded", "TargetUnreachable", str(e), desired_replicas(spec), 0, counted=False)
     except Exception as e:
         if not is_transient(e):
             raise
         raise kopf.TemporaryError(f"cannot read the deployment's state: {e}", delay=memo.config.retry_delay_s)
-    if obs.phase != "Failed" and obs.reason not in ("TargetUnreachable", "RayServiceMissing", "ApplicationMissing"):
+    obs = _keep_counts(spec, status, obs)
+    if obs.counted and obs.phase != "Failed" and obs.reason not in ("RayServiceMissing", "ApplicationMissing"):
         # Before the status write: a scale-up also moves the phase to Deploying ("Scaling") while
         # the new replica starts, and the count it reports is the one Serve's autoscaler set.
         auto, message = scale_change(spec, status, obs.replicas, now_rfc3339(), await _decision(target, spec))
@@ -182,6 +186,17 @@ async def refresh_status(body: kopf.Body, status: kopf.Status, patch: kopf.Patch
         if message is not None:
             kopf.event(body, type="Normal", reason="Scaled", message=message)
     _write_status(body, patch, obs, target.endpoint(spec), status.get("observedGeneration"))
+
+
+def _keep_counts(spec: ModelDeploymentSpec, status: Mapping[str, Any], obs: Observation) -> Observation:
+    """Under autoscaling, counts the target could not read (its Serve API unreachable, a RayService's
+    status alone) would be the replicas asked for at deploy time: the status keeps the ones it has,
+    stale rather than wrong, and no scale change is read from them."""
+    kept = status.get("replicas")
+    if obs.counted or spec.autoscaling is None or kept is None:
+        return obs
+    ready = kept if obs.ready_replicas >= obs.replicas else min(obs.ready_replicas, kept)
+    return dataclasses.replace(obs, replicas=kept, ready_replicas=ready)
 
 
 async def _decision(target: Target, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:

@@ -64,6 +64,14 @@ def service_endpoint(spec: ModelDeploymentSpec) -> str:
     return f"{spec.name}.{spec.namespace}.svc:{DEFAULT_GRPC_PORT}"
 
 
+def rayservice_head_service(name: str) -> str:
+    """The head Service KubeRay keeps for the RayService ``name`` (it follows the cluster serving
+    traffic): ``<name>-head-svc``, cut as KubeRay's CheckName cuts it (the last 50 characters, and
+    an ``r`` for a first character that is a digit or punctuation)."""
+    service = f"{name}-head-svc"[-50:]
+    return "r" + service[1:] if not service[0].isalpha() else service
+
+
 def serve_api_app_name(namespace: str, name: str) -> str:
     """The application of a ModelDeployment on a shared Ray cluster: unique across namespaces
     (neither part can contain a dot)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -26,6 +27,8 @@ class Observation:
 
     Invariants: ``phase`` is one of ``PHASES``; ``reason`` is a CamelCase word (a condition
     reason); ``0 <= ready_replicas``; ``replicas`` is the number the target is driving towards.
+    ``counted``: the counts are Serve's; False when they are inferred from a RayService's status
+    (the replicas asked for at deploy time, which autoscaling moves away from).
     """
 
     phase: str
@@ -33,6 +36,7 @@ class Observation:
     message: str
     replicas: int = 0
     ready_replicas: int = 0
+    counted: bool = True
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -134,7 +138,8 @@ def observe_rayservice(rayservice: Mapping[str, Any] | None, app_name: str, repl
     healthy = bool(deployments) and all(d.get("status") == "HEALTHY" for d in deployments.values())
     workers = (active.get("rayClusterStatus") or {}).get("readyWorkerReplicas") or 0
     ready = replicas if app.get("status") == "RUNNING" and healthy else min(workers, replicas)
-    return _from_app_state(app.get("status"), app.get("message") or "", deployments, replicas, ready)
+    obs = _from_app_state(app.get("status"), app.get("message") or "", deployments, replicas, ready)
+    return dataclasses.replace(obs, counted=False)
 
 
 def observe_serve_application(details: Mapping[str, Any], app_name: str,

@@ -7,13 +7,13 @@ removes what one ModelDeployment put there. Objects come from the pure renderers
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import kopf
 
 from kubeinfer.operator import render
 from kubeinfer.operator.kube import KubeClient
-from kubeinfer.operator.serve_api import ServeApiClient, grpc_endpoint
+from kubeinfer.operator.serve_api import ServeApiClient, ServeApiError, grpc_endpoint
 from kubeinfer.operator.spec import ModelDeploymentSpec
 from kubeinfer.operator.status import Observation, observe_rayservice, observe_serve_application
 from kubeinfer.serve.config import DEFAULT_GRPC_PORT
@@ -53,10 +53,24 @@ class Target(Protocol):
 class KubeRayTarget:
     """A RayService and a Service per ModelDeployment, both named after it and owned by it
     (ownerReferences via ``kopf.adopt``). Removal deletes both explicitly rather than relying on
-    the garbage collector, so the finalizer only lets go once they are gone."""
+    the garbage collector, so the finalizer only lets go once they are gone.
 
-    def __init__(self, kube: KubeClient) -> None:
+    A RayService's status has no replica counts, so once it reports the application, ``observe``
+    reads them from the cluster's Serve REST API at ``dashboard`` (a template of ``{service}``, the
+    RayService's head Service, and ``{namespace}``; ``serve_client`` makes a client for an address)
+    and falls back to the RayService's view when that cannot be read. None: the RayService's only."""
+
+    def __init__(self, kube: KubeClient, serve_client: Callable[[str], ServeApiClient] | None = None,
+                 dashboard: str | None = None) -> None:
         self._kube = kube
+        self._serve_client = serve_client
+        self._dashboard = dashboard
+
+    def _serve_api(self, spec: ModelDeploymentSpec) -> ServeApiClient | None:
+        if self._serve_client is None or self._dashboard is None:
+            return None
+        return self._serve_client(self._dashboard.format(service=render.rayservice_head_service(spec.name),
+                                                         namespace=spec.namespace))
 
     def endpoint(self, spec: ModelDeploymentSpec) -> str:
         return render.service_endpoint(spec)
@@ -70,7 +84,17 @@ class KubeRayTarget:
     async def observe(self, spec: ModelDeploymentSpec) -> Observation:
         group, version, plural = RAYSERVICE_API
         rayservice = await self._kube.get(f"{group}/{version}", plural, spec.namespace, spec.name)
-        return observe_rayservice(rayservice, spec.name, desired_replicas(spec))
+        obs = observe_rayservice(rayservice, spec.name, desired_replicas(spec))
+        active = (((rayservice or {}).get("status") or {}).get("activeServiceStatus") or {})
+        client = self._serve_api(spec)
+        if client is None or spec.name not in (active.get("applicationStatuses") or {}):
+            return obs  # no cluster serving the application yet: no dashboard to ask
+        try:
+            details = await client.details()
+        except ServeApiError:
+            return obs  # unreachable (a NetworkPolicy, the head restarting): the RayService's view
+        counted = observe_serve_application(details, spec.name, [worker_deployment(spec)])
+        return obs if counted.reason == "ApplicationMissing" else counted
 
     async def remove(self, namespace: str, name: str) -> None:
         group, version, plural = RAYSERVICE_API
@@ -78,7 +102,9 @@ class KubeRayTarget:
         await self._kube.delete("v1", "services", namespace, name)
 
     async def autoscaling_decision(self, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:
-        return None  # a RayService's status has no replica counts to explain
+        """From the application's router through Serve's HTTP proxy on the head (route ``/``)."""
+        client = self._serve_api(spec)
+        return None if client is None else (await client.autoscaling_decisions("")).get(spec.model.name)
 
 
 class ServeApiTarget:
