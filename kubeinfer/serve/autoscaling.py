@@ -38,7 +38,7 @@ POLICY_FUNCTION = "kubeinfer.serve.autoscaling:LLMAutoscalingPolicy"
 DECISION_KEY = "kubeinfer_decision"
 _QUEUE_REF_KEY = "kubeinfer_queue_ref"  # (time, requests held) the latency policy measures growth from
 _CAPACITY_KEY = "kubeinfer_capacity"    # the latency policy's learned requests per replica at the SLO
-_PUBLISHED_KEY = "kubeinfer_published"  # the (current, desired) last logged and published, so once each
+_PUBLISHED_KEY = "kubeinfer_published"  # the (current, desired) last published, so once each
 _LOGGED_KEY = "kubeinfer_logged_at"     # when the last decision was logged
 _log = logging.getLogger("ray.serve")
 # Where each deployment's last scale decision is published (Ray's internal KV, on the GCS): Serve's
@@ -265,16 +265,17 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
     desired = max(lo, min(hi, max(desired, floor)))
     state[DECISION_KEY] = f"{why}: {current} -> {desired}" if desired != current else f"{why}: hold {current}"
     now = ctx.current_time or 0.0
-    if desired != current and state.get(_PUBLISHED_KEY) != [current, desired] and \
-            now - state.get(_LOGGED_KEY, -1e18) >= 10:
-        # Once per change of mind and at most every 10 s, not per tick (one the 10 s held back goes
-        # out later if it still stands): the reason for the Serve controller's log, next to Ray's
-        # own "Upscaling ..." lines, and for the CR's status (the application's router serves what
-        # publish_decision puts).
-        _log.info("kubeinfer autoscaling %s: %s", getattr(ctx, "deployment_name", "?"), state[DECISION_KEY])
+    if desired != current and state.get(_PUBLISHED_KEY) != [current, desired]:
+        # Once per change of mind, not per tick, and each one at once: Serve may act on it within a
+        # tick (a short upscale delay), after which it is not wished again. For the CR's status (the
+        # application's router serves what publish_decision puts) and, at most every 10 s, for the
+        # Serve controller's log, next to Ray's own "Upscaling ..." lines.
         publish_decision(getattr(ctx, "app_name", ""), getattr(ctx, "deployment_name", ""),
                          {"policy": s.policy, "reason": why, "from": current, "to": desired, "time": now})
-        state[_LOGGED_KEY], state[_PUBLISHED_KEY] = now, [current, desired]
+        state[_PUBLISHED_KEY] = [current, desired]
+        if now - state.get(_LOGGED_KEY, -1e18) >= 10:
+            _log.info("kubeinfer autoscaling %s: %s", getattr(ctx, "deployment_name", "?"), state[DECISION_KEY])
+            state[_LOGGED_KEY] = now
     return desired, state
 
 
