@@ -1,5 +1,6 @@
 """benchmarks/autoscaling.py as `make bench` runs it: several seeds per trace in a process pool, one row
-per policy with the mean, the range and the comparison with the default row."""
+per policy with the mean, the range and the comparison with the default row; and the oracle bound
+(benchmarks/autoscaling_bound.py), one row per utilisation and hold window."""
 
 from __future__ import annotations
 
@@ -34,3 +35,20 @@ def test_the_benchmark_reports_each_policy_over_seeds_against_the_default():
             assert 0 <= low <= float(mean) <= high <= 100
             assert r[-1].strip(" |") == "0"  # no request left unfinished
     assert "mean (min-max) over seeds 0-1" in out
+
+
+def test_the_oracle_bound_reports_each_utilisation_and_window():
+    out = subprocess.run([sys.executable, "benchmarks/autoscaling_bound.py", "--seconds", "400", "--seeds", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| bursty", "| diurnal"))]
+    assert {(r[0], r[1], r[2]) for r in rows} == {(f"| {kind}", u, w) for kind in ("bursty", "diurnal")
+                                                  for u in ("0.6", "0.75", "0.9")
+                                                  for w in ("0 s", "300 s", "never down")}
+    for r in rows:
+        assert 0 <= float(r[3].rstrip("%")) <= 100 and float(r[4].strip(" |").replace(",", "")) > 0
+    # Holding the fleet longer never costs fewer replica-seconds: the same arrivals, the sizes only held
+    # (1% for when draining replicas leave).
+    for kind in ("bursty", "diurnal"):
+        for u in ("0.6", "0.75", "0.9"):
+            held = [float(r[4].strip(" |").replace(",", "")) for r in rows if r[0] == f"| {kind}" and r[1] == u]
+            assert all(b >= 0.99 * a for a, b in zip(held, held[1:])), (kind, u, held)
