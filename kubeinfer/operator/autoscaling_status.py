@@ -5,7 +5,7 @@ Serve decides; the operator sees the outcome, the deployment's target replica co
 (``target_num_replicas``). Ray 2.60 does not expose a policy's reasons through its REST API
 (``autoscaling_detail`` is declared but never filled), so kubeinfer's policy publishes each decision
 (``kubeinfer.serve.autoscaling.publish_decision``) and the application's router serves it; the
-operator reads it there (Serve-API mode). Ray's default policy publishes none.
+operator reads it there (``Target.autoscaling_decision``). Ray's default policy publishes none.
 """
 
 from __future__ import annotations

@@ -91,8 +91,8 @@ class KubeRayTarget:
             return obs  # no cluster serving the application yet: no dashboard to ask
         try:
             details = await client.details()
-        except ServeApiError:
-            return obs  # unreachable (a NetworkPolicy, the head restarting): the RayService's view
+        except (ServeApiError, ValueError):  # unreachable (a NetworkPolicy, the head restarting), not JSON
+            return obs  # the RayService's view
         counted = observe_serve_application(details, spec.name, [worker_deployment(spec)])
         return obs if counted.reason == "ApplicationMissing" else counted
 
