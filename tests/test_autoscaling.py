@@ -299,6 +299,7 @@ def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_r
     from ray import serve
     from ray.serve.config import gRPCOptions
 
+    from kubeinfer.operator.status import observe_serve_application
     from kubeinfer.serve.app import build_app
     from kubeinfer.serve.config import GRPC_SERVICER_FUNCTIONS, AppConfig, ModelSpec
     from tests.conftest import free_port
@@ -329,8 +330,12 @@ def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_r
         while running() > 1 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert running() == 1, "no scale-down after the load ended"
-        # The policy's last decision with its reason, as the operator reads it (the CR's status).
-        decision = asyncio.run(_decisions(http_port, "/auto"))["tiny"]
+        # What the operator reads back, through the same client: the counts from Serve's REST API
+        # and the policy's last decision with its reason from the router (the CR's status).
+        details, decisions = asyncio.run(_operator_reads(ray_head["dashboard"], http_port, "/auto"))
+        obs = observe_serve_application(details, app_name, ["worker-tiny"])
+        assert (obs.replicas, obs.ready_replicas, obs.counted) == (1, 1, True)
+        decision = decisions["tiny"]
         assert decision["policy"] == "kvCache" and decision["reason"].startswith("kvCache ")
         assert (decision["from"], decision["to"]) == (2, 1) and decision["time"] > time.time() - 120
     finally:
@@ -338,13 +343,13 @@ def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_r
         ray.shutdown()
 
 
-async def _decisions(http_port: int, route_prefix: str) -> dict:
+async def _operator_reads(dashboard: str, http_port: int, route_prefix: str) -> tuple[dict, dict]:
     import aiohttp
 
     from kubeinfer.operator.serve_api import ServeApiClient
     async with aiohttp.ClientSession() as session:
-        return await ServeApiClient(session, "http://127.0.0.1:8265", http_port=http_port) \
-            .autoscaling_decisions(route_prefix)
+        client = ServeApiClient(session, dashboard, http_port=http_port)
+        return await client.details(), await client.autoscaling_decisions(route_prefix)
 
 
 def _running_replicas(app_name: str) -> int:
