@@ -41,7 +41,13 @@ def test_crd_is_a_valid_kubernetes_object_with_the_agreed_names():
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {"Phase": ".status.phase", "Ready": ".status.readyReplicas", "Desired": ".status.replicas",
                        "Model": ".spec.model.uri", "Endpoint": ".status.endpoint",
+                       "Policy": ".status.autoscaling.policy", "Last-Decision": ".status.autoscaling.lastDecision",
                        "Age": ".metadata.creationTimestamp"}
+    # The autoscaling columns are -o wide only, and name fields the status schema has.
+    wide = {c["name"] for c in version["additionalPrinterColumns"] if c.get("priority") == 1}
+    assert wide == {"Policy", "Last-Decision"}
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["autoscaling"]["properties"]
+    assert {"policy", "lastDecision"} <= set(status)
 
 
 def test_chart_crd_is_the_same_file():
