@@ -1,0 +1,85 @@
+"""The operator in Serve-API mode against a real local Ray, autoscaling (issue 15, surfaces): kopf
+(watching kmock) deploys a ``kvCache``-scaled application, a load through the reported endpoint makes
+Serve add a replica, and the ModelDeployment's status and Events say so with the policy's reason, read
+from the real router.
+
+No looptime here: Ray takes real seconds, so waiting budgets are real seconds too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+
+from kubeinfer.operator.render import serve_api_app_name  # noqa: E402
+from kubeinfer.proto import inference_pb2 as pb  # noqa: E402
+from kubeinfer.proto import inference_pb2_grpc as pb_grpc  # noqa: E402
+from tests.test_operator_kmock import (  # noqa: E402,F401  (cluster is a fixture)
+    CRD_PATH, MD, RAYSERVICE_CRD_PATH, cluster, eventually, events, get, model_deployment, phase,
+    running_operator, url)
+
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.skipif(not CRD_PATH.exists() or not RAYSERVICE_CRD_PATH.exists(), reason="a CRD is missing"),
+]
+NAME = "tiny-auto"
+
+
+async def _load(endpoint: str, app: str, stop: asyncio.Event) -> list[int]:
+    """Rounds of 8 concurrent streams (the engine holds 2 at once) until ``stop``; tokens per stream."""
+    request = pb.GenerateRequest(prompt="The quick brown fox", sampling=pb.SamplingParams(
+        max_tokens=48, temperature=0.0, ignore_eos=True))
+    done: list[int] = []
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+
+        async def one() -> int:
+            chunks = [c async for c in stub.GenerateStream(request, metadata=(("application", app),), timeout=300)]
+            return sum(len(c.token_ids) for c in chunks)
+        while not stop.is_set():
+            done += await asyncio.gather(*(one() for _ in range(8)))
+    return done
+
+
+async def test_a_kv_cache_scaled_deployment_reports_its_scale_up_with_the_reason(cluster, ray_head, tiny_llama_dir):
+    kmock = cluster
+    cr = model_deployment(
+        NAME, "uid-auto", rayAddress=ray_head["dashboard"], resources={"cpu": "1", "memory": "1Gi"},
+        model={"uri": f"file://{tiny_llama_dir}", "maxModelLen": 256},
+        engine={"kvCacheMemory": "64Mi", "maxNumSeqs": 2},
+        autoscaling={"minReplicas": 1, "maxReplicas": 2, "policy": "kvCache", "upscaleDelaySeconds": 1,
+                     "downscaleDelaySeconds": 600})
+    del cr["spec"]["replicas"]
+    async with running_operator(mode="serve-api") as operator:
+        await kmock.post(url(MD), json=cr)
+        await eventually(lambda: phase(kmock, NAME) in ("Ready", "Failed", "Degraded"), "a settled phase",
+                         budget_s=420)
+        md = get(kmock, MD, NAME)
+        assert md["status"]["phase"] == "Ready", md["status"]
+        assert md["status"]["autoscaling"] == {"policy": "kvCache"} and md["status"]["replicas"] == 1
+
+        stop = asyncio.Event()
+        load = asyncio.create_task(_load(md["status"]["endpoint"], serve_api_app_name(md["metadata"]["namespace"],
+                                                                                       NAME), stop))
+        try:
+            await eventually(lambda: ((get(kmock, MD, NAME)["status"].get("autoscaling") or {})
+                                      .get("lastScale")) == "1 -> 2" or load.done(), "a scale-up", budget_s=300)
+        finally:
+            stop.set()
+        tokens = await asyncio.wait_for(load, timeout=300)
+        assert tokens and all(t == 48 for t in tokens)  # no request lost or cut short meanwhile
+        await eventually(lambda: get(kmock, MD, NAME)["status"]["autoscaling"].get("lastDecision"),
+                         "the policy's decision in the status", budget_s=60)
+        auto = get(kmock, MD, NAME)["status"]["autoscaling"]
+        assert auto["lastDecision"].startswith("kvCache ") and auto["lastDecision"].endswith(": 1 -> 2"), auto
+        # The decision is published before Serve acts on it, so the Event of the change carries it.
+        reason = auto["lastDecision"].removesuffix(": 1 -> 2")
+        scaled = [e["message"] for e in events(kmock, NAME) if e["reason"] == "Scaled"]
+        assert scaled[:1] == [f"kvCache: 1 -> 2 replicas (up): {reason}"], scaled
+
+        await kmock.delete(url(MD, NAME))
+        await eventually(lambda: get(kmock, MD, NAME) is None, "the CR released by its finalizer", budget_s=120)
+        assert not operator.done()
