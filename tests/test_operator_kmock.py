@@ -289,6 +289,7 @@ class FakeServeApi:
         self.puts: list[dict[str, Any]] = []
         self.unavailable_puts = 0  # answer this many PUTs with 503, as a Ray head that is restarting
         self.worker_targets: dict[str, int] = {}  # app -> the worker's target_num_replicas (default 2)
+        self.proxy_options: dict[str, dict[str, Any]] = {}  # http_options / grpc_options Serve reports
         self.app = web.Application()
         self.app.router.add_get("/api/serve/applications/", self.get)
         self.app.router.add_put("/api/serve/applications/", self.put)
@@ -316,7 +317,7 @@ class FakeServeApi:
                                       worker: {"status": "HEALTHY" if running else "UPDATING",
                                                "target_num_replicas": self.worker_targets.get(name, 2),
                                                "replicas": running}}}
-        return web.json_response({"applications": applications})
+        return web.json_response({"applications": applications, **self.proxy_options})
 
     async def put(self, request: web.Request) -> web.Response:
         if self.unavailable_puts > 0:
@@ -375,7 +376,10 @@ async def test_an_autoscaled_deployment_reports_each_scale_change(cluster):
     kmock = cluster
     fake = FakeServeApi()
     server = TestServer(fake.app, host="127.0.0.1")
-    async with server, running_operator(serve_http_port=server.port):
+    async with server, running_operator():  # the HTTP proxy's port comes from Serve, not the default 8000
+        # Serve started with proxies of its own: the operator reports and reads where they are.
+        fake.proxy_options = {"http_options": {"host": "0.0.0.0", "port": server.port},
+                              "grpc_options": {"port": 9555}}
         address = f"http://127.0.0.1:{server.port}"
         body = model_deployment("auto", "uid-a", rayAddress=address,
                                 autoscaling={"maxReplicas": 4, "policy": "kvCache"})
@@ -389,6 +393,7 @@ async def test_an_autoscaled_deployment_reports_each_scale_change(cluster):
         fake.app_status[app] = "RUNNING"
         await eventually(lambda: phase(kmock, "auto") == "Ready", "phase Ready")
         assert get(kmock, MD, "auto")["status"]["autoscaling"] == {"policy": "kvCache"}
+        assert get(kmock, MD, "auto")["status"]["endpoint"] == "127.0.0.1:9555"
 
         fake.worker_targets[app] = 3  # Serve's autoscaler adds replicas
         await eventually(lambda: (get(kmock, MD, "auto")["status"].get("autoscaling") or {}).get("lastScale")

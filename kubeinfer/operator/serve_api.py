@@ -78,6 +78,9 @@ class ServeApiClient:
                  http_port: int = DEFAULT_HTTP_PORT) -> None:
         self.address = address.rstrip("/")
         self.http_port = http_port
+        # The ports Serve's proxies listen on, as the last ``details`` reported them (Serve keeps the
+        # options it started with, whatever a later PUT asks for); None until then.
+        self.proxy_ports: dict[str, int] = {}
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._lock = asyncio.Lock()
@@ -95,12 +98,19 @@ class ServeApiClient:
 
     async def details(self) -> dict[str, Any]:
         """Serve's view of the cluster: applications with their status, deployments and replicas."""
-        return await self._request("GET") or {}
+        details = await self._request("GET") or {}
+        for proxy in ("http", "grpc"):
+            port = (details.get(f"{proxy}_options") or {}).get("port")
+            if isinstance(port, int) and 0 < port < 65536:
+                self.proxy_ports[proxy] = port
+        return details
 
     async def autoscaling_decisions(self, route_prefix: str) -> dict[str, Any]:
         """The last scale decision of each autoscaled model of the application at ``route_prefix``,
-        from its router (``kubeinfer.serve.ingress``) through Serve's HTTP proxy on this cluster."""
-        url = f"http://{cluster_host(self.address)}:{self.http_port}{route_prefix}{DECISIONS_PATH}"
+        from its router (``kubeinfer.serve.ingress``) through Serve's HTTP proxy on this cluster (at
+        the port Serve reported, else ``http_port``)."""
+        port = self.proxy_ports.get("http", self.http_port)
+        url = f"http://{cluster_host(self.address)}:{port}{route_prefix}{DECISIONS_PATH}"
         body = await self._request("GET", url=url)
         models = body.get("models") if isinstance(body, dict) else None
         return models if isinstance(models, dict) else {}

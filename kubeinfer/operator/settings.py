@@ -28,7 +28,8 @@ class OperatorConfig:
     application to the Ray cluster at ``ray_address`` (the dashboard, port 8265), ``auto`` picks
     KubeRay when the RayService API is served. A ModelDeployment with ``spec.rayAddress`` always
     uses the Serve API at that address; ``serve_http_port`` is where Serve's HTTP proxy listens on
-    such a cluster (the operator reads each application's autoscaling decisions there).
+    such a cluster when its Serve API does not say (the operator reads each application's
+    autoscaling decisions there).
     ``kuberay_dashboard``: where a RayService's Serve REST API is, a template of ``{service}`` (KubeRay's
     head Service of the RayService) and ``{namespace}``; the operator reads the replica counts there,
     which a RayService's status lacks. None: not read (the status then has the counts it was asked

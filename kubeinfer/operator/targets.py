@@ -117,7 +117,8 @@ class ServeApiTarget:
         self._client = client
 
     def endpoint(self, spec: ModelDeploymentSpec) -> str:
-        return grpc_endpoint(self._client.address, DEFAULT_GRPC_PORT)
+        # Serve's gRPC port as the cluster reports it: one started before us keeps its own.
+        return grpc_endpoint(self._client.address, self._client.proxy_ports.get("grpc", DEFAULT_GRPC_PORT))
 
     async def deploy(self, body: Mapping[str, Any], spec: ModelDeploymentSpec) -> None:
         await self._client.deploy(render.build_serve_config(body))
