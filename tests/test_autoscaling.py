@@ -335,7 +335,8 @@ def test_kv_cache_policy_scales_a_real_deployment_up_and_back_without_losing_a_r
         details, decisions = asyncio.run(_operator_reads(ray_head["dashboard"], http_port, "/auto"))
         obs = observe_serve_application(details, app_name, ["worker-tiny"])
         assert (obs.replicas, obs.ready_replicas, obs.counted) == (1, 1, True)
-        decision = decisions["tiny"]
+        decision = decisions["tiny"][-1]  # the newest of the recent ones
+        assert [(d["from"], d["to"]) for d in decisions["tiny"]][:1] == [(1, 2)]  # the scale-up's too
         assert decision["policy"] == "kvCache" and decision["reason"].startswith("kvCache ")
         assert (decision["from"], decision["to"]) == (2, 1) and decision["time"] > time.time() - 120
     finally:

@@ -404,8 +404,8 @@ async def test_an_autoscaled_deployment_reports_each_scale_change(cluster):
         # The policy's decision, as the application's router serves it: the reason reaches the
         # status and the next change's Event.
         model = fake.apps[app]["args"]["models"][0]["name"]
-        fake.decisions[f"/{NS}/auto"] = {model: {"policy": "kvCache", "reason": "kvCache 0.30 vs 0.70", "from": 3,
-                                                 "to": 2, "time": 1796601600.0}}
+        fake.decisions[f"/{NS}/auto"] = {model: [{"policy": "kvCache", "reason": "kvCache 0.30 vs 0.70", "from": 3,
+                                                  "to": 2, "time": 1796601600.0}]}
         fake.worker_targets[app] = 2
         await eventually(lambda: (get(kmock, MD, "auto")["status"].get("autoscaling") or {}).get("lastScale")
                          == "3 -> 2", "status.autoscaling.lastScale")
@@ -439,8 +439,8 @@ async def test_kuberay_mode_reads_the_counts_and_the_reason_from_the_rayservices
                 "router": {"status": "HEALTHY"}, f"worker-{model}": {"status": "HEALTHY"}}}}}}})
         await eventually(lambda: phase(kmock, "kr") == "Ready", "phase Ready")
 
-        fake.decisions[""] = {model: {"policy": "queue", "reason": "queue 4.00/replica vs 2", "from": 1, "to": 2,
-                                      "time": 1796601600.0}}
+        fake.decisions[""] = {model: [{"policy": "queue", "reason": "queue 4.00/replica vs 2", "from": 1, "to": 2,
+                                       "time": 1796601600.0}]}
         fake.worker_targets["kr"] = 2
         await eventually(lambda: get(kmock, MD, "kr")["status"].get("replicas") == 2, "status.replicas from Serve")
         await eventually(lambda: [e["message"] for e in events(kmock, "kr") if e["reason"] == "Scaled"]

@@ -180,7 +180,7 @@ async def refresh_status(body: kopf.Body, status: kopf.Status, patch: kopf.Patch
     if obs.counted and obs.phase != "Failed" and obs.reason not in ("RayServiceMissing", "ApplicationMissing"):
         # Before the status write: a scale-up also moves the phase to Deploying ("Scaling") while
         # the new replica starts, and the count it reports is the one Serve's autoscaler set.
-        auto, message = scale_change(spec, status, obs.replicas, now_rfc3339(), await _decision(target, spec))
+        auto, message = scale_change(spec, status, obs.replicas, now_rfc3339(), await _decisions(target, spec))
         if auto is not None:
             patch.status["autoscaling"] = auto
         if message is not None:
@@ -199,15 +199,15 @@ def _keep_counts(spec: ModelDeploymentSpec, status: Mapping[str, Any], obs: Obse
     return dataclasses.replace(obs, replicas=kept, ready_replicas=ready)
 
 
-async def _decision(target: Target, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:
-    """The policy's last published decision; None under Ray's default policy, or while the router
-    cannot answer (the status keeps the one it has and the next refresh asks again)."""
+async def _decisions(target: Target, spec: ModelDeploymentSpec) -> list[Mapping[str, Any]]:
+    """The policy's recent published decisions; none under Ray's default policy, or while the router
+    cannot answer (the status keeps what it has and the next refresh asks again)."""
     if spec.autoscaling is None or spec.autoscaling.policy is None:
-        return None
+        return []
     try:
-        return await target.autoscaling_decision(spec)
+        return await target.autoscaling_decisions(spec)
     except (ServeApiError, ValueError):  # unreachable, or not JSON (a router without the endpoint)
-        return None
+        return []
 
 
 @kopf.on.delete(*RESOURCE, registry=registry)

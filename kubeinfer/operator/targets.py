@@ -45,8 +45,8 @@ class Target(Protocol):
 
     async def remove(self, namespace: str, name: str) -> None: ...
 
-    async def autoscaling_decision(self, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:
-        """The model's last decision published by kubeinfer's autoscaling policy, or None."""
+    async def autoscaling_decisions(self, spec: ModelDeploymentSpec) -> list[Mapping[str, Any]]:
+        """The model's recent decisions published by kubeinfer's autoscaling policy, oldest first."""
         ...
 
 
@@ -101,10 +101,10 @@ class KubeRayTarget:
         await self._kube.delete(f"{group}/{version}", plural, namespace, name)
         await self._kube.delete("v1", "services", namespace, name)
 
-    async def autoscaling_decision(self, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:
+    async def autoscaling_decisions(self, spec: ModelDeploymentSpec) -> list[Mapping[str, Any]]:
         """From the application's router through Serve's HTTP proxy on the head (route ``/``)."""
         client = self._serve_api(spec)
-        return None if client is None else (await client.autoscaling_decisions("")).get(spec.model.name)
+        return [] if client is None else _records((await client.autoscaling_decisions("")).get(spec.model.name))
 
 
 class ServeApiTarget:
@@ -131,7 +131,12 @@ class ServeApiTarget:
     async def remove(self, namespace: str, name: str) -> None:
         await self._client.remove(render.serve_api_app_name(namespace, name))
 
-    async def autoscaling_decision(self, spec: ModelDeploymentSpec) -> Mapping[str, Any] | None:
+    async def autoscaling_decisions(self, spec: ModelDeploymentSpec) -> list[Mapping[str, Any]]:
         """From the application's router through Serve's HTTP proxy (its route prefix)."""
         route = render.serve_api_route_prefix(spec.namespace, spec.name)
-        return (await self._client.autoscaling_decisions(route)).get(spec.model.name)
+        return _records((await self._client.autoscaling_decisions(route)).get(spec.model.name))
+
+
+def _records(value: Any) -> list[Mapping[str, Any]]:
+    """The decisions a router served for one model: a list of objects (anything else: none)."""
+    return [r for r in value if isinstance(r, Mapping)] if isinstance(value, list) else []

@@ -39,6 +39,10 @@ DECISION_KEY = "kubeinfer_decision"
 _QUEUE_REF_KEY = "kubeinfer_queue_ref"  # (time, requests held) the latency policy measures growth from
 _CAPACITY_KEY = "kubeinfer_capacity"    # the latency policy's learned requests per replica at the SLO
 _PUBLISHED_KEY = "kubeinfer_published"  # the (current, desired) last published, so once each
+_RECENT_KEY = "kubeinfer_recent"        # the last RECENT_DECISIONS published decisions, oldest first
+# Decisions kept for the operator: the one that moved the count may be superseded by the time it
+# looks (it refreshes every 10 s; a policy can change its mind within a tick of Serve acting).
+RECENT_DECISIONS = 8
 _LOGGED_KEY = "kubeinfer_logged_at"     # when the last decision was logged
 _log = logging.getLogger("ray.serve")
 # Where each deployment's last scale decision is published (Ray's internal KV, on the GCS): Serve's
@@ -268,11 +272,12 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
     if desired != current and state.get(_PUBLISHED_KEY) != [current, desired]:
         # Once per change of mind, not per tick, and each one at once: Serve may act on it within a
         # tick (a short upscale delay), after which it is not wished again. For the CR's status (the
-        # application's router serves what publish_decision puts) and, at most every 10 s, for the
+        # application's router serves what publish_decisions puts) and, at most every 10 s, for the
         # Serve controller's log, next to Ray's own "Upscaling ..." lines.
-        publish_decision(getattr(ctx, "app_name", ""), getattr(ctx, "deployment_name", ""),
-                         {"policy": s.policy, "reason": why, "from": current, "to": desired, "time": now})
-        state[_PUBLISHED_KEY] = [current, desired]
+        recent = [*state.get(_RECENT_KEY, [])[1 - RECENT_DECISIONS:],
+                  {"policy": s.policy, "reason": why, "from": current, "to": desired, "time": now}]
+        publish_decisions(getattr(ctx, "app_name", ""), getattr(ctx, "deployment_name", ""), recent)
+        state[_PUBLISHED_KEY], state[_RECENT_KEY] = [current, desired], recent
         if now - state.get(_LOGGED_KEY, -1e18) >= 10:
             _log.info("kubeinfer autoscaling %s: %s", getattr(ctx, "deployment_name", "?"), state[DECISION_KEY])
             state[_LOGGED_KEY] = now
@@ -293,25 +298,27 @@ def _internal_kv() -> Any:
     return internal_kv if internal_kv._internal_kv_initialized() else None
 
 
-def publish_decision(app_name: str, deployment_name: str, record: Mapping[str, Any]) -> None:
-    """Puts a deployment's last scale decision (policy, reason, from, to, time) where its application's
-    router reads it (``read_decision``). Best effort: a failed put must not stop the policy."""
+def publish_decisions(app_name: str, deployment_name: str, records: list[Mapping[str, Any]]) -> None:
+    """Puts a deployment's recent scale decisions (each: policy, reason, from, to, time; oldest
+    first) where its application's router reads them (``read_decisions``). Best effort: a failed put
+    must not stop the policy."""
     kv = _internal_kv()
     if kv is None:
         return
     try:
-        kv._internal_kv_put(decision_key(app_name, deployment_name), json.dumps(dict(record)).encode(),
+        kv._internal_kv_put(decision_key(app_name, deployment_name), json.dumps([dict(r) for r in records]).encode(),
                             overwrite=True, namespace=DECISIONS_KV_NAMESPACE)
     except Exception as e:  # the GCS unreachable for a moment: the next decision publishes again
-        _log.warning("kubeinfer autoscaling: cannot publish the decision of %s: %s", deployment_name, e)
+        _log.warning("kubeinfer autoscaling: cannot publish the decisions of %s: %s", deployment_name, e)
 
 
-def read_decision(app_name: str, deployment_name: str) -> dict[str, Any] | None:
-    """The deployment's last published decision, or None (none yet, or no Ray here). Blocking (a GCS call)."""
+def read_decisions(app_name: str, deployment_name: str) -> list[dict[str, Any]]:
+    """The deployment's recent published decisions, oldest first; [] when there are none (or no Ray
+    here). Blocking (a GCS call)."""
     kv = _internal_kv()
     value = kv._internal_kv_get(decision_key(app_name, deployment_name), namespace=DECISIONS_KV_NAMESPACE) \
         if kv is not None else None
-    return json.loads(value) if value else None
+    return json.loads(value) if value else []
 
 
 class LLMAutoscalingPolicy:

@@ -21,7 +21,7 @@ from kubeinfer.router.pool import WorkerPool
 from kubeinfer.router.types import StreamItem
 from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, Router, ServedModel
 from kubeinfer.router.types import GenerateJob, ReplicaReport
-from kubeinfer.serve.autoscaling import DECISIONS_PATH, read_decision
+from kubeinfer.serve.autoscaling import DECISIONS_PATH, read_decisions
 from kubeinfer.serve.config import AppConfig
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,10 @@ class RouterIngress:
         return app
 
     async def autoscaling_decisions(self) -> dict[str, Any]:
-        """``{"models": {name: last decision or None}}`` for the models our policy scales (the CR's
-        status reads it: Serve's REST API does not carry a policy's reasons)."""
-        async def one(dep: Any) -> dict[str, Any] | None:
-            return await asyncio.to_thread(read_decision, dep.app_name, dep.name)
+        """``{"models": {name: [recent decisions, oldest first]}}`` for the models our policy scales
+        (the CR's status reads it: Serve's REST API does not carry a policy's reasons)."""
+        async def one(dep: Any) -> list[dict[str, Any]]:
+            return await asyncio.to_thread(read_decisions, dep.app_name, dep.name)
         return {"models": {name: await one(dep) for name, dep in self._decided.items()}}
 
     # Serve's gRPC proxy calls the ingress method named like the RPC; each hands over to the one
