@@ -79,7 +79,7 @@ class ServeApiClient:
         self.address = address.rstrip("/")
         self.http_port = http_port
         # The ports Serve's proxies listen on, as the last ``details`` reported them (Serve keeps the
-        # options it started with, whatever a later PUT asks for); None until then.
+        # options it started with, whatever a later PUT asks for); empty until then.
         self.proxy_ports: dict[str, int] = {}
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import datetime
 import re
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 PHASES = ("Pending", "Deploying", "Ready", "Degraded", "Failed")
@@ -139,7 +138,7 @@ def observe_rayservice(rayservice: Mapping[str, Any] | None, app_name: str, repl
     workers = (active.get("rayClusterStatus") or {}).get("readyWorkerReplicas") or 0
     ready = replicas if app.get("status") == "RUNNING" and healthy else min(workers, replicas)
     obs = _from_app_state(app.get("status"), app.get("message") or "", deployments, replicas, ready)
-    return dataclasses.replace(obs, counted=False)
+    return replace(obs, counted=False)
 
 
 def observe_serve_application(details: Mapping[str, Any], app_name: str,

@@ -38,14 +38,13 @@ POLICY_FUNCTION = "kubeinfer.serve.autoscaling:LLMAutoscalingPolicy"
 DECISION_KEY = "kubeinfer_decision"
 _QUEUE_REF_KEY = "kubeinfer_queue_ref"  # (time, requests held) the latency policy measures growth from
 _CAPACITY_KEY = "kubeinfer_capacity"    # the latency policy's learned requests per replica at the SLO
-_PUBLISHED_KEY = "kubeinfer_published"  # the (current, desired) last published, so once each
 _RECENT_KEY = "kubeinfer_recent"        # the last RECENT_DECISIONS published decisions, oldest first
 # Decisions kept for the operator: the one that moved the count may be superseded by the time it
 # looks (it refreshes every 10 s; a policy can change its mind within a tick of Serve acting).
 RECENT_DECISIONS = 8
 _LOGGED_KEY = "kubeinfer_logged_at"     # when the last decision was logged
 _log = logging.getLogger("ray.serve")
-# Where each deployment's last scale decision is published (Ray's internal KV, on the GCS): Serve's
+# Where each deployment's recent scale decisions are published (Ray's internal KV, on the GCS): Serve's
 # REST API does not carry a policy's reasons, and the policy_state stays inside the controller.
 DECISIONS_KV_NAMESPACE = "kubeinfer"
 DECISIONS_PATH = "/kubeinfer/autoscaling"  # where an application's router serves them, as JSON
@@ -269,15 +268,16 @@ def decide(ctx: Any, s: PolicySettings) -> tuple[int, dict[str, Any]]:
     desired = max(lo, min(hi, max(desired, floor)))
     state[DECISION_KEY] = f"{why}: {current} -> {desired}" if desired != current else f"{why}: hold {current}"
     now = ctx.current_time or 0.0
-    if desired != current and state.get(_PUBLISHED_KEY) != [current, desired]:
+    recent = state.get(_RECENT_KEY, [])
+    if desired != current and (not recent or (recent[-1]["from"], recent[-1]["to"]) != (current, desired)):
         # Once per change of mind, not per tick, and each one at once: Serve may act on it within a
         # tick (a short upscale delay), after which it is not wished again. For the CR's status (the
         # application's router serves what publish_decisions puts) and, at most every 10 s, for the
         # Serve controller's log, next to Ray's own "Upscaling ..." lines.
-        recent = [*state.get(_RECENT_KEY, [])[1 - RECENT_DECISIONS:],
+        recent = [*recent[1 - RECENT_DECISIONS:],
                   {"policy": s.policy, "reason": why, "from": current, "to": desired, "time": now}]
         publish_decisions(getattr(ctx, "app_name", ""), getattr(ctx, "deployment_name", ""), recent)
-        state[_PUBLISHED_KEY], state[_RECENT_KEY] = [current, desired], recent
+        state[_RECENT_KEY] = recent
         if now - state.get(_LOGGED_KEY, -1e18) >= 10:
             _log.info("kubeinfer autoscaling %s: %s", getattr(ctx, "deployment_name", "?"), state[DECISION_KEY])
             state[_LOGGED_KEY] = now

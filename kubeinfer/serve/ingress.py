@@ -192,9 +192,8 @@ class RouterIngress:
     async def autoscaling_decisions(self) -> dict[str, Any]:
         """``{"models": {name: [recent decisions, oldest first]}}`` for the models our policy scales
         (the CR's status reads it: Serve's REST API does not carry a policy's reasons)."""
-        async def one(dep: Any) -> list[dict[str, Any]]:
-            return await asyncio.to_thread(read_decisions, dep.app_name, dep.name)
-        return {"models": {name: await one(dep) for name, dep in self._decided.items()}}
+        return {"models": {name: await asyncio.to_thread(read_decisions, dep.app_name, dep.name)
+                           for name, dep in self._decided.items()}}
 
     # Serve's gRPC proxy calls the ingress method named like the RPC; each hands over to the one
     # servicer (the router's own gRPC server runs the same one), bound to Serve's context.
