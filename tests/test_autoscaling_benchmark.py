@@ -41,14 +41,23 @@ def test_the_oracle_bound_reports_each_utilisation_and_window():
     out = subprocess.run([sys.executable, "benchmarks/autoscaling_bound.py", "--seconds", "400", "--seeds", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| bursty", "| diurnal"))]
-    assert {(r[0], r[1], r[2]) for r in rows} == {(f"| {kind}", u, w) for kind in ("bursty", "diurnal")
-                                                  for u in ("0.6", "0.75", "0.9")
-                                                  for w in ("0 s", "300 s", "never down")}
+    # The grid, and the onset rows (u 0.9, each onset target) with the windows 600 s and "never down",
+    # which are the same here: 600 s is past the trace's 400.
+    assert {(r[0], r[1], r[2], r[3]) for r in rows} == {
+        (f"| {kind}", u, w, "-") for kind in ("bursty", "diurnal") for u in ("0.6", "0.75", "0.9")
+        for w in ("0 s", "300 s", "never down")} | {
+        (f"| {kind}", "0.9", "never down", t) for kind in ("bursty", "diurnal") for t in ("8", "12", "16")}
     for r in rows:
-        assert 0 <= float(r[3].rstrip("%")) <= 100 and float(r[4].strip(" |").replace(",", "")) > 0
+        assert 0 <= float(r[4].rstrip("%")) <= 100 and float(r[5].strip(" |").replace(",", "")) > 0
     # Holding the fleet longer never costs fewer replica-seconds: the same arrivals, the sizes only held
     # (1% for when draining replicas leave).
     for kind in ("bursty", "diurnal"):
         for u in ("0.6", "0.75", "0.9"):
-            held = [float(r[4].strip(" |").replace(",", "")) for r in rows if r[0] == f"| {kind}" and r[1] == u]
+            held = [float(r[5].strip(" |").replace(",", "")) for r in rows
+                    if r[0] == f"| {kind}" and r[1] == u and r[3] == "-"]
             assert all(b >= 0.99 * a for a, b in zip(held, held[1:])), (kind, u, held)
+        # Adding the default's reaction to the onset only ever adds replicas to the oracle's.
+        plain = next(float(r[5].strip(" |").replace(",", "")) for r in rows
+                     if r[0] == f"| {kind}" and r[1] == "0.9" and r[2] == "never down" and r[3] == "-")
+        assert all(float(r[5].strip(" |").replace(",", "")) >= 0.99 * plain for r in rows
+                   if r[0] == f"| {kind}" and r[3] != "-"), kind
