@@ -187,8 +187,11 @@ def test_validate_reports_the_compiler_message(engine, spec, message):
 
 def test_openai_fields_map_to_one_constraint():
     def so(body, cls=ChatCompletionRequest):
-        base = {"messages": [{"role": "user", "content": "hi"}]} if cls is ChatCompletionRequest else {"prompt": "x"}
-        return cls.model_validate({**base, **body}).prepare_kwargs()["sampling"].get("structured_output")
+        if cls is ChatCompletionRequest:
+            kwargs = cls.model_validate({"messages": [{"role": "user", "content": "hi"}], **body}).prepare_kwargs()
+        else:
+            kwargs = cls.model_validate({"prompt": "x", **body}).prepare_kwargs("x")
+        return kwargs["sampling"].get("structured_output")
     fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}}
     assert so({"response_format": fmt}) == {"json": SCHEMA}
     assert so({"response_format": fmt}, CompletionRequest) == {"json": SCHEMA}

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubeinfer.router.metrics import CONTENT_TYPE
-from kubeinfer.router.openai_response import ResponseWriter
+from kubeinfer.router.openai_response import BatchResponseWriter, ResponseWriter
 from kubeinfer.router.openai_schema import ChatCompletionRequest, CompletionRequest, UnsupportedField, error_body
 from kubeinfer.router.parallel import check_n, expand, stream_choices
 from kubeinfer.router.router import Router
@@ -264,11 +264,22 @@ def build_http_app(router: Router) -> FastAPI:
     async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest,
                        kind: Literal["completion", "chat"]) -> Response:
         n = check_n(body.num_choices, router.settings)
-        job = await _unless_client_gone(request, router.aprepare(**body.prepare_kwargs(), fill_context=kind == "chat"))
-        served = router.models[job.model]
-        writer = ResponseWriter(kind, job.request_id, job.model, int(time.time()), served.tokenizer, body,
-                                prompt_token_ids=job.prompt_token_ids, n=n)
-        stream = _DetachedStream(stream_choices(router, expand(job, n)), streaming_tasks)
+        if isinstance(body, CompletionRequest):
+            prompts = body.prompts()
+            each = [body.prepare_kwargs(p) for p in prompts]
+        else:
+            prompts, each = [None], [body.prepare_kwargs()]
+        router.check_job_count(len(prompts) * n)  # before tokenizing a list no router could hold
+        jobs = await _unless_client_gone(request, asyncio.gather(
+            *(router.aprepare(**kwargs, fill_context=kind == "chat") for kwargs in each)))
+        served, created = router.models[jobs[0].model], int(time.time())
+        writers = [ResponseWriter(kind, jobs[0].request_id, job.model, created, served.tokenizer, body,
+                                  prompt_token_ids=job.prompt_token_ids, n=n, first_index=p * n,
+                                  prompt_text=prompt if isinstance(prompt, str) else None)
+                   for p, (job, prompt) in enumerate(zip(jobs, prompts))]
+        writer = writers[0] if len(writers) == 1 else BatchResponseWriter(writers, n)
+        stream = _DetachedStream(stream_choices(router, [j for job in jobs for j in expand(job, n)], n=n),
+                                 streaming_tasks)
         try:
             if not body.stream:
                 return JSONResponse(writer.response(await _unless_client_gone(request, stream.collect())))

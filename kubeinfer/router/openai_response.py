@@ -92,9 +92,10 @@ class _Choice:
 
 
 class ResponseWriter:
-    """Renders one request's choices as OpenAI objects, for completions or chat: one writer per
-    request, fed each choice's chunks in order (choices interleaved). ``done`` once every choice
-    has its finished chunk.
+    """Renders one prompt's choices as OpenAI objects, for completions or chat: one writer per
+    prompt, fed each choice's chunks in order (choices interleaved; ``index`` counts from 0 within
+    the prompt, the objects number them from ``first_index``). ``done`` once every choice has its
+    finished chunk.
 
     Completions with ``echo``: each choice's text starts with the prompt (the prompt string, or the
     prompt ids decoded) and, with ``logprobs``, its logprobs with the prompt's (from the chunk that
@@ -104,7 +105,8 @@ class ResponseWriter:
 
     def __init__(self, kind: Literal["completion", "chat"], request_id: str, model: str, created: int,
                  tokenizer: Tokenizer, request: CompletionRequest | ChatCompletionRequest, *,
-                 prompt_token_ids: list[int], n: int = 1) -> None:
+                 prompt_token_ids: list[int], prompt_text: str | None = None, n: int = 1,
+                 first_index: int = 0) -> None:
         self.chat = kind == "chat"
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
         self.model = model
@@ -116,12 +118,12 @@ class ResponseWriter:
         self.prompt_ids = prompt_token_ids
         self.echo = not self.chat and bool(request.echo)
         self.score_only = self.echo and request.max_tokens == 0
-        self.echo_text = (request.prompt_text() or tokenizer.decode(prompt_token_ids, skip_special_tokens=False)
+        self.echo_text = (prompt_text or tokenizer.decode(prompt_token_ids, skip_special_tokens=False)
                           if self.echo else "")
         self.echo_logprobs = self.echo and request.logprobs is not None
         self.want_prompt_logprobs = not self.chat and request.prompt_logprobs is not None
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
-        self.choices = [_Choice(i, self.plan) for i in range(n)]
+        self.choices = [_Choice(first_index + i, self.plan) for i in range(n)]
 
     @property
     def done(self) -> bool:
@@ -174,7 +176,7 @@ class ResponseWriter:
             return self._chat_stream_chunks(choice, chunk, first)
         if not (chunk.text or chunk.finished or chunk.logprobs or first and self.echo):
             return []
-        out = {"index": index, "text": (self.echo_text if first else "") + chunk.text,
+        out = {"index": choice.index, "text": (self.echo_text if first else "") + chunk.text,
                "logprobs": self._completion_logprobs(choice, [chunk], first), "finish_reason": chunk.finish_reason}
         if first and self.want_prompt_logprobs and self.prompt_logprobs is not None:
             out["prompt_logprobs"] = vllm_prompt_logprobs(self.tokenizer, self.prompt_logprobs)
@@ -218,9 +220,12 @@ class ResponseWriter:
                                         "finish_reason": self._finish_reason(choice, calls) if last else None}], True))
         return out
 
+    def usage(self) -> dict[str, Any]:
+        return usage([c.last for c in self.choices])
+
     def usage_chunk(self) -> dict[str, Any]:
         """The extra last stream chunk that ``stream_options.include_usage`` asks for."""
-        return {**self._envelope([], True), "usage": usage([c.last for c in self.choices])}
+        return {**self._envelope([], True), "usage": self.usage()}
 
     # ---- whole responses --------------------------------------------------------------------------
 
@@ -245,7 +250,7 @@ class ResponseWriter:
                 out["prompt_logprobs"] = (None if self.prompt_logprobs is None
                                           else vllm_prompt_logprobs(self.tokenizer, self.prompt_logprobs))
             choices.append(out)
-        return {**self._envelope(choices, False), "usage": usage([c.last for c in self.choices])}
+        return {**self._envelope(choices, False), "usage": self.usage()}
 
     def _message(self, text: str) -> tuple[dict[str, Any], int]:
         """The chat message for a reply's text, and how many tool calls it holds."""
@@ -261,6 +266,40 @@ class ResponseWriter:
         if calls:
             message["tool_calls"] = calls
         return message, len(calls)
+
+
+class BatchResponseWriter:
+    """A completions request that lists several prompts: one ResponseWriter per prompt, each with
+    ``n`` choices, numbered as OpenAI and vLLM number them (prompt p's j-th choice is ``p * n + j``,
+    the ``index`` this writer is fed). The response has the first writer's id and the usage summed
+    over the prompts."""
+
+    def __init__(self, writers: list[ResponseWriter], n: int) -> None:
+        self.writers, self.n = writers, n
+        self.include_usage = writers[0].include_usage
+
+    @property
+    def done(self) -> bool:
+        return all(w.done for w in self.writers)
+
+    def stream_chunks(self, index: int, chunk: Chunk) -> list[dict[str, Any]]:
+        return self.writers[index // self.n].stream_chunks(index % self.n, chunk)
+
+    def usage(self) -> dict[str, Any]:
+        parts = [w.usage() for w in self.writers]
+        out = {k: sum(u[k] for u in parts) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        out["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"] for u in parts)}
+        return out
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {**self.writers[0].usage_chunk(), "usage": self.usage()}
+
+    def response(self, items: list[tuple[int, Chunk]]) -> dict[str, Any]:
+        per_prompt: list[list[tuple[int, Chunk]]] = [[] for _ in self.writers]
+        for index, chunk in items:
+            per_prompt[index // self.n].append((index % self.n, chunk))
+        parts = [w.response(mine) for w, mine in zip(self.writers, per_prompt)]
+        return {**parts[0], "choices": [c for part in parts for c in part["choices"]], "usage": self.usage()}
 
 
 def _is_json(text: str) -> bool:

@@ -120,7 +120,8 @@ class _GenerateRequest(BaseModel):
 
 
 class CompletionRequest(_GenerateRequest):
-    """``POST /v1/completions``: one prompt (a string, or token ids, or a list holding one of either)."""
+    """``POST /v1/completions``: a prompt (a string or token ids), or a list of them (OpenAI's batch
+    form, which lm-eval sends at ``batch_size`` > 1): each prompt gets ``n`` choices."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
@@ -129,24 +130,19 @@ class CompletionRequest(_GenerateRequest):
     suffix: str | None = None
     prompt_logprobs: int | None = None  # vLLM's extra
 
-    def _prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts in order: the one prompt, or each of the list."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise UnsupportedField("prompt", f"give one prompt per request, got {len(prompt)}")
-            prompt = prompt[0]
-        return prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if not prompt:
+            raise UnsupportedField("prompt", "prompt must not be empty")
+        return list(prompt)
 
-    def prompt_text(self) -> str | None:
-        """The prompt as the client wrote it, when it is text (``echo`` returns it)."""
-        prompt = self._prompt()
-        return prompt if isinstance(prompt, str) else None
-
-    def prepare_kwargs(self) -> dict[str, Any]:
-        """``Router.prepare`` keyword arguments. ``echo`` with ``logprobs`` asks the engine for as
-        many prompt logprobs; ``max_tokens: 0`` with ``echo`` (scoring only) runs one token, which
-        the response drops."""
-        prompt = self._prompt()
+    def prepare_kwargs(self, prompt: str | list[int]) -> dict[str, Any]:
+        """``Router.prepare`` keyword arguments for ``prompt``, one of :meth:`prompts`. ``echo`` with
+        ``logprobs`` asks the engine for as many prompt logprobs; ``max_tokens: 0`` with ``echo``
+        (scoring only) runs one token, which the response drops."""
         if self.best_of not in (None, 1):
             raise UnsupportedField("best_of", f"best_of must be 1, got {self.best_of}")
         if self.suffix:

@@ -1,4 +1,5 @@
-"""Parallel sampling (``n``): one request's choices as n engine jobs over the same prompt tokens.
+"""Parallel sampling (``n``): one request's choices as n engine jobs over the same prompt tokens (and
+a completions request's prompts, n jobs each).
 
 The first choice runs alone until its first chunk, so its prompt's full KV blocks are computed and
 registered in the replica's prefix cache; the others are sent then and reference those blocks
@@ -51,12 +52,15 @@ def expand(job: GenerateJob, n: int) -> list[GenerateJob]:
     return jobs
 
 
-async def stream_choices(router: Router, jobs: list[GenerateJob], *,
+async def stream_choices(router: Router, jobs: list[GenerateJob], *, n: int | None = None,
                          timeout_s: float | None = None) -> AsyncIterator[tuple[int, Chunk]]:
     """``(index, chunk)`` for the jobs of one request, interleaved as they come; each job's stream
-    ends with one finished chunk. A RouterError from any job ends the whole request (the others
-    are aborted), as does closing this iterator."""
+    ends with one finished chunk. The jobs come in groups of ``n`` that share a prompt (one group
+    when ``n`` is None; a completions request listing several prompts has one per prompt): each
+    group's first job starts at once, the others of the group at its first chunk. A RouterError from
+    any job ends the whole request (the others are aborted), as does closing this iterator."""
     admissions = router.admit(jobs[0].model, len(jobs))
+    n = n or len(jobs)
     n_metric = router.metrics.request_params_n.labels(jobs[0].model)
     if len(jobs) == 1:
         try:
@@ -77,21 +81,26 @@ async def stream_choices(router: Router, jobs: list[GenerateJob], *,
         else:
             queue.put_nowait((index, _DONE))
 
-    tasks = [asyncio.create_task(pump(0))]
-    live = 1
+    firsts = range(0, len(jobs), n)
+    tasks = [asyncio.create_task(pump(i)) for i in firsts]
+    waiting = set(firsts)  # groups whose first job has not sent its first chunk yet
+    live = len(tasks)
     try:
         while live:
             index, item = await queue.get()
             if isinstance(item, Exception):
                 raise item
-            if len(tasks) == 1:  # the first choice's prompt is in the prefix cache now
-                tasks += [asyncio.create_task(pump(i)) for i in range(1, len(jobs))]
-                live += len(jobs) - 1
+            if index in waiting:  # the group's prompt is in the prefix cache now
+                waiting.discard(index)
+                rest = range(index + 1, min(index + n, len(jobs)))
+                tasks += [asyncio.create_task(pump(i)) for i in rest]
+                live += len(rest)
             if item is _DONE:
                 live -= 1
             else:
                 yield index, item
-        n_metric.observe(len(jobs))  # every choice finished
+        for _ in firsts:  # every choice finished
+            n_metric.observe(min(n, len(jobs)))
     finally:
         for t in tasks:
             t.cancel()

@@ -249,6 +249,13 @@ class Router:
 
     # ---- the request path ------------------------------------------------------------------------
 
+    def check_job_count(self, count: int) -> None:
+        """INVALID_ARGUMENT for a request of more jobs than this router could ever hold at once."""
+        room = self.admission.max_in_flight + self.admission.max_queued
+        if count > room:
+            raise RouterError(Code.INVALID_ARGUMENT, f"the request asks for {count} jobs (its prompts x n), but this "
+                                                     f"router holds at most {room} at once (max_in_flight + max_queued)")
+
     def admit(self, model: str, count: int = 1) -> list[Admission]:
         """Places for ``count`` jobs of one request, all or none (RouterError otherwise): n choices
         are n jobs, each held to the in-flight and queue bounds like a request. More than the
@@ -256,10 +263,7 @@ class Router:
         free places than asked RESOURCE_EXHAUSTED; so is an expected queue wait past the bound."""
         if self.draining:
             raise RouterError(Code.UNAVAILABLE, "the server is shutting down", retry_after_s=1.0)
-        room = self.admission.max_in_flight + self.admission.max_queued
-        if count > room:
-            raise RouterError(Code.INVALID_ARGUMENT, f"n is {count}, but this router holds at most {room} jobs "
-                                                     "at once (max_in_flight + max_queued)")
+        self.check_job_count(count)
         admitted: list[Admission] = []
         for _ in range(count):
             admission = self.admission.try_admit()
