@@ -136,13 +136,15 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str
                   logprobs: int | None = None, include_stop_str_in_output: bool = False,
                   request_id: str = "", priority: int = 0, guided_json: dict | str | None = None,
                   guided_regex: str | None = None, guided_choice: Sequence[str] | None = None,
-                  guided_grammar: str | None = None, json_object: bool = False, n: int = 1) -> pb.GenerateRequest:
+                  guided_grammar: str | None = None, json_object: bool = False, n: int = 1,
+                  logit_bias: dict[int, float] | None = None) -> pb.GenerateRequest:
     """A GenerateRequest from plain arguments; exactly one of prompt, messages, prompt_token_ids.
     ``n`` choices are sampled from the prompt (with a seed s, choice i uses s + i).
 
     At most one structured-output constraint, with vLLM's names: ``guided_json`` (a JSON schema, as
     a dict or JSON text), ``guided_regex``, ``guided_choice``, ``guided_grammar`` (EBNF), or
-    ``json_object=True`` (any JSON object)."""
+    ``json_object=True`` (any JSON object). ``logit_bias`` maps token ids to values in [-100, 100]
+    added to their logits (OpenAI's)."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
     constraints = {"json_schema": guided_json if guided_json is None or isinstance(guided_json, str)
@@ -159,7 +161,8 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str
     sampling = pb.SamplingParams(**{k: v for k, v in values.items() if v is not None},
                                  stop=[stop] if isinstance(stop, str) else list(stop),
                                  stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
-                                 include_stop_str_in_output=include_stop_str_in_output)
+                                 include_stop_str_in_output=include_stop_str_in_output,
+                                 logit_bias=dict(logit_bias or {}))
     if constraints:
         sampling.structured_output.CopyFrom(pb.StructuredOutput(**constraints))
     if n < 1:

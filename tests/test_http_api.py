@@ -258,8 +258,7 @@ def test_bad_sampling_value_is_400_naming_the_field(server, field, value):
     assert e.value.body["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("extra, field", [({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
-                                          ({"logit_bias": {"5": 1.0}}, "logit_bias")])
+@pytest.mark.parametrize("extra, field", [({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix")])
 def test_unsupported_values_are_400(server, extra, field):
     with pytest.raises(openai.BadRequestError) as e:
         server.client.completions.create(model=MODEL, prompt="hi", extra_body=extra)

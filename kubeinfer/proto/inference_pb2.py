@@ -24,47 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkubeinfer/proto/inference.proto\x12\x0ckubeinfer.v1\"\xb7\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\t\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12\x39\n\x11structured_output\x18\x0f \x01(\x0b\x32\x1e.kubeinfer.v1.StructuredOutputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x95\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x15.kubeinfer.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.kubeinfer.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xfc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.kubeinfer.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.kubeinfer.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.kubeinfer.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\t\n\x01n\x18\x08 \x01(\rB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xa8\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x41\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32+.kubeinfer.v1.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"}\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.kubeinfer.v1.TokenLogprob\"\xe6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.kubeinfer.v1.Usage\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.kubeinfer.v1.TokenLogprob\x12%\n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x14.kubeinfer.v1.Choice\"\xd4\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.kubeinfer.v1.Usage\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.kubeinfer.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\"\x13\n\x11ListModelsRequest\"Q\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.kubeinfer.v1.ModelInfo2\x80\x02\n\tInference\x12I\n\x08Generate\x12\x1d.kubeinfer.v1.GenerateRequest\x1a\x1e.kubeinfer.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.kubeinfer.v1.GenerateRequest\x1a$.kubeinfer.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.kubeinfer.v1.ListModelsRequest\x1a .kubeinfer.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkubeinfer/proto/inference.proto\x12\x0ckubeinfer.v1\"\xaa\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\t\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12\x39\n\x11structured_output\x18\x0f \x01(\x0b\x32\x1e.kubeinfer.v1.StructuredOutput\x12?\n\nlogit_bias\x18\x10 \x03(\x0b\x32+.kubeinfer.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x95\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x15.kubeinfer.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.kubeinfer.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xfc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.kubeinfer.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.kubeinfer.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.kubeinfer.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\t\n\x01n\x18\x08 \x01(\rB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xa8\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x41\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32+.kubeinfer.v1.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"}\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.kubeinfer.v1.TokenLogprob\"\xe6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.kubeinfer.v1.Usage\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.kubeinfer.v1.TokenLogprob\x12%\n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x14.kubeinfer.v1.Choice\"\xd4\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.kubeinfer.v1.Usage\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.kubeinfer.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\"\x13\n\x11ListModelsRequest\"Q\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.kubeinfer.v1.ModelInfo2\x80\x02\n\tInference\x12I\n\x08Generate\x12\x1d.kubeinfer.v1.GenerateRequest\x1a\x1e.kubeinfer.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.kubeinfer.v1.GenerateRequest\x1a$.kubeinfer.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.kubeinfer.v1.ListModelsRequest\x1a .kubeinfer.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kubeinfer.proto.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._loaded_options = None
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=50
-  _globals['_SAMPLINGPARAMS']._serialized_end=617
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=620
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=769
-  _globals['_CHOICES']._serialized_start=771
-  _globals['_CHOICES']._serialized_end=797
-  _globals['_CHATMESSAGE']._serialized_start=799
-  _globals['_CHATMESSAGE']._serialized_end=843
-  _globals['_CHATMESSAGES']._serialized_start=845
-  _globals['_CHATMESSAGES']._serialized_end=904
-  _globals['_TOKENIDS']._serialized_start=906
-  _globals['_TOKENIDS']._serialized_end=929
-  _globals['_GENERATEREQUEST']._serialized_start=932
-  _globals['_GENERATEREQUEST']._serialized_end=1184
-  _globals['_USAGE']._serialized_start=1186
-  _globals['_USAGE']._serialized_end=1273
-  _globals['_TOKENLOGPROB']._serialized_start=1276
-  _globals['_TOKENLOGPROB']._serialized_end=1444
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=1394
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=1444
-  _globals['_CHOICE']._serialized_start=1446
-  _globals['_CHOICE']._serialized_end=1571
-  _globals['_GENERATERESPONSE']._serialized_start=1574
-  _globals['_GENERATERESPONSE']._serialized_end=1804
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1807
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2019
-  _globals['_LISTMODELSREQUEST']._serialized_start=2021
-  _globals['_LISTMODELSREQUEST']._serialized_end=2040
-  _globals['_MODELINFO']._serialized_start=2042
-  _globals['_MODELINFO']._serialized_end=2123
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2125
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2186
-  _globals['_INFERENCE']._serialized_start=2189
-  _globals['_INFERENCE']._serialized_end=2445
+  _globals['_SAMPLINGPARAMS']._serialized_end=732
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=535
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=583
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=735
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=884
+  _globals['_CHOICES']._serialized_start=886
+  _globals['_CHOICES']._serialized_end=912
+  _globals['_CHATMESSAGE']._serialized_start=914
+  _globals['_CHATMESSAGE']._serialized_end=958
+  _globals['_CHATMESSAGES']._serialized_start=960
+  _globals['_CHATMESSAGES']._serialized_end=1019
+  _globals['_TOKENIDS']._serialized_start=1021
+  _globals['_TOKENIDS']._serialized_end=1044
+  _globals['_GENERATEREQUEST']._serialized_start=1047
+  _globals['_GENERATEREQUEST']._serialized_end=1299
+  _globals['_USAGE']._serialized_start=1301
+  _globals['_USAGE']._serialized_end=1388
+  _globals['_TOKENLOGPROB']._serialized_start=1391
+  _globals['_TOKENLOGPROB']._serialized_end=1559
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=1509
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=1559
+  _globals['_CHOICE']._serialized_start=1561
+  _globals['_CHOICE']._serialized_end=1686
+  _globals['_GENERATERESPONSE']._serialized_start=1689
+  _globals['_GENERATERESPONSE']._serialized_end=1919
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1922
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2134
+  _globals['_LISTMODELSREQUEST']._serialized_start=2136
+  _globals['_LISTMODELSREQUEST']._serialized_end=2155
+  _globals['_MODELINFO']._serialized_start=2157
+  _globals['_MODELINFO']._serialized_end=2238
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2240
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2301
+  _globals['_INFERENCE']._serialized_start=2304
+  _globals['_INFERENCE']._serialized_end=2560
 # @@protoc_insertion_point(module_scope)

@@ -28,6 +28,8 @@ def prepare_kwargs(req: pb.GenerateRequest) -> dict[str, Any]:
                     include_stop_str_in_output=s.include_stop_str_in_output)
     if s.HasField("structured_output"):
         sampling["structured_output"] = _structured_output(s.structured_output)
+    if s.logit_bias:
+        sampling["logit_bias"] = dict(s.logit_bias)
     kwargs: dict[str, Any] = {"model": req.model or None, "sampling": sampling,
                               "request_id": req.request_id or None, "priority": req.priority}
     which = req.WhichOneof("input")

@@ -75,9 +75,12 @@ class _GenerateRequest(BaseModel):
 
     def sampling(self) -> dict[str, Any]:
         """``SamplingParams`` keyword arguments: the fields the client set (the rest keep vLLM's defaults)."""
-        if self.logit_bias:
-            raise UnsupportedField("logit_bias", "logit_bias is not supported")
         out = {f: getattr(self, f) for f in _SAMPLING_FIELDS if getattr(self, f) is not None}
+        if self.logit_bias:
+            if not all(k.isdigit() for k in self.logit_bias):
+                raise UnsupportedField("logit_bias", "logit_bias keys must be token ids (decimal integers), got "
+                                                     f"{next(k for k in self.logit_bias if not k.isdigit())!r}")
+            out["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
         if self.max_tokens is not None:
             out["max_tokens"] = self.max_tokens
         structured = self.structured_output()

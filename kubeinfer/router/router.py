@@ -227,9 +227,10 @@ class Router:
         seed = sampling.get("seed")
         if type(seed) is int and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
             raise RouterError(Code.INVALID_ARGUMENT, f"seed must be an integer in [-2**63, 2**63), got {seed}")
-        stop_ids = sampling.get("stop_token_ids")
-        if isinstance(stop_ids, list) and any(type(t) is int and not 0 <= t < served.vocab_size for t in stop_ids):
-            raise RouterError(Code.INVALID_ARGUMENT, f"stop_token_ids must be integers in [0, {served.vocab_size})")
+        for name, ids in (("stop_token_ids", sampling.get("stop_token_ids")),
+                          ("logit_bias's token ids", sampling.get("logit_bias"))):
+            if isinstance(ids, (list, dict)) and any(type(t) is int and not 0 <= t < served.vocab_size for t in ids):
+                raise RouterError(Code.INVALID_ARGUMENT, f"{name} must be integers in [0, {served.vocab_size})")
         stop = sampling.get("stop")
         for s in [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []:
             if isinstance(s, str):

@@ -56,13 +56,19 @@ class SamplingBatch:
     max_top_k: int = 0                   # largest top_k of a sampled row (read on the host, no sync)
     token_bitmask: Tensor | None = None  # [B, ceil(V/32)] int32 grammar masks (structured output), or None
     bitmask_rows: list[int] | None = None  # the rows token_bitmask applies to (the constrained ones)
+    logit_bias: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, token ids, values), set iff a row has one
 
     @property
     def plain_greedy(self) -> bool:
         """Every row takes its argmax of the raw logits: no penalties, no logprobs. The sampler then
         needs the logits in no particular float dtype (the argmax of bf16 logits is that of their
         fp32 widening)."""
-        return self.all_greedy and not self.any_penalty and self.max_logprobs is None and self.token_bitmask is None
+        return self.all_greedy and not self.adjusts_logits and self.max_logprobs is None
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Some row's logits change before sampling: a grammar mask, a penalty or a logit bias."""
+        return self.token_bitmask is not None or self.any_penalty or self.logit_bias is not None
 
     @property
     def any_penalty(self) -> bool:
@@ -101,6 +107,9 @@ class SamplingBatch:
         sampled = [i for i in range(n) if not greedy_rows[i]]
         asked = [p.logprobs for p in params if p.logprobs is not None]
 
+        biased = [(i, t, v) for i, p in enumerate(params) if p.logit_bias for t, v in p.logit_bias.items()]
+        if any(t >= vocab_size for _, t, _ in biased):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
         seen_mask = output_counts = None
         if any_rep:
             seen_mask = torch.zeros(n, vocab_size, dtype=torch.bool, device=device)
@@ -135,6 +144,8 @@ class SamplingBatch:
             any_unseeded_random=any(generators[i] is None for i in sampled),
             max_logprobs=max(asked) if asked else None,
             max_top_k=max([min(params[i].top_k, vocab_size) for i in sampled], default=0),
+            logit_bias=(col([r for r, _, _ in biased], torch.long), col([t for _, t, _ in biased], torch.long),
+                        col([v for _, _, v in biased])) if biased else None,
         )
 
 
@@ -233,8 +244,8 @@ def first_max(logits: Tensor) -> Tensor:
 
 
 def _adjusted(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """fp32 logits with the constrained rows' grammar masks and the penalties applied (a new tensor:
-    the caller's is never modified)."""
+    """fp32 logits with the constrained rows' grammar masks, the penalties and the logit biases
+    applied (a new tensor: the caller's is never modified)."""
     widened = logits.float()
     if batch.token_bitmask is not None:
         from kubeinfer.worker.structured_output import apply_bitmask  # only constrained batches need xgrammar
@@ -244,6 +255,10 @@ def _adjusted(logits: Tensor, batch: SamplingBatch) -> Tensor:
         widened = apply_penalties(widened, seen_mask=batch.seen_mask, repetition_penalty=batch.repetition_penalty,
                                   output_counts=batch.output_counts, presence_penalty=batch.presence_penalty,
                                   frequency_penalty=batch.frequency_penalty)
+    if batch.logit_bias is not None:
+        rows, ids, values = batch.logit_bias
+        widened = widened if widened is not logits else logits.clone()
+        widened.index_put_((rows, ids), values, accumulate=True)
     return widened
 
 
@@ -268,7 +283,7 @@ class Sampler:
 
     Order, as in vLLM: the grammar mask of constrained rows (structured output: forbidden tokens'
     logits become -inf, so every later step, logprobs included, sees the masked distribution),
-    penalties, then (greedy rows) argmax, or (other rows) temperature, top-k, top-p, min-p and a draw.
+    penalties, logit biases, then (greedy rows) argmax, or (other rows) temperature, top-k, top-p, min-p and a draw.
     The draw is an inverse CDF over the row in column order (``inverse_cdf``) with one uniform per
     row; seeded rows take theirs from their own generator, so their tokens do not depend on the rest
     of the batch. Greedy rows take the kernel backend's ``greedy_argmax`` (one C++ pass on a CPU).
@@ -296,7 +311,7 @@ class Sampler:
                              f"({batch.greedy.shape[0]} rows, vocab {batch.vocab_size})")
         if batch.plain_greedy:
             return SamplerOutput(self._greedy_argmax(logits))
-        if batch.token_bitmask is not None or batch.any_penalty or batch.max_logprobs is not None:
+        if batch.adjusts_logits or batch.max_logprobs is not None:
             logits = _adjusted(logits, batch)
         if batch.all_greedy:
             return self._output(self._greedy_argmax(logits), logits, batch)

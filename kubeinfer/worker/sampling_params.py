@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's: -100 bans a token in effect, 100 forces it
 
 
 @dataclass
@@ -95,6 +96,9 @@ class SamplingParams:
     priority: int = 0
     # A grammar the output must match (the engine masks the logits of every other token).
     structured_output: StructuredOutputParams | None = None
+    # OpenAI's logit_bias: token id -> a value added to that token's logit before sampling (and to
+    # the logits the returned logprobs are computed from), after penalties, as vLLM applies it.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens)
@@ -125,6 +129,15 @@ class SamplingParams:
             self.structured_output = StructuredOutputParams(**self.structured_output)
         _check(self.structured_output is None or isinstance(self.structured_output, StructuredOutputParams),
                "structured_output", "None or a StructuredOutputParams", self.structured_output)
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict), "logit_bias", "a map of token ids to numbers", self.logit_bias)
+            # Keys arrive as strings from JSON: token ids written in decimal are taken as such.
+            bias = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.logit_bias.items()}
+            low, high = LOGIT_BIAS_RANGE
+            for k, v in bias.items():  # the first bad entry named, not the whole map
+                _check(_is_int(k) and k >= 0, "logit_bias", "keyed by token ids (integers >= 0)", k)
+                _check(_is_num(v) and low <= v <= high, f"logit_bias[{k}]", f"in [{low:g}, {high:g}]", v)
+            self.logit_bias = {k: float(v) for k, v in bias.items()} or None
         if self.top_k == -1:
             self.top_k = 0
 
