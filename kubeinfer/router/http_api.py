@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP surface over a Router: completions and chat (streaming as server-sent
-events), the model list, health and Prometheus metrics. Request and response shapes live in
-``openai_schema``; this module only moves them between HTTP and the Router.
+events), the model list, health and Prometheus metrics, and vLLM's tokenizer endpoints
+(``tokenize_api``). Request and response shapes live in ``openai_schema``; this module only moves
+them between HTTP and the Router.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kubeinfer.router.openai_response import BatchResponseWriter, ResponseWriter
 from kubeinfer.router.openai_schema import ChatCompletionRequest, CompletionRequest, UnsupportedField, error_body
 from kubeinfer.router.parallel import check_n, expand, stream_choices
 from kubeinfer.router.router import Router
+from kubeinfer.router.tokenize_api import add_tokenizer_routes
 from kubeinfer.router.types import Chunk, Code, RouterError
 
 T = TypeVar("T")
@@ -319,5 +321,6 @@ def build_http_app(router: Router) -> FastAPI:
     async def metrics() -> Response:
         return Response(router.metrics.render(), media_type=CONTENT_TYPE)
 
+    add_tokenizer_routes(app, router)
     app.add_middleware(BodyLimit, max_bytes=router.max_body_bytes)
     return app

@@ -134,7 +134,7 @@ class Router:
         An omitted ``max_tokens`` becomes the room left in the context with ``fill_context`` (chat,
         as vLLM does), else the default capped by that room; a given one beyond the room is refused.
         """
-        served, sampling = self._check(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
+        served, sampling = self.check_input(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
         return self._tokenize(served, sampling, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
                               request_id=request_id, priority=priority, fill_context=fill_context, tools=tools)
 
@@ -146,7 +146,7 @@ class Router:
         """:meth:`prepare` with the cheap checks on the event loop and the tokenizing (and a
         structured-output grammar's parsing) on a thread, so one large prompt or schema never stalls
         the other requests (nor /health)."""
-        served, sampling = self._check(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
+        served, sampling = self.check_input(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
         return await asyncio.to_thread(self._tokenize, served, sampling, prompt=prompt,
                                        prompt_token_ids=prompt_token_ids, messages=messages, request_id=request_id,
                                        priority=priority, fill_context=fill_context, tools=tools)
@@ -179,7 +179,8 @@ class Router:
                               f"max_tokens may be at most {room}")
         return GenerateJob(request_id or uuid.uuid4().hex, served.name, ids, sampling, priority)
 
-    def _check(self, model, prompt, prompt_token_ids, messages, sampling, request_id, priority) -> tuple[ServedModel, dict]:
+    def check_input(self, model, prompt, prompt_token_ids, messages, sampling=None, request_id=None,
+                    priority=0) -> tuple[ServedModel, dict]:
         """The checks that need no tokenizer; the served model and a copy of ``sampling``."""
         if model is not None:
             if not isinstance(model, str):
