@@ -494,7 +494,7 @@ def test_tools_are_rendered_and_tool_history_is_accepted(server):
     out = server.client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4)
     kwargs = ChatCompletionRequest(messages=history, tools=TOOLS).prepare_kwargs()
     rendered = tokenizer(server).decode(server.router.prepare(messages=kwargs["messages"],
-                                                              tools=kwargs["tools"]).prompt_token_ids)
+                                                              chat_template=kwargs["chat_template"]).prompt_token_ids)
     assert '"name": "get_weather"' in rendered and "<|tool|>sunny, 21 C" in rendered
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "paris", "days": 1, "unit": "c"}}' in rendered
     assert out.usage.prompt_tokens == len(tokenizer(server).encode(rendered))

@@ -302,12 +302,17 @@ def build_http_app(router: Router) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await generate(request, body, "chat")
 
+    def card(m) -> dict[str, Any]:
+        return {"id": m.name, "object": "model", "created": 0, "owned_by": "kubeinfer", "root": m.uri,
+                "max_model_len": m.max_model_len, "quantization": m.quantization}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "kubeinfer", "root": m.uri,
-             "max_model_len": m.max_model_len, "quantization": m.quantization}
-            for m in router.models.values()]}
+        return {"object": "list", "data": [card(m) for m in router.models.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        return card(router.model(name))  # NOT_FOUND (404) for a model not served here
 
     @app.get("/health")
     async def health() -> JSONResponse:

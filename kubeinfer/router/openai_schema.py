@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from kubeinfer.router.tools import ToolPlan, plan_tools
+from kubeinfer.worker.tokenizer import ChatTemplate
 
 
 class UnsupportedField(ValueError):
@@ -242,6 +243,10 @@ class ChatCompletionRequest(_GenerateRequest):
     tools: Any = None  # checked by kubeinfer.router.tools, which names the bad part
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # vLLM's extras: how the messages are rendered (kubeinfer.worker.tokenizer.ChatTemplate)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     _plan: ToolPlan | None = PrivateAttr(default=None)
 
     def tool_plan(self) -> ToolPlan:
@@ -267,8 +272,14 @@ class ChatCompletionRequest(_GenerateRequest):
                                                       "it cannot be combined with response_format or guided_*")
             sampling["structured_output"] = plan.structured_output
         messages = [m.for_template(i) for i, m in enumerate(self.messages)]
+        try:
+            template = ChatTemplate(tools=plan.tools, add_generation_prompt=self.add_generation_prompt,
+                                    continue_final_message=self.continue_final_message,
+                                    kwargs=self.chat_template_kwargs)
+        except ValueError as e:  # its messages start with the field's name
+            raise UnsupportedField(str(e).split()[0], str(e)) from None
         return {"model": self.model, "messages": messages, "sampling": sampling, "priority": self.priority,
-                "tools": plan.tools}
+                "chat_template": template}
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from kubeinfer.router.types import Chunk, Code, GenerateJob, ReplicaFailed, Rout
 from kubeinfer.router.settings import RouterSettings
 from kubeinfer.worker.config import EngineConfig  # torch-free: the definitions only
 from kubeinfer.worker.sampling_params import SamplingParams
-from kubeinfer.worker.tokenizer import Tokenizer
+from kubeinfer.worker.tokenizer import ChatTemplate, Tokenizer
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Router:
     def prepare(self, *, model: str | None = None, prompt: str | None = None,
                 prompt_token_ids: list[int] | None = None, messages: list[dict[str, str]] | None = None,
                 sampling: dict[str, Any] | None = None, request_id: str | None = None,
-                priority: int = 0, fill_context: bool = False, tools: list[dict] | None = None) -> GenerateJob:
+                priority: int = 0, fill_context: bool = False, chat_template: ChatTemplate | None = None) -> GenerateJob:
         """Validate and tokenize a request; RouterError (INVALID_ARGUMENT / NOT_FOUND) if it cannot run.
 
         Every bound that needs no tokenizer is checked first, so an oversized request costs nothing.
@@ -136,29 +136,30 @@ class Router:
         """
         served, sampling = self.check_input(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
         return self._tokenize(served, sampling, prompt=prompt, prompt_token_ids=prompt_token_ids, messages=messages,
-                              request_id=request_id, priority=priority, fill_context=fill_context, tools=tools)
+                              request_id=request_id, priority=priority, fill_context=fill_context,
+                              chat_template=chat_template)
 
     async def aprepare(self, *, model: str | None = None, prompt: str | None = None,
                        prompt_token_ids: list[int] | None = None, messages: list[dict[str, str]] | None = None,
                        sampling: dict[str, Any] | None = None, request_id: str | None = None,
                        priority: int = 0, fill_context: bool = False,
-                       tools: list[dict] | None = None) -> GenerateJob:
+                       chat_template: ChatTemplate | None = None) -> GenerateJob:
         """:meth:`prepare` with the cheap checks on the event loop and the tokenizing (and a
         structured-output grammar's parsing) on a thread, so one large prompt or schema never stalls
         the other requests (nor /health)."""
         served, sampling = self.check_input(model, prompt, prompt_token_ids, messages, sampling, request_id, priority)
         return await asyncio.to_thread(self._tokenize, served, sampling, prompt=prompt,
                                        prompt_token_ids=prompt_token_ids, messages=messages, request_id=request_id,
-                                       priority=priority, fill_context=fill_context, tools=tools)
+                                       priority=priority, fill_context=fill_context, chat_template=chat_template)
 
     def _tokenize(self, served: ServedModel, sampling: dict[str, Any], *, prompt, prompt_token_ids, messages,
-                  request_id, priority, fill_context, tools=None) -> GenerateJob:
-        """The work after :meth:`_check`: the grammar's parse, the chat template, tokenizing, and the
+                  request_id, priority, fill_context, chat_template=None) -> GenerateJob:
+        """The work after :meth:`check_input`: the grammar's parse, the chat template, tokenizing, and the
         checks that need the token count."""
         if sampling.get("structured_output") is not None:
             check_grammar(sampling["structured_output"])
         if messages is not None:
-            prompt = self._render_chat(served, messages, tools)
+            prompt = self.render_chat(served, messages, chat_template)
         if prompt is not None:
             ids = served.tokenizer.encode(prompt)
         else:
@@ -243,9 +244,9 @@ class Router:
         return served, sampling
 
     @staticmethod
-    def _render_chat(served: ServedModel, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+    def render_chat(served: ServedModel, messages: list[dict[str, Any]], options: ChatTemplate | None = None) -> str:
         try:
-            return served.tokenizer.apply_chat_template(messages, tools=tools)
+            return served.tokenizer.apply_chat_template(messages, options=options)
         except Exception as e:
             raise RouterError(Code.INVALID_ARGUMENT, f"cannot apply the chat template: {readable(str(e))}") from None
 

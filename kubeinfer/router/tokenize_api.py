@@ -16,14 +16,15 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
-from kubeinfer.router.client_input import readable
 from kubeinfer.router.router import Router
 from kubeinfer.router.types import Code, RouterError
+from kubeinfer.worker.tokenizer import ChatTemplate
 
 
 class TokenizeRequest(BaseModel):
-    """One of ``prompt`` or ``messages``. ``add_special_tokens`` defaults as vLLM's does: on for a
-    prompt, off for messages (the chat template writes its own)."""
+    """One of ``prompt`` or ``messages`` (rendered as a chat request's are: ChatTemplate's fields).
+    ``add_special_tokens`` defaults as vLLM's does: on for a prompt, off for messages (the chat
+    template writes its own)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -32,6 +33,8 @@ class TokenizeRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
 
@@ -53,9 +56,12 @@ def add_tokenizer_routes(app: FastAPI, router: Router) -> None:
         text = body.prompt
         if body.messages is not None:
             try:
-                text = tokenizer.apply_chat_template(body.messages, add_generation_prompt=body.add_generation_prompt)
-            except Exception as e:
-                raise RouterError(Code.INVALID_ARGUMENT, f"cannot apply the chat template: {readable(str(e))}") from None
+                template = ChatTemplate(add_generation_prompt=body.add_generation_prompt,
+                                        continue_final_message=body.continue_final_message,
+                                        kwargs=body.chat_template_kwargs)
+            except ValueError as e:
+                raise RouterError(Code.INVALID_ARGUMENT, str(e)) from None
+            text = router.render_chat(served, body.messages, template)
         special = body.add_special_tokens if body.add_special_tokens is not None else body.messages is None
         ids = await asyncio.to_thread(tokenizer.encode, text, special)
         return {"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids,

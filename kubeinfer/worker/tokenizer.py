@@ -4,13 +4,42 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import jinja2
 import jinja2.sandbox
 import tokenizers
 
 from kubeinfer.worker.models.config import CheckpointError
+
+
+# Names the template already receives; a request's extra template variables may not replace them.
+_TEMPLATE_NAMES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception"})
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a chat request's messages are rendered (vLLM's chat extras): ``tools`` (OpenAI's list,
+    handed to the template as transformers does), ``add_generation_prompt`` (open the assistant's
+    turn), ``continue_final_message`` (leave the final assistant message open, so the reply
+    continues it; excludes ``add_generation_prompt``) and ``kwargs`` (more template variables, such
+    as Qwen3's ``enable_thinking``). Invariant once constructed: the two flags are not both set and
+    ``kwargs`` replaces none of the template's own names."""
+
+    tools: list[dict] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if self.kwargs is not None and not isinstance(self.kwargs, dict):
+            raise ValueError("chat_template_kwargs must be an object")
+        taken = sorted(_TEMPLATE_NAMES & set(self.kwargs or {}))
+        if taken:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(taken)} (the request's own fields do)")
 
 
 class Tokenizer:
@@ -95,17 +124,28 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, options: ChatTemplate | None = None) -> str:
         """Render ``messages`` ([{role, content}, ...]) with the model's chat template; ``tools``
         (OpenAI's ``[{"type": "function", "function": {...}}]``) are handed to it as ``tools``, as
-        transformers does (a template that ignores them renders none)."""
+        transformers does (a template that ignores them renders none). ``options``, when given,
+        replaces the two arguments before it (and may continue the final message, as transformers'
+        ``continue_final_message`` does: the text ends where that message's content ends)."""
         if self._template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError("each chat message needs a 'role' and a 'content'")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=tools)
+        options = options or ChatTemplate(tools=tools, add_generation_prompt=add_generation_prompt)
+        text = self._template.render(**(options.kwargs or {}), messages=messages,
+                                     add_generation_prompt=options.add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                     tools=options.tools)
+        if not options.continue_final_message:
+            return text
+        final = messages[-1]["content"].strip() if messages[-1]["role"] == "assistant" else ""
+        if not final or final not in text:
+            raise ValueError("continue_final_message needs a final assistant message with content the template keeps")
+        return text[:text.rindex(final) + len(final)]
 
 
 def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
