@@ -123,3 +123,21 @@ def test_grpc_logit_bias(tiny_llama_dir):
             assert out.token_ids == [12, 12, 12]
     finally:
         server.close()
+
+
+def test_speculative_decoding_verifies_with_the_bias(tiny_llama_dir):
+    """The target's verification samples with the bias: a forced token's n-gram drafts are all
+    accepted, and a banned token never appears, exactly as without speculation."""
+    from tests.test_speculative import NGRAM
+    kw = dict(model=tiny_llama_dir, max_model_len=256, num_kv_blocks=64)
+    spec, plain = Engine(**kw, **NGRAM), Engine(**kw)
+    forced = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={11: 100})
+    assert spec.generate(["hello world"], forced)[0].output_token_ids == [11] * 12
+    stats = spec.stats().speculative
+    assert stats.num_accepted_tokens > 0
+    first = plain.generate(["hello world"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    banned = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                            logit_bias={t: -100 for t in set(first.output_token_ids[:3])})
+    want = plain.generate(["hello world"], banned)[0].output_token_ids
+    assert spec.generate(["hello world"], banned)[0].output_token_ids == want
+    assert not set(want) & set(banned.logit_bias)
