@@ -12,7 +12,7 @@ from operator import itemgetter
 import pytest
 
 from kubeinfer.serve.config import RouterSettings
-from tests.test_http_api import MODEL, model_dir, post, start  # noqa: F401 (model_dir: a fixture)
+from tests.test_http_api import MODEL, StepGate, model_dir, post, start, wait_for  # noqa: F401 (model_dir: a fixture)
 
 PROMPTS = ["The quick brown fox", "Kubernetes schedules pods", "Once upon a time"]
 GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
@@ -110,3 +110,22 @@ def test_more_jobs_than_the_router_holds_is_a_400_before_any_prompt_is_read(mode
         assert len(out.choices) == 3  # three jobs fit
     finally:
         s.close()
+
+
+def test_a_client_that_leaves_aborts_every_prompts_jobs(server, monkeypatch):
+    """Two prompts x n 2: four jobs in the engine; the client closes the stream after the first
+    chunk, and the router and the engine drop all four."""
+    gate = StepGate(server.engine(), monkeypatch)
+    try:
+        stream = server.client.completions.create(model=MODEL, prompt=PROMPTS[:2], n=2, stream=True, temperature=1.0,
+                                                  max_tokens=200, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        wait_for(lambda: server.engine().stats().num_requests_running == 4, "every prompt's choices to run")
+        gate.opened.clear()  # at most one more step: no job can finish on its own
+        stream.close()
+        wait_for(lambda: server.router.admission.in_flight == 0, "the router to drop the jobs")
+        gate.opened.set()
+        wait_for(lambda: server.engine().stats().num_requests_running == 0, "the engine to abort the jobs")
+        assert server.engine().stats().num_requests_waiting == 0
+    finally:
+        gate.opened.set()
