@@ -7,17 +7,17 @@ them between HTTP and the Router.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
-from typing import Any, AsyncIterator, Awaitable, Literal, TypeVar
+from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kubeinfer.router.http_streams import ClientGone, DetachedStream, EventStream, sse, unless_client_gone
 from kubeinfer.router.metrics import CONTENT_TYPE
 from kubeinfer.router.openai_response import BatchResponseWriter, ResponseWriter
 from kubeinfer.router.openai_schema import ChatCompletionRequest, CompletionRequest, UnsupportedField, error_body
@@ -26,9 +26,7 @@ from kubeinfer.router.router import Router
 from kubeinfer.router.tokenize_api import add_tokenizer_routes
 from kubeinfer.router.types import Chunk, Code, RouterError
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
-_END = object()
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -53,51 +51,6 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
     parts = [f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}" for err in errors[:3]]
     first = errors[0]["loc"][1:] if errors else ()
     return "; ".join(parts), (str(first[0]) if first else None)
-
-
-class _DetachedStream:
-    """Runs one request's ``stream_choices`` in a task of its own and hands its ``(index, chunk)``
-    items to one reader.
-
-    Once its client has gone, Starlette (anyio) cancels a streaming response's task again at every
-    await; iterated there, the router's cleanup is cancelled at its own first await (the batch
-    call's teardown, or a pool's abort that awaits a remote call). Here the reader may be cancelled
-    freely and ``close()`` cancels the router's stream exactly once. Invariant: the reader gets
-    chunks in order, then None (again on every later call) or the stream's error.
-    """
-
-    def __init__(self, chunks: AsyncIterator[tuple[int, Chunk]], tasks: set[asyncio.Task]) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._pump(chunks))
-        tasks.add(self._task)  # the loop keeps only weak references to tasks
-        self._task.add_done_callback(tasks.discard)
-
-    async def _pump(self, chunks: AsyncIterator[tuple[int, Chunk]]) -> None:
-        try:
-            async for chunk in chunks:
-                self._queue.put_nowait(chunk)
-        except Exception as e:
-            self._queue.put_nowait(e)
-        else:
-            self._queue.put_nowait(_END)
-
-    async def next(self) -> tuple[int, Chunk] | None:
-        item = await self._queue.get()
-        if item is _END:
-            self._queue.put_nowait(_END)
-            return None
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def collect(self) -> list[tuple[int, Chunk]]:
-        chunks = []
-        while (chunk := await self.next()) is not None:
-            chunks.append(chunk)
-        return chunks
-
-    def close(self) -> None:
-        self._task.cancel()
 
 
 class _BodyTooLarge(Exception):
@@ -167,71 +120,29 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-class _ClientGone(Exception):
-    """The client disconnected before its response started."""
-
-
-async def _unless_client_gone(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it and raise _ClientGone.
-
-    Only before a response starts: once streaming, Starlette watches for the disconnect itself.
-    """
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    work_task, gone = asyncio.ensure_future(work), asyncio.create_task(disconnected())
-    try:
-        await asyncio.wait({work_task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if work_task.done():
-            return work_task.result()
-        raise _ClientGone
-    finally:
-        work_task.cancel()
-        gone.cancel()
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events whose generator is closed as soon as the response ends, however it ends
-    (a client disconnect included), so the request it streams is aborted at once rather than when
-    the generator happens to be garbage-collected."""
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-
-
-def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def _events(writer: ResponseWriter, first: tuple[int, Chunk], stream: _DetachedStream) -> AsyncIterator[str]:
+async def _events(writer: ResponseWriter, first: tuple[int, Chunk], stream: DetachedStream) -> AsyncIterator[str]:
     try:
         item = first
         while True:
             for data in writer.stream_chunks(*item):
-                yield _sse(data)
+                yield sse(data)
             if writer.done:
                 break
             item = await stream.next()
             if item is None:  # the router's invariant says this cannot happen
                 raise RouterError(Code.INTERNAL, "the stream ended without a finish reason")
         if writer.include_usage:
-            yield _sse(writer.usage_chunk())
+            yield sse(writer.usage_chunk())
     except RouterError as e:  # the status line is gone: report it in the stream, as vLLM does
-        yield _sse(error_body(e.message, e.code.http_status, code=e.code.name.lower()))
+        yield sse(error_body(e.message, e.code.http_status, code=e.code.name.lower()))
     finally:
         stream.close()
-    yield _sse("[DONE]")
+    yield sse("[DONE]")
 
 
 def build_http_app(router: Router) -> FastAPI:
     """The OpenAI-compatible app over ``router``; the app owns nothing but the tasks streaming its
-    requests (see _DetachedStream)."""
+    requests (see DetachedStream)."""
     app = FastAPI(title="kubeinfer", docs_url=None, redoc_url=None)
     streaming_tasks: set[asyncio.Task] = set()
 
@@ -259,8 +170,8 @@ def build_http_app(router: Router) -> FastAPI:
         log.exception("internal error serving %s", request.url.path)
         return error_response(500, "internal error; the server log has the details")
 
-    @app.exception_handler(_ClientGone)
-    async def on_client_gone(request: Request, e: _ClientGone) -> Response:
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request: Request, e: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; uvicorn logs it
 
     async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest,
@@ -272,7 +183,7 @@ def build_http_app(router: Router) -> FastAPI:
         else:
             prompts, each = [None], [body.prepare_kwargs()]
         router.check_job_count(len(prompts) * n)  # before tokenizing a list no router could hold
-        jobs = await _unless_client_gone(request, asyncio.gather(
+        jobs = await unless_client_gone(request, asyncio.gather(
             *(router.aprepare(**kwargs, fill_context=kind == "chat") for kwargs in each)))
         served, created = router.models[jobs[0].model], int(time.time())
         writers = [ResponseWriter(kind, jobs[0].request_id, job.model, created, served.tokenizer, body,
@@ -280,19 +191,19 @@ def build_http_app(router: Router) -> FastAPI:
                                   prompt_text=prompt if isinstance(prompt, str) else None)
                    for p, (job, prompt) in enumerate(zip(jobs, prompts))]
         writer = writers[0] if len(writers) == 1 else BatchResponseWriter(writers, n)
-        stream = _DetachedStream(stream_choices(router, [j for job in jobs for j in expand(job, n)], n=n),
+        stream = DetachedStream(stream_choices(router, [j for job in jobs for j in expand(job, n)], n=n),
                                  streaming_tasks)
         try:
             if not body.stream:
-                return JSONResponse(writer.response(await _unless_client_gone(request, stream.collect())))
+                return JSONResponse(writer.response(await unless_client_gone(request, stream.collect())))
             # The first chunk is awaited here so that overload and bad input still get their status code.
-            first = await _unless_client_gone(request, stream.next())
+            first = await unless_client_gone(request, stream.next())
         except BaseException:
             stream.close()
             raise
         if first is None:
             raise RouterError(Code.INTERNAL, "the stream ended without a chunk")
-        return _EventStream(_events(writer, first, stream))
+        return EventStream(_events(writer, first, stream))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
