@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP surface over a Router: completions and chat (streaming as server-sent
-events), the model list, health and Prometheus metrics, and vLLM's tokenizer endpoints
-(``tokenize_api``). Request and response shapes live in ``openai_schema``; this module only moves
+events), the model list, health and Prometheus metrics; OpenAI's Responses API (``responses_api``)
+and vLLM's tokenizer endpoints (``tokenize_api``). Request and response shapes live in ``openai_schema``; this module only moves
 them between HTTP and the Router.
 """
 
@@ -17,11 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kubeinfer.router.http_streams import ClientGone, DetachedStream, EventStream, sse, unless_client_gone
+from kubeinfer.router.http_streams import ClientGone, DetachedStream, respond, sse, unless_client_gone
 from kubeinfer.router.metrics import CONTENT_TYPE
 from kubeinfer.router.openai_response import BatchResponseWriter, ResponseWriter
 from kubeinfer.router.openai_schema import ChatCompletionRequest, CompletionRequest, UnsupportedField, error_body
 from kubeinfer.router.parallel import check_n, expand, stream_choices
+from kubeinfer.router.responses_api import add_responses_routes
 from kubeinfer.router.router import Router
 from kubeinfer.router.tokenize_api import add_tokenizer_routes
 from kubeinfer.router.types import Chunk, Code, RouterError
@@ -193,17 +194,8 @@ def build_http_app(router: Router) -> FastAPI:
         writer = writers[0] if len(writers) == 1 else BatchResponseWriter(writers, n)
         stream = DetachedStream(stream_choices(router, [j for job in jobs for j in expand(job, n)], n=n),
                                  streaming_tasks)
-        try:
-            if not body.stream:
-                return JSONResponse(writer.response(await unless_client_gone(request, stream.collect())))
-            # The first chunk is awaited here so that overload and bad input still get their status code.
-            first = await unless_client_gone(request, stream.next())
-        except BaseException:
-            stream.close()
-            raise
-        if first is None:
-            raise RouterError(Code.INTERNAL, "the stream ended without a chunk")
-        return EventStream(_events(writer, first, stream))
+        return await respond(request, stream, bool(body.stream), writer.response,
+                             lambda first: _events(writer, first, stream))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -238,5 +230,6 @@ def build_http_app(router: Router) -> FastAPI:
         return Response(router.metrics.render(), media_type=CONTENT_TYPE)
 
     add_tokenizer_routes(app, router)
+    add_responses_routes(app, router, streaming_tasks)
     app.add_middleware(BodyLimit, max_bytes=router.max_body_bytes)
     return app

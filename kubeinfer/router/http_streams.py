@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from kubeinfer.router.types import Chunk
+from kubeinfer.router.types import Chunk, Code, RouterError
 
 T = TypeVar("T")
 _END = object()
@@ -103,3 +103,22 @@ class EventStream(StreamingResponse):
 
 def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def respond(request: Request, stream: DetachedStream, streaming: bool,
+                  whole: Callable[[list[tuple[int, Chunk]]], dict[str, Any]],
+                  events: Callable[[tuple[int, Chunk]], AsyncIterator[str]]) -> Response:
+    """The response to a request whose chunks ``stream`` pumps: ``whole(chunks)`` as JSON, or when
+    streaming the events ``events(first)`` writes from the first chunk on. The first chunk is awaited
+    here, so that overload and bad input still get their status code; the stream is closed on any
+    way out before the response is handed back."""
+    try:
+        if not streaming:
+            return JSONResponse(whole(await unless_client_gone(request, stream.collect())))
+        first = await unless_client_gone(request, stream.next())
+    except BaseException:
+        stream.close()
+        raise
+    if first is None:
+        raise RouterError(Code.INTERNAL, "the stream ended without a chunk")
+    return EventStream(events(first))
