@@ -8,7 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.test_http_api import MODEL, model_dir, start  # noqa: F401 (model_dir: a fixture)
+from tests.test_http_api import MODEL, StepGate, model_dir, start, wait_for  # noqa: F401 (model_dir: a fixture)
 
 FORMAT = {"format": {"type": "json_schema", "name": "pick", "strict": True, "schema": {
     "type": "object", "properties": {"a": {"enum": ["xy", "z"]}}, "required": ["a"], "additionalProperties": False}}}
@@ -144,3 +144,37 @@ def test_an_empty_reply_still_has_its_message_item():
         {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [call]},
                       "finish_reason": "tool_calls"}], "usage": usage})
     assert [o["type"] for o in only_calls["output"]] == ["function_call"]
+
+
+def test_a_client_that_leaves_the_stream_aborts_the_request(server, monkeypatch):
+    gate = StepGate(server.engine(), monkeypatch)
+    try:
+        stream = server.client.responses.create(model=MODEL, input="hello", stream=True, temperature=0,
+                                                 max_output_tokens=200, extra_body={"ignore_eos": True})
+        kinds = [next(iter(stream)).type for _ in range(3)]
+        assert kinds == ["response.created", "response.in_progress", "response.output_item.added"]
+        gate.opened.clear()  # at most one more step: the reply cannot finish on its own
+        stream.close()
+        wait_for(lambda: server.router.admission.in_flight == 0, "the router to drop the request")
+        gate.opened.set()
+        wait_for(lambda: server.engine().stats().num_requests_running == 0, "the engine to abort the request")
+    finally:
+        gate.opened.set()
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event(server, monkeypatch):
+    runner = server.engine().runner
+    execute, calls = runner.execute, []
+
+    def fails_after_two_steps(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("injected failure")
+        return execute(*args, **kwargs)
+    monkeypatch.setattr(runner, "execute", fails_after_two_steps)
+    events = list(server.client.responses.create(model=MODEL, input="hello", stream=True, temperature=0,
+                                                 max_output_tokens=50, extra_body={"ignore_eos": True}))
+    assert events[-1].type == "error" and "injected failure" in events[-1].message
+    assert "response.completed" not in [e.type for e in events]
+    monkeypatch.undo()
+    assert server.client.responses.create(model=MODEL, input="hello", max_output_tokens=3).usage.output_tokens == 3
