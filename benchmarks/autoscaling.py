@@ -22,7 +22,7 @@ sequences gives ~1.5 ms per extra decoding sequence (``step_per_seq_s``); prefil
 2 x 135M FLOPs per token, give ~0.9 ms per prompt token (``step_per_prefill_token_s``). KV: 1 GiB (the CPU
 default pool) at 30 layers x 3 KV heads x 64 x 2 (K and V) x 2 bytes = 23 KB per token, ~46k tokens.
 
-    python benchmarks/autoscaling.py [--seconds 1800] [--seeds 4]
+    python benchmarks/autoscaling.py [--seconds 1800] [--seeds 8]
 
 benchmarks/autoscaling_real.py runs the policies on this machine's local Ray instead, beside this
 simulator's prediction of the same run.
@@ -364,13 +364,19 @@ def trace(kind: str, seconds: float, seed: int) -> list[Req]:
 BASE_RPS, BURST_RPS, PEAK_RPS, BURST_S = 5.0, 20.0, 20.0, 180.0
 SCALING = {"min_replicas": 2, "max_replicas": 40, "initial_replicas": 4, "upscale_delay_s": 15.0,
            "downscale_delay_s": 120.0, "look_back_period_s": RAY_DEFAULTS.look_back_s}
-# (policy, Ray autoscaling_config extras, policy targets, label)
+# (policy, Ray autoscaling_config extras, policy targets, label). Ray's default at several targets:
+# its one knob moves it along its own attainment / replica-seconds curve, which the "at equal
+# replica-seconds" table compares each kubeinfer policy with.
 RUNS = [("ongoingRequests", {"target_ongoing_requests": 2.0}, {}, "ongoingRequests (target 2, the CRD default)"),
-        ("ongoingRequests", {"target_ongoing_requests": 16.0}, {}, "ongoingRequests (target 16)"),
+        *(("ongoingRequests", {"target_ongoing_requests": t}, {}, f"ongoingRequests (target {t:g})")
+          for t in (3.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0)),
         ("kvCache", {}, {}, "kvCache (target 0.7)"),
         ("queue", {}, {}, "queue (target 2)"),
         ("latency", {}, {"ttft_seconds": SLO_TTFT_S}, f"latency (ttftSeconds {SLO_TTFT_S:g} = the SLO)"),
-        ("latency", {}, {"ttft_seconds": 0.75 * SLO_TTFT_S}, f"latency (ttftSeconds {0.75 * SLO_TTFT_S:g})")]
+        ("latency", {}, {"ttft_seconds": 0.75 * SLO_TTFT_S}, f"latency (ttftSeconds {0.75 * SLO_TTFT_S:g})"),
+        ("latency", {}, {"ttft_seconds": 1.5 * SLO_TTFT_S}, f"latency (ttftSeconds {1.5 * SLO_TTFT_S:g})")]
+# "The same replica-seconds" for the equal-cost table: a default row may spend at most this much more.
+EQUAL_COST = 1.05
 
 
 def _one(job: tuple) -> tuple:
@@ -384,7 +390,7 @@ def _one(job: tuple) -> tuple:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=1800.0)
-    p.add_argument("--seeds", type=int, default=4,
+    p.add_argument("--seeds", type=int, default=8,
                    help="traces per kind (seeds 0..N-1); the table shows the mean and the range: one seed's "
                         "bursts fall where they fall, and a single trace has misled this comparison before")
     args = p.parse_args()
@@ -398,6 +404,7 @@ def main() -> None:
           f"0-{args.seeds - 1}; 'vs default': attainment points and replica-seconds against the first row\n")
     print("| trace | policy | SLO attainment | p99 TTFT | replica-seconds | vs default | replicas started | unfinished |")
     print("|---|---|---|---|---|---|---|---|")
+    means: dict[tuple[str, int], tuple[float, float]] = {}  # (kind, RUNS index) -> (attainment %, replica-s)
     for kind in ("bursty", "diurnal"):
         base = None
         for i, (_, _, _, label) in enumerate(RUNS):
@@ -408,11 +415,36 @@ def main() -> None:
                 return f"{statistics.mean(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
             attain, rs = (statistics.mean(100 * m["attainment"] for m in ms),
                           statistics.mean(m["replica_s"] for m in ms))
+            means[kind, i] = attain, rs
             base = base or (attain, rs)
             vs = "-" if i == 0 else f"{attain - base[0]:+.1f} pt, {100 * (rs / base[1] - 1):+.0f}%"
             print(f"| {kind} | {label} | {span('attainment', 100)}% | {span('p99', fmt='.2f')} s | "
                   f"{span('replica_s', fmt=',.0f')} | {vs} | {statistics.mean(m['peak'] for m in ms):.0f} | "
                   f"{sum(m['unfinished'] for m in ms)} |", flush=True)
+    print(equal_cost_table(means))
+
+
+def equal_cost_table(means: dict[tuple[str, int], tuple[float, float]]) -> str:
+    """Each kubeinfer policy's row against Ray's default at the same cost: the best attainment among
+    the default's rows (its targets) that spend at most EQUAL_COST x the policy's replica-seconds."""
+    lines = [f"\nAt equal replica-seconds: each policy against the best ongoingRequests row spending at most "
+             f"{100 * (EQUAL_COST - 1):g}% more\n",
+             "| trace | policy | attainment, replica-seconds | best ongoingRequests row at that cost | difference |",
+             "|---|---|---|---|---|"]
+    defaults = [i for i, run in enumerate(RUNS) if run[0] == "ongoingRequests"]
+    for kind in ("bursty", "diurnal"):
+        for i, (policy, _, _, label) in enumerate(RUNS):
+            if policy == "ongoingRequests":
+                continue
+            attain, rs = means[kind, i]
+            peers = [j for j in defaults if means[kind, j][1] <= EQUAL_COST * rs]
+            best = max(peers, key=lambda j: means[kind, j][0], default=None)
+            peer = "none spends so little" if best is None else \
+                f"{RUNS[best][3]}: {means[kind, best][0]:.1f}%, {means[kind, best][1]:,.0f}"
+            diff = "-" if best is None else \
+                f"{attain - means[kind, best][0]:+.1f} pt at {100 * (rs / means[kind, best][1] - 1):+.0f}% replica-seconds"
+            lines.append(f"| {kind} | {label} | {attain:.1f}%, {rs:,.0f} | {peer} | {diff} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

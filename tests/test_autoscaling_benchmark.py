@@ -22,8 +22,8 @@ def test_the_benchmark_reports_each_policy_over_seeds_against_the_default():
         import autoscaling as sim
     finally:
         sys.path.pop(0)
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| bursty") or
-            line.startswith("| diurnal")]
+    table, equal_cost = out.split("At equal replica-seconds")
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith(("| bursty", "| diurnal"))]
     assert len(rows) == 2 * len(sim.RUNS)
     for kind in ("bursty", "diurnal"):
         mine = [r for r in rows if r[0] == f"| {kind}"]
@@ -35,6 +35,23 @@ def test_the_benchmark_reports_each_policy_over_seeds_against_the_default():
             assert 0 <= low <= float(mean) <= high <= 100
             assert r[-1].strip(" |") == "0"  # no request left unfinished
     assert "mean (min-max) over seeds 0-1" in out
+    # Each kubeinfer policy against the default's rows that cost at most EQUAL_COST x as much: the best
+    # of them, and the difference in attainment, or none when every default row costs more.
+    means = {(r[0][2:], r[1]): (float(r[2].split(" (")[0]), float(r[4].split(" (")[0].replace(",", "")))
+             for r in rows}
+    pairs = [line.split(" | ") for line in equal_cost.splitlines() if line.startswith(("| bursty", "| diurnal"))]
+    mine = [label for policy, *_, label in sim.RUNS if policy != "ongoingRequests"]
+    assert [p[1] for p in pairs] == mine * 2
+    for kind, label, _, peer, diff in ((p[0][2:], *p[1:4], p[4].rstrip(" |")) for p in pairs):
+        attain, rs = means[kind, label]
+        cheap = {name: v for (k, name), v in means.items() if k == kind and name.startswith("ongoingRequests")
+                 and v[1] <= sim.EQUAL_COST * rs}
+        if not cheap:
+            assert peer == "none spends so little" and diff == "-"
+            continue
+        best = max(cheap, key=lambda name: cheap[name][0])
+        assert peer.startswith(best + ": ")
+        assert abs(float(diff.split(" pt")[0]) - (attain - cheap[best][0])) < 0.11
 
 
 def test_the_oracle_bound_reports_each_utilisation_and_window():
