@@ -22,7 +22,7 @@ sequences gives ~1.5 ms per extra decoding sequence (``step_per_seq_s``); prefil
 2 x 135M FLOPs per token, give ~0.9 ms per prompt token (``step_per_prefill_token_s``). KV: 1 GiB (the CPU
 default pool) at 30 layers x 3 KV heads x 64 x 2 (K and V) x 2 bytes = 23 KB per token, ~46k tokens.
 
-    python benchmarks/autoscaling.py [--seconds 1800] [--seeds 8]
+    python benchmarks/autoscaling.py [--seconds 1800] [--seeds 8] [--first-seed 0]
 
 benchmarks/autoscaling_real.py runs the policies on this machine's local Ray instead, beside this
 simulator's prediction of the same run.
@@ -391,17 +391,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=1800.0)
     p.add_argument("--seeds", type=int, default=8,
-                   help="traces per kind (seeds 0..N-1); the table shows the mean and the range: one seed's "
-                        "bursts fall where they fall, and a single trace has misled this comparison before")
+                   help="traces per kind (seeds F..F+N-1, F the first seed); the table shows the mean and the "
+                        "range: one seed's bursts fall where they fall, and a single trace has misled this "
+                        "comparison before")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first trace seed (another range checks a setting chosen on these seeds out of sample)")
     args = p.parse_args()
-    jobs = [(kind, args.seconds, seed, i) for kind in ("bursty", "diurnal") for seed in range(args.seeds)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(kind, args.seconds, seed, i) for kind in ("bursty", "diurnal") for seed in seeds
             for i in range(len(RUNS))]
     with multiprocessing.Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
         results = pool.map(_one, jobs)
     print(f"SLO: TTFT <= {SLO_TTFT_S:g} s; replicas {SCALING['min_replicas']}-{SCALING['max_replicas']}, "
           f"upscale delay {SCALING['upscale_delay_s']:g} s, downscale delay {SCALING['downscale_delay_s']:g} s, "
           f"replica start {CLUSTER.start_s:g} s; {args.seconds:g} s per trace; mean (min-max) over seeds "
-          f"0-{args.seeds - 1}; 'vs default': attainment points and replica-seconds against the first row\n")
+          f"{seeds[0]}-{seeds[-1]}; 'vs default': attainment points and replica-seconds against the first row\n")
     print("| trace | policy | SLO attainment | p99 TTFT | replica-seconds | vs default | replicas started | unfinished |")
     print("|---|---|---|---|---|---|---|---|")
     means: dict[tuple[str, int], tuple[float, float]] = {}  # (kind, RUNS index) -> (attainment %, replica-s)
