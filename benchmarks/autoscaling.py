@@ -47,6 +47,7 @@ from ray.serve.autoscaling_policy import _apply_autoscaling_config, replica_queu
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 import ray.serve.autoscaling_policy as ray_policy_module
 
+from autoscaling_report import equal_cost_table  # beside this file (its folder is on sys.path)
 from kubeinfer.serve.autoscaling import (KV_CACHE_USAGE, PREEMPTIONS_PER_S, RUNNING, TTFT_P90_S, WAITING,
                                          LLMAutoscalingPolicy, PolicySettings, ray_policy)
 
@@ -425,30 +426,7 @@ def main() -> None:
             print(f"| {kind} | {label} | {span('attainment', 100)}% | {span('p99', fmt='.2f')} s | "
                   f"{span('replica_s', fmt=',.0f')} | {vs} | {statistics.mean(m['peak'] for m in ms):.0f} | "
                   f"{sum(m['unfinished'] for m in ms)} |", flush=True)
-    print(equal_cost_table(means))
-
-
-def equal_cost_table(means: dict[tuple[str, int], tuple[float, float]]) -> str:
-    """Each kubeinfer policy's row against Ray's default at the same cost: the best attainment among
-    the default's rows (its targets) that spend at most EQUAL_COST x the policy's replica-seconds."""
-    lines = [f"\nAt equal replica-seconds: each policy against the best ongoingRequests row spending at most "
-             f"{100 * (EQUAL_COST - 1):g}% more\n",
-             "| trace | policy | attainment, replica-seconds | best ongoingRequests row at that cost | difference |",
-             "|---|---|---|---|---|"]
-    defaults = [i for i, run in enumerate(RUNS) if run[0] == "ongoingRequests"]
-    for kind in ("bursty", "diurnal"):
-        for i, (policy, _, _, label) in enumerate(RUNS):
-            if policy == "ongoingRequests":
-                continue
-            attain, rs = means[kind, i]
-            peers = [j for j in defaults if means[kind, j][1] <= EQUAL_COST * rs]
-            best = max(peers, key=lambda j: means[kind, j][0], default=None)
-            peer = "none spends so little" if best is None else \
-                f"{RUNS[best][3]}: {means[kind, best][0]:.1f}%, {means[kind, best][1]:,.0f}"
-            diff = "-" if best is None else \
-                f"{attain - means[kind, best][0]:+.1f} pt at {100 * (rs / means[kind, best][1] - 1):+.0f}% replica-seconds"
-            lines.append(f"| {kind} | {label} | {attain:.1f}%, {rs:,.0f} | {peer} | {diff} |")
-    return "\n".join(lines)
+    print(equal_cost_table(means, RUNS, EQUAL_COST))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ from kubeinfer.router.grpc_service import start_grpc_server
 from kubeinfer.router.policies import make_policy
 from kubeinfer.local.pool import LocalPool
 from kubeinfer.local.replica import EngineReplica
-from kubeinfer.router.router import Router, ServedModel
+from kubeinfer.router.router import Router
+from kubeinfer.router.served_model import ServedModel
 from kubeinfer.router.settings import RouterSettings
 from kubeinfer.worker import Engine, EngineConfig, SamplingParams
 from kubeinfer.worker.async_engine import AsyncEngine

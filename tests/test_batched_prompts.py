@@ -12,17 +12,11 @@ from operator import itemgetter
 import pytest
 
 from kubeinfer.serve.config import RouterSettings
-from tests.test_http_api import MODEL, StepGate, model_dir, post, start, wait_for  # noqa: F401 (model_dir: a fixture)
+from tests.test_http_api import (MODEL, StepGate, model_dir, post, server, start,  # noqa: F401 (fixtures)
+                                 wait_for)
 
 PROMPTS = ["The quick brown fox", "Kubernetes schedules pods", "Once upon a time"]
 GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):  # noqa: F811
-    s = start(model_dir)
-    yield s
-    s.close()
 
 
 def tokenizer(server):

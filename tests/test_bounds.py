@@ -21,7 +21,8 @@ from kubeinfer.proto import inference_pb2_grpc as pb_grpc
 from kubeinfer.router.grpc_service import RETRY_AFTER_KEY, start_grpc_server
 from kubeinfer.router.http_api import build_http_app
 from kubeinfer.local.router import build_local_router, shutdown_local_router
-from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, MIN_IN_FLIGHT, QUEUE_FACTOR, Router, ServedModel
+from kubeinfer.router.router import MIN_IN_FLIGHT, QUEUE_FACTOR, Router
+from kubeinfer.router.served_model import DEFAULT_SEQS_PER_REPLICA, ServedModel
 from kubeinfer.router.types import Code, RouterError
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 from tests.conftest import serving_http

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubeinfer.local.router import build_local_router, shutdown_local_router
 from kubeinfer.router.pool import WorkerPool
 from kubeinfer.router.types import StreamItem
-from kubeinfer.router.router import Router, ServedModel
+from kubeinfer.router.router import Router
+from kubeinfer.router.served_model import ServedModel
 from kubeinfer.router.types import GenerateJob
 from kubeinfer.serve.config import AppConfig, ModelSpec, RouterSettings
 

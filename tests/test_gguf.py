@@ -201,7 +201,7 @@ def test_special_tokens(tokenizer):
 ])
 def test_chat_template_matches_transformers(tokenizer, hf, messages):
     expected = hf[0].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == expected
+    assert tokenizer.apply_chat_template(messages) == expected  # a generation prompt by default
 
 
 def test_missing_file():

@@ -334,7 +334,8 @@ def test_client_disconnect_mid_stream_aborts(server, engine, monkeypatch):
     assert out.choices[0].text == reference(engine, PROMPTS[2]).text
 
 
-def test_engine_failure_mid_stream_is_an_error_event(server, engine, monkeypatch):
+def fail_after_two_steps(server: HTTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one replica's model runner raises "injected failure" from its third step on."""
     runner = server.engine().runner
     execute, calls = runner.execute, []
 
@@ -344,6 +345,10 @@ def test_engine_failure_mid_stream_is_an_error_event(server, engine, monkeypatch
             raise RuntimeError("injected failure")
         return execute(*args, **kwargs)
     monkeypatch.setattr(runner, "execute", fails_after_two_steps)
+
+
+def test_engine_failure_mid_stream_is_an_error_event(server, engine, monkeypatch):
+    fail_after_two_steps(server, monkeypatch)
     stream = server.client.completions.create(model=MODEL, prompt=PROMPTS[0], stream=True, temperature=0.0,
                                               max_tokens=50, extra_body=IGNORE_EOS)
     with pytest.raises(openai.APIError, match="injected failure") as e:

@@ -16,7 +16,7 @@ from kubeinfer.worker import Engine, SamplingParams
 from kubeinfer.worker.kernels.cpu import load_cpu_kernels
 from kubeinfer.worker.sampling import Sampler, SamplingBatch
 from tests.test_grpc_server import Server
-from tests.test_http_api import MODEL, model_dir, post, start  # noqa: F401 (model_dir: a fixture)
+from tests.test_http_api import MODEL, model_dir, post, server  # noqa: F401 (fixtures)
 
 V = 64
 
@@ -84,13 +84,6 @@ def test_the_engine_forces_and_bans_tokens(tiny_llama_dir):
     with pytest.raises(ValueError, match=rf"logit_bias token ids must be in \[0, {vocab}\)"):
         engine.add_request("bad", prompt="hi", params=SamplingParams(logit_bias={vocab: 1}))
     assert not engine.has_unfinished_requests()
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):  # noqa: F811
-    s = start(model_dir)
-    yield s
-    s.close()
 
 
 def test_http_logit_bias_forces_a_token(server):

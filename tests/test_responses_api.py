@@ -8,7 +8,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.test_http_api import MODEL, StepGate, model_dir, start, wait_for  # noqa: F401 (model_dir: a fixture)
+from tests.test_http_api import (MODEL, StepGate, fail_after_two_steps, model_dir,  # noqa: F401 (fixtures)
+                                 server, wait_for)
 
 FORMAT = {"format": {"type": "json_schema", "name": "pick", "strict": True, "schema": {
     "type": "object", "properties": {"a": {"enum": ["xy", "z"]}}, "required": ["a"], "additionalProperties": False}}}
@@ -16,13 +17,6 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "The forecas
     "type": "object", "properties": {"city": {"enum": ["paris", "rome"]}}, "required": ["city"],
     "additionalProperties": False}}]
 CHAT_TOOLS = [{"type": "function", "function": {k: v for k, v in TOOLS[0].items() if k != "type"}}]
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):  # noqa: F811
-    s = start(model_dir)
-    yield s
-    s.close()
 
 
 def chat_text(server, messages, **kwargs):
@@ -163,15 +157,7 @@ def test_a_client_that_leaves_the_stream_aborts_the_request(server, monkeypatch)
 
 
 def test_an_engine_failure_mid_stream_is_an_error_event(server, monkeypatch):
-    runner = server.engine().runner
-    execute, calls = runner.execute, []
-
-    def fails_after_two_steps(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:
-            raise RuntimeError("injected failure")
-        return execute(*args, **kwargs)
-    monkeypatch.setattr(runner, "execute", fails_after_two_steps)
+    fail_after_two_steps(server, monkeypatch)
     events = list(server.client.responses.create(model=MODEL, input="hello", stream=True, temperature=0,
                                                  max_output_tokens=50, extra_body={"ignore_eos": True}))
     assert events[-1].type == "error" and "injected failure" in events[-1].message

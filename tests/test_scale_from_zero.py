@@ -12,7 +12,8 @@ from typing import AsyncIterator
 import pytest
 
 from kubeinfer.router.pool import WorkerPool
-from kubeinfer.router.router import CAPACITY_RETRY_AFTER_S, Router, ServedModel
+from kubeinfer.router.router import CAPACITY_RETRY_AFTER_S, Router
+from kubeinfer.router.served_model import ServedModel
 from kubeinfer.router.settings import RouterSettings
 from kubeinfer.router.types import (Chunk, Code, GenerateJob, ReplicaFailed, ReplicaReport, RouterError,
                                     StreamItem)

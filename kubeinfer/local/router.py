@@ -9,7 +9,8 @@ from __future__ import annotations
 from kubeinfer.router.policies import make_policy
 from kubeinfer.local.pool import LocalPool
 from kubeinfer.local.replica import EngineReplica
-from kubeinfer.router.router import Router, ServedModel
+from kubeinfer.router.router import Router
+from kubeinfer.router.served_model import ServedModel
 from kubeinfer.serve.config import AppConfig, ModelSpec
 from kubeinfer.worker import Engine, EngineConfig
 from kubeinfer.worker.async_engine import AsyncEngine

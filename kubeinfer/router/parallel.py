@@ -100,7 +100,7 @@ async def stream_choices(router: Router, jobs: list[GenerateJob], *, n: int | No
             else:
                 yield index, item
         for _ in firsts:  # every choice finished
-            n_metric.observe(min(n, len(jobs)))
+            n_metric.observe(n)
     finally:
         for t in tasks:
             t.cancel()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from kubeinfer.router.admission import Admission, AdmissionController, Rejected
@@ -20,28 +19,12 @@ from kubeinfer.router.client_input import check_grammar, check_text, readable
 from kubeinfer.router.metrics import RouterMetrics
 from kubeinfer.router.pool import JobStream, WorkerPool
 from kubeinfer.router.types import Chunk, Code, GenerateJob, ReplicaFailed, RouterError
+from kubeinfer.router.served_model import ServedModel, live_replicas, replica_capacity
 from kubeinfer.router.settings import RouterSettings
-from kubeinfer.worker.config import EngineConfig  # torch-free: the definitions only
 from kubeinfer.worker.sampling_params import SamplingParams
-from kubeinfer.worker.tokenizer import ChatTemplate, Tokenizer
+from kubeinfer.worker.tokenizer import ChatTemplate
 
 
-@dataclass
-class ServedModel:
-    """One model as the router knows it: its tokenizer, context length and replicas."""
-
-    name: str
-    tokenizer: Tokenizer
-    max_model_len: int
-    vocab_size: int
-    pool: WorkerPool
-    uri: str = ""
-    quantization: str | None = None
-    capacity: int | None = None  # sequences all its replicas run at once (None: DEFAULT_SEQS_PER_REPLICA each)
-
-
-# What a replica runs at once when the router is not told its engine settings: EngineConfig's default.
-DEFAULT_SEQS_PER_REPLICA: int = EngineConfig.__dataclass_fields__["max_num_seqs"].default
 QUEUE_FACTOR = 2  # the default queue holds this many times the replicas' capacity
 # The default in-flight bound's floor: a small fleet (a laptop's one replica) keeps a waiting queue in
 # its engine, whose next step admits from it, rather than in the router, whose max_queue_wait_s
@@ -59,24 +42,6 @@ RETRY_PAUSES_S: tuple[float, ...] = (0.0, 0.25, 1.0)
 CAPACITY_RETRY_AFTER_S = 5.0
 
 
-def _capacity(served: ServedModel) -> int:
-    if served.capacity:
-        return served.capacity
-    return DEFAULT_SEQS_PER_REPLICA * max(1, len(getattr(served.pool, "replicas", ()) or ()))
-
-
-def _live_replicas(pool: WorkerPool) -> int | None:
-    """How many of the pool's replicas are alive: its ``live_replicas()`` if it has one, else its
-    in-process replicas' engines asked directly; None when the pool cannot tell (a remote pool)."""
-    live = getattr(pool, "live_replicas", None)
-    if live is not None:
-        return live()
-    replicas = getattr(pool, "replicas", None)
-    if isinstance(replicas, dict) and all(hasattr(getattr(r, "engine", None), "alive") for r in replicas.values()):
-        return sum(1 for r in replicas.values() if r.engine.alive())
-    return None
-
-
 class Router:
     """Owns the admission controller, one micro-batcher per model (when batching is on) and the
     metrics; the models' pools are handed in and shared with nobody else.
@@ -92,7 +57,7 @@ class Router:
         self.settings = settings or RouterSettings()
         self.models = {m.name: m for m in models}
         self.default_model = models[0].name
-        capacity = sum(_capacity(m) for m in models)
+        capacity = sum(replica_capacity(m) for m in models)
         max_queued = self.settings.max_queued
         if max_queued is None:
             max_queued = QUEUE_FACTOR * capacity
@@ -112,8 +77,8 @@ class Router:
         self.queued_by_model: dict[str, int] = {name: 0 for name in self.models}
 
     def unready_models(self) -> list[str]:
-        """Models with no live replica, as far as their pools can tell (see _live_replicas)."""
-        return [name for name, served in self.models.items() if _live_replicas(served.pool) == 0]
+        """Models with no live replica, as far as their pools can tell (see served_model.live_replicas)."""
+        return [name for name, served in self.models.items() if live_replicas(served.pool) == 0]
 
     # ---- request preparation (no I/O) ----------------------------------------------------------
 
@@ -246,7 +211,7 @@ class Router:
     @staticmethod
     def render_chat(served: ServedModel, messages: list[dict[str, Any]], options: ChatTemplate | None = None) -> str:
         try:
-            return served.tokenizer.apply_chat_template(messages, options=options)
+            return served.tokenizer.apply_chat_template(messages, options)
         except Exception as e:
             raise RouterError(Code.INVALID_ARGUMENT, f"cannot apply the chat template: {readable(str(e))}") from None
 

@@ -19,7 +19,8 @@ from kubeinfer.proto import inference_pb2 as pb
 from kubeinfer.router.grpc_service import InferenceServicer, fail_on_serve_context
 from kubeinfer.router.pool import WorkerPool
 from kubeinfer.router.types import StreamItem
-from kubeinfer.router.router import DEFAULT_SEQS_PER_REPLICA, Router, ServedModel
+from kubeinfer.router.router import Router
+from kubeinfer.router.served_model import DEFAULT_SEQS_PER_REPLICA, ServedModel
 from kubeinfer.router.types import GenerateJob, ReplicaReport
 from kubeinfer.serve.autoscaling import DECISIONS_PATH, read_decisions
 from kubeinfer.serve.config import AppConfig

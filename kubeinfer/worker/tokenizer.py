@@ -123,19 +123,18 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None, options: ChatTemplate | None = None) -> str:
-        """Render ``messages`` ([{role, content}, ...]) with the model's chat template; ``tools``
-        (OpenAI's ``[{"type": "function", "function": {...}}]``) are handed to it as ``tools``, as
-        transformers does (a template that ignores them renders none). ``options``, when given,
-        replaces the two arguments before it (and may continue the final message, as transformers'
-        ``continue_final_message`` does: the text ends where that message's content ends)."""
+    def apply_chat_template(self, messages: list[dict], options: ChatTemplate | None = None) -> str:
+        """Render ``messages`` ([{role, content}, ...]) with the model's chat template, as ``options``
+        say (default: a generation prompt, no tools). Tools (OpenAI's ``[{"type": "function",
+        "function": {...}}]``) are handed to the template as ``tools``, as transformers does (a
+        template that ignores them renders none); ``continue_final_message`` ends the text where the
+        final message's content ends, as transformers does."""
         if self._template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError("each chat message needs a 'role' and a 'content'")
-        options = options or ChatTemplate(tools=tools, add_generation_prompt=add_generation_prompt)
+        options = options or ChatTemplate()
         text = self._template.render(**(options.kwargs or {}), messages=messages,
                                      add_generation_prompt=options.add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "",
